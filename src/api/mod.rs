@@ -1,0 +1,25 @@
+//! Custom resource types of the `llmproxy.io/v1alpha1` API. Plain data, no behaviour.
+//!
+//! `[ Project ] <- [ ProxyToken ] -> [ Secret ]`: a ProxyToken names its Project; the
+//! Project names the Secret (in the operator's namespace) that holds the upstream key;
+//! the controller writes the minted token into a Secret next to the ProxyToken.
+
+mod condition;
+mod project;
+mod proxytoken;
+
+pub use condition::{ConditionStatus, Conditions, is_true};
+pub use project::*;
+pub use proxytoken::*;
+
+/// API group of every custom resource here.
+pub const GROUP: &str = "llmproxy.io";
+
+/// Field manager for everything the controller writes.
+pub const CONTROLLER_MANAGER: &str = "llm-proxy-controller";
+
+/// Label on every object the controller creates.
+pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "llm-proxy");
+
+/// Label the controller keeps in step with `status.phase`, for clients that filter by label.
+pub const PHASE_LABEL: &str = "llmproxy.io/phase";

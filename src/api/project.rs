@@ -1,0 +1,240 @@
+//! The cluster-scoped `Project`: an upstream API key (held in a Secret) and who may use it.
+// Repeated `printcolumn`/`selectable` keys are how kube-derive lists columns, not mistakes.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Default upstream: the OpenAI API.
+pub const DEFAULT_UPSTREAM: &str = "https://api.openai.com";
+
+/// Finalizer that keeps a Project (and its audit trail) when someone deletes it.
+pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
+
+/// Desired state of a Project.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "llmproxy.io",
+    version = "v1alpha1",
+    kind = "Project",
+    status = "ProjectStatus",
+    shortname = "proj",
+    category = "llmproxy",
+    doc = "An upstream LLM API key and the namespaces whose ProxyTokens may use it",
+    printcolumn(
+        name = "Display Name",
+        type_ = "string",
+        json_path = ".spec.displayName"
+    ),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Tokens", type_ = "integer", json_path = ".status.tokens.total"),
+    printcolumn(
+        name = "Active Tokens",
+        type_ = "integer",
+        json_path = ".status.tokens.active",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Key",
+        type_ = "string",
+        json_path = ".status.apiKeyHint",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    selectable = ".status.phase",
+    selectable = ".spec.active"
+)]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.tokensNotBefore) || (has(self.tokensNotBefore) && self.tokensNotBefore >= oldSelf.tokensNotBefore)"
+).message("tokensNotBefore cannot be removed or moved back: a bulk revocation is permanent"))]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectSpec {
+    /// Human name shown in listings, e.g. "Production API".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub display_name: Option<String>,
+
+    /// `false` deactivates the project: its tokens are refused (not revoked) and no new
+    /// tokens are minted until it is active again.
+    #[serde(default = "default_true")]
+    pub active: bool,
+
+    /// The Secret, in the operator's namespace, that holds the upstream API key.
+    pub api_key_secret_ref: SecretKeyRef,
+
+    /// Where requests are forwarded.
+    #[serde(default)]
+    pub upstream: Upstream,
+
+    /// Namespaces whose ProxyTokens may use this project. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_namespaces: Option<AllowedNamespaces>,
+
+    /// Every token issued before this time is revoked for good (bulk revocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_not_before: Option<Time>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A key in a Secret of the operator's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[serde(default = "default_api_key_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// The key under which a Secret holds the API key unless `apiKeySecretRef.key` says otherwise.
+pub const DEFAULT_API_KEY_KEY: &str = "apiKey";
+
+fn default_api_key_key() -> String {
+    DEFAULT_API_KEY_KEY.to_string()
+}
+
+/// The upstream API.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Upstream {
+    /// Base URL of an OpenAI-compatible API, without the `/v1` suffix.
+    #[serde(default = "default_upstream_url")]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new(
+        "isURL(self) && (self.startsWith('https://') || self.startsWith('http://'))"
+    ).message("upstream.url must be an absolute http:// or https:// URL, e.g. https://api.openai.com"))]
+    pub url: String,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self {
+            url: default_upstream_url(),
+        }
+    }
+}
+
+fn default_upstream_url() -> String {
+    DEFAULT_UPSTREAM.to_string()
+}
+
+/// Which namespaces may hold ProxyTokens for a project.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.from != 'Selector' || has(self.selector)")
+    .message("allowedNamespaces.selector is required when from is Selector"))]
+pub struct AllowedNamespaces {
+    /// `All` namespaces, or those matching `selector`.
+    pub from: NamespacesFrom,
+    /// Label selector on Namespaces, used when `from` is `Selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// How `allowedNamespaces` picks namespaces.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NamespacesFrom {
+    /// Every namespace.
+    All,
+    /// Namespaces whose labels match the selector.
+    Selector,
+}
+
+/// Observed state of a Project, written by the controller.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectStatus {
+    /// `Active` or `Inactive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<ProjectPhase>,
+    /// The API key, masked (`sk-…Ab12`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_hint: Option<String>,
+    /// A one-way fingerprint of the key, so rotations can be told apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_fingerprint: Option<String>,
+    /// Token counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenCounts>,
+    /// The most recently issued tokens.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_tokens: Vec<TokenSummary>,
+    /// The `spec.tokensNotBefore` the controller has acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_not_before: Option<Time>,
+    /// `Ready`, `APIKeyValid`, `DeletionBlocked`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Whether a project routes requests.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProjectPhase {
+    /// Requests with its tokens are forwarded.
+    Active,
+    /// Deactivated (or deletion requested): requests are refused, tokens are kept.
+    Inactive,
+}
+
+impl ProjectPhase {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProjectPhase::Active => "Active",
+            ProjectPhase::Inactive => "Inactive",
+        }
+    }
+}
+
+/// How many tokens a project has.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    /// Every ProxyToken that names the project.
+    pub total: u32,
+    /// Those in phase `Active`.
+    pub active: u32,
+}
+
+/// One line of `status.recentTokens`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenSummary {
+    /// Namespace of the ProxyToken.
+    pub namespace: String,
+    /// Name of the ProxyToken.
+    pub name: String,
+    /// Its phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// When it was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Time>,
+}
+
+/// Condition types of a Project.
+pub mod project_conditions {
+    /// The project routes requests: active and with a valid key.
+    pub const READY: &str = "Ready";
+    /// The referenced Secret holds a well-formed API key.
+    pub const API_KEY_VALID: &str = "APIKeyValid";
+    /// Someone asked to delete the project; the finalizer keeps it.
+    pub const DELETION_BLOCKED: &str = "DeletionBlocked";
+}

@@ -1,0 +1,191 @@
+//! The namespaced `ProxyToken`: a credential the controller mints for a workload.
+// Repeated `printcolumn`/`selectable` keys are how kube-derive lists columns, not mistakes.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Longest lifetime a token may have.
+pub const MAX_TOKEN_DURATION: &str = "8760h";
+
+/// Desired state of a ProxyToken.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "llmproxy.io",
+    version = "v1alpha1",
+    kind = "ProxyToken",
+    namespaced,
+    status = "ProxyTokenStatus",
+    shortname = "ptok",
+    category = "llmproxy",
+    doc = "A credential for one workload, minted by the controller into a Secret",
+    printcolumn(
+        name = "Project",
+        type_ = "string",
+        json_path = ".spec.projectRef.name"
+    ),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Requests",
+        type_ = "integer",
+        json_path = ".status.requestCount"
+    ),
+    printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxRequests"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
+    printcolumn(
+        name = "Last Used",
+        type_ = "date",
+        json_path = ".status.lastUsedAt",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Secret",
+        type_ = "string",
+        json_path = ".status.secretName",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    selectable = ".spec.projectRef.name",
+    selectable = ".status.phase"
+)]
+#[x_kube(validation = Rule::new(
+    "has(self.secretName) == has(oldSelf.secretName) && (!has(self.secretName) || self.secretName == oldSelf.secretName)"
+).message("secretName is immutable: create a new ProxyToken to use another Secret"))]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyTokenSpec {
+    /// The Project whose upstream key this token uses. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("projectRef is immutable: create a new ProxyToken for another project"))]
+    pub project_ref: ProjectRef,
+
+    /// Lifetime from issue, as a Go duration (`720h`, `90m`); at most one year. Immutable.
+    #[schemars(
+        length(min = 2, max = 64),
+        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
+    #[x_kube(
+        validation = Rule::new("duration(self) > duration('0s') && duration(self) <= duration('8760h')")
+            .message("duration must be more than 0s and at most 8760h (one year), e.g. 720h"),
+        validation = Rule::new("self == oldSelf").message("duration is immutable: create a new ProxyToken for another lifetime")
+    )]
+    pub duration: String,
+
+    /// Lifetime cap on forwarded requests. Absent: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_requests: Option<i64>,
+
+    /// `true` revokes the token for good.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self || !oldSelf").message("revocation cannot be undone: create a new ProxyToken instead"))]
+    pub revoked: bool,
+
+    /// Secret (in this namespace) that receives the token. Default: the ProxyToken's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub secret_name: Option<String>,
+}
+
+/// A reference to a Project by name.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ProjectRef {
+    /// Name of the Project.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Observed state of a ProxyToken.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyTokenStatus {
+    /// Where the token is in its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TokenPhase>,
+    /// `sha256:<hex>` of the token; the plaintext is only in the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_hash: Option<String>,
+    /// The Secret that holds the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// When the token was minted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Time>,
+    /// `issuedAt + duration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// Requests forwarded with this token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_count: Option<i64>,
+    /// Last time a request was forwarded with this token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Time>,
+    /// `Issued`, `Ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Where a token is in its life.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenPhase {
+    /// Not minted yet.
+    Pending,
+    /// Minted and usable.
+    Active,
+    /// Past `expiresAt`. Final.
+    Expired,
+    /// Revoked by `spec.revoked` or the project's `tokensNotBefore`. Final.
+    Revoked,
+    /// `maxRequests` used up.
+    Exhausted,
+    /// Its project is inactive: refused (or not minted) until it is active again.
+    ProjectInactive,
+    /// Cannot be minted as written (namespace not allowed, Secret name taken, …).
+    Rejected,
+}
+
+impl TokenPhase {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenPhase::Pending => "Pending",
+            TokenPhase::Active => "Active",
+            TokenPhase::Expired => "Expired",
+            TokenPhase::Revoked => "Revoked",
+            TokenPhase::Exhausted => "Exhausted",
+            TokenPhase::ProjectInactive => "ProjectInactive",
+            TokenPhase::Rejected => "Rejected",
+        }
+    }
+}
+
+/// Condition types of a ProxyToken.
+pub mod token_conditions {
+    /// The token has been minted into its Secret.
+    pub const ISSUED: &str = "Issued";
+    /// The token can be used right now.
+    pub const READY: &str = "Ready";
+}
+
+/// Keys of the token Secret, ready for `envFrom`.
+pub mod token_secret_keys {
+    /// The token, for SDKs that read `OPENAI_API_KEY`.
+    pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
+    /// The proxy's `/v1` URL, for SDKs that read `OPENAI_BASE_URL`.
+    pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
+    /// The token again, under a neutral name.
+    pub const TOKEN: &str = "token";
+}
+
+/// Annotation on the token Secret with the token's hash, so a half-finished mint can be adopted.
+pub const TOKEN_HASH_ANNOTATION: &str = "llmproxy.io/token-hash";

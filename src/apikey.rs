@@ -1,0 +1,147 @@
+//! Upstream API keys: format checks, the masked hint, and a redacting holder.
+//!
+//! In: the bytes of a Secret's key. Out: an [`ApiKey`] (zeroised on drop, never
+//! printed) or a [`KeyProblem`] a human can act on.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Shortest key accepted as complete (`sk-` plus 17 characters).
+const MIN_KEY_LEN: usize = 20;
+/// Longest key accepted.
+const MAX_KEY_LEN: usize = 512;
+
+/// An upstream API key. `Debug` and `Display` show only the masked hint.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(Zeroizing<String>);
+
+/// Why a project has no usable key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyProblem {
+    /// The referenced Secret does not exist.
+    SecretNotFound,
+    /// The Secret exists but lacks the key.
+    KeyNotFound,
+    /// The value does not look like an OpenAI-style key.
+    InvalidFormat,
+}
+
+impl KeyProblem {
+    /// Condition reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            KeyProblem::SecretNotFound => "SecretNotFound",
+            KeyProblem::KeyNotFound => "KeyNotFound",
+            KeyProblem::InvalidFormat => "InvalidAPIKeyFormat",
+        }
+    }
+
+    /// What a human reads.
+    pub fn message(self, secret: &str, key: &str, namespace: &str) -> String {
+        match self {
+            KeyProblem::SecretNotFound => {
+                format!(
+                    "Secret {namespace}/{secret} not found: create it with the API key under '{key}'"
+                )
+            }
+            KeyProblem::KeyNotFound => {
+                format!(
+                    "Secret {namespace}/{secret} has no key '{key}': add the API key under that key or fix apiKeySecretRef.key"
+                )
+            }
+            KeyProblem::InvalidFormat => "Invalid API key format".to_string(),
+        }
+    }
+}
+
+impl ApiKey {
+    /// Validates raw Secret bytes as an API key: `sk-` prefix, complete, printable.
+    pub fn parse(raw: &[u8]) -> Result<Self, KeyProblem> {
+        let text = std::str::from_utf8(raw).map_err(|_| KeyProblem::InvalidFormat)?;
+        // A trailing newline from `echo … | kubectl create secret` is a common slip; forgive it.
+        let text = text.trim_end_matches(['\n', '\r']);
+        let well_formed = text.starts_with("sk-")
+            && (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !well_formed {
+            return Err(KeyProblem::InvalidFormat);
+        }
+        Ok(Self(Zeroizing::new(text.to_string())))
+    }
+
+    /// The key, for the upstream `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `sk-…Ab12`: the prefix and the last four characters.
+    pub fn hint(&self) -> String {
+        let tail = &self.0[self.0.len() - 4..];
+        format!("sk-…{tail}")
+    }
+
+    /// A short, one-way fingerprint that tells rotations apart without revealing the key.
+    pub fn fingerprint(&self) -> String {
+        let digest = Sha256::digest(self.0.as_bytes());
+        digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey({})", self.hint())
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hint())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "sk-test-0123456789abcdefghijAb12";
+
+    #[test]
+    fn accepts_openai_style_keys_and_masks_them() {
+        let key = ApiKey::parse(KEY.as_bytes()).unwrap();
+        assert_eq!(key.hint(), "sk-…Ab12");
+        assert_eq!(format!("{key:?}"), "ApiKey(sk-…Ab12)");
+        assert_eq!(key.to_string(), "sk-…Ab12");
+        assert_eq!(ApiKey::parse(format!("{KEY}\n").as_bytes()).unwrap(), key);
+    }
+
+    #[test]
+    fn refuses_keys_of_the_wrong_shape() {
+        for bad in [
+            "",
+            "sk-",
+            "sk-short",
+            "pk-0123456789abcdefghijklmn",
+            "sk-0123456789 abcdefghijkl",
+        ] {
+            assert_eq!(
+                ApiKey::parse(bad.as_bytes()),
+                Err(KeyProblem::InvalidFormat),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(ApiKey::parse(&[0xff, 0xfe]), Err(KeyProblem::InvalidFormat));
+    }
+
+    #[test]
+    fn fingerprint_tells_keys_apart_and_hides_them() {
+        let a = ApiKey::parse(KEY.as_bytes()).unwrap();
+        let b = ApiKey::parse(b"sk-test-0123456789abcdefghijZZ99").unwrap();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert!(!a.fingerprint().contains("sk-"));
+        assert_eq!(a.fingerprint().len(), 12);
+    }
+}

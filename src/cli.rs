@@ -1,0 +1,226 @@
+//! Command line: `llm-proxy controller | proxy | crd`, settings by flag or environment.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::controller::{self, lease};
+use crate::index::watch::{self, WatchConfig};
+use crate::proxy::{Proxy, ProxySettings, server};
+
+/// Kubernetes-native credential proxy for OpenAI-style APIs.
+#[derive(Parser, Debug)]
+#[command(name = "llm-proxy", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Reconcile Projects and ProxyTokens (leader-elected).
+    Controller(ControllerArgs),
+    /// Serve the OpenAI-compatible API, forwarding with each project's key.
+    Proxy(ProxyArgs),
+    /// Print the CustomResourceDefinitions as YAML.
+    Crd,
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// Namespace of the API-key Secrets (the operator's namespace).
+    #[arg(long, env = "LLMPROXY_NAMESPACE", default_value = "llm-proxy")]
+    namespace: String,
+    /// Only handle Projects and ProxyTokens with these labels (e.g. `shard=a`).
+    #[arg(long, env = "LLMPROXY_LABEL_SELECTOR")]
+    label_selector: Option<String>,
+    /// Address of /healthz, /readyz.
+    #[arg(long, env = "LLMPROXY_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    admin_addr: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+struct ControllerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Proxy URL as workloads reach it; written (with /v1) into token Secrets as OPENAI_BASE_URL.
+    #[arg(
+        long,
+        env = "LLMPROXY_PROXY_URL",
+        default_value = "http://llm-proxy.llm-proxy.svc:8080"
+    )]
+    proxy_url: String,
+    /// Elect a leader through a Lease so that only one replica writes.
+    #[arg(long, env = "LLMPROXY_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "LLMPROXY_LEASE_NAME",
+        default_value = "llm-proxy-controller"
+    )]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: POD_NAME, else the hostname).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a lease lasts without renewal.
+    #[arg(long, env = "LLMPROXY_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+}
+
+#[derive(Args, Debug)]
+struct ProxyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address of the API listener.
+    #[arg(long, env = "LLMPROXY_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    listen_addr: SocketAddr,
+    /// Seconds to wait for the upstream's response headers.
+    #[arg(long, env = "LLMPROXY_UPSTREAM_TIMEOUT_SECONDS", default_value_t = 600)]
+    upstream_timeout_seconds: u64,
+    /// Seconds to wait for a connection to the upstream.
+    #[arg(long, env = "LLMPROXY_CONNECT_TIMEOUT_SECONDS", default_value_t = 10)]
+    connect_timeout_seconds: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "LLMPROXY_DRAIN_SECONDS", default_value_t = 30)]
+    drain_seconds: u64,
+}
+
+/// Failures that end the process.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No usable kubeconfig or in-cluster config.
+    #[error("connecting to the Kubernetes API (set KUBECONFIG or run in a pod): {0}")]
+    KubeClient(#[source] kube::Error),
+    /// A listener could not bind.
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Entry point of the `llm-proxy` binary.
+pub async fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Crd => {
+            print!("{}", crate::crd::all_yaml());
+            Ok(())
+        }
+        Command::Proxy(args) => run_proxy(args).await,
+        Command::Controller(args) => run_controller(args).await,
+    }
+}
+
+async fn client() -> Result<kube::Client, Error> {
+    kube::Client::try_default().await.map_err(Error::KubeClient)
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
+    let client = client().await?;
+    let api = bind(args.listen_addr).await?;
+    let admin = bind(args.common.admin_addr).await?;
+    let table = watch::spawn(
+        client,
+        WatchConfig {
+            secrets_namespace: args.common.namespace.clone(),
+            label_selector: args.common.label_selector.clone(),
+        },
+    );
+    let settings = ProxySettings {
+        connect_timeout: Duration::from_secs(args.connect_timeout_seconds),
+        response_timeout: Duration::from_secs(args.upstream_timeout_seconds),
+    };
+    let proxy = Arc::new(Proxy::new(table.clone(), &settings));
+    tracing::info!(listen = %api.local_addr().map_or(args.listen_addr, |a| a), admin = %args.common.admin_addr, "proxy started");
+    let drain = Duration::from_secs(args.drain_seconds);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = tokio::spawn(server::serve(
+        admin,
+        server::admin_handler(table),
+        async move {
+            let _ = admin_stopped.await;
+        },
+        Duration::from_secs(1),
+    ));
+    server::serve(api, server::api_handler(proxy), shutdown, drain).await;
+    let _ = stop_admin.send(());
+    let _ = admin_task.await;
+    tracing::info!("proxy stopped");
+    Ok(())
+}
+
+async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
+    let client = client().await?;
+    let admin = bind(args.common.admin_addr).await?;
+    // The controller's readiness does not depend on leadership: followers are healthy standbys.
+    tokio::spawn(server::serve(
+        admin,
+        server::admin_handler(crate::index::watch::SharedTable::fixed(
+            crate::index::RouteTable {
+                ready: true,
+                ..Default::default()
+            },
+        )),
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    let settings = controller::Settings {
+        namespace: args.common.namespace.clone(),
+        proxy_url: args.proxy_url,
+        label_selector: args.common.label_selector,
+    };
+    if !args.leader_elect {
+        tracing::info!("controller started without leader election");
+        controller::run(client, settings, shutdown_signal()).await;
+        return Ok(());
+    }
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("llm-proxy-{}", std::process::id()));
+    let mut elector = lease::Elector::new(
+        client.clone(),
+        lease::LeaseSettings {
+            name: args.lease_name,
+            namespace: args.common.namespace,
+            identity: identity.clone(),
+            lease_duration: Duration::from_secs(args.lease_duration_seconds),
+            retry_period: Duration::from_secs((args.lease_duration_seconds / 5).max(1)),
+        },
+    );
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = shutdown_signal() => return Ok(()),
+    }
+    tracing::info!(%identity, "leading: reconciling");
+    tokio::select! {
+        () = controller::run(client, settings, shutdown_signal()) => Ok(()),
+        () = elector.hold() => {
+            // Another replica may lead now; stop writing at once and let the pod restart.
+            tracing::error!(%identity, "lost the leader lease; exiting");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,169 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so that of several controller
+//! replicas only one writes.
+//!
+//! In: the Lease (read, created, renewed with a resourceVersion precondition). Out:
+//! whether this replica leads. A lease counts as expired when its record has not
+//! changed for `lease_duration` *as measured on this replica's monotonic clock*, so
+//! clock skew between replicas does not matter (the client-go rule).
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client};
+
+/// Timing of the election.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    /// Lease object name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// This replica's identity (the pod name).
+    pub identity: String,
+    /// How long a lease lasts without renewal.
+    pub lease_duration: Duration,
+    /// How often the holder renews and the others retry.
+    pub retry_period: Duration,
+}
+
+/// Failed to talk to the API server about the Lease.
+#[derive(Debug, thiserror::Error)]
+#[error("reading or writing Lease {namespace}/{name}: {source}")]
+pub struct LeaseError {
+    namespace: String,
+    name: String,
+    source: kube::Error,
+}
+
+/// One replica's view of the election.
+pub struct Elector {
+    api: Api<Lease>,
+    settings: LeaseSettings,
+    /// The last record seen (holder, resourceVersion) and when this replica saw it change.
+    observed: Option<(Option<String>, Option<String>, Instant)>,
+}
+
+impl Elector {
+    /// An elector for `settings`.
+    pub fn new(client: Client, settings: LeaseSettings) -> Self {
+        Self {
+            api: Api::namespaced(client, &settings.namespace),
+            settings,
+            observed: None,
+        }
+    }
+
+    /// Tries once to acquire or renew; `Ok(true)` while this replica leads.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<bool, LeaseError> {
+        let err = |source| LeaseError {
+            namespace: self.settings.namespace.clone(),
+            name: self.settings.name.clone(),
+            source,
+        };
+        let now = MicroTime(jiff::Timestamp::now());
+        let me = self.settings.identity.clone();
+        let duration_secs = self.settings.lease_duration.as_secs().max(1) as i32;
+        let Some(mut lease) = self.api.get_opt(&self.settings.name).await.map_err(err)? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.settings.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me),
+                    lease_duration_seconds: Some(duration_secs),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Err(source) => Err(err(source)),
+            };
+        };
+
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        let holder = spec.holder_identity.clone();
+        let version = lease.metadata.resource_version.clone();
+        let changed = self
+            .observed
+            .as_ref()
+            .is_none_or(|(h, v, _)| *h != holder || *v != version);
+        if changed {
+            self.observed = Some((holder.clone(), version, Instant::now()));
+        }
+        let held_by_me = holder.as_deref() == Some(me.as_str());
+        let free = holder.as_deref().is_none_or(str::is_empty);
+        let expired = self
+            .observed
+            .as_ref()
+            .is_some_and(|(_, _, seen)| seen.elapsed() >= self.settings.lease_duration);
+        if !(held_by_me || free || expired) {
+            return Ok(false);
+        }
+        if !held_by_me {
+            spec.acquire_time = Some(now.clone());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.holder_identity = Some(me);
+        spec.lease_duration_seconds = Some(duration_secs);
+        spec.renew_time = Some(now);
+        // `replace` carries the resourceVersion we read: if another replica wrote in
+        // between, ours fails with 409 and we are not the leader.
+        match self
+            .api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(updated) => {
+                self.observed = Some((
+                    updated.spec.and_then(|s| s.holder_identity),
+                    updated.metadata.resource_version,
+                    Instant::now(),
+                ));
+                Ok(true)
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(source) => Err(err(source)),
+        }
+    }
+
+    /// Waits until this replica leads.
+    pub async fn acquire(&mut self) {
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "leader election attempt failed"),
+            }
+            tokio::time::sleep(self.settings.retry_period).await;
+        }
+    }
+
+    /// Renews until the lease is lost (or cannot be renewed within the lease duration),
+    /// then returns: the caller must stop writing at once.
+    pub async fn hold(&mut self) {
+        let mut last_renewed = Instant::now();
+        loop {
+            tokio::time::sleep(self.settings.retry_period).await;
+            match self.try_acquire_or_renew().await {
+                Ok(true) => last_renewed = Instant::now(),
+                Ok(false) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "lease renewal failed");
+                    // Give up before another replica may legitimately take over.
+                    if last_renewed.elapsed() + self.settings.retry_period
+                        >= self.settings.lease_duration
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The control plane: reconciles Projects and ProxyTokens.
+//!
+//! In: watch events on Projects, ProxyTokens, the key Secrets (operator namespace) and
+//! the token Secrets. Out: finalizers, status (server-side apply under one field
+//! manager), token Secrets, and Events as the audit trail. Decisions are pure functions
+//! ([`project::decide`], [`proxytoken::decide`]); the reconcilers only fetch and write.
+
+pub mod lease;
+pub mod project;
+pub mod proxytoken;
+pub mod selector;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::api::{CONTROLLER_MANAGER, MANAGED_BY_LABEL, Project, ProxyToken};
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Namespace of the API-key Secrets (the operator's namespace).
+    pub namespace: String,
+    /// The proxy's base URL as workloads reach it; `/v1` is appended for `OPENAI_BASE_URL`.
+    pub proxy_url: String,
+    /// Only Projects and ProxyTokens with these labels (an instance shard); `None`: all.
+    pub label_selector: Option<String>,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder (the audit trail).
+    pub recorder: Recorder,
+    /// Settings.
+    pub settings: Settings,
+}
+
+impl Context {
+    /// Publishes an Event about `object`. A failed Event is logged, never fatal: the
+    /// status already says what happened.
+    pub async fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, event: Audit) {
+        let reason = event.reason.clone();
+        let event = Event {
+            type_: if event.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: event.reason,
+            note: Some(event.note),
+            action: event.action.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(%error, %reason, "could not publish event");
+        }
+    }
+}
+
+/// One entry of the audit trail, recorded as a Kubernetes Event on the object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    /// `Warning` rather than `Normal`.
+    pub warning: bool,
+    /// Short CamelCase reason (`Issued`, `Deactivated`, …).
+    pub reason: String,
+    /// What the controller did (`Mint`, `Revoke`, …).
+    pub action: &'static str,
+    /// What a human reads; never a secret.
+    pub note: String,
+}
+
+impl Audit {
+    /// A `Normal` entry.
+    pub fn normal(reason: &str, action: &'static str, note: impl Into<String>) -> Self {
+        Self {
+            warning: false,
+            reason: reason.into(),
+            action,
+            note: note.into(),
+        }
+    }
+
+    /// A `Warning` entry.
+    pub fn warning(reason: &str, action: &'static str, note: impl Into<String>) -> Self {
+        Self {
+            warning: true,
+            reason: reason.into(),
+            action,
+            note: note.into(),
+        }
+    }
+}
+
+/// Everything a reconcile can fail on, named for the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the Secret that holds a project's key.
+    #[error("reading Secret {namespace}/{name}: {source}")]
+    GetKeySecret {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    /// Listing the tokens of a project.
+    #[error("listing ProxyTokens of Project {project}: {source}")]
+    ListTokens {
+        project: String,
+        source: kube::Error,
+    },
+    /// Reading the project of a token.
+    #[error("reading Project {name}: {source}")]
+    GetProject { name: String, source: kube::Error },
+    /// Reading a namespace's labels for `allowedNamespaces`.
+    #[error("reading Namespace {name}: {source}")]
+    GetNamespace { name: String, source: kube::Error },
+    /// Adding the protection finalizer.
+    #[error("adding the finalizer to Project {name}: {source}")]
+    AddFinalizer { name: String, source: kube::Error },
+    /// Writing status.
+    #[error("writing the status of {kind} {name}: {source}")]
+    PatchStatus {
+        kind: &'static str,
+        name: String,
+        source: kube::Error,
+    },
+    /// Creating or reading the token Secret.
+    #[error("writing token Secret {namespace}/{name}: {source}")]
+    TokenSecret {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    /// The OS random number generator failed.
+    #[error("minting a token: {0}")]
+    Mint(#[from] crate::token::MintError),
+}
+
+impl Error {
+    /// Fixed label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::GetKeySecret { .. } => "get_key_secret",
+            Error::ListTokens { .. } => "list_tokens",
+            Error::GetProject { .. } => "get_project",
+            Error::GetNamespace { .. } => "get_namespace",
+            Error::AddFinalizer { .. } => "add_finalizer",
+            Error::PatchStatus { .. } => "patch_status",
+            Error::TokenSecret { .. } => "token_secret",
+            Error::Mint(_) => "mint",
+        }
+    }
+}
+
+/// Retries a failed reconcile with a short delay: these are API hiccups, and the
+/// controller's own backoff on top keeps a persistent failure from spinning.
+fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, kind = error.metric_label(), "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs both controllers until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let reporter = Reporter {
+        controller: CONTROLLER_MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        settings,
+    });
+    let labelled = match &ctx.settings.label_selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
+    let projects = Api::<Project>::all(client.clone());
+    let tokens = Api::<ProxyToken>::all(client.clone());
+
+    let project_controller = Controller::new(projects.clone(), labelled.clone());
+    let project_store = project_controller.store();
+    let project_controller = project_controller
+        .watches(
+            Api::<Secret>::namespaced(client.clone(), &ctx.settings.namespace),
+            watcher::Config::default(),
+            move |secret| {
+                let name = secret.name_any();
+                project_store
+                    .state()
+                    .into_iter()
+                    .filter(|p| p.spec.api_key_secret_ref.name == name)
+                    .map(|p| ObjectRef::from_obj(&*p))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(tokens.clone(), labelled.clone(), |t| {
+            Some(ObjectRef::new(&t.spec.project_ref.name))
+        });
+
+    let token_controller = Controller::new(tokens, labelled.clone());
+    let token_store = token_controller.store();
+    let managed = format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1);
+    let token_controller = token_controller
+        .owns(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default().labels(&managed),
+        )
+        .watches(projects, labelled, move |p| {
+            let name = p.name_any();
+            token_store
+                .state()
+                .into_iter()
+                .filter(|t| t.spec.project_ref.name == name)
+                .map(|t| ObjectRef::from_obj(&*t))
+                .collect::<Vec<_>>()
+        });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let projects_done = project_controller
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .run(project::reconcile, error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "project reconcile did not complete");
+            }
+        });
+    let tokens_done = token_controller
+        .graceful_shutdown_on(stopped(stop_rx))
+        .run(proxytoken::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "token reconcile did not complete");
+            }
+        });
+    tokio::join!(projects_done, tokens_done);
+}

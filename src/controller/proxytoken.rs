@@ -1,0 +1,489 @@
+//! ProxyToken reconciliation: admission (project, namespace grant, Secret name),
+//! minting into the token Secret, and the lifecycle phase with its Events.
+//!
+//! A token is minted at most once: once `status.tokenHash` is set nothing mints again,
+//! and a Secret left by a mint whose status write failed is adopted, not replaced.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::{Audit, Context, Error, selector};
+use crate::api::{
+    CONTROLLER_MANAGER, ConditionStatus, Conditions, MANAGED_BY_LABEL, NamespacesFrom, Project,
+    ProxyToken, ProxyTokenStatus, TOKEN_HASH_ANNOTATION, TokenPhase, token_conditions as cond,
+    token_secret_keys as keys,
+};
+use crate::duration::parse_go_duration;
+use crate::token::{Token, TokenHash};
+
+/// Label on a token Secret naming its ProxyToken.
+pub const TOKEN_LABEL: &str = "llmproxy.io/proxytoken";
+
+/// Why a token is not (or no longer) usable, and what to tell the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The phase.
+    pub phase: TokenPhase,
+    /// Condition and Event reason.
+    pub reason: &'static str,
+    /// What a human reads.
+    pub message: String,
+}
+
+impl Verdict {
+    fn new(phase: TokenPhase, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            phase,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The message the product shows when a token is requested for an inactive project.
+pub const INACTIVE_PROJECT_MESSAGE: &str = "Cannot generate tokens for inactive project";
+
+/// Decides whether a token that has not been minted may be. Pure.
+pub fn admit(
+    token: &ProxyToken,
+    project: Option<&Project>,
+    namespace_allowed: bool,
+) -> Result<(), Verdict> {
+    let project_name = &token.spec.project_ref.name;
+    let namespace = token.namespace().unwrap_or_default();
+    if token.spec.revoked {
+        return Err(Verdict::new(
+            TokenPhase::Revoked,
+            "Revoked",
+            "Revoked before it was issued; nothing was minted",
+        ));
+    }
+    let Some(project) = project else {
+        return Err(Verdict::new(
+            TokenPhase::Pending,
+            "ProjectNotFound",
+            format!("Project {project_name} not found: create it or fix spec.projectRef.name"),
+        ));
+    };
+    if !namespace_allowed {
+        return Err(Verdict::new(
+            TokenPhase::Rejected,
+            "NamespaceNotAllowed",
+            format!(
+                "Project {project_name} does not allow ProxyTokens from namespace {namespace}: a cluster admin must add it to the Project's spec.allowedNamespaces"
+            ),
+        ));
+    }
+    if !project.spec.active || project.metadata.deletion_timestamp.is_some() {
+        return Err(Verdict::new(
+            TokenPhase::ProjectInactive,
+            "ProjectInactive",
+            INACTIVE_PROJECT_MESSAGE,
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `namespace` (with `labels`) may hold tokens of `project`. Pure.
+pub fn namespace_allowed(project: &Project, labels: &BTreeMap<String, String>) -> bool {
+    match &project.spec.allowed_namespaces {
+        None => false,
+        Some(grant) => match grant.from {
+            NamespacesFrom::All => true,
+            NamespacesFrom::Selector => grant
+                .selector
+                .as_ref()
+                .is_some_and(|s| selector::matches(s, labels)),
+        },
+    }
+}
+
+/// The phase of a minted token at `now`. Pure; final phases stay final.
+pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Timestamp) -> Verdict {
+    let status = token.status.clone().unwrap_or_default();
+    let issued_at = status.issued_at.as_ref().map(|t| t.0);
+    if token.spec.revoked || status.phase == Some(TokenPhase::Revoked) {
+        return Verdict::new(
+            TokenPhase::Revoked,
+            "Revoked",
+            "Revoked: requests with this token are refused for good",
+        );
+    }
+    if let (Some(project), Some(issued)) = (project, issued_at)
+        && let Some(not_before) = &project.spec.tokens_not_before
+        && issued < not_before.0
+    {
+        return Verdict::new(
+            TokenPhase::Revoked,
+            "BulkRevoked",
+            format!(
+                "Revoked with every token of Project {} issued before {}",
+                project.name_any(),
+                not_before.0
+            ),
+        );
+    }
+    if status.phase == Some(TokenPhase::Expired) || expires_at(token).is_some_and(|at| now >= at) {
+        return Verdict::new(
+            TokenPhase::Expired,
+            "Expired",
+            "Expired: create a new ProxyToken",
+        );
+    }
+    if let Some(max) = token.spec.max_requests
+        && status.request_count.unwrap_or(0) >= max
+    {
+        return Verdict::new(
+            TokenPhase::Exhausted,
+            "Exhausted",
+            format!("All {max} requests allowed by maxRequests are used"),
+        );
+    }
+    match project {
+        None => Verdict::new(
+            TokenPhase::ProjectInactive,
+            "ProjectNotFound",
+            format!(
+                "Project {} not found: requests are refused",
+                token.spec.project_ref.name
+            ),
+        ),
+        Some(p) if !p.spec.active || p.metadata.deletion_timestamp.is_some() => Verdict::new(
+            TokenPhase::ProjectInactive,
+            "ProjectInactive",
+            format!(
+                "Project {} is inactive: requests are refused until it is reactivated",
+                p.name_any()
+            ),
+        ),
+        Some(_) => Verdict::new(TokenPhase::Active, "Active", "Usable"),
+    }
+}
+
+/// `issuedAt + duration`.
+pub fn expires_at(token: &ProxyToken) -> Option<jiff::Timestamp> {
+    let issued = token.status.as_ref()?.issued_at.as_ref()?.0;
+    let lifetime = parse_go_duration(&token.spec.duration).ok()?;
+    issued
+        .checked_add(jiff::SignedDuration::try_from(lifetime).ok()?)
+        .ok()
+}
+
+/// The status for `verdict`, keeping what minting recorded.
+pub fn status_for(token: &ProxyToken, verdict: &Verdict, now: Time) -> ProxyTokenStatus {
+    let old = token.status.clone().unwrap_or_default();
+    let issued = old.token_hash.is_some();
+    let mut conditions = Conditions::new(&old.conditions, token.metadata.generation, now);
+    if issued {
+        let secret = old.secret_name.clone().unwrap_or_default();
+        conditions.set(
+            cond::ISSUED,
+            ConditionStatus::True,
+            "Minted",
+            format!("Token minted into Secret {secret}"),
+        );
+    } else {
+        conditions.set(
+            cond::ISSUED,
+            ConditionStatus::False,
+            verdict.reason,
+            verdict.message.clone(),
+        );
+    }
+    let ready = verdict.phase == TokenPhase::Active;
+    conditions.set(
+        cond::READY,
+        ConditionStatus::from_bool(ready),
+        verdict.reason,
+        verdict.message.clone(),
+    );
+    ProxyTokenStatus {
+        phase: Some(verdict.phase),
+        expires_at: expires_at(token).map(Time),
+        conditions: conditions.finish(),
+        observed_generation: token.metadata.generation,
+        // The proxy owns the usage fields; they are not part of the controller's apply.
+        request_count: None,
+        last_used_at: None,
+        ..old
+    }
+}
+
+/// The Events for a phase change from `old` to `verdict`. Pure.
+pub fn transition_events(
+    old: Option<TokenPhase>,
+    verdict: &Verdict,
+    secret_name: &str,
+    minted_now: bool,
+) -> Vec<Audit> {
+    if old == Some(verdict.phase) && !minted_now {
+        return Vec::new();
+    }
+    let audit = match verdict.phase {
+        _ if minted_now => Audit::normal(
+            "Issued",
+            "Mint",
+            format!("Token minted into Secret {secret_name}"),
+        ),
+        TokenPhase::Active => Audit::normal("Usable", "Reconcile", "Token usable again"),
+        TokenPhase::Revoked => Audit::normal("Revoked", "Revoke", verdict.message.clone()),
+        TokenPhase::Expired => Audit::normal("Expired", "Expire", verdict.message.clone()),
+        TokenPhase::Exhausted => Audit::warning("Exhausted", "Count", verdict.message.clone()),
+        TokenPhase::ProjectInactive | TokenPhase::Rejected | TokenPhase::Pending => {
+            Audit::warning(verdict.reason, "Reconcile", verdict.message.clone())
+        }
+    };
+    vec![audit]
+}
+
+/// Reconciles one ProxyToken: fetch, decide, mint if admitted, write.
+pub async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let name = token.name_any();
+    let namespace = token.namespace().unwrap_or_default();
+    let project_name = &token.spec.project_ref.name;
+    let project = Api::<Project>::all(client.clone())
+        .get_opt(project_name)
+        .await
+        .map_err(|source| Error::GetProject {
+            name: project_name.clone(),
+            source,
+        })?;
+
+    let mut current = (*token).clone();
+    let minted_now = if current
+        .status
+        .as_ref()
+        .and_then(|s| s.token_hash.as_ref())
+        .is_none()
+    {
+        let allowed = match &project {
+            Some(p) => namespace_allowed(p, &namespace_labels(&ctx, p, &namespace).await?),
+            None => false,
+        };
+        match admit(&current, project.as_ref(), allowed) {
+            Err(verdict) => return write(&ctx, &current, &verdict, project.as_ref(), false).await,
+            Ok(()) => match mint_or_adopt(&ctx, &current).await? {
+                Minted::Conflict(verdict) => {
+                    return write(&ctx, &current, &verdict, project.as_ref(), false).await;
+                }
+                Minted::Ok {
+                    hash,
+                    secret_name,
+                    issued_at,
+                } => {
+                    let status = current.status.get_or_insert_with(Default::default);
+                    status.token_hash = Some(hash.to_string());
+                    status.secret_name = Some(secret_name);
+                    status.issued_at = Some(Time(issued_at));
+                    true
+                }
+            },
+        }
+    } else {
+        false
+    };
+    let verdict = lifecycle(&current, project.as_ref(), jiff::Timestamp::now());
+    let action = write(&ctx, &current, &verdict, project.as_ref(), minted_now).await?;
+    if minted_now {
+        tracing::info!(namespace, name, project = %project_name, "token minted");
+    }
+    Ok(action)
+}
+
+async fn namespace_labels(
+    ctx: &Context,
+    project: &Project,
+    namespace: &str,
+) -> Result<BTreeMap<String, String>, Error> {
+    let needs_labels = project
+        .spec
+        .allowed_namespaces
+        .as_ref()
+        .is_some_and(|g| g.from == NamespacesFrom::Selector);
+    if !needs_labels {
+        return Ok(BTreeMap::new());
+    }
+    let ns = Api::<Namespace>::all(ctx.client.clone())
+        .get(namespace)
+        .await
+        .map_err(|source| Error::GetNamespace {
+            name: namespace.to_string(),
+            source,
+        })?;
+    Ok(ns.metadata.labels.unwrap_or_default())
+}
+
+enum Minted {
+    Ok {
+        hash: TokenHash,
+        secret_name: String,
+        issued_at: jiff::Timestamp,
+    },
+    Conflict(Verdict),
+}
+
+/// Creates the token Secret, or adopts the one an interrupted earlier mint left.
+async fn mint_or_adopt(ctx: &Context, token: &ProxyToken) -> Result<Minted, Error> {
+    let namespace = token.namespace().unwrap_or_default();
+    let secret_name = token
+        .spec
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| token.name_any());
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
+    let err = |source| Error::TokenSecret {
+        namespace: namespace.clone(),
+        name: secret_name.clone(),
+        source,
+    };
+
+    if let Some(existing) = secrets.get_opt(&secret_name).await.map_err(err)? {
+        let ours = existing
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == token.uid().as_ref());
+        let adopted = ours.then(|| adoptable(&existing)).flatten();
+        return Ok(match adopted {
+            Some(hash) => Minted::Ok {
+                hash,
+                secret_name,
+                issued_at: existing
+                    .metadata
+                    .creation_timestamp
+                    .map_or_else(jiff::Timestamp::now, |t| t.0),
+            },
+            None => Minted::Conflict(Verdict::new(
+                TokenPhase::Rejected,
+                "SecretConflict",
+                format!(
+                    "Secret {namespace}/{secret_name} already exists and is not this token's: set spec.secretName to a free name"
+                ),
+            )),
+        });
+    }
+
+    let minted = Token::mint()?;
+    let hash = minted.hash();
+    let base_url = format!("{}/v1", ctx.settings.proxy_url.trim_end_matches('/'));
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(secret_name.clone()),
+            namespace: Some(namespace.clone()),
+            labels: Some(BTreeMap::from([
+                (
+                    MANAGED_BY_LABEL.0.to_string(),
+                    MANAGED_BY_LABEL.1.to_string(),
+                ),
+                (TOKEN_LABEL.to_string(), token.name_any()),
+            ])),
+            annotations: Some(BTreeMap::from([(
+                TOKEN_HASH_ANNOTATION.to_string(),
+                hash.to_string(),
+            )])),
+            owner_references: token.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([
+            (
+                keys::OPENAI_API_KEY.to_string(),
+                minted.expose().to_string(),
+            ),
+            (keys::OPENAI_BASE_URL.to_string(), base_url),
+            (keys::TOKEN.to_string(), minted.expose().to_string()),
+        ])),
+        ..Default::default()
+    };
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .map_err(err)?;
+    Ok(Minted::Ok {
+        hash,
+        secret_name,
+        issued_at: jiff::Timestamp::now(),
+    })
+}
+
+/// The hash of a Secret an earlier mint of this token wrote, if it is intact.
+fn adoptable(secret: &Secret) -> Option<TokenHash> {
+    let recorded = TokenHash::parse(secret.annotations().get(TOKEN_HASH_ANNOTATION)?)?;
+    let token = secret.data.as_ref()?.get(keys::TOKEN)?;
+    let token = Token::parse(std::str::from_utf8(&token.0).ok()?).ok()?;
+    (token.hash() == recorded).then_some(recorded)
+}
+
+/// Writes the status for `verdict` (when it changed), records Events, and says when
+/// to look again (at expiry, for a token that is still usable).
+async fn write(
+    ctx: &Context,
+    token: &ProxyToken,
+    verdict: &Verdict,
+    project: Option<&Project>,
+    minted_now: bool,
+) -> Result<Action, Error> {
+    let name = token.name_any();
+    let namespace = token.namespace().unwrap_or_default();
+    let status = status_for(token, verdict, Time(jiff::Timestamp::now()));
+    let old_phase = token.status.as_ref().and_then(|s| s.phase);
+    let mut comparable = token.status.clone().unwrap_or_default();
+    comparable.request_count = None;
+    comparable.last_used_at = None;
+    if comparable != status || token.status.is_none() {
+        let patch = json!({
+            "apiVersion": ProxyToken::api_version(&()),
+            "kind": ProxyToken::kind(&()),
+            "status": status,
+        });
+        Api::<ProxyToken>::namespaced(ctx.client.clone(), &namespace)
+            .patch_status(
+                &name,
+                &PatchParams::apply(CONTROLLER_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(|source| Error::PatchStatus {
+                kind: "ProxyToken",
+                name: format!("{namespace}/{name}"),
+                source,
+            })?;
+    }
+    let secret_name = status.secret_name.clone().unwrap_or_default();
+    for event in transition_events(old_phase, verdict, &secret_name, minted_now) {
+        if let Some(project) = project
+            && matches!(
+                verdict.phase,
+                TokenPhase::Active
+                    | TokenPhase::Revoked
+                    | TokenPhase::Expired
+                    | TokenPhase::Exhausted
+            )
+        {
+            // The project's history lists its tokens' lives too (`kubectl describe project`).
+            let mut on_project = event.clone();
+            on_project.reason = format!("Token{}", event.reason);
+            on_project.note = format!("{namespace}/{name}: {}", event.note);
+            ctx.publish(project, on_project).await;
+        }
+        ctx.publish(token, event).await;
+    }
+    Ok(match (verdict.phase, status.expires_at) {
+        (TokenPhase::Active | TokenPhase::ProjectInactive | TokenPhase::Exhausted, Some(at)) => {
+            let wait = at.0.duration_since(jiff::Timestamp::now()).unsigned_abs();
+            Action::requeue(wait.min(Duration::from_secs(3600)) + Duration::from_millis(100))
+        }
+        _ => Action::await_change(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

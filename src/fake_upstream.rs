@@ -1,0 +1,201 @@
+//! A fast, scriptable stand-in for an OpenAI-compatible API, for tests and benchmarks.
+//!
+//! In: HTTP requests. Out: a fixed chat completion (with `usage`), an SSE stream when
+//! the body asks for `"stream": true`, or a model list; and a record of every request
+//! (method, path, headers, body length, and when each stream chunk was sent) that tests
+//! read to check what really went upstream.
+//!
+//! Request headers steer it: `x-fake-chunks` (stream chunks, default 5),
+//! `x-fake-chunk-delay-ms` (pause between chunks, default 0), `x-fake-status` (answer
+//! with this status), `x-fake-delay-ms` (pause before answering).
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::HeaderMap;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+
+use crate::proxy::{Body, full, server};
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Headers as received.
+    pub headers: HeaderMap,
+    /// Body length in bytes.
+    pub body_len: usize,
+    /// When each stream chunk was handed to the connection (empty when not streamed).
+    pub chunks_sent_at: Arc<Mutex<Vec<SystemTime>>>,
+}
+
+impl Recorded {
+    /// A header as text, if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+}
+
+/// A running fake upstream.
+#[derive(Clone)]
+pub struct FakeUpstream {
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl FakeUpstream {
+    /// Starts one on a free loopback port, recording requests.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Ok(Self::serve(listener, true))
+    }
+
+    /// Serves on `listener`; `record: false` skips the request log (benchmarks).
+    pub fn serve(listener: TcpListener, record: bool) -> Self {
+        let url = format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .expect("bound listener has an address")
+        );
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let log = requests.clone();
+        let handler = move |request: Request<Incoming>| {
+            let log = log.clone();
+            Box::pin(
+                async move { Ok::<_, Infallible>(answer(request, record.then_some(log)).await) },
+            )
+                as std::pin::Pin<
+                    Box<
+                        dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
+                    >,
+                >
+        };
+        tokio::spawn(server::serve(
+            listener,
+            handler,
+            std::future::pending(),
+            Duration::ZERO,
+        ));
+        Self { url, requests }
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().expect("request log poisoned").clone()
+    }
+}
+
+fn header_num(headers: &HeaderMap, name: &str, default: u64) -> u64 {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    log: Option<Arc<Mutex<Vec<Recorded>>>>,
+) -> Response<Body> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let chunks_sent_at = Arc::new(Mutex::new(Vec::new()));
+    if let Some(log) = log {
+        log.lock().expect("request log poisoned").push(Recorded {
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            headers: parts.headers.clone(),
+            body_len: body.len(),
+            chunks_sent_at: chunks_sent_at.clone(),
+        });
+    }
+    let delay = header_num(&parts.headers, "x-fake-delay-ms", 0);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let status = header_num(&parts.headers, "x-fake-status", 200);
+    if status != 200 {
+        let code = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return json(
+            code,
+            r#"{"error":{"message":"fake upstream error","type":"server_error","code":"fake"}}"#,
+        );
+    }
+    match parts.uri.path() {
+        "/v1/models" => json(
+            StatusCode::OK,
+            r#"{"object":"list","data":[{"id":"fake-model","object":"model","created":0,"owned_by":"fake"}]}"#,
+        ),
+        _ if is_stream(&body) => stream(
+            header_num(&parts.headers, "x-fake-chunks", 5),
+            Duration::from_millis(header_num(&parts.headers, "x-fake-chunk-delay-ms", 0)),
+            chunks_sent_at,
+        ),
+        _ => json(StatusCode::OK, COMPLETION),
+    }
+}
+
+const COMPLETION: &str = r#"{"id":"chatcmpl-fake","object":"chat.completion","created":0,"model":"fake-model","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the fake upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":7,"total_tokens":16}}"#;
+
+fn is_stream(body: &Bytes) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("stream").and_then(serde_json::Value::as_bool))
+        .unwrap_or(false)
+}
+
+fn json(status: StatusCode, body: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(full(body))
+        .expect("static response is valid")
+}
+
+fn stream(chunks: u64, delay: Duration, sent_at: Arc<Mutex<Vec<SystemTime>>>) -> Response<Body> {
+    let events = futures::stream::iter(0..=chunks).then(move |i| {
+        let sent_at = sent_at.clone();
+        async move {
+            if i > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let data = if i == chunks {
+                "data: {\"id\":\"chatcmpl-fake\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"fake-model\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":5,\"total_tokens\":14}}\n\ndata: [DONE]\n\n".to_string()
+            } else {
+                format!(
+                    "data: {{\"id\":\"chatcmpl-fake\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"fake-model\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"chunk{i} \"}},\"finish_reason\":null}}]}}\n\n"
+                )
+            };
+            sent_at.lock().expect("chunk log poisoned").push(SystemTime::now());
+            Ok::<_, hyper::Error>(Frame::data(Bytes::from(data)))
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(BodyExt::boxed(StreamBody::new(events)))
+        .expect("static response is valid")
+}

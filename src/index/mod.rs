@@ -1,0 +1,265 @@
+//! Watch events in, routing table out.
+//!
+//! `[ Project ] <- [ ProxyToken ] -> [ Secret ]`
+//!
+//! [`Index`] is plain and synchronous: [`Index::apply`] takes one watch event of any of
+//! the three kinds, [`Index::snapshot`] builds an immutable [`RouteTable`]. Relists
+//! (`Init` … `InitDone`) replace a kind's state whole, so objects deleted while the
+//! watch was down disappear. [`watch`] wires it to the API server.
+
+mod table;
+pub mod watch;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::runtime::watcher::Event;
+use zeroize::Zeroizing;
+
+pub use table::{Denial, DigestHasher, ProjectRoute, Route, RouteTable, TokenMap, TokenRoute};
+
+use crate::api::{Project, ProxyToken, TokenPhase};
+use crate::apikey::{ApiKey, KeyProblem};
+use crate::duration::parse_go_duration;
+use crate::token::TokenHash;
+
+/// One watch event of any kind the index follows.
+#[derive(Debug)]
+pub enum Change {
+    /// A Project event.
+    Project(Event<Project>),
+    /// A ProxyToken event.
+    Token(Event<ProxyToken>),
+    /// A Secret event (operator namespace only).
+    Secret(Event<Secret>),
+}
+
+/// Which of the three watches a state or relist belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Projects.
+    Project,
+    /// ProxyTokens.
+    Token,
+    /// Secrets.
+    Secret,
+}
+
+#[derive(Clone)]
+struct ProjectEntry {
+    active: bool,
+    tokens_not_before_ms: Option<i64>,
+    upstream: Arc<str>,
+    secret_name: String,
+    secret_key: String,
+}
+
+type SecretData = BTreeMap<String, Zeroizing<Vec<u8>>>;
+
+/// The proxy's view of the cluster, updated one event at a time.
+#[derive(Default)]
+pub struct Index {
+    projects: HashMap<Arc<str>, ProjectEntry>,
+    /// ProxyToken (namespace, name) → the hash it was indexed under.
+    token_keys: HashMap<(String, String), TokenHash>,
+    tokens: Arc<TokenMap>,
+    secrets: HashMap<String, SecretData>,
+    relisting: Relists,
+    synced: [bool; 3],
+    generation: u64,
+}
+
+/// Objects buffered during a relist, applied whole at `InitDone`.
+#[derive(Default)]
+struct Relists {
+    projects: Option<Vec<Project>>,
+    tokens: Option<Vec<ProxyToken>>,
+    secrets: Option<Vec<Secret>>,
+}
+
+impl Index {
+    /// An empty, unsynced index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one watch event.
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Project(event) => self.apply_project(event),
+            Change::Token(event) => self.apply_token(event),
+            Change::Secret(event) => self.apply_secret(event),
+        }
+    }
+
+    /// Whether every kind has been listed at least once.
+    pub fn is_synced(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+    }
+
+    /// Builds the routing table for the current state.
+    pub fn snapshot(&mut self) -> RouteTable {
+        self.generation += 1;
+        let projects = self
+            .projects
+            .iter()
+            .map(|(name, p)| {
+                let route = ProjectRoute {
+                    name: name.clone(),
+                    active: p.active,
+                    tokens_not_before_ms: p.tokens_not_before_ms,
+                    upstream: p.upstream.clone(),
+                    key: self
+                        .resolve_key(&p.secret_name, &p.secret_key)
+                        .map(Arc::new),
+                };
+                (name.clone(), Arc::new(route))
+            })
+            .collect();
+        RouteTable {
+            generation: self.generation,
+            ready: self.is_synced(),
+            tokens: self.tokens.clone(),
+            projects,
+        }
+    }
+
+    fn resolve_key(&self, secret: &str, key: &str) -> Result<ApiKey, KeyProblem> {
+        let data = self.secrets.get(secret).ok_or(KeyProblem::SecretNotFound)?;
+        let raw = data.get(key).ok_or(KeyProblem::KeyNotFound)?;
+        ApiKey::parse(raw)
+    }
+
+    fn apply_project(&mut self, event: Event<Project>) {
+        match event {
+            Event::Apply(p) => self.upsert_project(&p),
+            Event::Delete(p) => {
+                self.projects.remove(p.name_any().as_str());
+            }
+            Event::Init => self.relisting.projects = Some(Vec::new()),
+            Event::InitApply(p) => self.relisting.projects.get_or_insert_with(Vec::new).push(p),
+            Event::InitDone => {
+                let listed = self.relisting.projects.take().unwrap_or_default();
+                self.projects.clear();
+                listed.iter().for_each(|p| self.upsert_project(p));
+                self.mark_synced(Kind::Project);
+            }
+        }
+    }
+
+    fn upsert_project(&mut self, p: &Project) {
+        let entry = ProjectEntry {
+            active: p.spec.active && p.metadata.deletion_timestamp.is_none(),
+            tokens_not_before_ms: p
+                .spec
+                .tokens_not_before
+                .as_ref()
+                .map(|t| t.0.as_millisecond()),
+            upstream: Arc::from(p.spec.upstream.url.trim_end_matches('/')),
+            secret_name: p.spec.api_key_secret_ref.name.clone(),
+            secret_key: p.spec.api_key_secret_ref.key.clone(),
+        };
+        self.projects.insert(Arc::from(p.name_any()), entry);
+    }
+
+    fn apply_token(&mut self, event: Event<ProxyToken>) {
+        match event {
+            Event::Apply(t) => self.upsert_token(&t),
+            Event::Delete(t) => self.remove_token(&token_key(&t)),
+            Event::Init => self.relisting.tokens = Some(Vec::new()),
+            Event::InitApply(t) => self.relisting.tokens.get_or_insert_with(Vec::new).push(t),
+            Event::InitDone => {
+                let listed = self.relisting.tokens.take().unwrap_or_default();
+                self.token_keys.clear();
+                self.tokens = Arc::default();
+                listed.iter().for_each(|t| self.upsert_token(t));
+                self.mark_synced(Kind::Token);
+            }
+        }
+    }
+
+    fn upsert_token(&mut self, t: &ProxyToken) {
+        let key = token_key(t);
+        let Some((hash, route)) = token_route(t) else {
+            // Not minted (yet): nothing to route. Drop any stale entry.
+            self.remove_token(&key);
+            return;
+        };
+        let tokens = Arc::make_mut(&mut self.tokens);
+        if let Some(old) = self.token_keys.insert(key, hash)
+            && old != hash
+        {
+            tokens.remove(&old);
+        }
+        tokens.insert(hash, Arc::new(route));
+    }
+
+    fn remove_token(&mut self, key: &(String, String)) {
+        if let Some(hash) = self.token_keys.remove(key) {
+            Arc::make_mut(&mut self.tokens).remove(&hash);
+        }
+    }
+
+    fn apply_secret(&mut self, event: Event<Secret>) {
+        match event {
+            Event::Apply(s) => self.upsert_secret(s),
+            Event::Delete(s) => {
+                self.secrets.remove(&s.name_any());
+            }
+            Event::Init => self.relisting.secrets = Some(Vec::new()),
+            Event::InitApply(s) => self.relisting.secrets.get_or_insert_with(Vec::new).push(s),
+            Event::InitDone => {
+                let listed = self.relisting.secrets.take().unwrap_or_default();
+                self.secrets.clear();
+                listed.into_iter().for_each(|s| self.upsert_secret(s));
+                self.mark_synced(Kind::Secret);
+            }
+        }
+    }
+
+    fn upsert_secret(&mut self, s: Secret) {
+        let name = s.name_any();
+        let data = s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, Zeroizing::new(v.0)))
+            .collect();
+        self.secrets.insert(name, data);
+    }
+
+    fn mark_synced(&mut self, kind: Kind) {
+        self.synced[kind as usize] = true;
+    }
+}
+
+fn token_key(t: &ProxyToken) -> (String, String) {
+    (t.namespace().unwrap_or_default(), t.name_any())
+}
+
+/// The route of a minted token, or `None` when it has not been minted.
+fn token_route(t: &ProxyToken) -> Option<(TokenHash, TokenRoute)> {
+    let status = t.status.as_ref()?;
+    let hash = TokenHash::parse(status.token_hash.as_deref()?)?;
+    let issued_at_ms = status.issued_at.as_ref()?.0.as_millisecond();
+    // Expiry follows from the spec, so the proxy refuses on time even before the
+    // controller has written `expiresAt`.
+    let lifetime_ms = parse_go_duration(&t.spec.duration).ok()?.as_millis();
+    let expires_at_ms = issued_at_ms.saturating_add(i64::try_from(lifetime_ms).unwrap_or(i64::MAX));
+    let route = TokenRoute {
+        namespace: t.namespace().unwrap_or_default(),
+        name: t.name_any(),
+        project: Arc::from(t.spec.project_ref.name.as_str()),
+        issued_at_ms,
+        expires_at_ms,
+        revoked: t.spec.revoked || status.phase == Some(TokenPhase::Revoked),
+        max_requests: t.spec.max_requests.map(|m| m.max(0) as u64),
+        request_count: status.request_count.unwrap_or(0).max(0) as u64,
+    };
+    Some((hash, route))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,323 @@
+//! Index tests: feed objects in, read the table. No cluster, no mock.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::ObjectMeta;
+
+use super::*;
+use crate::api::{
+    ProjectRef, ProjectSpec, ProxyTokenSpec, ProxyTokenStatus, SecretKeyRef, Upstream,
+};
+use crate::token::Token;
+
+const KEY: &str = "sk-test-0123456789abcdefghijAb12";
+const HOUR_MS: i64 = 3_600_000;
+const ISSUED_MS: i64 = 1_700_000_000_000;
+
+fn project(name: &str, active: bool) -> Project {
+    let mut p = Project::new(
+        name,
+        ProjectSpec {
+            display_name: None,
+            active,
+            api_key_secret_ref: SecretKeyRef {
+                name: format!("{name}-key"),
+                key: "apiKey".into(),
+            },
+            upstream: Upstream {
+                url: "http://127.0.0.1:9/".into(),
+            },
+            allowed_namespaces: None,
+            tokens_not_before: None,
+        },
+    );
+    p.metadata.resource_version = Some("1".into());
+    p
+}
+
+fn secret(name: &str, value: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ops".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "apiKey".to_string(),
+            ByteString(value.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn at(ms: i64) -> Time {
+    Time(jiff::Timestamp::from_millisecond(ms).unwrap())
+}
+
+fn token(name: &str, project: &str, minted: &Token) -> ProxyToken {
+    let mut t = ProxyToken::new(
+        name,
+        ProxyTokenSpec {
+            project_ref: ProjectRef {
+                name: project.into(),
+            },
+            duration: "1h".into(),
+            max_requests: None,
+            revoked: false,
+            secret_name: None,
+        },
+    );
+    t.metadata.namespace = Some("apps".into());
+    t.status = Some(ProxyTokenStatus {
+        phase: Some(TokenPhase::Active),
+        token_hash: Some(minted.hash().to_string()),
+        issued_at: Some(at(ISSUED_MS)),
+        ..Default::default()
+    });
+    t
+}
+
+/// An index that has listed one project, its key Secret and one token.
+fn synced(minted: &Token) -> Index {
+    let mut index = Index::new();
+    for change in [
+        Change::Project(Event::Init),
+        Change::Project(Event::InitApply(project("prod", true))),
+        Change::Project(Event::InitDone),
+        Change::Secret(Event::Init),
+        Change::Secret(Event::InitApply(secret("prod-key", KEY))),
+        Change::Secret(Event::InitDone),
+        Change::Token(Event::Init),
+        Change::Token(Event::InitApply(token("web", "prod", minted))),
+        Change::Token(Event::InitDone),
+    ] {
+        index.apply(change);
+    }
+    index
+}
+
+#[test]
+fn not_ready_until_every_kind_has_listed() {
+    let mut index = Index::new();
+    index.apply(Change::Project(Event::Init));
+    index.apply(Change::Project(Event::InitDone));
+    index.apply(Change::Secret(Event::Init));
+    index.apply(Change::Secret(Event::InitDone));
+    assert!(!index.snapshot().ready);
+    index.apply(Change::Token(Event::Init));
+    index.apply(Change::Token(Event::InitDone));
+    assert!(index.snapshot().ready);
+}
+
+#[test]
+fn a_minted_token_routes_to_its_project_with_the_real_key() {
+    let minted = Token::mint().unwrap();
+    let table = synced(&minted).snapshot();
+    let route = table.authorize(&minted.hash(), ISSUED_MS + 1).unwrap();
+    assert_eq!(route.key.expose(), KEY);
+    assert_eq!(&*route.project.upstream, "http://127.0.0.1:9");
+    assert_eq!(
+        (route.token.namespace.as_str(), route.token.name.as_str()),
+        ("apps", "web")
+    );
+}
+
+#[test]
+fn unknown_expired_and_revoked_tokens_are_denied() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    let table = index.snapshot();
+    assert_eq!(
+        table
+            .authorize(&Token::mint().unwrap().hash(), ISSUED_MS)
+            .unwrap_err(),
+        Denial::TokenNotFound
+    );
+    assert_eq!(
+        table
+            .authorize(&minted.hash(), ISSUED_MS + HOUR_MS)
+            .unwrap_err(),
+        Denial::TokenExpired
+    );
+
+    let mut revoked = token("web", "prod", &minted);
+    revoked.spec.revoked = true;
+    index.apply(Change::Token(Event::Apply(revoked)));
+    assert_eq!(
+        index
+            .snapshot()
+            .authorize(&minted.hash(), ISSUED_MS)
+            .unwrap_err(),
+        Denial::TokenRevoked
+    );
+}
+
+#[test]
+fn deactivation_and_deletion_refuse_without_revoking() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    index.apply(Change::Project(Event::Apply(project("prod", false))));
+    assert_eq!(
+        index
+            .snapshot()
+            .authorize(&minted.hash(), ISSUED_MS)
+            .unwrap_err(),
+        Denial::ProjectInactive
+    );
+
+    let mut deleting = project("prod", true);
+    deleting.metadata.deletion_timestamp = Some(at(ISSUED_MS));
+    index.apply(Change::Project(Event::Apply(deleting)));
+    assert_eq!(
+        index
+            .snapshot()
+            .authorize(&minted.hash(), ISSUED_MS)
+            .unwrap_err(),
+        Denial::ProjectInactive
+    );
+
+    index.apply(Change::Project(Event::Apply(project("prod", true))));
+    assert!(
+        index
+            .snapshot()
+            .authorize(&minted.hash(), ISSUED_MS)
+            .is_ok()
+    );
+}
+
+#[test]
+fn bulk_revocation_compares_issue_time_with_tokens_not_before() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    let mut p = project("prod", true);
+    p.spec.tokens_not_before = Some(at(ISSUED_MS + 1));
+    index.apply(Change::Project(Event::Apply(p.clone())));
+    assert_eq!(
+        index
+            .snapshot()
+            .authorize(&minted.hash(), ISSUED_MS + 2)
+            .unwrap_err(),
+        Denial::TokenRevoked
+    );
+
+    // A token issued after the cut-off still works.
+    let fresh = Token::mint().unwrap();
+    let mut later = token("later", "prod", &fresh);
+    later.status.as_mut().unwrap().issued_at = Some(at(ISSUED_MS + 5));
+    index.apply(Change::Token(Event::Apply(later)));
+    assert!(
+        index
+            .snapshot()
+            .authorize(&fresh.hash(), ISSUED_MS + 6)
+            .is_ok()
+    );
+}
+
+#[test]
+fn key_rotation_and_bad_keys_follow_the_secret() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    let rotated = "sk-test-rotated-0123456789abcdefZZ99";
+    index.apply(Change::Secret(Event::Apply(secret("prod-key", rotated))));
+    assert_eq!(
+        index
+            .snapshot()
+            .authorize(&minted.hash(), ISSUED_MS)
+            .unwrap()
+            .key
+            .expose(),
+        rotated
+    );
+
+    index.apply(Change::Secret(Event::Apply(secret(
+        "prod-key",
+        "not-a-key",
+    ))));
+    let table = index.snapshot();
+    assert_eq!(
+        table.authorize(&minted.hash(), ISSUED_MS).unwrap_err(),
+        Denial::ProjectKeyInvalid
+    );
+    assert_eq!(
+        table.project("prod").unwrap().key.as_ref().unwrap_err(),
+        &KeyProblem::InvalidFormat
+    );
+
+    index.apply(Change::Secret(Event::Delete(secret("prod-key", rotated))));
+    assert_eq!(
+        index
+            .snapshot()
+            .project("prod")
+            .unwrap()
+            .key
+            .as_ref()
+            .unwrap_err(),
+        &KeyProblem::SecretNotFound
+    );
+}
+
+#[test]
+fn deleting_a_token_removes_it() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    index.apply(Change::Token(Event::Delete(token("web", "prod", &minted))));
+    let table = index.snapshot();
+    assert_eq!(table.token_count(), 0);
+    assert_eq!(
+        table.authorize(&minted.hash(), ISSUED_MS).unwrap_err(),
+        Denial::TokenNotFound
+    );
+}
+
+#[test]
+fn a_relist_drops_what_disappeared_while_the_watch_was_down() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    let before = index.snapshot();
+    let other = Token::mint().unwrap();
+    index.apply(Change::Token(Event::Init));
+    index.apply(Change::Token(Event::InitApply(token(
+        "other", "prod", &other,
+    ))));
+    // Until InitDone the old state keeps serving.
+    assert!(
+        index
+            .snapshot()
+            .authorize(&minted.hash(), ISSUED_MS)
+            .is_ok()
+    );
+    index.apply(Change::Token(Event::InitDone));
+    let after = index.snapshot();
+    assert_eq!(
+        after.authorize(&minted.hash(), ISSUED_MS).unwrap_err(),
+        Denial::TokenNotFound
+    );
+    assert!(after.authorize(&other.hash(), ISSUED_MS).is_ok());
+    assert!(after.generation > before.generation);
+    // The earlier snapshot is immutable: readers holding it are unaffected.
+    assert!(before.authorize(&minted.hash(), ISSUED_MS).is_ok());
+}
+
+#[test]
+fn unminted_tokens_and_exhausted_caps() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    let mut pending = token("pending", "prod", &Token::mint().unwrap());
+    pending.status = None;
+    index.apply(Change::Token(Event::Apply(pending)));
+    assert_eq!(index.snapshot().token_count(), 1);
+
+    let mut capped = token("web", "prod", &minted);
+    capped.spec.max_requests = Some(3);
+    capped.status.as_mut().unwrap().request_count = Some(3);
+    index.apply(Change::Token(Event::Apply(capped)));
+    assert_eq!(
+        index
+            .snapshot()
+            .authorize(&minted.hash(), ISSUED_MS)
+            .unwrap_err(),
+        Denial::TokenExhausted
+    );
+}

@@ -1,0 +1,22 @@
+//! llm-proxy: a Kubernetes-native credential proxy for OpenAI-style APIs.
+//!
+//! `[ Project ] <- [ ProxyToken ] -> [ Secret ]`
+//!
+//! - [`api`]: the custom resources (plain data).
+//! - [`controller`]: reconciles them (finalizers, status, Events, token minting).
+//! - [`index`]: watch events → an immutable routing table.
+//! - [`proxy`]: the HTTP data plane (auth, key swap, streaming forward).
+//! - [`token`], [`apikey`]: the two secrets, with redacting `Debug`.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod apikey;
+pub mod cli;
+pub mod controller;
+pub mod crd;
+pub mod duration;
+pub mod fake_upstream;
+pub mod index;
+pub mod proxy;
+pub mod telemetry;
+pub mod token;

@@ -1,0 +1,17 @@
+//! `llm-proxy`: wires the command line to the library.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = llm_proxy::cli::Cli::parse();
+    llm_proxy::telemetry::init();
+    match llm_proxy::cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "llm-proxy failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The proxy's refusals, in OpenAI's error shape so SDKs show them:
+//! `{"error":{"message","type","code"}}`. Messages say what to do next and never
+//! contain a token or a key.
+
+use bytes::Bytes;
+use hyper::{Response, StatusCode, header};
+
+use super::Body;
+use crate::index::Denial;
+use crate::proxy::paths::PathError;
+
+/// Why the proxy answered instead of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// No `Authorization: Bearer`, or a token of the wrong shape or checksum.
+    #[error("missing or malformed token")]
+    InvalidToken,
+    /// Well-formed, but no such token.
+    #[error("unknown token")]
+    TokenNotFound,
+    /// Revoked directly or by a bulk revocation.
+    #[error("token revoked")]
+    TokenRevoked,
+    /// Past its expiry.
+    #[error("token expired")]
+    TokenExpired,
+    /// `maxRequests` used up.
+    #[error("token request cap reached")]
+    TokenExhausted,
+    /// The project is inactive or being deleted.
+    #[error("project inactive")]
+    ProjectInactive,
+    /// The project's key is missing or malformed.
+    #[error("project key invalid")]
+    ProjectKeyInvalid,
+    /// Not on the API surface.
+    #[error("endpoint not found")]
+    EndpointNotFound,
+    /// On the surface, not with that method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The routing table has not finished its first sync.
+    #[error("proxy not ready")]
+    NotReady,
+    /// The request body is over the configured limit.
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// The upstream could not be reached or broke the connection.
+    #[error("upstream error")]
+    UpstreamError,
+    /// The upstream did not answer in time.
+    #[error("upstream timeout")]
+    UpstreamTimeout,
+}
+
+impl ProxyError {
+    /// HTTP status.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::InvalidToken | Self::TokenNotFound | Self::TokenRevoked | Self::TokenExpired => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::TokenExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Self::ProjectInactive => StatusCode::FORBIDDEN,
+            Self::ProjectKeyInvalid | Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::EndpointNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UpstreamError => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `error.code` field; also the metric label.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::InvalidToken => "invalid_token",
+            Self::TokenNotFound => "token_not_found",
+            Self::TokenRevoked => "token_revoked",
+            Self::TokenExpired => "token_expired",
+            Self::TokenExhausted => "token_exhausted",
+            Self::ProjectInactive => "project_inactive",
+            Self::ProjectKeyInvalid => "project_key_invalid",
+            Self::EndpointNotFound => "endpoint_not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::NotReady => "proxy_not_ready",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UpstreamError => "upstream_error",
+            Self::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// The `error.type` field, using OpenAI's categories.
+    fn kind(self) -> &'static str {
+        match self {
+            Self::InvalidToken | Self::TokenNotFound | Self::TokenRevoked | Self::TokenExpired => {
+                "authentication_error"
+            }
+            Self::ProjectInactive => "permission_error",
+            Self::TokenExhausted => "rate_limit_error",
+            Self::EndpointNotFound | Self::MethodNotAllowed | Self::PayloadTooLarge => {
+                "invalid_request_error"
+            }
+            Self::ProjectKeyInvalid
+            | Self::NotReady
+            | Self::UpstreamError
+            | Self::UpstreamTimeout => "server_error",
+        }
+    }
+
+    /// What the caller reads.
+    fn message(self) -> &'static str {
+        match self {
+            Self::InvalidToken => {
+                "Missing or malformed proxy token: send 'Authorization: Bearer <token>' with the token from your ProxyToken's Secret (key OPENAI_API_KEY)."
+            }
+            Self::TokenNotFound => {
+                "This proxy token is not known: check that its ProxyToken exists and is Active (kubectl get proxytokens)."
+            }
+            Self::TokenRevoked => "This proxy token has been revoked: create a new ProxyToken.",
+            Self::TokenExpired => "This proxy token has expired: create a new ProxyToken.",
+            Self::TokenExhausted => {
+                "This proxy token has used all requests allowed by its maxRequests: create a new ProxyToken or raise the cap."
+            }
+            Self::ProjectInactive => {
+                "The project of this token is inactive: a cluster admin must set spec.active to true on the Project."
+            }
+            Self::ProjectKeyInvalid => {
+                "The project's upstream API key is missing or malformed: a cluster admin must fix the Secret named in the Project's spec.apiKeySecretRef."
+            }
+            Self::EndpointNotFound => {
+                "This path is not part of the OpenAI API surface the proxy serves."
+            }
+            Self::MethodNotAllowed => "This method is not allowed on this endpoint.",
+            Self::NotReady => {
+                "The proxy has not finished loading projects and tokens yet: retry in a few seconds."
+            }
+            Self::PayloadTooLarge => "The request body is larger than the proxy allows.",
+            Self::UpstreamError => "The upstream API could not be reached: retry later.",
+            Self::UpstreamTimeout => "The upstream API did not answer in time: retry later.",
+        }
+    }
+
+    /// The JSON response.
+    pub fn into_response(self) -> Response<Body> {
+        let body = serde_json::json!({
+            "error": { "message": self.message(), "type": self.kind(), "code": self.code(), "param": null }
+        });
+        let mut response = Response::new(super::full(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+impl From<Denial> for ProxyError {
+    fn from(denial: Denial) -> Self {
+        match denial {
+            Denial::TokenNotFound => Self::TokenNotFound,
+            Denial::TokenRevoked => Self::TokenRevoked,
+            Denial::TokenExpired => Self::TokenExpired,
+            Denial::TokenExhausted => Self::TokenExhausted,
+            Denial::ProjectInactive => Self::ProjectInactive,
+            Denial::ProjectKeyInvalid => Self::ProjectKeyInvalid,
+        }
+    }
+}
+
+impl From<PathError> for ProxyError {
+    fn from(e: PathError) -> Self {
+        match e {
+            PathError::NotFound => Self::EndpointNotFound,
+            PathError::MethodNotAllowed => Self::MethodNotAllowed,
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Sends an authorised request upstream with the project's key and returns the
+//! upstream's response, streaming both bodies.
+//!
+//! In: the client's request and its [`Route`]. Out: the upstream response with
+//! hop-by-hop headers removed, or a [`ProxyError`] (502/504).
+
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, Uri, Version};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::error::ProxyError;
+use crate::index::Route;
+
+/// Client headers that could steer the upstream account or leak proxy state: the
+/// upstream key alone decides which organisation and project pay.
+const STRIPPED_REQUEST_HEADERS: &[&str] = &["openai-organization", "openai-project"];
+
+/// The pooled upstream client, built once.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    response_timeout: Duration,
+}
+
+impl Upstream {
+    /// Builds the client: TLS (webpki roots) or plain HTTP, HTTP/2 where ALPN offers it.
+    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            // The idle timeout only works with a timer set.
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .timer(TokioTimer::new())
+            .build(https);
+        Self {
+            client,
+            response_timeout,
+        }
+    }
+
+    /// Forwards `request` to the route's upstream. The response body is not read here.
+    pub async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        route: &Route,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let uri: Uri = format!("{}{}", route.project.upstream, path_and_query)
+            .parse()
+            .map_err(|_| ProxyError::UpstreamError)?;
+        *request.uri_mut() = uri;
+        // The pooled connection decides the wire version (ALPN); the client's own
+        // version (h2c, HTTP/1.0) has nothing to do with it.
+        *request.version_mut() = Version::HTTP_11;
+
+        let headers = request.headers_mut();
+        strip_hop_by_hop(headers);
+        headers.remove(header::HOST);
+        for name in STRIPPED_REQUEST_HEADERS {
+            headers.remove(*name);
+        }
+        let mut authorization = HeaderValue::try_from(format!("Bearer {}", route.key.expose()))
+            .map_err(|_| ProxyError::ProjectKeyInvalid)?;
+        authorization.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, authorization);
+
+        let mut response = match tokio::time::timeout(
+            self.response_timeout,
+            self.client.request(request),
+        )
+        .await
+        {
+            Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(error)) => {
+                tracing::warn!(project = %route.project.name, error = %error_chain(&error), "upstream request failed");
+                return Err(ProxyError::UpstreamError);
+            }
+            Ok(Ok(response)) => response,
+        };
+        strip_hop_by_hop(response.headers_mut());
+        Ok(response)
+    }
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including those the
+/// `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// The error and its sources on one line, for logs (no request data in them).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+}

@@ -1,0 +1,162 @@
+//! The OpenAI API surface the proxy forwards: exact paths (with single-segment
+//! identifiers), each with the methods the API uses there.
+//!
+//! Paths are checked, never rewritten: anything with empty, `.` or `..` segments or
+//! percent-encoding is simply not on the surface, so no normalisation can be tricked
+//! into reaching something else upstream.
+
+use hyper::Method;
+
+/// Why a path/method pair is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// Not an endpoint of the API surface.
+    NotFound,
+    /// An endpoint, but not with that method.
+    MethodNotAllowed,
+}
+
+const GET: &[Method] = &[Method::GET];
+const POST: &[Method] = &[Method::POST];
+const GET_POST: &[Method] = &[Method::GET, Method::POST];
+const GET_DELETE: &[Method] = &[Method::GET, Method::DELETE];
+const GET_POST_DELETE: &[Method] = &[Method::GET, Method::POST, Method::DELETE];
+
+/// `*` stands for one identifier segment.
+const ENDPOINTS: &[(&str, &[Method])] = &[
+    ("/v1/chat/completions", GET_POST),
+    ("/v1/chat/completions/*", GET_POST_DELETE),
+    ("/v1/chat/completions/*/messages", GET),
+    ("/v1/completions", POST),
+    ("/v1/responses", POST),
+    ("/v1/responses/*", GET_DELETE),
+    ("/v1/responses/*/cancel", POST),
+    ("/v1/responses/*/input_items", GET),
+    ("/v1/embeddings", POST),
+    ("/v1/models", GET),
+    ("/v1/models/*", GET_DELETE),
+    ("/v1/moderations", POST),
+    ("/v1/images/generations", POST),
+    ("/v1/images/edits", POST),
+    ("/v1/images/variations", POST),
+    ("/v1/audio/speech", POST),
+    ("/v1/audio/transcriptions", POST),
+    ("/v1/audio/translations", POST),
+    ("/v1/files", GET_POST),
+    ("/v1/files/*", GET_DELETE),
+    ("/v1/files/*/content", GET),
+    ("/v1/uploads", POST),
+    ("/v1/uploads/*/parts", POST),
+    ("/v1/uploads/*/complete", POST),
+    ("/v1/uploads/*/cancel", POST),
+    ("/v1/batches", GET_POST),
+    ("/v1/batches/*", GET),
+    ("/v1/batches/*/cancel", POST),
+    ("/v1/fine_tuning/jobs", GET_POST),
+    ("/v1/fine_tuning/jobs/*", GET),
+    ("/v1/fine_tuning/jobs/*/cancel", POST),
+    ("/v1/fine_tuning/jobs/*/events", GET),
+    ("/v1/fine_tuning/jobs/*/checkpoints", GET),
+    ("/v1/vector_stores", GET_POST),
+    ("/v1/vector_stores/*", GET_POST_DELETE),
+];
+
+/// Checks that `method path` is an endpoint of the API surface.
+pub fn check(method: &Method, path: &str) -> Result<(), PathError> {
+    let mut found = false;
+    for (pattern, methods) in ENDPOINTS {
+        if matches(pattern, path) {
+            if methods.contains(method) {
+                return Ok(());
+            }
+            found = true;
+        }
+    }
+    Err(if found {
+        PathError::MethodNotAllowed
+    } else {
+        PathError::NotFound
+    })
+}
+
+fn matches(pattern: &str, path: &str) -> bool {
+    let mut want = pattern.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return true,
+            (Some("*"), Some(segment)) if is_identifier(segment) => {}
+            (Some(w), Some(g)) if w == g => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Identifiers (`gpt-4o`, `ft:gpt-4o:org::abc`, `file-abc123`): no `.`/`..`, no
+/// encoding, nothing that could mean a different path upstream.
+fn is_identifier(segment: &str) -> bool {
+    !segment.is_empty()
+        && segment != "."
+        && segment != ".."
+        && segment.len() <= 256
+        && segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_surface_is_forwarded() {
+        assert_eq!(check(&Method::POST, "/v1/chat/completions"), Ok(()));
+        assert_eq!(check(&Method::GET, "/v1/models"), Ok(()));
+        assert_eq!(
+            check(&Method::GET, "/v1/models/ft:gpt-4o-mini:acme::abc123"),
+            Ok(())
+        );
+        assert_eq!(check(&Method::DELETE, "/v1/files/file-abc"), Ok(()));
+        assert_eq!(check(&Method::GET, "/v1/files/file-abc/content"), Ok(()));
+    }
+
+    #[test]
+    fn paths_match_exactly_not_by_prefix() {
+        for path in [
+            "/v1/chat/completions/",
+            "/v1/chat/completionsX",
+            "/v1/chat//completions",
+            "/v1/../v1/models",
+            "/v1/models/..",
+            "/v1/models/.",
+            "/v1/models/%2e%2e",
+            "/v1/models/a/b",
+            "/v2/models",
+            "/",
+            "",
+            "/healthz",
+        ] {
+            assert_eq!(
+                check(&Method::GET, path),
+                Err(PathError::NotFound),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn methods_outside_the_allowlist_are_refused() {
+        assert_eq!(
+            check(&Method::GET, "/v1/embeddings"),
+            Err(PathError::MethodNotAllowed)
+        );
+        assert_eq!(
+            check(&Method::PUT, "/v1/chat/completions"),
+            Err(PathError::MethodNotAllowed)
+        );
+        assert_eq!(
+            check(&Method::DELETE, "/v1/models"),
+            Err(PathError::MethodNotAllowed)
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! Serving: the API listener (HTTP/1.1 and h2c) and the admin listener (`/healthz`,
+//! `/readyz`), both with graceful shutdown and a bounded drain.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use super::{Body, Proxy, full};
+use crate::index::watch::SharedTable;
+
+/// Serves `handler` on `listener` until `shutdown` resolves, then drains open
+/// connections for at most `drain`.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let handler = handler.clone();
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handler));
+                let connection = graceful.watch(connection.into_owned());
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(error = %error, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            drain_secs = drain.as_secs(),
+            "connections still open after the drain time; closing them"
+        );
+    }
+}
+
+/// What a boxed request handler returns.
+pub type HandlerFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+/// The API handler for [`serve`].
+pub fn api_handler(
+    proxy: Arc<Proxy>,
+) -> impl Fn(Request<Incoming>) -> HandlerFuture + Clone + Send + Sync + 'static {
+    move |request| {
+        let proxy = proxy.clone();
+        Box::pin(async move { proxy.handle(request).await })
+    }
+}
+
+/// The admin handler for [`serve`]: liveness, and readiness once the table has synced.
+pub fn admin_handler(
+    table: SharedTable,
+) -> impl Fn(Request<Incoming>) -> std::future::Ready<Result<Response<Body>, Infallible>>
++ Clone
++ Send
++ Sync
++ 'static {
+    move |request| {
+        let (status, text) = match request.uri().path() {
+            "/healthz" | "/livez" => (StatusCode::OK, "ok\n"),
+            "/readyz" if table.load().ready => (StatusCode::OK, "ok\n"),
+            "/readyz" => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "routing table not synced yet\n",
+            ),
+            _ => (StatusCode::NOT_FOUND, "not found\n"),
+        };
+        let mut response = Response::new(full(text));
+        *response.status_mut() = status;
+        std::future::ready(Ok(response))
+    }
+}
