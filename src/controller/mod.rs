@@ -21,7 +21,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::api::{CONTROLLER_MANAGER, MANAGED_BY_LABEL, Project, ProxyToken};
+use crate::api::{CONTROLLER_MANAGER, Project, ProxyToken};
 
 /// Settings of the controller.
 #[derive(Clone, Debug)]
@@ -210,23 +210,19 @@ pub async fn run(
             Some(ObjectRef::new(&t.spec.project_ref.name))
         });
 
+    // No watch on token Secrets: that would need list/watch on every Secret in the
+    // cluster. The controller only ever gets or creates the one Secret it mints.
     let token_controller = Controller::new(tokens, labelled.clone());
     let token_store = token_controller.store();
-    let managed = format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1);
-    let token_controller = token_controller
-        .owns(
-            Api::<Secret>::all(client.clone()),
-            watcher::Config::default().labels(&managed),
-        )
-        .watches(projects, labelled, move |p| {
-            let name = p.name_any();
-            token_store
-                .state()
-                .into_iter()
-                .filter(|t| t.spec.project_ref.name == name)
-                .map(|t| ObjectRef::from_obj(&*t))
-                .collect::<Vec<_>>()
-        });
+    let token_controller = token_controller.watches(projects, labelled, move |p| {
+        let name = p.name_any();
+        token_store
+            .state()
+            .into_iter()
+            .filter(|t| t.spec.project_ref.name == name)
+            .map(|t| ObjectRef::from_obj(&*t))
+            .collect::<Vec<_>>()
+    });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on a fresh machine, idempotently:
+# just (from crates.io), the official openai Python SDK in a venv, and the local
+# control plane (built from Go modules). Everything lands under $LLMPROXY_CACHE
+# (default ~/.cache/llm-proxy) or ~/.cargo/bin, outside the clone, so reruns are fast.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cache=${LLMPROXY_CACHE:-$HOME/.cache/llm-proxy}
+openai_version=3.57.0
+mkdir -p "$cache"
+
+if ! command -v just >/dev/null 2>&1; then
+  echo "setup: installing just (cargo install just --locked)..."
+  cargo install just --locked --quiet
+fi
+
+if ! command -v curl >/dev/null 2>&1; then
+  echo "setup: installing curl..."
+  apt-get update -qq && apt-get install -y -qq curl >/dev/null
+fi
+
+venv=$cache/venv
+if ! "$venv/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$openai_version')" 2>/dev/null; then
+  echo "setup: installing the openai Python SDK $openai_version into $venv..."
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "openai==$openai_version"
+fi
+
+tests/cluster/cluster.sh build >/dev/null
+echo "setup: done (cache: $cache)"

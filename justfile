@@ -1,0 +1,58 @@
+# llm-proxy: contributor recipes. `just --list` shows them.
+
+# Builds are shared between clones (and with CI) under ~/.cache/llm-proxy.
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", home_directory() / ".cache/llm-proxy/target")
+export KUBECONFIG := justfile_directory() / ".cluster/kubeconfig"
+kubectl := home_directory() / ".cache/llm-proxy/bin/kubectl"
+
+default:
+    @just --list
+
+# Install just, the openai SDK venv and the local control plane (idempotent).
+setup:
+    bash hack/setup.sh
+
+# Build the binaries (debug).
+build:
+    cargo build --locked --bins
+
+# Format check, clippy, CRD drift check (part of the unit tests), and every test.
+test: lint cluster-up
+    cargo test --locked --all-targets
+
+# Unit tests only: no cluster needed.
+unit:
+    cargo test --locked --lib
+
+# Integration and end-to-end tests against the local control plane.
+e2e: cluster-up
+    cargo test --locked --tests --test '*'
+
+# cargo fmt --check and clippy with warnings as errors.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --locked --all-targets -- -D warnings
+
+# Regenerate crds/ from the Rust types.
+crds:
+    cargo run --locked --quiet -- crd > crds/llmproxy.io.yaml
+
+# Start the local control plane (etcd + kube-apiserver + controller-manager) in the background.
+cluster-up:
+    @tests/cluster/cluster.sh up
+
+# Stop the local control plane.
+cluster-down:
+    @tests/cluster/cluster.sh down
+
+# kubectl of the same release as the local control plane, e.g. `just kubectl get projects`.
+kubectl *args:
+    @{{kubectl}} {{args}}
+
+# Run the whole system locally and send one request through the proxy.
+demo: build cluster-up
+    bash hack/demo.sh up
+
+# Stop the demo's processes (the control plane keeps running; `just cluster-down` stops it).
+demo-down:
+    bash hack/demo.sh down

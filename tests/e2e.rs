@@ -1,0 +1,617 @@
+//! The first complete path through the system against the real local API server:
+//! Secret + Project + ProxyToken → minted token Secret → real client → proxy → fake
+//! upstream (issue 3's "done when").
+
+mod support;
+
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use llm_proxy::api::{
+    AllowedNamespaces, NamespacesFrom, Project, ProjectRef, ProxyToken, ProxyTokenSpec, TokenPhase,
+    token_conditions,
+};
+use llm_proxy::token::TokenHash;
+use serde_json::json;
+use support::{Env, TEST_KEY, TEST_LABEL, curl, eventually};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn token_spec(project: &str) -> ProxyTokenSpec {
+    ProxyTokenSpec {
+        project_ref: ProjectRef {
+            name: project.into(),
+        },
+        duration: "720h".into(),
+        max_requests: None,
+        revoked: false,
+        secret_name: None,
+    }
+}
+
+impl Env {
+    async fn create_project(&self, name: &str) -> Project {
+        self.put_key(&format!("{name}-key"), TEST_KEY).await;
+        let project = self.project(name);
+        Api::<Project>::all(self.client.clone())
+            .create(&PostParams::default(), &project)
+            .await
+            .unwrap()
+    }
+
+    async fn create_token(&self, name: &str, spec: ProxyTokenSpec) -> ProxyToken {
+        let mut token = ProxyToken::new(name, spec);
+        token.metadata.labels = Some([(TEST_LABEL.to_string(), self.id.clone())].into());
+        Api::<ProxyToken>::namespaced(self.client.clone(), &self.apps)
+            .create(&PostParams::default(), &token)
+            .await
+            .unwrap()
+    }
+
+    async fn wait_token(&self, name: &str, phase: TokenPhase) -> ProxyToken {
+        let tokens: Api<ProxyToken> = Api::namespaced(self.client.clone(), &self.apps);
+        eventually(WAIT, || async {
+            let token = tokens.get(name).await.ok()?;
+            (token.status.as_ref()?.phase == Some(phase)).then_some(token)
+        })
+        .await
+    }
+
+    /// The token Secret's data as text.
+    async fn token_secret(&self, name: &str) -> std::collections::BTreeMap<String, String> {
+        let secret = Api::<Secret>::namespaced(self.client.clone(), &self.apps)
+            .get(name)
+            .await
+            .unwrap();
+        secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+            .collect()
+    }
+
+    async fn minted(&self, project: &str, token: &str) -> String {
+        self.create_token(token, token_spec(&self.scoped(project)))
+            .await;
+        self.wait_token(token, TokenPhase::Active).await;
+        self.token_secret(token).await["token"].clone()
+    }
+
+    async fn chat(&self, token: &str) -> support::CurlResponse {
+        let auth = format!("Bearer {token}");
+        curl(
+            "POST",
+            &format!("{}/v1/chat/completions", self.proxy_url()),
+            &[("authorization", &auth)],
+            Some(r#"{"model":"fake-model","messages":[]}"#),
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn crds_show_useful_columns_and_reject_invalid_objects() {
+    let env = Env::new("crd").await;
+    env.create_project("p").await;
+    let kubectl = |args: &[&str]| {
+        let output = std::process::Command::new(support::kubectl())
+            .env("KUBECONFIG", support::kubeconfig())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&output.stdout).to_string(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    let (out, err) = kubectl(&["get", "projects", &env.scoped("p")]);
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("{err}"))
+        .split("  ")
+        .filter(|s| !s.is_empty())
+        .map(str::trim)
+        .collect();
+    assert_eq!(header, ["NAME", "DISPLAY NAME", "STATUS", "TOKENS", "AGE"]);
+
+    let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
+    let mut negative = ProxyToken::new("negative", token_spec(&env.scoped("p")));
+    negative.spec.max_requests = Some(-1);
+    let error = tokens
+        .create(&PostParams::default(), &negative)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("spec.maxRequests") && error.contains("greater than or equal to 1"),
+        "{error}"
+    );
+
+    let mut too_long = ProxyToken::new("too-long", token_spec(&env.scoped("p")));
+    too_long.spec.duration = "9000h".into();
+    let error = tokens
+        .create(&PostParams::default(), &too_long)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("at most 8760h"), "{error}");
+
+    let mut revoked = ProxyToken::new("revoked", token_spec(&env.scoped("p")));
+    revoked.spec.revoked = true;
+    tokens
+        .create(&PostParams::default(), &revoked)
+        .await
+        .unwrap();
+    let undo = Patch::Merge(json!({ "spec": { "revoked": false } }));
+    let error = tokens
+        .patch("revoked", &PatchParams::default(), &undo)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("revocation cannot be undone"), "{error}");
+
+    let moved = Patch::Merge(json!({ "spec": { "projectRef": { "name": "elsewhere" } } }));
+    let error = tokens
+        .patch("revoked", &PatchParams::default(), &moved)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("projectRef is immutable"), "{error}");
+
+    let projects: Api<Project> = Api::all(env.client.clone());
+    let mut bad_url = env.project("bad-url");
+    bad_url.spec.upstream.url = "ftp://example.com".into();
+    let error = projects
+        .create(&PostParams::default(), &bad_url)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("upstream.url must be an absolute http:// or https:// URL"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_proxytoken_is_minted_into_its_secret() {
+    let mut env = Env::new("mint").await;
+    env.start_controller();
+    env.create_project("p").await;
+    let started = Instant::now();
+    env.create_token("web", token_spec(&env.scoped("p"))).await;
+    let token = env.wait_token("web", TokenPhase::Active).await;
+    let took = started.elapsed();
+    println!("minted in {took:?}");
+
+    let status = token.status.unwrap();
+    let (issued, expires) = (status.issued_at.unwrap().0, status.expires_at.unwrap().0);
+    assert_eq!(
+        expires.duration_since(issued),
+        jiff::SignedDuration::from_hours(720)
+    );
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == token_conditions::ISSUED && c.status == "True")
+    );
+
+    let data = env.token_secret("web").await;
+    assert_eq!(
+        status.token_hash.as_deref(),
+        Some(TokenHash::of(&data["token"]).to_string().as_str())
+    );
+    assert_eq!(data["OPENAI_API_KEY"], data["token"]);
+    assert_eq!(data["OPENAI_BASE_URL"], format!("{}/v1", env.proxy_url()));
+    assert!(data["token"].starts_with("llmp_"));
+    let secret = Api::<Secret>::namespaced(env.client.clone(), &env.apps)
+        .get("web")
+        .await
+        .unwrap();
+    let owner = &secret.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("ProxyToken", "web", Some(true))
+    );
+}
+
+#[tokio::test]
+async fn the_openai_python_sdk_works_through_the_proxy_streamed_or_not() {
+    let mut env = Env::new("sdk").await;
+    env.start_controller();
+    env.start_proxy().await;
+    env.create_project("p").await;
+    env.minted("p", "app").await;
+    let data = env.token_secret("app").await;
+
+    let output = tokio::process::Command::new(support::sdk_python())
+        .arg(support::repo().join("tests/sdk/chat.py"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("OPENAI_API_KEY", &data["OPENAI_API_KEY"])
+        .env("OPENAI_BASE_URL", &data["OPENAI_BASE_URL"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "SDK script failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["content"], "Hello from the fake upstream.");
+    assert_eq!(result["usage"], 16);
+    assert_eq!(
+        result["pieces"],
+        json!(["chunk0 ", "chunk1 ", "chunk2 ", "chunk3 ", "chunk4 "])
+    );
+    assert_eq!(result["error"]["status"], 401);
+    assert_eq!(result["error"]["code"], "invalid_token");
+
+    let seen = env.upstream.requests();
+    assert_eq!(seen.len(), 2, "the bad token must not reach the upstream");
+    for request in &seen {
+        assert_eq!(
+            request.header("authorization").as_deref(),
+            Some(format!("Bearer {TEST_KEY}").as_str())
+        );
+        assert!(request.headers.iter().all(|(_, v)| {
+            !v.as_bytes()
+                .windows(10)
+                .any(|w| data["token"].as_bytes().starts_with(w))
+        }));
+    }
+    // Streaming is not buffered: the client had the first chunk before the upstream sent the last.
+    let sent = seen[1].chunks_sent_at.lock().unwrap().clone();
+    let last_sent = sent
+        .last()
+        .unwrap()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let first_received = result["first_chunk_at"].as_f64().unwrap();
+    assert!(
+        first_received < last_sent - 0.5,
+        "first chunk at {first_received}, last sent at {last_sent}"
+    );
+}
+
+#[tokio::test]
+async fn refusals_follow_the_error_table() {
+    let mut env = Env::new("errors").await;
+    env.start_controller();
+    env.start_proxy().await;
+    env.create_project("p").await;
+    let good = env.minted("p", "good").await;
+    let url = |path: &str| format!("{}{path}", env.proxy_url());
+    let bearer = |t: &str| format!("Bearer {t}");
+
+    let missing = curl("GET", &url("/v1/models"), &[], None).await;
+    assert_eq!(
+        (missing.status, missing.error_code().as_str()),
+        (401, "invalid_token")
+    );
+    assert_eq!(missing.json()["error"]["type"], "authentication_error");
+    let wrong_scheme = curl(
+        "GET",
+        &url("/v1/models"),
+        &[("authorization", &format!("Basic {good}"))],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (wrong_scheme.status, wrong_scheme.error_code().as_str()),
+        (401, "invalid_token")
+    );
+    let mut typo = good.clone();
+    typo.replace_range(10..11, if &good[10..11] == "a" { "b" } else { "a" });
+    let bad_checksum = curl(
+        "GET",
+        &url("/v1/models"),
+        &[("authorization", &bearer(&typo))],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (bad_checksum.status, bad_checksum.error_code().as_str()),
+        (401, "invalid_token")
+    );
+    let unknown = llm_proxy::token::Token::mint().unwrap();
+    let not_found = curl(
+        "GET",
+        &url("/v1/models"),
+        &[("authorization", &bearer(unknown.expose()))],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (not_found.status, not_found.error_code().as_str()),
+        (401, "token_not_found")
+    );
+
+    let no_path = curl(
+        "GET",
+        &url("/v1/secrets"),
+        &[("authorization", &bearer(&good))],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (no_path.status, no_path.error_code().as_str()),
+        (404, "endpoint_not_found")
+    );
+    let no_method = curl(
+        "PUT",
+        &url("/v1/chat/completions"),
+        &[("authorization", &bearer(&good))],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (no_method.status, no_method.error_code().as_str()),
+        (405, "method_not_allowed")
+    );
+
+    let ok = env.chat(&good).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+
+    // Revoked.
+    let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
+    let revoked = env.minted("p", "revoked").await;
+    tokens
+        .patch(
+            "revoked",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "revoked": true } })),
+        )
+        .await
+        .unwrap();
+    eventually(WAIT, || async {
+        (env.chat(&revoked).await.error_code() == "token_revoked").then_some(())
+    })
+    .await;
+    assert_eq!(env.chat(&revoked).await.status, 401);
+    env.wait_token("revoked", TokenPhase::Revoked).await;
+
+    // Expired.
+    let mut short = token_spec(&env.scoped("p"));
+    short.duration = "2s".into();
+    env.create_token("short", short).await;
+    env.wait_token("short", TokenPhase::Active).await;
+    let short_token = env.token_secret("short").await["token"].clone();
+    eventually(WAIT, || async {
+        (env.chat(&short_token).await.error_code() == "token_expired").then_some(())
+    })
+    .await;
+    env.wait_token("short", TokenPhase::Expired).await;
+
+    // Project inactive: refused, not revoked.
+    let projects: Api<Project> = Api::all(env.client.clone());
+    projects
+        .patch(
+            &env.scoped("p"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "active": false } })),
+        )
+        .await
+        .unwrap();
+    let inactive = eventually(WAIT, || async {
+        let r = env.chat(&good).await;
+        (r.error_code() == "project_inactive").then_some(r)
+    })
+    .await;
+    assert_eq!(inactive.status, 403);
+    assert_eq!(inactive.json()["error"]["type"], "permission_error");
+
+    // Upstream unreachable.
+    let closed_port = support::free_port();
+    projects
+        .patch(
+            &env.scoped("p"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": {
+        "active": true, "upstream": { "url": format!("http://127.0.0.1:{closed_port}") }
+    } })),
+        )
+        .await
+        .unwrap();
+    let unreachable = eventually(WAIT, || async {
+        let r = env.chat(&good).await;
+        (r.status == 502).then_some(r)
+    })
+    .await;
+    assert_eq!(unreachable.error_code(), "upstream_error");
+
+    // No error body ever carries the token or the key.
+    for body in [
+        &missing.body,
+        &bad_checksum.body,
+        &not_found.body,
+        &inactive.body,
+        &unreachable.body,
+    ] {
+        assert!(
+            !body.contains(&good[..12]) && !body.contains(&TEST_KEY[..12]),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn slow_upstreams_time_out_with_504() {
+    let mut env = Env::new("timeout").await;
+    env.start_controller();
+    env.create_project("p").await;
+    let token = env.minted("p", "t").await;
+    // A proxy with a 1 s response timeout.
+    let selector = format!("{TEST_LABEL}={}", env.id);
+    let port = support::free_port();
+    let admin = support::free_port();
+    let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy"))
+        .args([
+            "proxy",
+            "--namespace",
+            &env.ops,
+            "--label-selector",
+            &selector,
+            "--upstream-timeout-seconds",
+            "1",
+        ])
+        .args([
+            "--listen-addr",
+            &format!("127.0.0.1:{port}"),
+            "--admin-addr",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .env("KUBECONFIG", support::kubeconfig())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{admin}/readyz");
+    eventually(WAIT, || async {
+        (support::http_get_status(&ready).await? == 200).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    let slow = curl(
+        "GET",
+        &format!("http://127.0.0.1:{port}/v1/models"),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("x-fake-delay-ms", "5000"),
+        ],
+        None,
+    )
+    .await;
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert_eq!(
+        (slow.status, slow.error_code().as_str()),
+        (504, "upstream_timeout")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_proxy_that_has_not_synced_answers_503() {
+    // A kubeconfig pointing at nothing: the proxy can never finish its first sync.
+    let dir = std::env::temp_dir().join(format!("llmproxy-unsynced-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    let dead = support::free_port();
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: 'http://127.0.0.1:{dead}'}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    let (port, admin) = (support::free_port(), support::free_port());
+    let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy"))
+        .args([
+            "proxy",
+            "--namespace",
+            "nowhere",
+            "--listen-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = llm_proxy::token::Token::mint().unwrap();
+    let response = eventually(WAIT, || async {
+        let r = curl(
+            "GET",
+            &format!("http://127.0.0.1:{port}/v1/models"),
+            &[("authorization", &format!("Bearer {}", token.expose()))],
+            None,
+        )
+        .await;
+        (r.status != 0).then_some(r)
+    })
+    .await;
+    let readiness = support::http_get_status(&format!("http://127.0.0.1:{admin}/readyz")).await;
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert_eq!(
+        (response.status, response.error_code().as_str()),
+        (503, "proxy_not_ready")
+    );
+    assert_eq!(readiness, Some(503));
+}
+
+#[tokio::test]
+async fn deleting_a_proxytoken_deletes_its_secret_and_the_proxy_forgets_it() {
+    let mut env = Env::new("delete").await;
+    env.start_controller();
+    env.start_proxy().await;
+    env.create_project("p").await;
+    let token = env.minted("p", "gone").await;
+    assert_eq!(env.chat(&token).await.status, 200);
+
+    let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
+    tokens
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(WAIT, || async {
+        (env.chat(&token).await.error_code() == "token_not_found").then_some(())
+    })
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.apps);
+    eventually(Duration::from_secs(30), || async {
+        secrets
+            .get_opt("gone")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_namespace_without_a_grant_is_rejected_and_nothing_is_minted() {
+    let mut env = Env::new("grant").await;
+    env.start_controller();
+    env.put_key("p-key", TEST_KEY).await;
+    let mut project = env.project("p");
+    project.spec.allowed_namespaces = Some(AllowedNamespaces {
+        from: NamespacesFrom::Selector,
+        selector: Some(serde_json::from_value(json!({ "matchLabels": { "team": "ml" } })).unwrap()),
+    });
+    Api::<Project>::all(env.client.clone())
+        .create(&PostParams::default(), &project)
+        .await
+        .unwrap();
+    env.create_token("nope", token_spec(&env.scoped("p"))).await;
+    let token = env.wait_token("nope", TokenPhase::Rejected).await;
+    let issued = token
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == token_conditions::ISSUED)
+        .unwrap();
+    assert_eq!(
+        (issued.status.as_str(), issued.reason.as_str()),
+        ("False", "NamespaceNotAllowed")
+    );
+    assert!(
+        issued.message.contains(&env.apps) && issued.message.contains("spec.allowedNamespaces"),
+        "{}",
+        issued.message
+    );
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.apps);
+    assert!(secrets.get_opt("nope").await.unwrap().is_none());
+}

@@ -1,0 +1,479 @@
+//! Shared by the integration tests: the real local API server, one namespace pair per
+//! test, the operator's real processes, and polling helpers.
+//!
+//! The control plane is the one `tests/cluster/cluster.sh up` started (or
+//! `LLMPROXY_KUBECONFIG`); when none runs, one is started for this test binary and
+//! stops with it (`--exit-with-parent`).
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use llm_proxy::api::{
+    AllowedNamespaces, NamespacesFrom, Project, ProjectSpec, SecretKeyRef, Upstream,
+};
+use llm_proxy::fake_upstream::FakeUpstream;
+
+/// Label that ties a test's Projects and ProxyTokens to its own controller and proxy.
+pub const TEST_LABEL: &str = "llmproxy.io/test";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Cluster {
+    kubeconfig: PathBuf,
+    _private: Option<Child>,
+}
+
+static CLUSTER: OnceLock<Mutex<Cluster>> = OnceLock::new();
+
+/// The kubeconfig of the local control plane, starting one if none runs.
+pub fn kubeconfig() -> PathBuf {
+    let cluster = CLUSTER.get_or_init(|| Mutex::new(find_or_start_cluster()));
+    cluster.lock().unwrap().kubeconfig.clone()
+}
+
+fn find_or_start_cluster() -> Cluster {
+    if let Ok(path) = std::env::var("LLMPROXY_KUBECONFIG") {
+        return Cluster {
+            kubeconfig: path.into(),
+            _private: None,
+        };
+    }
+    let script = repo().join("tests/cluster/cluster.sh");
+    let shared = repo().join(".cluster/kubeconfig");
+    if shared.exists()
+        && Command::new(&script)
+            .arg("status")
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        return Cluster {
+            kubeconfig: shared,
+            _private: None,
+        };
+    }
+    let built = Command::new(&script)
+        .arg("build")
+        .output()
+        .expect("running tests/cluster/cluster.sh build");
+    assert!(
+        built.status.success(),
+        "building the control plane failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let binary = String::from_utf8(built.stdout).unwrap().trim().to_string();
+    let dir = std::env::temp_dir().join(format!("llmproxy-cluster-{}", std::process::id()));
+    let mut child = Command::new(binary)
+        .args(["up", "--exit-with-parent", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
+        .spawn()
+        .expect("starting the control plane");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        !line.trim().is_empty(),
+        "control plane did not start; see {}",
+        dir.with_extension("log").display()
+    );
+    Cluster {
+        kubeconfig: line.trim().into(),
+        _private: Some(child),
+    }
+}
+
+/// The kubectl built with the control plane (same Kubernetes release).
+pub fn kubectl() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let built = Command::new(repo().join("tests/cluster/cluster.sh"))
+            .arg("build")
+            .output()
+            .expect("cluster.sh build");
+        PathBuf::from(String::from_utf8(built.stdout).unwrap().trim()).with_file_name("kubectl")
+    })
+    .clone()
+}
+
+/// A client for the local control plane, as cluster admin.
+pub async fn client() -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig()).expect("reading the kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig is valid");
+    Client::try_from(config).expect("building the client")
+}
+
+/// Applies `crds/llmproxy.io.yaml` and waits until both CRDs are established.
+pub async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let text = std::fs::read_to_string(repo().join("crds/llmproxy.io.yaml")).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc).unwrap();
+        let name = crd.metadata.name.clone().unwrap();
+        crds.patch(
+            &name,
+            &PatchParams::apply("llm-proxy-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+        eventually(Duration::from_secs(20), || async {
+            let crd = crds.get(&name).await.ok()?;
+            let established = crd
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(())
+        })
+        .await;
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free loopback port (bound, then released for a child process to take).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn short_id() -> String {
+    let mut bytes = [0u8; 3];
+    getrandom::fill(&mut bytes).unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The API key every test project starts with: recognisable, so leak checks can find it.
+pub const TEST_KEY: &str = "sk-test-LEAKCHECK0123456789abcdefAb12";
+
+/// One test's world: its namespaces, fake upstream, controller and proxy processes.
+pub struct Env {
+    pub client: Client,
+    /// Unique per test; also the value of [`TEST_LABEL`].
+    pub id: String,
+    /// The operator's namespace (key Secrets, Lease).
+    pub ops: String,
+    /// A namespace for workloads' ProxyTokens.
+    pub apps: String,
+    pub upstream: FakeUpstream,
+    pub proxy_port: u16,
+    pub proxy_admin_port: u16,
+    children: Vec<(String, Child)>,
+    log_dir: PathBuf,
+}
+
+impl Env {
+    /// Creates the namespaces and the fake upstream; starts nothing else.
+    pub async fn new(name: &str) -> Self {
+        let client = client().await;
+        install_crds(&client).await;
+        let id = format!("{name}-{}", short_id());
+        let ops = format!("{id}-ops");
+        let apps = format!("{id}-apps");
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        for ns in [&ops, &apps] {
+            let object: Namespace = serde_json::from_value(serde_json::json!({
+                "metadata": { "name": ns, "labels": { TEST_LABEL: &id } }
+            }))
+            .unwrap();
+            namespaces
+                .create(&PostParams::default(), &object)
+                .await
+                .unwrap();
+        }
+        let log_dir = repo().join("target/test-logs");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        Self {
+            client,
+            upstream: FakeUpstream::start().await.unwrap(),
+            proxy_port: free_port(),
+            proxy_admin_port: free_port(),
+            id,
+            ops,
+            apps,
+            children: Vec::new(),
+            log_dir,
+        }
+    }
+
+    /// `http://127.0.0.1:<proxy port>`.
+    pub fn proxy_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.proxy_port)
+    }
+
+    fn spawn(&mut self, role: &str, args: &[&str]) {
+        let log = self.log_path(role);
+        let child = Command::new(env!("CARGO_BIN_EXE_llm-proxy"))
+            .args(args)
+            .env("KUBECONFIG", kubeconfig())
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {role}: {e}"));
+        self.children.push((role.to_string(), child));
+    }
+
+    /// Where the process `role` writes its log.
+    pub fn log_path(&self, role: &str) -> PathBuf {
+        self.log_dir.join(format!("{}-{role}.log", self.id))
+    }
+
+    /// Starts the controller for this test's objects.
+    pub fn start_controller(&mut self) {
+        let selector = format!("{TEST_LABEL}={}", self.id);
+        let admin = format!("127.0.0.1:{}", free_port());
+        let (ops, proxy_url, lease) = (
+            self.ops.clone(),
+            self.proxy_url(),
+            format!("llm-proxy-{}", self.id),
+        );
+        self.spawn(
+            "controller",
+            &[
+                "controller",
+                "--namespace",
+                &ops,
+                "--label-selector",
+                &selector,
+                "--proxy-url",
+                &proxy_url,
+                "--lease-name",
+                &lease,
+                "--admin-addr",
+                &admin,
+            ],
+        );
+    }
+
+    /// Starts a proxy for this test's objects and waits until it is ready.
+    pub async fn start_proxy(&mut self) {
+        let selector = format!("{TEST_LABEL}={}", self.id);
+        let listen = format!("127.0.0.1:{}", self.proxy_port);
+        let admin = format!("127.0.0.1:{}", self.proxy_admin_port);
+        let ops = self.ops.clone();
+        self.spawn(
+            "proxy",
+            &[
+                "proxy",
+                "--namespace",
+                &ops,
+                "--label-selector",
+                &selector,
+                "--listen-addr",
+                &listen,
+                "--admin-addr",
+                &admin,
+            ],
+        );
+        let ready = format!("http://127.0.0.1:{}/readyz", self.proxy_admin_port);
+        eventually(Duration::from_secs(20), || async {
+            let status = http_get_status(&ready).await?;
+            (status == 200).then_some(())
+        })
+        .await;
+    }
+
+    /// A Project for this test: key Secret in the operator namespace, fake upstream,
+    /// open to every namespace.
+    pub fn project(&self, name: &str) -> Project {
+        let mut project = Project::new(
+            &self.scoped(name),
+            ProjectSpec {
+                display_name: Some(format!("Test {name}")),
+                active: true,
+                api_key_secret_ref: SecretKeyRef {
+                    name: format!("{name}-key"),
+                    key: "apiKey".into(),
+                },
+                upstream: Upstream {
+                    url: self.upstream.url.clone(),
+                },
+                allowed_namespaces: Some(AllowedNamespaces {
+                    from: NamespacesFrom::All,
+                    selector: None,
+                }),
+                tokens_not_before: None,
+            },
+        );
+        project.metadata.labels = Some([(TEST_LABEL.to_string(), self.id.clone())].into());
+        project
+    }
+
+    /// Cluster-scoped names carry the test id so parallel tests never collide.
+    pub fn scoped(&self, name: &str) -> String {
+        format!("{}-{name}", self.id)
+    }
+
+    /// Creates (or replaces the data of) the key Secret `name` in the operator namespace.
+    pub async fn put_key(&self, name: &str, key: &str) {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ops);
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": { "name": name, "namespace": self.ops },
+            "stringData": { "apiKey": key }
+        }))
+        .unwrap();
+        secrets
+            .patch(
+                name,
+                &PatchParams::apply("llm-proxy-tests").force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Every line the operator's processes have logged so far.
+    pub fn logs(&self) -> String {
+        self.children
+            .iter()
+            .map(|(role, _)| std::fs::read_to_string(self.log_path(role)).unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Status of a plain GET, or `None` when nothing answers.
+pub async fn http_get_status(url: &str) -> Option<u16> {
+    let output = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "2",
+            url,
+        ])
+        .output()
+        .await
+        .ok()?;
+    String::from_utf8(output.stdout)
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|s| *s != 0)
+}
+
+/// A response as curl saw it.
+pub struct CurlResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+impl CurlResponse {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// `error.code` of an OpenAI-style error body.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// Sends a request with curl (a real client over a real socket).
+pub async fn curl(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> CurlResponse {
+    let mut command = tokio::process::Command::new("curl");
+    command.args([
+        "-s",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+        "--max-time",
+        "10",
+        url,
+    ]);
+    for (name, value) in headers {
+        command.arg("-H").arg(format!("{name}: {value}"));
+    }
+    if let Some(body) = body {
+        command.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let output = command.output().await.expect("running curl");
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    CurlResponse {
+        status: status.trim().parse().unwrap_or(0),
+        body: body.to_string(),
+    }
+}
+
+/// The Python with the official `openai` SDK, from `just setup` (or `LLMPROXY_PYTHON`).
+pub fn sdk_python() -> PathBuf {
+    if let Ok(path) = std::env::var("LLMPROXY_PYTHON") {
+        return path.into();
+    }
+    let cache = std::env::var("LLMPROXY_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap()).join(".cache/llm-proxy"));
+    let python = cache.join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `just setup` (or tests/setup.sh) to install the openai SDK",
+        python.display()
+    );
+    python
+}
