@@ -33,9 +33,10 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --locked --all-targets -- -D warnings
 
-# Regenerate crds/ from the Rust types.
+# Regenerate crds/ and the chart's copy from the Rust types.
 crds:
     cargo run --locked --quiet -- crd > crds/llmproxy.io.yaml
+    cp crds/llmproxy.io.yaml charts/llm-proxy/files/crds.yaml
 
 # Start the local control plane (etcd + kube-apiserver + controller-manager) in the background.
 cluster-up:

@@ -53,9 +53,11 @@ $kubectl apply -f examples/quickstart/20-proxytoken.yaml >/dev/null
 
 echo "==> starting the fake upstream, the controller and the proxy (logs in $state/)"
 start upstream "$target/fake-upstream" 127.0.0.1:18080
-start controller "$target/llm-proxy" controller --namespace llm-proxy \
+# Integration tests run their own controller and proxy for objects labelled
+# llmproxy.io/test; the demo's processes leave those alone.
+start controller "$target/llm-proxy" controller --namespace llm-proxy --label-selector '!llmproxy.io/test' \
   --proxy-url "http://127.0.0.1:$proxy_port" --admin-addr 127.0.0.1:19090
-start proxy "$target/llm-proxy" proxy --namespace llm-proxy \
+start proxy "$target/llm-proxy" proxy --namespace llm-proxy --label-selector '!llmproxy.io/test' \
   --listen-addr "127.0.0.1:$proxy_port" --admin-addr 127.0.0.1:19091
 
 for _ in $(seq 1 100); do

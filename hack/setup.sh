@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need on a fresh machine, idempotently:
-# just (from crates.io), the official openai Python SDK in a venv, and the local
-# control plane (built from Go modules). Everything lands under $LLMPROXY_CACHE
+# just (from crates.io), the official openai Python SDK in a venv, helm and the local
+# control plane (both built from Go modules). Everything lands under $LLMPROXY_CACHE
 # (default ~/.cache/llm-proxy) or ~/.cargo/bin, outside the clone, so reruns are fast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,14 @@ if ! "$venv/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '
   echo "setup: installing the openai Python SDK $openai_version into $venv..."
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "openai==$openai_version"
+fi
+
+helm_version=v3.22.0
+if ! "$cache/bin/helm" version --template '{{.Version}}' 2>/dev/null | grep -qx "$helm_version"; then
+  echo "setup: building helm $helm_version from Go modules..."
+  GOBIN=$cache/bin GOFLAGS=-buildvcs=false go install \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version" \
+    "helm.sh/helm/v3/cmd/helm@$helm_version"
 fi
 
 tests/cluster/cluster.sh build >/dev/null

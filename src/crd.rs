@@ -15,10 +15,20 @@ pub fn all_yaml() -> String {
 mod tests {
     #[test]
     fn committed_crds_match_the_code() {
-        let committed = include_str!("../crds/llmproxy.io.yaml");
-        assert!(
-            committed == super::all_yaml(),
-            "crds/llmproxy.io.yaml is stale: run `cargo run -- crd > crds/llmproxy.io.yaml`"
-        );
+        for (path, committed) in [
+            (
+                "crds/llmproxy.io.yaml",
+                include_str!("../crds/llmproxy.io.yaml"),
+            ),
+            (
+                "charts/llm-proxy/files/crds.yaml",
+                include_str!("../charts/llm-proxy/files/crds.yaml"),
+            ),
+        ] {
+            assert!(
+                committed == super::all_yaml(),
+                "{path} is stale: run `just crds`"
+            );
+        }
     }
 }

@@ -10,87 +10,11 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use llm_proxy::api::{
-    AllowedNamespaces, NamespacesFrom, Project, ProjectRef, ProxyToken, ProxyTokenSpec, TokenPhase,
-    token_conditions,
+    AllowedNamespaces, NamespacesFrom, Project, ProxyToken, TokenPhase, token_conditions,
 };
 use llm_proxy::token::TokenHash;
 use serde_json::json;
-use support::{Env, TEST_KEY, TEST_LABEL, curl, eventually};
-
-const WAIT: Duration = Duration::from_secs(10);
-
-fn token_spec(project: &str) -> ProxyTokenSpec {
-    ProxyTokenSpec {
-        project_ref: ProjectRef {
-            name: project.into(),
-        },
-        duration: "720h".into(),
-        max_requests: None,
-        revoked: false,
-        secret_name: None,
-    }
-}
-
-impl Env {
-    async fn create_project(&self, name: &str) -> Project {
-        self.put_key(&format!("{name}-key"), TEST_KEY).await;
-        let project = self.project(name);
-        Api::<Project>::all(self.client.clone())
-            .create(&PostParams::default(), &project)
-            .await
-            .unwrap()
-    }
-
-    async fn create_token(&self, name: &str, spec: ProxyTokenSpec) -> ProxyToken {
-        let mut token = ProxyToken::new(name, spec);
-        token.metadata.labels = Some([(TEST_LABEL.to_string(), self.id.clone())].into());
-        Api::<ProxyToken>::namespaced(self.client.clone(), &self.apps)
-            .create(&PostParams::default(), &token)
-            .await
-            .unwrap()
-    }
-
-    async fn wait_token(&self, name: &str, phase: TokenPhase) -> ProxyToken {
-        let tokens: Api<ProxyToken> = Api::namespaced(self.client.clone(), &self.apps);
-        eventually(WAIT, || async {
-            let token = tokens.get(name).await.ok()?;
-            (token.status.as_ref()?.phase == Some(phase)).then_some(token)
-        })
-        .await
-    }
-
-    /// The token Secret's data as text.
-    async fn token_secret(&self, name: &str) -> std::collections::BTreeMap<String, String> {
-        let secret = Api::<Secret>::namespaced(self.client.clone(), &self.apps)
-            .get(name)
-            .await
-            .unwrap();
-        secret
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-            .collect()
-    }
-
-    async fn minted(&self, project: &str, token: &str) -> String {
-        self.create_token(token, token_spec(&self.scoped(project)))
-            .await;
-        self.wait_token(token, TokenPhase::Active).await;
-        self.token_secret(token).await["token"].clone()
-    }
-
-    async fn chat(&self, token: &str) -> support::CurlResponse {
-        let auth = format!("Bearer {token}");
-        curl(
-            "POST",
-            &format!("{}/v1/chat/completions", self.proxy_url()),
-            &[("authorization", &auth)],
-            Some(r#"{"model":"fake-model","messages":[]}"#),
-        )
-        .await
-    }
-}
+use support::{Env, TEST_KEY, TEST_LABEL, WAIT, curl, eventually, token_spec};
 
 #[tokio::test]
 async fn crds_show_useful_columns_and_reject_invalid_objects() {

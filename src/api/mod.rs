@@ -21,5 +21,12 @@ pub const CONTROLLER_MANAGER: &str = "llm-proxy-controller";
 /// Label on every object the controller creates.
 pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "llm-proxy");
 
+/// `t` cut to whole microseconds: the precision every time in our status has, so a
+/// value written and read back compares equal.
+pub fn micros(t: jiff::Timestamp) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime {
+    let truncated = jiff::Timestamp::from_microsecond(t.as_microsecond()).unwrap_or(t);
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(truncated)
+}
+
 /// Label the controller keeps in step with `status.phase`, for clients that filter by label.
 pub const PHASE_LABEL: &str = "llmproxy.io/phase";

@@ -2,7 +2,7 @@
 // Repeated `printcolumn`/`selectable` keys are how kube-derive lists columns, not mistakes.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -176,7 +176,7 @@ pub struct ProjectStatus {
     pub recent_tokens: Vec<TokenSummary>,
     /// The `spec.tokensNotBefore` the controller has acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tokens_not_before: Option<Time>,
+    pub tokens_not_before: Option<MicroTime>,
     /// `Ready`, `APIKeyValid`, `DeletionBlocked`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -226,7 +226,7 @@ pub struct TokenSummary {
     pub phase: Option<String>,
     /// When it was issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub issued_at: Option<Time>,
+    pub issued_at: Option<MicroTime>,
 }
 
 /// Condition types of a Project.

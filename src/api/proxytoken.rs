@@ -2,7 +2,7 @@
 // Repeated `printcolumn`/`selectable` keys are how kube-derive lists columns, not mistakes.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -115,18 +115,19 @@ pub struct ProxyTokenStatus {
     /// The Secret that holds the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
-    /// When the token was minted.
+    /// When the token was minted, to the microsecond: bulk revocation compares it with
+    /// `tokensNotBefore`, and a second's rounding would revoke tokens minted just after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub issued_at: Option<Time>,
+    pub issued_at: Option<MicroTime>,
     /// `issuedAt + duration`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<Time>,
+    pub expires_at: Option<MicroTime>,
     /// Requests forwarded with this token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_count: Option<i64>,
     /// Last time a request was forwarded with this token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_used_at: Option<Time>,
+    pub last_used_at: Option<MicroTime>,
     /// `Issued`, `Ready`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -58,7 +58,7 @@ impl Context {
             reason: event.reason,
             note: Some(event.note),
             action: event.action.into(),
-            secondary: None,
+            secondary: event.related,
         };
         if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
             tracing::warn!(%error, %reason, "could not publish event");
@@ -67,7 +67,7 @@ impl Context {
 }
 
 /// One entry of the audit trail, recorded as a Kubernetes Event on the object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Audit {
     /// `Warning` rather than `Normal`.
     pub warning: bool,
@@ -77,6 +77,8 @@ pub struct Audit {
     pub action: &'static str,
     /// What a human reads; never a secret.
     pub note: String,
+    /// A second object involved (the ProxyToken, on a Project's token Events).
+    pub related: Option<ObjectReference>,
 }
 
 impl Audit {
@@ -87,6 +89,7 @@ impl Audit {
             reason: reason.into(),
             action,
             note: note.into(),
+            related: None,
         }
     }
 
@@ -97,6 +100,7 @@ impl Audit {
             reason: reason.into(),
             action,
             note: note.into(),
+            related: None,
         }
     }
 }

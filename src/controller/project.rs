@@ -151,7 +151,11 @@ pub fn decide(o: &Observed) -> Decision {
         api_key_fingerprint: o.key.as_ref().ok().map(ApiKey::fingerprint),
         tokens: Some(counts),
         recent_tokens,
-        tokens_not_before: p.spec.tokens_not_before.clone(),
+        tokens_not_before: p
+            .spec
+            .tokens_not_before
+            .as_ref()
+            .map(|t| crate::api::micros(t.0)),
         conditions: conditions.finish(),
         observed_generation: p.metadata.generation,
     };

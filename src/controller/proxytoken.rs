@@ -119,7 +119,8 @@ pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Times
     }
     if let (Some(project), Some(issued)) = (project, issued_at)
         && let Some(not_before) = &project.spec.tokens_not_before
-        && issued < not_before.0
+        // Both sides at the microsecond precision the status stores, like the proxy.
+        && issued.as_microsecond() < not_before.0.as_microsecond()
     {
         return Verdict::new(
             TokenPhase::Revoked,
@@ -207,7 +208,7 @@ pub fn status_for(token: &ProxyToken, verdict: &Verdict, now: Time) -> ProxyToke
     );
     ProxyTokenStatus {
         phase: Some(verdict.phase),
-        expires_at: expires_at(token).map(Time),
+        expires_at: expires_at(token).map(crate::api::micros),
         conditions: conditions.finish(),
         observed_generation: token.metadata.generation,
         // The proxy owns the usage fields; they are not part of the controller's apply.
@@ -283,7 +284,7 @@ pub async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Result<Acti
                     let status = current.status.get_or_insert_with(Default::default);
                     status.token_hash = Some(hash.to_string());
                     status.secret_name = Some(secret_name);
-                    status.issued_at = Some(Time(issued_at));
+                    status.issued_at = Some(crate::api::micros(issued_at));
                     true
                 }
             },
@@ -472,6 +473,8 @@ async fn write(
             let mut on_project = event.clone();
             on_project.reason = format!("Token{}", event.reason);
             on_project.note = format!("{namespace}/{name}: {}", event.note);
+            // Naming the token as the related object keeps each token's Events apart.
+            on_project.related = Some(token.object_ref(&()));
             ctx.publish(project, on_project).await;
         }
         ctx.publish(token, event).await;

@@ -50,7 +50,7 @@ pub enum Kind {
 #[derive(Clone)]
 struct ProjectEntry {
     active: bool,
-    tokens_not_before_ms: Option<i64>,
+    tokens_not_before_us: Option<i64>,
     upstream: Arc<str>,
     secret_name: String,
     secret_key: String,
@@ -109,7 +109,7 @@ impl Index {
                 let route = ProjectRoute {
                     name: name.clone(),
                     active: p.active,
-                    tokens_not_before_ms: p.tokens_not_before_ms,
+                    tokens_not_before_us: p.tokens_not_before_us,
                     upstream: p.upstream.clone(),
                     key: self
                         .resolve_key(&p.secret_name, &p.secret_key)
@@ -152,11 +152,11 @@ impl Index {
     fn upsert_project(&mut self, p: &Project) {
         let entry = ProjectEntry {
             active: p.spec.active && p.metadata.deletion_timestamp.is_none(),
-            tokens_not_before_ms: p
+            tokens_not_before_us: p
                 .spec
                 .tokens_not_before
                 .as_ref()
-                .map(|t| t.0.as_millisecond()),
+                .map(|t| t.0.as_microsecond()),
             upstream: Arc::from(p.spec.upstream.url.trim_end_matches('/')),
             secret_name: p.spec.api_key_secret_ref.name.clone(),
             secret_key: p.spec.api_key_secret_ref.key.clone(),
@@ -243,17 +243,17 @@ fn token_key(t: &ProxyToken) -> (String, String) {
 fn token_route(t: &ProxyToken) -> Option<(TokenHash, TokenRoute)> {
     let status = t.status.as_ref()?;
     let hash = TokenHash::parse(status.token_hash.as_deref()?)?;
-    let issued_at_ms = status.issued_at.as_ref()?.0.as_millisecond();
+    let issued_at_us = status.issued_at.as_ref()?.0.as_microsecond();
     // Expiry follows from the spec, so the proxy refuses on time even before the
     // controller has written `expiresAt`.
-    let lifetime_ms = parse_go_duration(&t.spec.duration).ok()?.as_millis();
-    let expires_at_ms = issued_at_ms.saturating_add(i64::try_from(lifetime_ms).unwrap_or(i64::MAX));
+    let lifetime_us = parse_go_duration(&t.spec.duration).ok()?.as_micros();
+    let expires_at_us = issued_at_us.saturating_add(i64::try_from(lifetime_us).unwrap_or(i64::MAX));
     let route = TokenRoute {
         namespace: t.namespace().unwrap_or_default(),
         name: t.name_any(),
         project: Arc::from(t.spec.project_ref.name.as_str()),
-        issued_at_ms,
-        expires_at_ms,
+        issued_at_us,
+        expires_at_us,
         revoked: t.spec.revoked || status.phase == Some(TokenPhase::Revoked),
         max_requests: t.spec.max_requests.map(|m| m.max(0) as u64),
         request_count: status.request_count.unwrap_or(0).max(0) as u64,

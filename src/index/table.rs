@@ -19,10 +19,10 @@ pub struct TokenRoute {
     pub name: String,
     /// Name of its Project.
     pub project: Arc<str>,
-    /// When it was issued, in Unix milliseconds.
-    pub issued_at_ms: i64,
-    /// When it expires, in Unix milliseconds.
-    pub expires_at_ms: i64,
+    /// When it was issued, in Unix microseconds.
+    pub issued_at_us: i64,
+    /// When it expires, in Unix microseconds.
+    pub expires_at_us: i64,
     /// `spec.revoked`, or the controller already marked it `Revoked`.
     pub revoked: bool,
     /// Lifetime cap on forwarded requests.
@@ -38,8 +38,8 @@ pub struct ProjectRoute {
     pub name: Arc<str>,
     /// Active and not being deleted.
     pub active: bool,
-    /// Tokens issued before this (Unix milliseconds) are revoked.
-    pub tokens_not_before_ms: Option<i64>,
+    /// Tokens issued before this (Unix microseconds) are revoked.
+    pub tokens_not_before_us: Option<i64>,
     /// Upstream base URL, without a trailing slash.
     pub upstream: Arc<str>,
     /// The upstream key, or why there is none.
@@ -106,17 +106,17 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Decides whether a request with the token of hash `hash` may go upstream at `now_ms`.
-    pub fn authorize(&self, hash: &TokenHash, now_ms: i64) -> Result<Route, Denial> {
+    /// Decides whether a request with the token of hash `hash` may go upstream at `now_us`.
+    pub fn authorize(&self, hash: &TokenHash, now_us: i64) -> Result<Route, Denial> {
         let token = self.tokens.get(hash).ok_or(Denial::TokenNotFound)?;
         let project = self.projects.get(&token.project);
         let bulk_revoked = project
-            .and_then(|p| p.tokens_not_before_ms)
-            .is_some_and(|not_before| token.issued_at_ms < not_before);
+            .and_then(|p| p.tokens_not_before_us)
+            .is_some_and(|not_before| token.issued_at_us < not_before);
         if token.revoked || bulk_revoked {
             return Err(Denial::TokenRevoked);
         }
-        if now_ms >= token.expires_at_ms {
+        if now_us >= token.expires_at_us {
             return Err(Denial::TokenExpired);
         }
         let project = project.ok_or(Denial::ProjectInactive)?;

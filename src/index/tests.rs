@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::ObjectMeta;
 
 use super::*;
@@ -13,8 +13,8 @@ use crate::api::{
 use crate::token::Token;
 
 const KEY: &str = "sk-test-0123456789abcdefghijAb12";
-const HOUR_MS: i64 = 3_600_000;
-const ISSUED_MS: i64 = 1_700_000_000_000;
+const HOUR_US: i64 = 3_600_000_000;
+const ISSUED_US: i64 = 1_700_000_000_000_000;
 
 fn project(name: &str, active: bool) -> Project {
     let mut p = Project::new(
@@ -52,8 +52,12 @@ fn secret(name: &str, value: &str) -> Secret {
     }
 }
 
-fn at(ms: i64) -> Time {
-    Time(jiff::Timestamp::from_millisecond(ms).unwrap())
+fn at(us: i64) -> Time {
+    Time(jiff::Timestamp::from_microsecond(us).unwrap())
+}
+
+fn micro(us: i64) -> MicroTime {
+    MicroTime(jiff::Timestamp::from_microsecond(us).unwrap())
 }
 
 fn token(name: &str, project: &str, minted: &Token) -> ProxyToken {
@@ -73,7 +77,7 @@ fn token(name: &str, project: &str, minted: &Token) -> ProxyToken {
     t.status = Some(ProxyTokenStatus {
         phase: Some(TokenPhase::Active),
         token_hash: Some(minted.hash().to_string()),
-        issued_at: Some(at(ISSUED_MS)),
+        issued_at: Some(micro(ISSUED_US)),
         ..Default::default()
     });
     t
@@ -115,7 +119,7 @@ fn not_ready_until_every_kind_has_listed() {
 fn a_minted_token_routes_to_its_project_with_the_real_key() {
     let minted = Token::mint().unwrap();
     let table = synced(&minted).snapshot();
-    let route = table.authorize(&minted.hash(), ISSUED_MS + 1).unwrap();
+    let route = table.authorize(&minted.hash(), ISSUED_US + 1).unwrap();
     assert_eq!(route.key.expose(), KEY);
     assert_eq!(&*route.project.upstream, "http://127.0.0.1:9");
     assert_eq!(
@@ -131,13 +135,13 @@ fn unknown_expired_and_revoked_tokens_are_denied() {
     let table = index.snapshot();
     assert_eq!(
         table
-            .authorize(&Token::mint().unwrap().hash(), ISSUED_MS)
+            .authorize(&Token::mint().unwrap().hash(), ISSUED_US)
             .unwrap_err(),
         Denial::TokenNotFound
     );
     assert_eq!(
         table
-            .authorize(&minted.hash(), ISSUED_MS + HOUR_MS)
+            .authorize(&minted.hash(), ISSUED_US + HOUR_US)
             .unwrap_err(),
         Denial::TokenExpired
     );
@@ -148,7 +152,7 @@ fn unknown_expired_and_revoked_tokens_are_denied() {
     assert_eq!(
         index
             .snapshot()
-            .authorize(&minted.hash(), ISSUED_MS)
+            .authorize(&minted.hash(), ISSUED_US)
             .unwrap_err(),
         Denial::TokenRevoked
     );
@@ -162,18 +166,18 @@ fn deactivation_and_deletion_refuse_without_revoking() {
     assert_eq!(
         index
             .snapshot()
-            .authorize(&minted.hash(), ISSUED_MS)
+            .authorize(&minted.hash(), ISSUED_US)
             .unwrap_err(),
         Denial::ProjectInactive
     );
 
     let mut deleting = project("prod", true);
-    deleting.metadata.deletion_timestamp = Some(at(ISSUED_MS));
+    deleting.metadata.deletion_timestamp = Some(at(ISSUED_US));
     index.apply(Change::Project(Event::Apply(deleting)));
     assert_eq!(
         index
             .snapshot()
-            .authorize(&minted.hash(), ISSUED_MS)
+            .authorize(&minted.hash(), ISSUED_US)
             .unwrap_err(),
         Denial::ProjectInactive
     );
@@ -182,7 +186,7 @@ fn deactivation_and_deletion_refuse_without_revoking() {
     assert!(
         index
             .snapshot()
-            .authorize(&minted.hash(), ISSUED_MS)
+            .authorize(&minted.hash(), ISSUED_US)
             .is_ok()
     );
 }
@@ -192,12 +196,12 @@ fn bulk_revocation_compares_issue_time_with_tokens_not_before() {
     let minted = Token::mint().unwrap();
     let mut index = synced(&minted);
     let mut p = project("prod", true);
-    p.spec.tokens_not_before = Some(at(ISSUED_MS + 1));
+    p.spec.tokens_not_before = Some(at(ISSUED_US + 1));
     index.apply(Change::Project(Event::Apply(p.clone())));
     assert_eq!(
         index
             .snapshot()
-            .authorize(&minted.hash(), ISSUED_MS + 2)
+            .authorize(&minted.hash(), ISSUED_US + 2)
             .unwrap_err(),
         Denial::TokenRevoked
     );
@@ -205,12 +209,12 @@ fn bulk_revocation_compares_issue_time_with_tokens_not_before() {
     // A token issued after the cut-off still works.
     let fresh = Token::mint().unwrap();
     let mut later = token("later", "prod", &fresh);
-    later.status.as_mut().unwrap().issued_at = Some(at(ISSUED_MS + 5));
+    later.status.as_mut().unwrap().issued_at = Some(micro(ISSUED_US + 5));
     index.apply(Change::Token(Event::Apply(later)));
     assert!(
         index
             .snapshot()
-            .authorize(&fresh.hash(), ISSUED_MS + 6)
+            .authorize(&fresh.hash(), ISSUED_US + 6)
             .is_ok()
     );
 }
@@ -224,7 +228,7 @@ fn key_rotation_and_bad_keys_follow_the_secret() {
     assert_eq!(
         index
             .snapshot()
-            .authorize(&minted.hash(), ISSUED_MS)
+            .authorize(&minted.hash(), ISSUED_US)
             .unwrap()
             .key
             .expose(),
@@ -237,7 +241,7 @@ fn key_rotation_and_bad_keys_follow_the_secret() {
     ))));
     let table = index.snapshot();
     assert_eq!(
-        table.authorize(&minted.hash(), ISSUED_MS).unwrap_err(),
+        table.authorize(&minted.hash(), ISSUED_US).unwrap_err(),
         Denial::ProjectKeyInvalid
     );
     assert_eq!(
@@ -266,7 +270,7 @@ fn deleting_a_token_removes_it() {
     let table = index.snapshot();
     assert_eq!(table.token_count(), 0);
     assert_eq!(
-        table.authorize(&minted.hash(), ISSUED_MS).unwrap_err(),
+        table.authorize(&minted.hash(), ISSUED_US).unwrap_err(),
         Denial::TokenNotFound
     );
 }
@@ -285,19 +289,19 @@ fn a_relist_drops_what_disappeared_while_the_watch_was_down() {
     assert!(
         index
             .snapshot()
-            .authorize(&minted.hash(), ISSUED_MS)
+            .authorize(&minted.hash(), ISSUED_US)
             .is_ok()
     );
     index.apply(Change::Token(Event::InitDone));
     let after = index.snapshot();
     assert_eq!(
-        after.authorize(&minted.hash(), ISSUED_MS).unwrap_err(),
+        after.authorize(&minted.hash(), ISSUED_US).unwrap_err(),
         Denial::TokenNotFound
     );
-    assert!(after.authorize(&other.hash(), ISSUED_MS).is_ok());
+    assert!(after.authorize(&other.hash(), ISSUED_US).is_ok());
     assert!(after.generation > before.generation);
     // The earlier snapshot is immutable: readers holding it are unaffected.
-    assert!(before.authorize(&minted.hash(), ISSUED_MS).is_ok());
+    assert!(before.authorize(&minted.hash(), ISSUED_US).is_ok());
 }
 
 #[test]
@@ -316,7 +320,7 @@ fn unminted_tokens_and_exhausted_caps() {
     assert_eq!(
         index
             .snapshot()
-            .authorize(&minted.hash(), ISSUED_MS)
+            .authorize(&minted.hash(), ISSUED_US)
             .unwrap_err(),
         Denial::TokenExhausted
     );

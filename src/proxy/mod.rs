@@ -101,7 +101,7 @@ impl Proxy {
             return Err((ProxyError::NotReady, None));
         }
         let route = table
-            .authorize(&hash, now_ms())
+            .authorize(&hash, now_us())
             .map_err(|d| (d.into(), None))?;
         drop(table);
         match self.upstream.forward(request, &route).await {
@@ -127,10 +127,10 @@ fn bearer_token_hash(request: &Request<Incoming>) -> Result<TokenHash, ProxyErro
     Ok(TokenHash::of(token))
 }
 
-fn now_ms() -> i64 {
+fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 fn access_log(
@@ -155,7 +155,7 @@ fn access_log(
         method = method.as_str(),
         path,
         status,
-        latency_ms = latency.as_secs_f64() * 1000.0,
+        latency_us = latency.as_secs_f64() * 1000.0,
         "request"
     );
 }

@@ -20,7 +20,8 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use llm_proxy::api::{
-    AllowedNamespaces, NamespacesFrom, Project, ProjectSpec, SecretKeyRef, Upstream,
+    AllowedNamespaces, NamespacesFrom, Project, ProjectRef, ProjectSpec, ProxyToken,
+    ProxyTokenSpec, SecretKeyRef, TokenPhase, Upstream,
 };
 use llm_proxy::fake_upstream::FakeUpstream;
 
@@ -476,4 +477,177 @@ pub fn sdk_python() -> PathBuf {
         python.display()
     );
     python
+}
+
+/// How long tests wait for the system to converge.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A 720h token for `project`.
+pub fn token_spec(project: &str) -> ProxyTokenSpec {
+    ProxyTokenSpec {
+        project_ref: ProjectRef {
+            name: project.into(),
+        },
+        duration: "720h".into(),
+        max_requests: None,
+        revoked: false,
+        secret_name: None,
+    }
+}
+
+/// Object helpers.
+impl Env {
+    pub async fn create_project(&self, name: &str) -> Project {
+        self.put_key(&format!("{name}-key"), TEST_KEY).await;
+        let project = self.project(name);
+        Api::<Project>::all(self.client.clone())
+            .create(&PostParams::default(), &project)
+            .await
+            .unwrap()
+    }
+
+    pub async fn create_token(&self, name: &str, spec: ProxyTokenSpec) -> ProxyToken {
+        let mut token = ProxyToken::new(name, spec);
+        token.metadata.labels = Some([(TEST_LABEL.to_string(), self.id.clone())].into());
+        Api::<ProxyToken>::namespaced(self.client.clone(), &self.apps)
+            .create(&PostParams::default(), &token)
+            .await
+            .unwrap()
+    }
+
+    pub async fn wait_token(&self, name: &str, phase: TokenPhase) -> ProxyToken {
+        let tokens: Api<ProxyToken> = Api::namespaced(self.client.clone(), &self.apps);
+        eventually(WAIT, || async {
+            let token = tokens.get(name).await.ok()?;
+            (token.status.as_ref()?.phase == Some(phase)).then_some(token)
+        })
+        .await
+    }
+
+    /// The token Secret's data as text.
+    pub async fn token_secret(&self, name: &str) -> std::collections::BTreeMap<String, String> {
+        let secret = Api::<Secret>::namespaced(self.client.clone(), &self.apps)
+            .get(name)
+            .await
+            .unwrap();
+        secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+            .collect()
+    }
+
+    pub async fn minted(&self, project: &str, token: &str) -> String {
+        self.create_token(token, token_spec(&self.scoped(project)))
+            .await;
+        self.wait_token(token, TokenPhase::Active).await;
+        self.token_secret(token).await["token"].clone()
+    }
+
+    pub async fn chat(&self, token: &str) -> CurlResponse {
+        let auth = format!("Bearer {token}");
+        curl(
+            "POST",
+            &format!("{}/v1/chat/completions", self.proxy_url()),
+            &[("authorization", &auth)],
+            Some(r#"{"model":"fake-model","messages":[]}"#),
+        )
+        .await
+    }
+}
+
+/// The chart's pieces, rendered by the helm that `hack/setup.sh` builds.
+impl Env {
+    /// Renders `template` of the chart with `--set` values, as parsed YAML documents.
+    pub fn render_chart(
+        &self,
+        release: &str,
+        template: &str,
+        set: &[String],
+    ) -> Vec<serde_json::Value> {
+        let helm = std::env::var("LLMPROXY_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap()).join(".cache/llm-proxy"))
+            .join("bin/helm");
+        let mut command = Command::new(&helm);
+        command
+            .args(["template", release])
+            .arg(repo().join("charts/llm-proxy"));
+        command.args([
+            "--namespace",
+            &self.ops,
+            "--kube-version",
+            "1.34.4",
+            "--show-only",
+            template,
+        ]);
+        for value in set {
+            command.args(["--set", value]);
+        }
+        let output = command
+            .output()
+            .unwrap_or_else(|e| panic!("running {} (run hack/setup.sh): {e}", helm.display()));
+        assert!(
+            output.status.success(),
+            "helm template failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).unwrap();
+        serde_yaml::Deserializer::from_str(&text)
+            .filter_map(|doc| {
+                <Option<serde_json::Value> as serde::Deserialize>::deserialize(doc).unwrap()
+            })
+            .collect()
+    }
+
+    /// Installs the chart's Project-deletion policy, limited to this test's Projects, and
+    /// waits until it denies deleting `project` (checked with dry-run deletes).
+    pub async fn install_deletion_policy(&self, project: &str) {
+        let selector = format!(
+            "projectDeletionPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}",
+            self.id
+        );
+        let docs = self.render_chart(
+            &format!("t-{}", self.id),
+            "templates/project-deletion-policy.yaml",
+            &[selector],
+        );
+        assert_eq!(docs.len(), 2, "a policy and its binding");
+        let vap: Api<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy> =
+            Api::all(self.client.clone());
+        let binding: Api<
+            k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding,
+        > = Api::all(self.client.clone());
+        let apply = PatchParams::apply("llm-proxy-tests").force();
+        for doc in docs {
+            let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+            match doc["kind"].as_str() {
+                Some("ValidatingAdmissionPolicy") => vap
+                    .patch(&name, &apply, &Patch::Apply(&doc))
+                    .await
+                    .map(drop),
+                Some("ValidatingAdmissionPolicyBinding") => binding
+                    .patch(&name, &apply, &Patch::Apply(&doc))
+                    .await
+                    .map(drop),
+                other => panic!("unexpected {other:?}"),
+            }
+            .unwrap();
+        }
+        let projects: Api<Project> = Api::all(self.client.clone());
+        let dry_run = kube::api::DeleteParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let name = self.scoped(project);
+        eventually(Duration::from_secs(20), || async {
+            projects
+                .delete(&name, &dry_run)
+                .await
+                .is_err()
+                .then_some(())
+        })
+        .await;
+    }
 }

@@ -48,7 +48,7 @@ fn token(name: &str, phase: TokenPhase, issued: i64) -> ProxyToken {
     t.metadata.namespace = Some("apps".into());
     t.status = Some(ProxyTokenStatus {
         phase: Some(phase),
-        issued_at: Some(at(issued)),
+        issued_at: Some(crate::api::micros(at(issued).0)),
         ..Default::default()
     });
     t
@@ -229,7 +229,10 @@ fn bulk_revocation_is_recorded_when_tokens_not_before_moves() {
     revoking.spec.tokens_not_before = Some(at(15));
     let d = decide_at(&revoking, key(), &[], 20);
     assert_eq!(reasons(&d), ["TokensRevoked"]);
-    assert_eq!(d.status.tokens_not_before, Some(at(15)));
+    assert_eq!(
+        d.status.tokens_not_before,
+        Some(crate::api::micros(at(15).0))
+    );
     let again = decide_at(&written(revoking, &d), key(), &[], 30);
     assert!(again.events.is_empty());
 }

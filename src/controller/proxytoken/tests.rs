@@ -57,7 +57,7 @@ fn issued(issued_at: i64) -> ProxyToken {
         phase: Some(TokenPhase::Active),
         token_hash: Some(crate::token::Token::mint().unwrap().hash().to_string()),
         secret_name: Some("web".into()),
-        issued_at: Some(Time(at(issued_at))),
+        issued_at: Some(crate::api::micros(at(issued_at))),
         ..Default::default()
     });
     t
@@ -181,7 +181,7 @@ fn status_keeps_the_mint_and_leaves_usage_to_the_proxy() {
     let verdict = lifecycle(&t, None, at(10));
     let status = status_for(&t, &verdict, Time(at(10)));
     assert_eq!(status.token_hash, t.status.as_ref().unwrap().token_hash);
-    assert_eq!(status.expires_at, Some(Time(at(3600))));
+    assert_eq!(status.expires_at, Some(crate::api::micros(at(3600))));
     assert_eq!(status.request_count, None);
     let issued_condition = status
         .conditions
