@@ -42,9 +42,7 @@ impl KeyProblem {
     pub fn message(self, secret: &str, key: &str, namespace: &str) -> String {
         match self {
             KeyProblem::SecretNotFound => {
-                format!(
-                    "Secret {namespace}/{secret} not found: create it with the API key under '{key}'"
-                )
+                format!("Secret {namespace}/{secret} not found: create it with the API key under '{key}'")
             }
             KeyProblem::KeyNotFound => {
                 format!(
@@ -64,9 +62,7 @@ impl ApiKey {
         let text = text.trim_end_matches(['\n', '\r']);
         let well_formed = text.starts_with("sk-")
             && (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&text.len())
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !well_formed {
             return Err(KeyProblem::InvalidFormat);
         }
@@ -120,18 +116,8 @@ mod tests {
 
     #[test]
     fn refuses_keys_of_the_wrong_shape() {
-        for bad in [
-            "",
-            "sk-",
-            "sk-short",
-            "pk-0123456789abcdefghijklmn",
-            "sk-0123456789 abcdefghijkl",
-        ] {
-            assert_eq!(
-                ApiKey::parse(bad.as_bytes()),
-                Err(KeyProblem::InvalidFormat),
-                "{bad:?}"
-            );
+        for bad in ["", "sk-", "sk-short", "pk-0123456789abcdefghijklmn", "sk-0123456789 abcdefghijkl"] {
+            assert_eq!(ApiKey::parse(bad.as_bytes()), Err(KeyProblem::InvalidFormat), "{bad:?}");
         }
         assert_eq!(ApiKey::parse(&[0xff, 0xfe]), Err(KeyProblem::InvalidFormat));
     }

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::controller::{self, lease};
 use crate::index::watch::{self, WatchConfig};
+use crate::proxy::usage::{self, Usage};
 use crate::proxy::{Proxy, ProxySettings, server};
 
 /// Kubernetes-native credential proxy for OpenAI-style APIs.
@@ -47,21 +48,13 @@ struct ControllerArgs {
     #[command(flatten)]
     common: Common,
     /// Proxy URL as workloads reach it; written (with /v1) into token Secrets as OPENAI_BASE_URL.
-    #[arg(
-        long,
-        env = "LLMPROXY_PROXY_URL",
-        default_value = "http://llm-proxy.llm-proxy.svc:8080"
-    )]
+    #[arg(long, env = "LLMPROXY_PROXY_URL", default_value = "http://llm-proxy.llm-proxy.svc:8080")]
     proxy_url: String,
     /// Elect a leader through a Lease so that only one replica writes.
     #[arg(long, env = "LLMPROXY_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     leader_elect: bool,
     /// Name of the Lease.
-    #[arg(
-        long,
-        env = "LLMPROXY_LEASE_NAME",
-        default_value = "llm-proxy-controller"
-    )]
+    #[arg(long, env = "LLMPROXY_LEASE_NAME", default_value = "llm-proxy-controller")]
     lease_name: String,
     /// This replica's identity in the Lease (default: POD_NAME, else the hostname).
     #[arg(long, env = "POD_NAME")]
@@ -87,6 +80,9 @@ struct ProxyArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "LLMPROXY_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
+    /// Milliseconds between writes of usage (requestCount, lastUsedAt) to token status.
+    #[arg(long, env = "LLMPROXY_USAGE_FLUSH_MILLIS", default_value_t = 2000)]
+    usage_flush_millis: u64,
 }
 
 /// Failures that end the process.
@@ -97,10 +93,7 @@ pub enum Error {
     KubeClient(#[source] kube::Error),
     /// A listener could not bind.
     #[error("listening on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
 }
 
 /// Entry point of the `llm-proxy` binary.
@@ -120,15 +113,15 @@ async fn client() -> Result<kube::Client, Error> {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
 }
 
 async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let client = client().await?;
     let api = bind(args.listen_addr).await?;
     let admin = bind(args.common.admin_addr).await?;
+    let usage = Arc::new(Usage::new(client.clone()));
+    usage::spawn_flusher(usage.clone(), Duration::from_millis(args.usage_flush_millis));
     let table = watch::spawn(
         client,
         WatchConfig {
@@ -140,7 +133,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         connect_timeout: Duration::from_secs(args.connect_timeout_seconds),
         response_timeout: Duration::from_secs(args.upstream_timeout_seconds),
     };
-    let proxy = Arc::new(Proxy::new(table.clone(), &settings));
+    let proxy = Arc::new(Proxy::new(table.clone(), usage.clone(), &settings));
     tracing::info!(listen = %api.local_addr().map_or(args.listen_addr, |a| a), admin = %args.common.admin_addr, "proxy started");
     let drain = Duration::from_secs(args.drain_seconds);
     let shutdown = shutdown_signal();
@@ -155,6 +148,8 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         Duration::from_secs(1),
     ));
     server::serve(api, server::api_handler(proxy), shutdown, drain).await;
+    // Counted requests reach the status, unused budget goes back to the other replicas.
+    usage.shutdown().await;
     let _ = stop_admin.send(());
     let _ = admin_task.await;
     tracing::info!("proxy stopped");
@@ -167,12 +162,10 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
     // The controller's readiness does not depend on leadership: followers are healthy standbys.
     tokio::spawn(server::serve(
         admin,
-        server::admin_handler(crate::index::watch::SharedTable::fixed(
-            crate::index::RouteTable {
-                ready: true,
-                ..Default::default()
-            },
-        )),
+        server::admin_handler(crate::index::watch::SharedTable::fixed(crate::index::RouteTable {
+            ready: true,
+            ..Default::default()
+        })),
         std::future::pending(),
         Duration::from_secs(1),
     ));

@@ -19,14 +19,10 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, ParseDurationError> {
         return Err(err());
     }
     while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(err)?;
+        let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
         let (number, tail) = rest.split_at(number_len);
         let value: f64 = number.parse().map_err(|_| err())?;
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
+        let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let seconds = match unit {
             "ns" => 1e-9,
@@ -49,10 +45,7 @@ mod tests {
 
     #[test]
     fn parses_the_usual_forms() {
-        assert_eq!(
-            parse_go_duration("720h"),
-            Ok(Duration::from_secs(720 * 3600))
-        );
+        assert_eq!(parse_go_duration("720h"), Ok(Duration::from_secs(720 * 3600)));
         assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_go_duration("1.5h"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_go_duration("2s"), Ok(Duration::from_secs(2)));

@@ -41,10 +41,7 @@ pub struct Recorded {
 impl Recorded {
     /// A header as text, if present.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
     }
 }
 
@@ -65,31 +62,15 @@ impl FakeUpstream {
 
     /// Serves on `listener`; `record: false` skips the request log (benchmarks).
     pub fn serve(listener: TcpListener, record: bool) -> Self {
-        let url = format!(
-            "http://{}",
-            listener
-                .local_addr()
-                .expect("bound listener has an address")
-        );
+        let url = format!("http://{}", listener.local_addr().expect("bound listener has an address"));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let log = requests.clone();
         let handler = move |request: Request<Incoming>| {
             let log = log.clone();
-            Box::pin(
-                async move { Ok::<_, Infallible>(answer(request, record.then_some(log)).await) },
-            )
-                as std::pin::Pin<
-                    Box<
-                        dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
-                    >,
-                >
+            Box::pin(async move { Ok::<_, Infallible>(answer(request, record.then_some(log)).await) })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>
         };
-        tokio::spawn(server::serve(
-            listener,
-            handler,
-            std::future::pending(),
-            Duration::ZERO,
-        ));
+        tokio::spawn(server::serve(listener, handler, std::future::pending(), Duration::ZERO));
         Self { url, requests }
     }
 
@@ -100,32 +81,17 @@ impl FakeUpstream {
 }
 
 fn header_num(headers: &HeaderMap, name: &str, default: u64) -> u64 {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-async fn answer(
-    request: Request<Incoming>,
-    log: Option<Arc<Mutex<Vec<Recorded>>>>,
-) -> Response<Body> {
+async fn answer(request: Request<Incoming>, log: Option<Arc<Mutex<Vec<Recorded>>>>) -> Response<Body> {
     let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let chunks_sent_at = Arc::new(Mutex::new(Vec::new()));
     if let Some(log) = log {
         log.lock().expect("request log poisoned").push(Recorded {
             method: parts.method.to_string(),
-            path: parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string(),
+            path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
             headers: parts.headers.clone(),
             body_len: body.len(),
             chunks_sent_at: chunks_sent_at.clone(),
@@ -138,10 +104,7 @@ async fn answer(
     let status = header_num(&parts.headers, "x-fake-status", 200);
     if status != 200 {
         let code = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return json(
-            code,
-            r#"{"error":{"message":"fake upstream error","type":"server_error","code":"fake"}}"#,
-        );
+        return json(code, r#"{"error":{"message":"fake upstream error","type":"server_error","code":"fake"}}"#);
     }
     match parts.uri.path() {
         "/v1/models" => json(

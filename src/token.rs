@@ -190,10 +190,7 @@ mod tests {
         let token = Token::mint().unwrap();
         assert_eq!(check(""), Err(FormatError::Shape));
         assert_eq!(check(&token.expose()[1..]), Err(FormatError::Shape));
-        assert_eq!(
-            check(&token.expose().replacen("llmp_", "sk-x_", 1)),
-            Err(FormatError::Shape)
-        );
+        assert_eq!(check(&token.expose().replacen("llmp_", "sk-x_", 1)), Err(FormatError::Shape));
         let mut bad = token.expose().to_string();
         bad.replace_range(10..11, "-");
         assert_eq!(check(&bad), Err(FormatError::Alphabet));

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
-use llm_proxy::api::{
-    AllowedNamespaces, NamespacesFrom, Project, ProxyToken, TokenPhase, token_conditions,
-};
+use llm_proxy::api::{AllowedNamespaces, NamespacesFrom, Project, ProxyToken, TokenPhase, token_conditions};
 use llm_proxy::token::TokenHash;
 use serde_json::json;
 use support::{Env, TEST_KEY, TEST_LABEL, WAIT, curl, eventually, token_spec};
@@ -26,10 +24,7 @@ async fn crds_show_useful_columns_and_reject_invalid_objects() {
             .args(args)
             .output()
             .unwrap();
-        (
-            String::from_utf8_lossy(&output.stdout).to_string(),
-            String::from_utf8_lossy(&output.stderr).to_string(),
-        )
+        (String::from_utf8_lossy(&output.stdout).to_string(), String::from_utf8_lossy(&output.stderr).to_string())
     };
     let (out, err) = kubectl(&["get", "projects", &env.scoped("p")]);
     let header: Vec<&str> = out
@@ -45,59 +40,30 @@ async fn crds_show_useful_columns_and_reject_invalid_objects() {
     let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
     let mut negative = ProxyToken::new("negative", token_spec(&env.scoped("p")));
     negative.spec.max_requests = Some(-1);
-    let error = tokens
-        .create(&PostParams::default(), &negative)
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains("spec.maxRequests") && error.contains("greater than or equal to 1"),
-        "{error}"
-    );
+    let error = tokens.create(&PostParams::default(), &negative).await.unwrap_err().to_string();
+    assert!(error.contains("spec.maxRequests") && error.contains("greater than or equal to 1"), "{error}");
 
     let mut too_long = ProxyToken::new("too-long", token_spec(&env.scoped("p")));
     too_long.spec.duration = "9000h".into();
-    let error = tokens
-        .create(&PostParams::default(), &too_long)
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = tokens.create(&PostParams::default(), &too_long).await.unwrap_err().to_string();
     assert!(error.contains("at most 8760h"), "{error}");
 
     let mut revoked = ProxyToken::new("revoked", token_spec(&env.scoped("p")));
     revoked.spec.revoked = true;
-    tokens
-        .create(&PostParams::default(), &revoked)
-        .await
-        .unwrap();
+    tokens.create(&PostParams::default(), &revoked).await.unwrap();
     let undo = Patch::Merge(json!({ "spec": { "revoked": false } }));
-    let error = tokens
-        .patch("revoked", &PatchParams::default(), &undo)
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = tokens.patch("revoked", &PatchParams::default(), &undo).await.unwrap_err().to_string();
     assert!(error.contains("revocation cannot be undone"), "{error}");
 
     let moved = Patch::Merge(json!({ "spec": { "projectRef": { "name": "elsewhere" } } }));
-    let error = tokens
-        .patch("revoked", &PatchParams::default(), &moved)
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = tokens.patch("revoked", &PatchParams::default(), &moved).await.unwrap_err().to_string();
     assert!(error.contains("projectRef is immutable"), "{error}");
 
     let projects: Api<Project> = Api::all(env.client.clone());
     let mut bad_url = env.project("bad-url");
     bad_url.spec.upstream.url = "ftp://example.com".into();
-    let error = projects
-        .create(&PostParams::default(), &bad_url)
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains("upstream.url must be an absolute http:// or https:// URL"),
-        "{error}"
-    );
+    let error = projects.create(&PostParams::default(), &bad_url).await.unwrap_err().to_string();
+    assert!(error.contains("upstream.url must be an absolute http:// or https:// URL"), "{error}");
 }
 
 #[tokio::test]
@@ -113,34 +79,17 @@ async fn a_proxytoken_is_minted_into_its_secret() {
 
     let status = token.status.unwrap();
     let (issued, expires) = (status.issued_at.unwrap().0, status.expires_at.unwrap().0);
-    assert_eq!(
-        expires.duration_since(issued),
-        jiff::SignedDuration::from_hours(720)
-    );
-    assert!(
-        status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == token_conditions::ISSUED && c.status == "True")
-    );
+    assert_eq!(expires.duration_since(issued), jiff::SignedDuration::from_hours(720));
+    assert!(status.conditions.iter().any(|c| c.type_ == token_conditions::ISSUED && c.status == "True"));
 
     let data = env.token_secret("web").await;
-    assert_eq!(
-        status.token_hash.as_deref(),
-        Some(TokenHash::of(&data["token"]).to_string().as_str())
-    );
+    assert_eq!(status.token_hash.as_deref(), Some(TokenHash::of(&data["token"]).to_string().as_str()));
     assert_eq!(data["OPENAI_API_KEY"], data["token"]);
     assert_eq!(data["OPENAI_BASE_URL"], format!("{}/v1", env.proxy_url()));
     assert!(data["token"].starts_with("llmp_"));
-    let secret = Api::<Secret>::namespaced(env.client.clone(), &env.apps)
-        .get("web")
-        .await
-        .unwrap();
+    let secret = Api::<Secret>::namespaced(env.client.clone(), &env.apps).get("web").await.unwrap();
     let owner = &secret.owner_references()[0];
-    assert_eq!(
-        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
-        ("ProxyToken", "web", Some(true))
-    );
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("ProxyToken", "web", Some(true)));
 }
 
 #[tokio::test]
@@ -161,47 +110,30 @@ async fn the_openai_python_sdk_works_through_the_proxy_streamed_or_not() {
         .output()
         .await
         .unwrap();
-    assert!(
-        output.status.success(),
-        "SDK script failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "SDK script failed:\n{}", String::from_utf8_lossy(&output.stderr));
     let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(result["content"], "Hello from the fake upstream.");
     assert_eq!(result["usage"], 16);
-    assert_eq!(
-        result["pieces"],
-        json!(["chunk0 ", "chunk1 ", "chunk2 ", "chunk3 ", "chunk4 "])
-    );
+    assert_eq!(result["pieces"], json!(["chunk0 ", "chunk1 ", "chunk2 ", "chunk3 ", "chunk4 "]));
     assert_eq!(result["error"]["status"], 401);
     assert_eq!(result["error"]["code"], "invalid_token");
 
     let seen = env.upstream.requests();
     assert_eq!(seen.len(), 2, "the bad token must not reach the upstream");
     for request in &seen {
-        assert_eq!(
-            request.header("authorization").as_deref(),
-            Some(format!("Bearer {TEST_KEY}").as_str())
+        assert_eq!(request.header("authorization").as_deref(), Some(format!("Bearer {TEST_KEY}").as_str()));
+        assert!(
+            request
+                .headers
+                .iter()
+                .all(|(_, v)| { !v.as_bytes().windows(10).any(|w| data["token"].as_bytes().starts_with(w)) })
         );
-        assert!(request.headers.iter().all(|(_, v)| {
-            !v.as_bytes()
-                .windows(10)
-                .any(|w| data["token"].as_bytes().starts_with(w))
-        }));
     }
     // Streaming is not buffered: the client had the first chunk before the upstream sent the last.
     let sent = seen[1].chunks_sent_at.lock().unwrap().clone();
-    let last_sent = sent
-        .last()
-        .unwrap()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let last_sent = sent.last().unwrap().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
     let first_received = result["first_chunk_at"].as_f64().unwrap();
-    assert!(
-        first_received < last_sent - 0.5,
-        "first chunk at {first_received}, last sent at {last_sent}"
-    );
+    assert!(first_received < last_sent - 0.5, "first chunk at {first_received}, last sent at {last_sent}");
 }
 
 #[tokio::test]
@@ -215,70 +147,22 @@ async fn refusals_follow_the_error_table() {
     let bearer = |t: &str| format!("Bearer {t}");
 
     let missing = curl("GET", &url("/v1/models"), &[], None).await;
-    assert_eq!(
-        (missing.status, missing.error_code().as_str()),
-        (401, "invalid_token")
-    );
+    assert_eq!((missing.status, missing.error_code().as_str()), (401, "invalid_token"));
     assert_eq!(missing.json()["error"]["type"], "authentication_error");
-    let wrong_scheme = curl(
-        "GET",
-        &url("/v1/models"),
-        &[("authorization", &format!("Basic {good}"))],
-        None,
-    )
-    .await;
-    assert_eq!(
-        (wrong_scheme.status, wrong_scheme.error_code().as_str()),
-        (401, "invalid_token")
-    );
+    let wrong_scheme = curl("GET", &url("/v1/models"), &[("authorization", &format!("Basic {good}"))], None).await;
+    assert_eq!((wrong_scheme.status, wrong_scheme.error_code().as_str()), (401, "invalid_token"));
     let mut typo = good.clone();
     typo.replace_range(10..11, if &good[10..11] == "a" { "b" } else { "a" });
-    let bad_checksum = curl(
-        "GET",
-        &url("/v1/models"),
-        &[("authorization", &bearer(&typo))],
-        None,
-    )
-    .await;
-    assert_eq!(
-        (bad_checksum.status, bad_checksum.error_code().as_str()),
-        (401, "invalid_token")
-    );
+    let bad_checksum = curl("GET", &url("/v1/models"), &[("authorization", &bearer(&typo))], None).await;
+    assert_eq!((bad_checksum.status, bad_checksum.error_code().as_str()), (401, "invalid_token"));
     let unknown = llm_proxy::token::Token::mint().unwrap();
-    let not_found = curl(
-        "GET",
-        &url("/v1/models"),
-        &[("authorization", &bearer(unknown.expose()))],
-        None,
-    )
-    .await;
-    assert_eq!(
-        (not_found.status, not_found.error_code().as_str()),
-        (401, "token_not_found")
-    );
+    let not_found = curl("GET", &url("/v1/models"), &[("authorization", &bearer(unknown.expose()))], None).await;
+    assert_eq!((not_found.status, not_found.error_code().as_str()), (401, "token_not_found"));
 
-    let no_path = curl(
-        "GET",
-        &url("/v1/secrets"),
-        &[("authorization", &bearer(&good))],
-        None,
-    )
-    .await;
-    assert_eq!(
-        (no_path.status, no_path.error_code().as_str()),
-        (404, "endpoint_not_found")
-    );
-    let no_method = curl(
-        "PUT",
-        &url("/v1/chat/completions"),
-        &[("authorization", &bearer(&good))],
-        None,
-    )
-    .await;
-    assert_eq!(
-        (no_method.status, no_method.error_code().as_str()),
-        (405, "method_not_allowed")
-    );
+    let no_path = curl("GET", &url("/v1/secrets"), &[("authorization", &bearer(&good))], None).await;
+    assert_eq!((no_path.status, no_path.error_code().as_str()), (404, "endpoint_not_found"));
+    let no_method = curl("PUT", &url("/v1/chat/completions"), &[("authorization", &bearer(&good))], None).await;
+    assert_eq!((no_method.status, no_method.error_code().as_str()), (405, "method_not_allowed"));
 
     let ok = env.chat(&good).await;
     assert_eq!(ok.status, 200, "{}", ok.body);
@@ -287,17 +171,10 @@ async fn refusals_follow_the_error_table() {
     let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
     let revoked = env.minted("p", "revoked").await;
     tokens
-        .patch(
-            "revoked",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "revoked": true } })),
-        )
+        .patch("revoked", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "revoked": true } })))
         .await
         .unwrap();
-    eventually(WAIT, || async {
-        (env.chat(&revoked).await.error_code() == "token_revoked").then_some(())
-    })
-    .await;
+    eventually(WAIT, || async { (env.chat(&revoked).await.error_code() == "token_revoked").then_some(()) }).await;
     assert_eq!(env.chat(&revoked).await.status, 401);
     env.wait_token("revoked", TokenPhase::Revoked).await;
 
@@ -307,20 +184,13 @@ async fn refusals_follow_the_error_table() {
     env.create_token("short", short).await;
     env.wait_token("short", TokenPhase::Active).await;
     let short_token = env.token_secret("short").await["token"].clone();
-    eventually(WAIT, || async {
-        (env.chat(&short_token).await.error_code() == "token_expired").then_some(())
-    })
-    .await;
+    eventually(WAIT, || async { (env.chat(&short_token).await.error_code() == "token_expired").then_some(()) }).await;
     env.wait_token("short", TokenPhase::Expired).await;
 
     // Project inactive: refused, not revoked.
     let projects: Api<Project> = Api::all(env.client.clone());
     projects
-        .patch(
-            &env.scoped("p"),
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "active": false } })),
-        )
+        .patch(&env.scoped("p"), &PatchParams::default(), &Patch::Merge(json!({ "spec": { "active": false } })))
         .await
         .unwrap();
     let inactive = eventually(WAIT, || async {
@@ -351,17 +221,8 @@ async fn refusals_follow_the_error_table() {
     assert_eq!(unreachable.error_code(), "upstream_error");
 
     // No error body ever carries the token or the key.
-    for body in [
-        &missing.body,
-        &bad_checksum.body,
-        &not_found.body,
-        &inactive.body,
-        &unreachable.body,
-    ] {
-        assert!(
-            !body.contains(&good[..12]) && !body.contains(&TEST_KEY[..12]),
-            "{body}"
-        );
+    for body in [&missing.body, &bad_checksum.body, &not_found.body, &inactive.body, &unreachable.body] {
+        assert!(!body.contains(&good[..12]) && !body.contains(&TEST_KEY[..12]), "{body}");
     }
 }
 
@@ -376,52 +237,26 @@ async fn slow_upstreams_time_out_with_504() {
     let port = support::free_port();
     let admin = support::free_port();
     let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy"))
-        .args([
-            "proxy",
-            "--namespace",
-            &env.ops,
-            "--label-selector",
-            &selector,
-            "--upstream-timeout-seconds",
-            "1",
-        ])
-        .args([
-            "--listen-addr",
-            &format!("127.0.0.1:{port}"),
-            "--admin-addr",
-            &format!("127.0.0.1:{admin}"),
-        ])
+        .args(["proxy", "--namespace", &env.ops, "--label-selector", &selector, "--upstream-timeout-seconds", "1"])
+        .args(["--listen-addr", &format!("127.0.0.1:{port}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
         .env("KUBECONFIG", support::kubeconfig())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let ready = format!("http://127.0.0.1:{admin}/readyz");
-    eventually(WAIT, || async {
-        (support::http_get_status(&ready).await? == 200).then_some(())
-    })
-    .await;
+    eventually(WAIT, || async { (support::http_get_status(&ready).await? == 200).then_some(()) }).await;
     let started = Instant::now();
     let slow = curl(
         "GET",
         &format!("http://127.0.0.1:{port}/v1/models"),
-        &[
-            ("authorization", &format!("Bearer {token}")),
-            ("x-fake-delay-ms", "5000"),
-        ],
+        &[("authorization", &format!("Bearer {token}")), ("x-fake-delay-ms", "5000")],
         None,
     )
     .await;
     let _ = proxy.kill();
     let _ = proxy.wait();
-    assert_eq!(
-        (slow.status, slow.error_code().as_str()),
-        (504, "upstream_timeout")
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert_eq!((slow.status, slow.error_code().as_str()), (504, "upstream_timeout"));
+    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
 }
 
 #[tokio::test]
@@ -440,13 +275,7 @@ async fn a_proxy_that_has_not_synced_answers_503() {
     .unwrap();
     let (port, admin) = (support::free_port(), support::free_port());
     let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy"))
-        .args([
-            "proxy",
-            "--namespace",
-            "nowhere",
-            "--listen-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
+        .args(["proxy", "--namespace", "nowhere", "--listen-addr", &format!("127.0.0.1:{port}")])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
         .env("KUBECONFIG", &kubeconfig)
         .stdout(std::process::Stdio::null())
@@ -467,10 +296,7 @@ async fn a_proxy_that_has_not_synced_answers_503() {
     let readiness = support::http_get_status(&format!("http://127.0.0.1:{admin}/readyz")).await;
     let _ = proxy.kill();
     let _ = proxy.wait();
-    assert_eq!(
-        (response.status, response.error_code().as_str()),
-        (503, "proxy_not_ready")
-    );
+    assert_eq!((response.status, response.error_code().as_str()), (503, "proxy_not_ready"));
     assert_eq!(readiness, Some(503));
 }
 
@@ -484,24 +310,11 @@ async fn deleting_a_proxytoken_deletes_its_secret_and_the_proxy_forgets_it() {
     assert_eq!(env.chat(&token).await.status, 200);
 
     let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
-    tokens
-        .delete("gone", &DeleteParams::default())
-        .await
-        .unwrap();
-    eventually(WAIT, || async {
-        (env.chat(&token).await.error_code() == "token_not_found").then_some(())
-    })
-    .await;
+    tokens.delete("gone", &DeleteParams::default()).await.unwrap();
+    eventually(WAIT, || async { (env.chat(&token).await.error_code() == "token_not_found").then_some(()) }).await;
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.apps);
-    eventually(Duration::from_secs(30), || async {
-        secrets
-            .get_opt("gone")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(30), || async { secrets.get_opt("gone").await.unwrap().is_none().then_some(()) })
+        .await;
 }
 
 #[tokio::test]
@@ -514,23 +327,11 @@ async fn a_namespace_without_a_grant_is_rejected_and_nothing_is_minted() {
         from: NamespacesFrom::Selector,
         selector: Some(serde_json::from_value(json!({ "matchLabels": { "team": "ml" } })).unwrap()),
     });
-    Api::<Project>::all(env.client.clone())
-        .create(&PostParams::default(), &project)
-        .await
-        .unwrap();
+    Api::<Project>::all(env.client.clone()).create(&PostParams::default(), &project).await.unwrap();
     env.create_token("nope", token_spec(&env.scoped("p"))).await;
     let token = env.wait_token("nope", TokenPhase::Rejected).await;
-    let issued = token
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == token_conditions::ISSUED)
-        .unwrap();
-    assert_eq!(
-        (issued.status.as_str(), issued.reason.as_str()),
-        ("False", "NamespaceNotAllowed")
-    );
+    let issued = token.status.unwrap().conditions.into_iter().find(|c| c.type_ == token_conditions::ISSUED).unwrap();
+    assert_eq!((issued.status.as_str(), issued.reason.as_str()), ("False", "NamespaceNotAllowed"));
     assert!(
         issued.message.contains(&env.apps) && issued.message.contains("spec.allowedNamespaces"),
         "{}",

@@ -19,30 +19,19 @@ const ROTATED_KEY: &str = "sk-test-ROTATED0123456789abcdefZZ99";
 
 async fn merge(env: &Env, project: &str, patch: serde_json::Value) -> Result<Project, kube::Error> {
     Api::<Project>::all(env.client.clone())
-        .patch(
-            &env.scoped(project),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
+        .patch(&env.scoped(project), &PatchParams::default(), &Patch::Merge(patch))
         .await
 }
 
 async fn project(env: &Env, name: &str) -> Project {
-    Api::<Project>::all(env.client.clone())
-        .get(&env.scoped(name))
-        .await
-        .unwrap()
+    Api::<Project>::all(env.client.clone()).get(&env.scoped(name)).await.unwrap()
 }
 
 /// Waits until the proxy answers a chat request with `token` by `code` ("" for success).
 async fn until_chat(env: &Env, token: &str, code: &str) -> support::CurlResponse {
     eventually(WAIT, || async {
         let response = env.chat(token).await;
-        let got = if response.status == 200 {
-            String::new()
-        } else {
-            response.error_code()
-        };
+        let got = if response.status == 200 { String::new() } else { response.error_code() };
         (got == code).then_some(response)
     })
     .await
@@ -51,11 +40,7 @@ async fn until_chat(env: &Env, token: &str, code: &str) -> support::CurlResponse
 /// Reasons of the Events recorded about the object named `name` (a ProxyToken in the
 /// test's apps namespace, or a cluster-scoped Project), oldest first.
 async fn event_reasons(env: &Env, name: &str) -> Vec<String> {
-    let namespace = if name.starts_with(&env.id) {
-        None
-    } else {
-        Some(env.apps.as_str())
-    };
+    let namespace = if name.starts_with(&env.id) { None } else { Some(env.apps.as_str()) };
     let events: Api<Event> = Api::all(env.client.clone());
     let mut found: Vec<Event> = events
         .list(&ListParams::default())
@@ -66,10 +51,7 @@ async fn event_reasons(env: &Env, name: &str) -> Vec<String> {
         .filter(|e| {
             let regarding = e.regarding.as_ref();
             regarding.and_then(|r| r.name.as_deref()) == Some(name)
-                && regarding
-                    .and_then(|r| r.namespace.as_deref())
-                    .filter(|ns| !ns.is_empty())
-                    == namespace
+                && regarding.and_then(|r| r.namespace.as_deref()).filter(|ns| !ns.is_empty()) == namespace
         })
         .collect();
     found.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
@@ -77,14 +59,7 @@ async fn event_reasons(env: &Env, name: &str) -> Vec<String> {
 }
 
 async fn wait_event(env: &Env, name: &str, reason: &str) {
-    eventually(WAIT, || async {
-        event_reasons(env, name)
-            .await
-            .iter()
-            .any(|r| r == reason)
-            .then_some(())
-    })
-    .await;
+    eventually(WAIT, || async { event_reasons(env, name).await.iter().any(|r| r == reason).then_some(()) }).await;
 }
 
 async fn running(name: &str) -> Env {
@@ -106,14 +81,8 @@ async fn workflow_set_up_a_new_integration() {
     env.create_project("p").await;
     let token = env.minted("p", "app").await;
     let response = until_chat(&env, &token, "").await;
-    assert_eq!(
-        response.json()["choices"][0]["message"]["content"],
-        "Hello from the fake upstream."
-    );
-    assert_eq!(
-        env.upstream.requests()[0].header("authorization").unwrap(),
-        format!("Bearer {TEST_KEY}")
-    );
+    assert_eq!(response.json()["choices"][0]["message"]["content"], "Hello from the fake upstream.");
+    assert_eq!(env.upstream.requests()[0].header("authorization").unwrap(), format!("Bearer {TEST_KEY}"));
 }
 
 #[tokio::test]
@@ -139,13 +108,7 @@ async fn workflow_rotate_the_api_key() {
 
     // Pointing the Project at another Secret works the same way.
     env.put_key("other-key", TEST_KEY).await;
-    merge(
-        &env,
-        "p",
-        json!({ "spec": { "apiKeySecretRef": { "name": "other-key" } } }),
-    )
-    .await
-    .unwrap();
+    merge(&env, "p", json!({ "spec": { "apiKeySecretRef": { "name": "other-key" } } })).await.unwrap();
     eventually(WAIT, || async {
         assert_eq!(env.chat(&token).await.status, 200);
         let last = env.upstream.requests().pop()?;
@@ -161,17 +124,9 @@ async fn workflow_decommission() {
     env.install_deletion_policy("p").await;
     let token = env.minted("p", "app").await;
 
-    merge(&env, "p", json!({ "spec": { "active": false } }))
-        .await
-        .unwrap();
+    merge(&env, "p", json!({ "spec": { "active": false } })).await.unwrap();
     until_chat(&env, &token, "project_inactive").await;
-    merge(
-        &env,
-        "p",
-        json!({ "spec": { "tokensNotBefore": now_rfc3339() } }),
-    )
-    .await
-    .unwrap();
+    merge(&env, "p", json!({ "spec": { "tokensNotBefore": now_rfc3339() } })).await.unwrap();
     env.wait_token("app", TokenPhase::Revoked).await;
 
     let output = std::process::Command::new(support::kubectl())
@@ -181,10 +136,7 @@ async fn workflow_decommission() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(
-        stderr.contains("Projects cannot be deleted") && stderr.contains("\"active\":false"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("Projects cannot be deleted") && stderr.contains("\"active\":false"), "{stderr}");
 
     let listed = project(&env, "p").await;
     assert!(listed.metadata.deletion_timestamp.is_none());
@@ -198,22 +150,12 @@ async fn workflow_respond_to_a_security_incident() {
     let old = env.minted("p", "old").await;
     until_chat(&env, &old, "").await;
 
-    merge(&env, "p", json!({ "spec": { "active": false } }))
-        .await
-        .unwrap();
+    merge(&env, "p", json!({ "spec": { "active": false } })).await.unwrap();
     until_chat(&env, &old, "project_inactive").await;
     tokio::time::sleep(Duration::from_millis(1100)).await; // tokensNotBefore has second precision
-    merge(
-        &env,
-        "p",
-        json!({ "spec": { "tokensNotBefore": now_rfc3339() } }),
-    )
-    .await
-    .unwrap();
+    merge(&env, "p", json!({ "spec": { "tokensNotBefore": now_rfc3339() } })).await.unwrap();
     env.put_key("p-key", ROTATED_KEY).await;
-    merge(&env, "p", json!({ "spec": { "active": true } }))
-        .await
-        .unwrap();
+    merge(&env, "p", json!({ "spec": { "active": true } })).await.unwrap();
 
     // The old token stays refused; a new one works with the new key.
     until_chat(&env, &old, "token_revoked").await;
@@ -221,39 +163,24 @@ async fn workflow_respond_to_a_security_incident() {
     let fresh = env.minted("p", "fresh").await;
     until_chat(&env, &fresh, "").await;
     let last = env.upstream.requests().pop().unwrap();
-    assert_eq!(
-        last.header("authorization").unwrap(),
-        format!("Bearer {ROTATED_KEY}")
-    );
+    assert_eq!(last.header("authorization").unwrap(), format!("Bearer {ROTATED_KEY}"));
     assert_eq!(env.chat(&old).await.error_code(), "token_revoked");
 
     // Nothing secret went anywhere it should not: logs, Events, statuses.
     let mut haystack = env.logs();
-    for event in Api::<Event>::all(env.client.clone())
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-    {
+    for event in Api::<Event>::all(env.client.clone()).list(&ListParams::default()).await.unwrap() {
         haystack.push_str(&serde_json::to_string(&event).unwrap());
     }
     haystack.push_str(&serde_json::to_string(&project(&env, "p").await).unwrap());
-    for token in Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
+    for token in
+        Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps).list(&ListParams::default()).await.unwrap()
     {
         haystack.push_str(&serde_json::to_string(&token).unwrap());
     }
-    assert!(
-        haystack.contains("\"path\":\"/v1/chat/completions\""),
-        "the access log was searched"
-    );
+    assert!(haystack.contains("\"path\":\"/v1/chat/completions\""), "the access log was searched");
     for secret in [TEST_KEY, ROTATED_KEY, old.as_str(), fresh.as_str()] {
         assert!(!haystack.contains(secret), "a secret leaked");
-        assert!(
-            !haystack.contains(&secret[..12]),
-            "the first 12 characters of a secret leaked"
-        );
+        assert!(!haystack.contains(&secret[..12]), "the first 12 characters of a secret leaked");
     }
 }
 
@@ -264,9 +191,7 @@ async fn projects_start_active_and_kubectl_filters_by_status_and_name() {
     let env = running("filter").await;
     env.create_project("on").await;
     env.create_project("off").await;
-    merge(&env, "off", json!({ "spec": { "active": false } }))
-        .await
-        .unwrap();
+    merge(&env, "off", json!({ "spec": { "active": false } })).await.unwrap();
     eventually(WAIT, || async {
         (project(&env, "off").await.status?.phase == Some(ProjectPhase::Inactive)).then_some(())
     })
@@ -297,14 +222,8 @@ async fn projects_start_active_and_kubectl_filters_by_status_and_name() {
         .map(str::to_string)
         .collect()
     };
-    assert_eq!(
-        names("Active"),
-        BTreeSet::from([format!("project.llmproxy.io/{}", env.scoped("on"))])
-    );
-    assert_eq!(
-        names("Inactive"),
-        BTreeSet::from([format!("project.llmproxy.io/{}", env.scoped("off"))])
-    );
+    assert_eq!(names("Active"), BTreeSet::from([format!("project.llmproxy.io/{}", env.scoped("on"))]));
+    assert_eq!(names("Inactive"), BTreeSet::from([format!("project.llmproxy.io/{}", env.scoped("off"))]));
     assert!(kubectl(&["get", "project", &env.scoped("on")]).contains("Active"));
 }
 
@@ -313,41 +232,23 @@ async fn deactivation_refuses_and_stops_minting_without_revoking() {
     let env = running("deactivate").await;
     env.create_project("p").await;
     let token = env.minted("p", "existing").await;
-    merge(&env, "p", json!({ "spec": { "active": false } }))
-        .await
-        .unwrap();
+    merge(&env, "p", json!({ "spec": { "active": false } })).await.unwrap();
     let refused = until_chat(&env, &token, "project_inactive").await;
     assert_eq!(refused.status, 403);
 
     env.create_token("new", token_spec(&env.scoped("p"))).await;
     let new = env.wait_token("new", TokenPhase::ProjectInactive).await;
-    let issued = new
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Issued")
-        .unwrap();
+    let issued = new.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Issued").unwrap();
     assert_eq!(
         (issued.status.as_str(), issued.message.as_str()),
         ("False", "Cannot generate tokens for inactive project")
     );
-    assert!(
-        Api::<Secret>::namespaced(env.client.clone(), &env.apps)
-            .get_opt("new")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(Api::<Secret>::namespaced(env.client.clone(), &env.apps).get_opt("new").await.unwrap().is_none());
     wait_event(&env, "new", "ProjectInactive").await;
-    let existing = env
-        .wait_token("existing", TokenPhase::ProjectInactive)
-        .await;
+    let existing = env.wait_token("existing", TokenPhase::ProjectInactive).await;
     assert!(!existing.spec.revoked);
 
-    merge(&env, "p", json!({ "spec": { "active": true } }))
-        .await
-        .unwrap();
+    merge(&env, "p", json!({ "spec": { "active": true } })).await.unwrap();
     until_chat(&env, &token, "").await;
     env.wait_token("existing", TokenPhase::Active).await;
     env.wait_token("new", TokenPhase::Active).await;
@@ -367,37 +268,19 @@ async fn an_invalid_or_missing_key_is_reported_and_never_forwarded() {
     assert_eq!(refused.status, 503);
     let status = eventually(WAIT, || async {
         let status = project(&env, "p").await.status?;
-        let valid = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == cond::API_KEY_VALID)?
-            .clone();
+        let valid = status.conditions.iter().find(|c| c.type_ == cond::API_KEY_VALID)?.clone();
         (valid.status == "False").then_some(valid)
     })
     .await;
-    assert_eq!(
-        (status.reason.as_str(), status.message.as_str()),
-        ("InvalidAPIKeyFormat", "Invalid API key format")
-    );
+    assert_eq!((status.reason.as_str(), status.message.as_str()), ("InvalidAPIKeyFormat", "Invalid API key format"));
     wait_event(&env, &env.scoped("p"), "InvalidAPIKeyFormat").await;
-    assert_eq!(
-        env.upstream.requests().len(),
-        before,
-        "nothing was forwarded with the bad key"
-    );
+    assert_eq!(env.upstream.requests().len(), before, "nothing was forwarded with the bad key");
 
-    Api::<Secret>::namespaced(env.client.clone(), &env.ops)
-        .delete("p-key", &DeleteParams::default())
-        .await
-        .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), &env.ops).delete("p-key", &DeleteParams::default()).await.unwrap();
     until_chat(&env, &token, "project_key_invalid").await;
     eventually(WAIT, || async {
         let status = project(&env, "p").await.status?;
-        status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == cond::API_KEY_VALID && c.reason == "SecretNotFound")
-            .then_some(())
+        status.conditions.iter().any(|c| c.type_ == cond::API_KEY_VALID && c.reason == "SecretNotFound").then_some(())
     })
     .await;
 }
@@ -411,35 +294,18 @@ async fn bulk_revocation_is_immediate_and_cannot_be_undone() {
     until_chat(&env, &a, "").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let cut = now_rfc3339();
-    merge(&env, "p", json!({ "spec": { "tokensNotBefore": cut } }))
-        .await
-        .unwrap();
+    merge(&env, "p", json!({ "spec": { "tokensNotBefore": cut } })).await.unwrap();
     until_chat(&env, &a, "token_revoked").await;
     assert_eq!(env.chat(&b).await.error_code(), "token_revoked");
     env.wait_token("a", TokenPhase::Revoked).await;
     env.wait_token("b", TokenPhase::Revoked).await;
     wait_event(&env, &env.scoped("p"), "TokensRevoked").await;
 
-    let back = jiff::Timestamp::now()
-        .checked_sub(jiff::SignedDuration::from_hours(1))
-        .unwrap()
-        .to_string();
-    let error = merge(&env, "p", json!({ "spec": { "tokensNotBefore": back } }))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains("tokensNotBefore cannot be removed or moved back"),
-        "{error}"
-    );
-    let error = merge(&env, "p", json!({ "spec": { "tokensNotBefore": null } }))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains("tokensNotBefore cannot be removed or moved back"),
-        "{error}"
-    );
+    let back = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_hours(1)).unwrap().to_string();
+    let error = merge(&env, "p", json!({ "spec": { "tokensNotBefore": back } })).await.unwrap_err().to_string();
+    assert!(error.contains("tokensNotBefore cannot be removed or moved back"), "{error}");
+    let error = merge(&env, "p", json!({ "spec": { "tokensNotBefore": null } })).await.unwrap_err().to_string();
+    assert!(error.contains("tokensNotBefore cannot be removed or moved back"), "{error}");
 }
 
 #[tokio::test]
@@ -448,25 +314,15 @@ async fn without_the_policy_the_finalizer_keeps_a_deleted_project() {
     env.create_project("p").await;
     let token = env.minted("p", "app").await;
     until_chat(&env, &token, "").await;
-    eventually(WAIT, || async {
-        (!project(&env, "p").await.finalizers().is_empty()).then_some(())
-    })
-    .await;
+    eventually(WAIT, || async { (!project(&env, "p").await.finalizers().is_empty()).then_some(()) }).await;
 
     let projects: Api<Project> = Api::all(env.client.clone());
-    projects
-        .delete(&env.scoped("p"), &DeleteParams::default())
-        .await
-        .unwrap();
+    projects.delete(&env.scoped("p"), &DeleteParams::default()).await.unwrap();
     until_chat(&env, &token, "project_inactive").await;
     let kept = eventually(WAIT, || async {
         let p = project(&env, "p").await;
         let status = p.status.clone()?;
-        status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == cond::DELETION_BLOCKED && c.status == "True")
-            .then_some(p)
+        status.conditions.iter().any(|c| c.type_ == cond::DELETION_BLOCKED && c.status == "True").then_some(p)
     })
     .await;
     let status = kept.status.unwrap();
@@ -474,33 +330,14 @@ async fn without_the_policy_the_finalizer_keeps_a_deleted_project() {
     assert_eq!(status.tokens.unwrap().total, 1, "its tokens stay on record");
     wait_event(&env, &env.scoped("p"), "DeletionBlocked").await;
     // The token itself is not revoked: only refused while the project is inactive.
-    assert!(
-        !Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps)
-            .get("app")
-            .await
-            .unwrap()
-            .spec
-            .revoked
-    );
+    assert!(!Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps).get("app").await.unwrap().spec.revoked);
 
     // The documented escape hatch for a cluster admin: remove the finalizer by hand.
     projects
-        .patch(
-            &env.scoped("p"),
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
-        )
+        .patch(&env.scoped("p"), &PatchParams::default(), &Patch::Merge(json!({ "metadata": { "finalizers": null } })))
         .await
         .unwrap();
-    eventually(WAIT, || async {
-        projects
-            .get_opt(&env.scoped("p"))
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    eventually(WAIT, || async { projects.get_opt(&env.scoped("p")).await.unwrap().is_none().then_some(()) }).await;
 }
 
 #[tokio::test]
@@ -509,10 +346,7 @@ async fn kubectl_describe_shows_the_details_view() {
     env.create_project("p").await;
     env.minted("p", "one").await;
     env.minted("p", "two").await;
-    eventually(WAIT, || async {
-        (project(&env, "p").await.status?.tokens?.total == 2).then_some(())
-    })
-    .await;
+    eventually(WAIT, || async { (project(&env, "p").await.status?.tokens?.total == 2).then_some(()) }).await;
     wait_event(&env, &env.scoped("p"), "TokenIssued").await;
     let output = std::process::Command::new(support::kubectl())
         .env("KUBECONFIG", support::kubeconfig())
@@ -543,23 +377,12 @@ async fn audit_events_name_what_changed() {
     let env = running("audit").await;
     env.create_project("p").await;
     env.minted("p", "app").await;
-    merge(&env, "p", json!({ "spec": { "active": false } }))
-        .await
-        .unwrap();
+    merge(&env, "p", json!({ "spec": { "active": false } })).await.unwrap();
     wait_event(&env, &env.scoped("p"), "Deactivated").await;
-    merge(&env, "p", json!({ "spec": { "active": true } }))
-        .await
-        .unwrap();
+    merge(&env, "p", json!({ "spec": { "active": true } })).await.unwrap();
     wait_event(&env, &env.scoped("p"), "Activated").await;
     let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
-    tokens
-        .patch(
-            "app",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "revoked": true } })),
-        )
-        .await
-        .unwrap();
+    tokens.patch("app", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "revoked": true } }))).await.unwrap();
     wait_event(&env, "app", "Revoked").await;
     let mut short = token_spec(&env.scoped("p"));
     short.duration = "1s".into();
@@ -567,18 +390,8 @@ async fn audit_events_name_what_changed() {
     wait_event(&env, "short", "Expired").await;
 
     let project_history = event_reasons(&env, &env.scoped("p")).await;
-    for reason in [
-        "Created",
-        "TokenIssued",
-        "Deactivated",
-        "Activated",
-        "TokenRevoked",
-        "TokenExpired",
-    ] {
-        assert!(
-            project_history.iter().any(|r| r == reason),
-            "{reason} missing from {project_history:?}"
-        );
+    for reason in ["Created", "TokenIssued", "Deactivated", "Activated", "TokenRevoked", "TokenExpired"] {
+        assert!(project_history.iter().any(|r| r == reason), "{reason} missing from {project_history:?}");
     }
     assert_eq!(event_reasons(&env, "app").await, ["Issued", "ProjectInactive", "Usable", "Revoked"]);
 }

@@ -38,22 +38,11 @@ pub struct Conditions<'a> {
 impl<'a> Conditions<'a> {
     /// Starts a list for an object at `generation`, observed at `now`.
     pub fn new(previous: &'a [Condition], generation: Option<i64>, now: Time) -> Self {
-        Self {
-            previous,
-            generation,
-            now,
-            out: Vec::new(),
-        }
+        Self { previous, generation, now, out: Vec::new() }
     }
 
     /// Sets condition `type_`, keeping the old `lastTransitionTime` when its status did not change.
-    pub fn set(
-        &mut self,
-        type_: &str,
-        status: ConditionStatus,
-        reason: &str,
-        message: impl Into<String>,
-    ) {
+    pub fn set(&mut self, type_: &str, status: ConditionStatus, reason: &str, message: impl Into<String>) {
         let last_transition_time = self
             .previous
             .iter()
@@ -79,9 +68,7 @@ impl<'a> Conditions<'a> {
 
 /// Whether condition `type_` is present with status `True`.
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == type_ && c.status == "True")
+    conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
 }
 
 #[cfg(test)]

@@ -23,30 +23,12 @@ pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
     shortname = "proj",
     category = "llmproxy",
     doc = "An upstream LLM API key and the namespaces whose ProxyTokens may use it",
-    printcolumn(
-        name = "Display Name",
-        type_ = "string",
-        json_path = ".spec.displayName"
-    ),
+    printcolumn(name = "Display Name", type_ = "string", json_path = ".spec.displayName"),
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Tokens", type_ = "integer", json_path = ".status.tokens.total"),
-    printcolumn(
-        name = "Active Tokens",
-        type_ = "integer",
-        json_path = ".status.tokens.active",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Key",
-        type_ = "string",
-        json_path = ".status.apiKeyHint",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    ),
+    printcolumn(name = "Active Tokens", type_ = "integer", json_path = ".status.tokens.active", priority = 1),
+    printcolumn(name = "Key", type_ = "string", json_path = ".status.apiKeyHint", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     selectable = ".status.phase",
     selectable = ".spec.active"
 )]
@@ -90,10 +72,7 @@ fn default_true() -> bool {
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret.
-    #[schemars(
-        length(min = 1, max = 253),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub name: String,
     /// Key inside the Secret's data.
     #[serde(default = "default_api_key_key")]
@@ -123,9 +102,7 @@ pub struct Upstream {
 
 impl Default for Upstream {
     fn default() -> Self {
-        Self {
-            url: default_upstream_url(),
-        }
+        Self { url: default_upstream_url() }
     }
 }
 

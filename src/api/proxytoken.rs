@@ -21,36 +21,14 @@ pub const MAX_TOKEN_DURATION: &str = "8760h";
     shortname = "ptok",
     category = "llmproxy",
     doc = "A credential for one workload, minted by the controller into a Secret",
-    printcolumn(
-        name = "Project",
-        type_ = "string",
-        json_path = ".spec.projectRef.name"
-    ),
+    printcolumn(name = "Project", type_ = "string", json_path = ".spec.projectRef.name"),
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "Requests",
-        type_ = "integer",
-        json_path = ".status.requestCount"
-    ),
+    printcolumn(name = "Requests", type_ = "integer", json_path = ".status.requestCount"),
     printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxRequests"),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
-    printcolumn(
-        name = "Last Used",
-        type_ = "date",
-        json_path = ".status.lastUsedAt",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Secret",
-        type_ = "string",
-        json_path = ".status.secretName",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    ),
+    printcolumn(name = "Last Used", type_ = "date", json_path = ".status.lastUsedAt", priority = 1),
+    printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     selectable = ".spec.projectRef.name",
     selectable = ".status.phase"
 )]
@@ -64,10 +42,7 @@ pub struct ProxyTokenSpec {
     pub project_ref: ProjectRef,
 
     /// Lifetime from issue, as a Go duration (`720h`, `90m`); at most one year. Immutable.
-    #[schemars(
-        length(min = 2, max = 64),
-        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
-    )]
+    #[schemars(length(min = 2, max = 64), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     #[x_kube(
         validation = Rule::new("duration(self) > duration('0s') && duration(self) <= duration('8760h')")
             .message("duration must be more than 0s and at most 8760h (one year), e.g. 720h"),
@@ -87,10 +62,7 @@ pub struct ProxyTokenSpec {
 
     /// Secret (in this namespace) that receives the token. Default: the ProxyToken's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 253),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub secret_name: Option<String>,
 }
 
@@ -122,9 +94,14 @@ pub struct ProxyTokenStatus {
     /// `issuedAt + duration`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<MicroTime>,
-    /// Requests forwarded with this token.
+    /// Requests forwarded with this token (written by the proxies every few seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_count: Option<i64>,
+    /// With `maxRequests`: requests proxy replicas have reserved in blocks (never more
+    /// than `maxRequests`; at least `requestCount`). A crashed replica's unused block is
+    /// lost, never spent twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_requests: Option<i64>,
     /// Last time a request was forwarded with this token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<MicroTime>,

@@ -4,9 +4,7 @@
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:18080".to_string());
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:18080".to_string());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     let upstream = llm_proxy::fake_upstream::FakeUpstream::serve(listener, false);
     println!("fake upstream listening on {}", upstream.url);

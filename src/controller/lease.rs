@@ -48,11 +48,7 @@ pub struct Elector {
 impl Elector {
     /// An elector for `settings`.
     pub fn new(client: Client, settings: LeaseSettings) -> Self {
-        Self {
-            api: Api::namespaced(client, &settings.namespace),
-            settings,
-            observed: None,
-        }
+        Self { api: Api::namespaced(client, &settings.namespace), settings, observed: None }
     }
 
     /// Tries once to acquire or renew; `Ok(true)` while this replica leads.
@@ -67,10 +63,7 @@ impl Elector {
         let duration_secs = self.settings.lease_duration.as_secs().max(1) as i32;
         let Some(mut lease) = self.api.get_opt(&self.settings.name).await.map_err(err)? else {
             let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.settings.name.clone()),
-                    ..Default::default()
-                },
+                metadata: ObjectMeta { name: Some(self.settings.name.clone()), ..Default::default() },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(me),
                     lease_duration_seconds: Some(duration_secs),
@@ -90,19 +83,13 @@ impl Elector {
         let spec = lease.spec.get_or_insert_with(Default::default);
         let holder = spec.holder_identity.clone();
         let version = lease.metadata.resource_version.clone();
-        let changed = self
-            .observed
-            .as_ref()
-            .is_none_or(|(h, v, _)| *h != holder || *v != version);
+        let changed = self.observed.as_ref().is_none_or(|(h, v, _)| *h != holder || *v != version);
         if changed {
             self.observed = Some((holder.clone(), version, Instant::now()));
         }
         let held_by_me = holder.as_deref() == Some(me.as_str());
         let free = holder.as_deref().is_none_or(str::is_empty);
-        let expired = self
-            .observed
-            .as_ref()
-            .is_some_and(|(_, _, seen)| seen.elapsed() >= self.settings.lease_duration);
+        let expired = self.observed.as_ref().is_some_and(|(_, _, seen)| seen.elapsed() >= self.settings.lease_duration);
         if !(held_by_me || free || expired) {
             return Ok(false);
         }
@@ -115,11 +102,7 @@ impl Elector {
         spec.renew_time = Some(now);
         // `replace` carries the resourceVersion we read: if another replica wrote in
         // between, ours fails with 409 and we are not the leader.
-        match self
-            .api
-            .replace(&self.settings.name, &PostParams::default(), &lease)
-            .await
-        {
+        match self.api.replace(&self.settings.name, &PostParams::default(), &lease).await {
             Ok(updated) => {
                 self.observed = Some((
                     updated.spec.and_then(|s| s.holder_identity),
@@ -157,9 +140,7 @@ impl Elector {
                 Err(error) => {
                     tracing::warn!(%error, "lease renewal failed");
                     // Give up before another replica may legitimately take over.
-                    if last_renewed.elapsed() + self.settings.retry_period
-                        >= self.settings.lease_duration
-                    {
+                    if last_renewed.elapsed() + self.settings.retry_period >= self.settings.lease_duration {
                         return;
                     }
                 }

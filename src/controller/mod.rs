@@ -50,11 +50,7 @@ impl Context {
     pub async fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, event: Audit) {
         let reason = event.reason.clone();
         let event = Event {
-            type_: if event.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
+            type_: if event.warning { EventType::Warning } else { EventType::Normal },
             reason: event.reason,
             note: Some(event.note),
             action: event.action.into(),
@@ -84,24 +80,12 @@ pub struct Audit {
 impl Audit {
     /// A `Normal` entry.
     pub fn normal(reason: &str, action: &'static str, note: impl Into<String>) -> Self {
-        Self {
-            warning: false,
-            reason: reason.into(),
-            action,
-            note: note.into(),
-            related: None,
-        }
+        Self { warning: false, reason: reason.into(), action, note: note.into(), related: None }
     }
 
     /// A `Warning` entry.
     pub fn warning(reason: &str, action: &'static str, note: impl Into<String>) -> Self {
-        Self {
-            warning: true,
-            reason: reason.into(),
-            action,
-            note: note.into(),
-            related: None,
-        }
+        Self { warning: true, reason: reason.into(), action, note: note.into(), related: None }
     }
 }
 
@@ -110,17 +94,10 @@ impl Audit {
 pub enum Error {
     /// Reading the Secret that holds a project's key.
     #[error("reading Secret {namespace}/{name}: {source}")]
-    GetKeySecret {
-        namespace: String,
-        name: String,
-        source: kube::Error,
-    },
+    GetKeySecret { namespace: String, name: String, source: kube::Error },
     /// Listing the tokens of a project.
     #[error("listing ProxyTokens of Project {project}: {source}")]
-    ListTokens {
-        project: String,
-        source: kube::Error,
-    },
+    ListTokens { project: String, source: kube::Error },
     /// Reading the project of a token.
     #[error("reading Project {name}: {source}")]
     GetProject { name: String, source: kube::Error },
@@ -132,18 +109,10 @@ pub enum Error {
     AddFinalizer { name: String, source: kube::Error },
     /// Writing status.
     #[error("writing the status of {kind} {name}: {source}")]
-    PatchStatus {
-        kind: &'static str,
-        name: String,
-        source: kube::Error,
-    },
+    PatchStatus { kind: &'static str, name: String, source: kube::Error },
     /// Creating or reading the token Secret.
     #[error("writing token Secret {namespace}/{name}: {source}")]
-    TokenSecret {
-        namespace: String,
-        name: String,
-        source: kube::Error,
-    },
+    TokenSecret { namespace: String, name: String, source: kube::Error },
     /// The OS random number generator failed.
     #[error("minting a token: {0}")]
     Mint(#[from] crate::token::MintError),
@@ -173,20 +142,9 @@ fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action
 }
 
 /// Runs both controllers until `shutdown` resolves.
-pub async fn run(
-    client: Client,
-    settings: Settings,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) {
-    let reporter = Reporter {
-        controller: CONTROLLER_MANAGER.into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
-        settings,
-    });
+pub async fn run(client: Client, settings: Settings, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+    let reporter = Reporter { controller: CONTROLLER_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+    let ctx = Arc::new(Context { client: client.clone(), recorder: Recorder::new(client.clone(), reporter), settings });
     let labelled = match &ctx.settings.label_selector {
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),
@@ -210,9 +168,7 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
-        .watches(tokens.clone(), labelled.clone(), |t| {
-            Some(ObjectRef::new(&t.spec.project_ref.name))
-        });
+        .watches(tokens.clone(), labelled.clone(), |t| Some(ObjectRef::new(&t.spec.project_ref.name)));
 
     // No watch on token Secrets: that would need list/watch on every Secret in the
     // cluster. The controller only ever gets or creates the one Secret it mints.

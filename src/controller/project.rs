@@ -13,8 +13,8 @@ use serde_json::json;
 
 use super::{Audit, Context, Error};
 use crate::api::{
-    CONTROLLER_MANAGER, ConditionStatus, Conditions, PROJECT_FINALIZER, Project, ProjectPhase,
-    ProjectStatus, ProxyToken, TokenCounts, TokenPhase, TokenSummary, project_conditions as cond,
+    CONTROLLER_MANAGER, ConditionStatus, Conditions, PROJECT_FINALIZER, Project, ProjectPhase, ProjectStatus,
+    ProxyToken, TokenCounts, TokenPhase, TokenSummary, project_conditions as cond,
 };
 use crate::apikey::{ApiKey, KeyProblem};
 
@@ -50,21 +50,12 @@ pub fn decide(o: &Observed) -> Decision {
     let old = p.status.clone().unwrap_or_default();
     let first_time = p.status.is_none();
     let deleting = p.metadata.deletion_timestamp.is_some();
-    let phase = if p.spec.active && !deleting {
-        ProjectPhase::Active
-    } else {
-        ProjectPhase::Inactive
-    };
+    let phase = if p.spec.active && !deleting { ProjectPhase::Active } else { ProjectPhase::Inactive };
     let secret = &p.spec.api_key_secret_ref;
 
     let mut conditions = Conditions::new(&old.conditions, p.metadata.generation, o.now.clone());
     match &o.key {
-        Ok(_) => conditions.set(
-            cond::API_KEY_VALID,
-            ConditionStatus::True,
-            "Valid",
-            "API key is well-formed",
-        ),
+        Ok(_) => conditions.set(cond::API_KEY_VALID, ConditionStatus::True, "Valid", "API key is well-formed"),
         Err(problem) => conditions.set(
             cond::API_KEY_VALID,
             ConditionStatus::False,
@@ -73,33 +64,20 @@ pub fn decide(o: &Observed) -> Decision {
         ),
     }
     let (ready, ready_reason, ready_message) = match (phase, &o.key) {
-        (ProjectPhase::Active, Ok(_)) => (
-            true,
-            "Active",
-            "Requests with this project's tokens are forwarded".to_string(),
-        ),
-        (ProjectPhase::Active, Err(problem)) => (
-            false,
-            problem.reason(),
-            "Requests are refused until the API key is fixed".to_string(),
-        ),
-        (ProjectPhase::Inactive, _) if deleting => (
-            false,
-            "DeletionRequested",
-            "Deletion was requested; the project is inactive".to_string(),
-        ),
-        (ProjectPhase::Inactive, _) => (
-            false,
-            "Deactivated",
-            "spec.active is false; requests with its tokens are refused".to_string(),
-        ),
+        (ProjectPhase::Active, Ok(_)) => {
+            (true, "Active", "Requests with this project's tokens are forwarded".to_string())
+        }
+        (ProjectPhase::Active, Err(problem)) => {
+            (false, problem.reason(), "Requests are refused until the API key is fixed".to_string())
+        }
+        (ProjectPhase::Inactive, _) if deleting => {
+            (false, "DeletionRequested", "Deletion was requested; the project is inactive".to_string())
+        }
+        (ProjectPhase::Inactive, _) => {
+            (false, "Deactivated", "spec.active is false; requests with its tokens are refused".to_string())
+        }
     };
-    conditions.set(
-        cond::READY,
-        ConditionStatus::from_bool(ready),
-        ready_reason,
-        ready_message,
-    );
+    conditions.set(cond::READY, ConditionStatus::from_bool(ready), ready_reason, ready_message);
     if deleting {
         conditions.set(
             cond::DELETION_BLOCKED,
@@ -108,41 +86,24 @@ pub fn decide(o: &Observed) -> Decision {
             "Projects keep their audit trail and cannot be deleted: set spec.active=false instead. To remove it anyway, remove the finalizer llmproxy.io/project-protection by hand.",
         );
     } else {
-        conditions.set(
-            cond::DELETION_BLOCKED,
-            ConditionStatus::False,
-            "NotRequested",
-            "No deletion requested",
-        );
+        conditions.set(cond::DELETION_BLOCKED, ConditionStatus::False, "NotRequested", "No deletion requested");
     }
 
     let mut recent: Vec<&ProxyToken> = o.tokens.iter().filter(|t| issued_at(t).is_some()).collect();
-    recent.sort_by(|a, b| {
-        issued_at(b)
-            .cmp(&issued_at(a))
-            .then_with(|| a.name_any().cmp(&b.name_any()))
-    });
+    recent.sort_by(|a, b| issued_at(b).cmp(&issued_at(a)).then_with(|| a.name_any().cmp(&b.name_any())));
     let recent_tokens = recent
         .into_iter()
         .take(RECENT_TOKENS)
         .map(|t| TokenSummary {
             namespace: t.namespace().unwrap_or_default(),
             name: t.name_any(),
-            phase: t
-                .status
-                .as_ref()
-                .and_then(|s| s.phase)
-                .map(|ph| ph.as_str().to_string()),
+            phase: t.status.as_ref().and_then(|s| s.phase).map(|ph| ph.as_str().to_string()),
             issued_at: t.status.as_ref().and_then(|s| s.issued_at.clone()),
         })
         .collect();
     let counts = TokenCounts {
         total: o.tokens.len() as u32,
-        active: o
-            .tokens
-            .iter()
-            .filter(|t| token_phase(t) == Some(TokenPhase::Active))
-            .count() as u32,
+        active: o.tokens.iter().filter(|t| token_phase(t) == Some(TokenPhase::Active)).count() as u32,
     };
 
     let status = ProjectStatus {
@@ -151,11 +112,7 @@ pub fn decide(o: &Observed) -> Decision {
         api_key_fingerprint: o.key.as_ref().ok().map(ApiKey::fingerprint),
         tokens: Some(counts),
         recent_tokens,
-        tokens_not_before: p
-            .spec
-            .tokens_not_before
-            .as_ref()
-            .map(|t| crate::api::micros(t.0)),
+        tokens_not_before: p.spec.tokens_not_before.as_ref().map(|t| crate::api::micros(t.0)),
         conditions: conditions.finish(),
         observed_generation: p.metadata.generation,
     };
@@ -167,18 +124,12 @@ fn events(old: &ProjectStatus, new: &ProjectStatus, first_time: bool, o: &Observ
     let mut events = Vec::new();
     let phase = new.phase.map_or("Unknown", ProjectPhase::as_str);
     if first_time {
-        events.push(Audit::normal(
-            "Created",
-            "Reconcile",
-            format!("Project registered; status {phase}"),
-        ));
+        events.push(Audit::normal("Created", "Reconcile", format!("Project registered; status {phase}")));
     } else if old.phase != new.phase {
         match new.phase {
-            Some(ProjectPhase::Active) => events.push(Audit::normal(
-                "Activated",
-                "Activate",
-                "Project activated: its tokens work again",
-            )),
+            Some(ProjectPhase::Active) => {
+                events.push(Audit::normal("Activated", "Activate", "Project activated: its tokens work again"))
+            }
             _ => events.push(Audit::normal(
                 "Deactivated",
                 "Deactivate",
@@ -197,10 +148,7 @@ fn events(old: &ProjectStatus, new: &ProjectStatus, first_time: bool, o: &Observ
         ));
     }
     let key_condition = |s: &ProjectStatus| {
-        s.conditions
-            .iter()
-            .find(|c| c.type_ == cond::API_KEY_VALID)
-            .map(|c| (c.status.clone(), c.reason.clone()))
+        s.conditions.iter().find(|c| c.type_ == cond::API_KEY_VALID).map(|c| (c.status.clone(), c.reason.clone()))
     };
     if let Err(problem) = &o.key
         && key_condition(old) != key_condition(new)
@@ -213,16 +161,8 @@ fn events(old: &ProjectStatus, new: &ProjectStatus, first_time: bool, o: &Observ
         ));
     }
     if new.tokens_not_before.is_some() && old.tokens_not_before != new.tokens_not_before {
-        let at = new
-            .tokens_not_before
-            .as_ref()
-            .map(|t| t.0.to_string())
-            .unwrap_or_default();
-        events.push(Audit::normal(
-            "TokensRevoked",
-            "RevokeAll",
-            format!("Every token issued before {at} is revoked"),
-        ));
+        let at = new.tokens_not_before.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+        events.push(Audit::normal("TokensRevoked", "RevokeAll", format!("Every token issued before {at} is revoked")));
     }
     let blocked = |s: &ProjectStatus| crate::api::is_true(&s.conditions, cond::DELETION_BLOCKED);
     if blocked(new) && !blocked(old) {
@@ -249,9 +189,7 @@ pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Actio
     let name = project.name_any();
     let projects = Api::<Project>::all(client.clone());
 
-    if project.metadata.deletion_timestamp.is_none()
-        && !project.finalizers().iter().any(|f| f == PROJECT_FINALIZER)
-    {
+    if project.metadata.deletion_timestamp.is_none() && !project.finalizers().iter().any(|f| f == PROJECT_FINALIZER) {
         let mut finalizers = project.finalizers().to_vec();
         finalizers.push(PROJECT_FINALIZER.to_string());
         // The resourceVersion makes this a compare-and-swap: never drop someone else's finalizer.
@@ -259,10 +197,7 @@ pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Actio
         projects
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|source| Error::AddFinalizer {
-                name: name.clone(),
-                source,
-            })?;
+            .map_err(|source| Error::AddFinalizer { name: name.clone(), source })?;
     }
 
     let secret_ref = &project.spec.api_key_secret_ref;
@@ -289,10 +224,7 @@ pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Actio
     let tokens = Api::<ProxyToken>::all(client.clone())
         .list(&list)
         .await
-        .map_err(|source| Error::ListTokens {
-            project: name.clone(),
-            source,
-        })?
+        .map_err(|source| Error::ListTokens { project: name.clone(), source })?
         .items;
 
     let observed = Observed {
@@ -310,17 +242,9 @@ pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Actio
             "status": decision.status,
         });
         projects
-            .patch_status(
-                &name,
-                &PatchParams::apply(CONTROLLER_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
+            .patch_status(&name, &PatchParams::apply(CONTROLLER_MANAGER).force(), &Patch::Apply(&patch))
             .await
-            .map_err(|source| Error::PatchStatus {
-                kind: "Project",
-                name: name.clone(),
-                source,
-            })?;
+            .map_err(|source| Error::PatchStatus { kind: "Project", name: name.clone(), source })?;
     }
     for event in decision.events {
         ctx.publish(&*project, event).await;

@@ -17,9 +17,8 @@ use serde_json::json;
 
 use super::{Audit, Context, Error, selector};
 use crate::api::{
-    CONTROLLER_MANAGER, ConditionStatus, Conditions, MANAGED_BY_LABEL, NamespacesFrom, Project,
-    ProxyToken, ProxyTokenStatus, TOKEN_HASH_ANNOTATION, TokenPhase, token_conditions as cond,
-    token_secret_keys as keys,
+    CONTROLLER_MANAGER, ConditionStatus, Conditions, MANAGED_BY_LABEL, NamespacesFrom, Project, ProxyToken,
+    ProxyTokenStatus, TOKEN_HASH_ANNOTATION, TokenPhase, token_conditions as cond, token_secret_keys as keys,
 };
 use crate::duration::parse_go_duration;
 use crate::token::{Token, TokenHash};
@@ -40,11 +39,7 @@ pub struct Verdict {
 
 impl Verdict {
     fn new(phase: TokenPhase, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            phase,
-            reason,
-            message: message.into(),
-        }
+        Self { phase, reason, message: message.into() }
     }
 }
 
@@ -52,19 +47,11 @@ impl Verdict {
 pub const INACTIVE_PROJECT_MESSAGE: &str = "Cannot generate tokens for inactive project";
 
 /// Decides whether a token that has not been minted may be. Pure.
-pub fn admit(
-    token: &ProxyToken,
-    project: Option<&Project>,
-    namespace_allowed: bool,
-) -> Result<(), Verdict> {
+pub fn admit(token: &ProxyToken, project: Option<&Project>, namespace_allowed: bool) -> Result<(), Verdict> {
     let project_name = &token.spec.project_ref.name;
     let namespace = token.namespace().unwrap_or_default();
     if token.spec.revoked {
-        return Err(Verdict::new(
-            TokenPhase::Revoked,
-            "Revoked",
-            "Revoked before it was issued; nothing was minted",
-        ));
+        return Err(Verdict::new(TokenPhase::Revoked, "Revoked", "Revoked before it was issued; nothing was minted"));
     }
     let Some(project) = project else {
         return Err(Verdict::new(
@@ -83,11 +70,7 @@ pub fn admit(
         ));
     }
     if !project.spec.active || project.metadata.deletion_timestamp.is_some() {
-        return Err(Verdict::new(
-            TokenPhase::ProjectInactive,
-            "ProjectInactive",
-            INACTIVE_PROJECT_MESSAGE,
-        ));
+        return Err(Verdict::new(TokenPhase::ProjectInactive, "ProjectInactive", INACTIVE_PROJECT_MESSAGE));
     }
     Ok(())
 }
@@ -98,10 +81,7 @@ pub fn namespace_allowed(project: &Project, labels: &BTreeMap<String, String>) -
         None => false,
         Some(grant) => match grant.from {
             NamespacesFrom::All => true,
-            NamespacesFrom::Selector => grant
-                .selector
-                .as_ref()
-                .is_some_and(|s| selector::matches(s, labels)),
+            NamespacesFrom::Selector => grant.selector.as_ref().is_some_and(|s| selector::matches(s, labels)),
         },
     }
 }
@@ -111,11 +91,7 @@ pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Times
     let status = token.status.clone().unwrap_or_default();
     let issued_at = status.issued_at.as_ref().map(|t| t.0);
     if token.spec.revoked || status.phase == Some(TokenPhase::Revoked) {
-        return Verdict::new(
-            TokenPhase::Revoked,
-            "Revoked",
-            "Revoked: requests with this token are refused for good",
-        );
+        return Verdict::new(TokenPhase::Revoked, "Revoked", "Revoked: requests with this token are refused for good");
     }
     if let (Some(project), Some(issued)) = (project, issued_at)
         && let Some(not_before) = &project.spec.tokens_not_before
@@ -125,19 +101,11 @@ pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Times
         return Verdict::new(
             TokenPhase::Revoked,
             "BulkRevoked",
-            format!(
-                "Revoked with every token of Project {} issued before {}",
-                project.name_any(),
-                not_before.0
-            ),
+            format!("Revoked with every token of Project {} issued before {}", project.name_any(), not_before.0),
         );
     }
     if status.phase == Some(TokenPhase::Expired) || expires_at(token).is_some_and(|at| now >= at) {
-        return Verdict::new(
-            TokenPhase::Expired,
-            "Expired",
-            "Expired: create a new ProxyToken",
-        );
+        return Verdict::new(TokenPhase::Expired, "Expired", "Expired: create a new ProxyToken");
     }
     if let Some(max) = token.spec.max_requests
         && status.request_count.unwrap_or(0) >= max
@@ -152,18 +120,12 @@ pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Times
         None => Verdict::new(
             TokenPhase::ProjectInactive,
             "ProjectNotFound",
-            format!(
-                "Project {} not found: requests are refused",
-                token.spec.project_ref.name
-            ),
+            format!("Project {} not found: requests are refused", token.spec.project_ref.name),
         ),
         Some(p) if !p.spec.active || p.metadata.deletion_timestamp.is_some() => Verdict::new(
             TokenPhase::ProjectInactive,
             "ProjectInactive",
-            format!(
-                "Project {} is inactive: requests are refused until it is reactivated",
-                p.name_any()
-            ),
+            format!("Project {} is inactive: requests are refused until it is reactivated", p.name_any()),
         ),
         Some(_) => Verdict::new(TokenPhase::Active, "Active", "Usable"),
     }
@@ -173,9 +135,7 @@ pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Times
 pub fn expires_at(token: &ProxyToken) -> Option<jiff::Timestamp> {
     let issued = token.status.as_ref()?.issued_at.as_ref()?.0;
     let lifetime = parse_go_duration(&token.spec.duration).ok()?;
-    issued
-        .checked_add(jiff::SignedDuration::try_from(lifetime).ok()?)
-        .ok()
+    issued.checked_add(jiff::SignedDuration::try_from(lifetime).ok()?).ok()
 }
 
 /// The status for `verdict`, keeping what minting recorded.
@@ -185,34 +145,20 @@ pub fn status_for(token: &ProxyToken, verdict: &Verdict, now: Time) -> ProxyToke
     let mut conditions = Conditions::new(&old.conditions, token.metadata.generation, now);
     if issued {
         let secret = old.secret_name.clone().unwrap_or_default();
-        conditions.set(
-            cond::ISSUED,
-            ConditionStatus::True,
-            "Minted",
-            format!("Token minted into Secret {secret}"),
-        );
+        conditions.set(cond::ISSUED, ConditionStatus::True, "Minted", format!("Token minted into Secret {secret}"));
     } else {
-        conditions.set(
-            cond::ISSUED,
-            ConditionStatus::False,
-            verdict.reason,
-            verdict.message.clone(),
-        );
+        conditions.set(cond::ISSUED, ConditionStatus::False, verdict.reason, verdict.message.clone());
     }
     let ready = verdict.phase == TokenPhase::Active;
-    conditions.set(
-        cond::READY,
-        ConditionStatus::from_bool(ready),
-        verdict.reason,
-        verdict.message.clone(),
-    );
+    conditions.set(cond::READY, ConditionStatus::from_bool(ready), verdict.reason, verdict.message.clone());
     ProxyTokenStatus {
         phase: Some(verdict.phase),
         expires_at: expires_at(token).map(crate::api::micros),
         conditions: conditions.finish(),
         observed_generation: token.metadata.generation,
-        // The proxy owns the usage fields; they are not part of the controller's apply.
+        // The proxies own the usage fields; they are not part of the controller's apply.
         request_count: None,
+        claimed_requests: None,
         last_used_at: None,
         ..old
     }
@@ -229,11 +175,7 @@ pub fn transition_events(
         return Vec::new();
     }
     let audit = match verdict.phase {
-        _ if minted_now => Audit::normal(
-            "Issued",
-            "Mint",
-            format!("Token minted into Secret {secret_name}"),
-        ),
+        _ if minted_now => Audit::normal("Issued", "Mint", format!("Token minted into Secret {secret_name}")),
         TokenPhase::Active => Audit::normal("Usable", "Reconcile", "Token usable again"),
         TokenPhase::Revoked => Audit::normal("Revoked", "Revoke", verdict.message.clone()),
         TokenPhase::Expired => Audit::normal("Expired", "Expire", verdict.message.clone()),
@@ -254,18 +196,10 @@ pub async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Result<Acti
     let project = Api::<Project>::all(client.clone())
         .get_opt(project_name)
         .await
-        .map_err(|source| Error::GetProject {
-            name: project_name.clone(),
-            source,
-        })?;
+        .map_err(|source| Error::GetProject { name: project_name.clone(), source })?;
 
     let mut current = (*token).clone();
-    let minted_now = if current
-        .status
-        .as_ref()
-        .and_then(|s| s.token_hash.as_ref())
-        .is_none()
-    {
+    let minted_now = if current.status.as_ref().and_then(|s| s.token_hash.as_ref()).is_none() {
         let allowed = match &project {
             Some(p) => namespace_allowed(p, &namespace_labels(&ctx, p, &namespace).await?),
             None => false,
@@ -276,11 +210,7 @@ pub async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Result<Acti
                 Minted::Conflict(verdict) => {
                     return write(&ctx, &current, &verdict, project.as_ref(), false).await;
                 }
-                Minted::Ok {
-                    hash,
-                    secret_name,
-                    issued_at,
-                } => {
+                Minted::Ok { hash, secret_name, issued_at } => {
                     let status = current.status.get_or_insert_with(Default::default);
                     status.token_hash = Some(hash.to_string());
                     status.secret_name = Some(secret_name);
@@ -305,62 +235,37 @@ async fn namespace_labels(
     project: &Project,
     namespace: &str,
 ) -> Result<BTreeMap<String, String>, Error> {
-    let needs_labels = project
-        .spec
-        .allowed_namespaces
-        .as_ref()
-        .is_some_and(|g| g.from == NamespacesFrom::Selector);
+    let needs_labels = project.spec.allowed_namespaces.as_ref().is_some_and(|g| g.from == NamespacesFrom::Selector);
     if !needs_labels {
         return Ok(BTreeMap::new());
     }
     let ns = Api::<Namespace>::all(ctx.client.clone())
         .get(namespace)
         .await
-        .map_err(|source| Error::GetNamespace {
-            name: namespace.to_string(),
-            source,
-        })?;
+        .map_err(|source| Error::GetNamespace { name: namespace.to_string(), source })?;
     Ok(ns.metadata.labels.unwrap_or_default())
 }
 
 enum Minted {
-    Ok {
-        hash: TokenHash,
-        secret_name: String,
-        issued_at: jiff::Timestamp,
-    },
+    Ok { hash: TokenHash, secret_name: String, issued_at: jiff::Timestamp },
     Conflict(Verdict),
 }
 
 /// Creates the token Secret, or adopts the one an interrupted earlier mint left.
 async fn mint_or_adopt(ctx: &Context, token: &ProxyToken) -> Result<Minted, Error> {
     let namespace = token.namespace().unwrap_or_default();
-    let secret_name = token
-        .spec
-        .secret_name
-        .clone()
-        .unwrap_or_else(|| token.name_any());
+    let secret_name = token.spec.secret_name.clone().unwrap_or_else(|| token.name_any());
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
-    let err = |source| Error::TokenSecret {
-        namespace: namespace.clone(),
-        name: secret_name.clone(),
-        source,
-    };
+    let err = |source| Error::TokenSecret { namespace: namespace.clone(), name: secret_name.clone(), source };
 
     if let Some(existing) = secrets.get_opt(&secret_name).await.map_err(err)? {
-        let ours = existing
-            .owner_references()
-            .iter()
-            .any(|o| Some(&o.uid) == token.uid().as_ref());
+        let ours = existing.owner_references().iter().any(|o| Some(&o.uid) == token.uid().as_ref());
         let adopted = ours.then(|| adoptable(&existing)).flatten();
         return Ok(match adopted {
             Some(hash) => Minted::Ok {
                 hash,
                 secret_name,
-                issued_at: existing
-                    .metadata
-                    .creation_timestamp
-                    .map_or_else(jiff::Timestamp::now, |t| t.0),
+                issued_at: existing.metadata.creation_timestamp.map_or_else(jiff::Timestamp::now, |t| t.0),
             },
             None => Minted::Conflict(Verdict::new(
                 TokenPhase::Rejected,
@@ -380,39 +285,23 @@ async fn mint_or_adopt(ctx: &Context, token: &ProxyToken) -> Result<Minted, Erro
             name: Some(secret_name.clone()),
             namespace: Some(namespace.clone()),
             labels: Some(BTreeMap::from([
-                (
-                    MANAGED_BY_LABEL.0.to_string(),
-                    MANAGED_BY_LABEL.1.to_string(),
-                ),
+                (MANAGED_BY_LABEL.0.to_string(), MANAGED_BY_LABEL.1.to_string()),
                 (TOKEN_LABEL.to_string(), token.name_any()),
             ])),
-            annotations: Some(BTreeMap::from([(
-                TOKEN_HASH_ANNOTATION.to_string(),
-                hash.to_string(),
-            )])),
+            annotations: Some(BTreeMap::from([(TOKEN_HASH_ANNOTATION.to_string(), hash.to_string())])),
             owner_references: token.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
         string_data: Some(BTreeMap::from([
-            (
-                keys::OPENAI_API_KEY.to_string(),
-                minted.expose().to_string(),
-            ),
+            (keys::OPENAI_API_KEY.to_string(), minted.expose().to_string()),
             (keys::OPENAI_BASE_URL.to_string(), base_url),
             (keys::TOKEN.to_string(), minted.expose().to_string()),
         ])),
         ..Default::default()
     };
-    secrets
-        .create(&PostParams::default(), &secret)
-        .await
-        .map_err(err)?;
-    Ok(Minted::Ok {
-        hash,
-        secret_name,
-        issued_at: jiff::Timestamp::now(),
-    })
+    secrets.create(&PostParams::default(), &secret).await.map_err(err)?;
+    Ok(Minted::Ok { hash, secret_name, issued_at: jiff::Timestamp::now() })
 }
 
 /// The hash of a Secret an earlier mint of this token wrote, if it is intact.
@@ -438,6 +327,7 @@ async fn write(
     let old_phase = token.status.as_ref().and_then(|s| s.phase);
     let mut comparable = token.status.clone().unwrap_or_default();
     comparable.request_count = None;
+    comparable.claimed_requests = None;
     comparable.last_used_at = None;
     if comparable != status || token.status.is_none() {
         let patch = json!({
@@ -446,27 +336,16 @@ async fn write(
             "status": status,
         });
         Api::<ProxyToken>::namespaced(ctx.client.clone(), &namespace)
-            .patch_status(
-                &name,
-                &PatchParams::apply(CONTROLLER_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
+            .patch_status(&name, &PatchParams::apply(CONTROLLER_MANAGER).force(), &Patch::Apply(&patch))
             .await
-            .map_err(|source| Error::PatchStatus {
-                kind: "ProxyToken",
-                name: format!("{namespace}/{name}"),
-                source,
-            })?;
+            .map_err(|source| Error::PatchStatus { kind: "ProxyToken", name: format!("{namespace}/{name}"), source })?;
     }
     let secret_name = status.secret_name.clone().unwrap_or_default();
     for event in transition_events(old_phase, verdict, &secret_name, minted_now) {
         if let Some(project) = project
             && matches!(
                 verdict.phase,
-                TokenPhase::Active
-                    | TokenPhase::Revoked
-                    | TokenPhase::Expired
-                    | TokenPhase::Exhausted
+                TokenPhase::Active | TokenPhase::Revoked | TokenPhase::Expired | TokenPhase::Exhausted
             )
         {
             // The project's history lists its tokens' lives too (`kubectl describe project`).

@@ -6,11 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 /// Whether `labels` match `selector`. An empty selector matches everything.
 pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
+    let labels_ok = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
     let expressions_ok = selector.match_expressions.iter().flatten().all(|e| {
         let value = labels.get(&e.key);
         let values = e.values.as_deref().unwrap_or_default();
@@ -33,10 +29,7 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn expr(key: &str, operator: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -51,43 +44,22 @@ mod tests {
     fn match_labels_and_expressions_all_have_to_hold() {
         let selector = LabelSelector {
             match_labels: Some(labels(&[("team", "ml")])),
-            match_expressions: Some(vec![
-                expr("env", "In", &["prod", "staging"]),
-                expr("frozen", "DoesNotExist", &[]),
-            ]),
+            match_expressions: Some(vec![expr("env", "In", &["prod", "staging"]), expr("frozen", "DoesNotExist", &[])]),
         };
-        assert!(matches(
-            &selector,
-            &labels(&[("team", "ml"), ("env", "prod")])
-        ));
-        assert!(!matches(
-            &selector,
-            &labels(&[("team", "ml"), ("env", "dev")])
-        ));
-        assert!(!matches(
-            &selector,
-            &labels(&[("team", "web"), ("env", "prod")])
-        ));
-        assert!(!matches(
-            &selector,
-            &labels(&[("team", "ml"), ("env", "prod"), ("frozen", "")])
-        ));
+        assert!(matches(&selector, &labels(&[("team", "ml"), ("env", "prod")])));
+        assert!(!matches(&selector, &labels(&[("team", "ml"), ("env", "dev")])));
+        assert!(!matches(&selector, &labels(&[("team", "web"), ("env", "prod")])));
+        assert!(!matches(&selector, &labels(&[("team", "ml"), ("env", "prod"), ("frozen", "")])));
     }
 
     #[test]
     fn not_in_and_exists() {
         let selector = LabelSelector {
             match_labels: None,
-            match_expressions: Some(vec![
-                expr("tier", "NotIn", &["public"]),
-                expr("owner", "Exists", &[]),
-            ]),
+            match_expressions: Some(vec![expr("tier", "NotIn", &["public"]), expr("owner", "Exists", &[])]),
         };
         assert!(matches(&selector, &labels(&[("owner", "a")])));
-        assert!(!matches(
-            &selector,
-            &labels(&[("owner", "a"), ("tier", "public")])
-        ));
+        assert!(!matches(&selector, &labels(&[("owner", "a"), ("tier", "public")])));
         assert!(!matches(&selector, &labels(&[])));
         assert!(matches(&LabelSelector::default(), &labels(&[])));
     }

@@ -111,19 +111,12 @@ impl Index {
                     active: p.active,
                     tokens_not_before_us: p.tokens_not_before_us,
                     upstream: p.upstream.clone(),
-                    key: self
-                        .resolve_key(&p.secret_name, &p.secret_key)
-                        .map(Arc::new),
+                    key: self.resolve_key(&p.secret_name, &p.secret_key).map(Arc::new),
                 };
                 (name.clone(), Arc::new(route))
             })
             .collect();
-        RouteTable {
-            generation: self.generation,
-            ready: self.is_synced(),
-            tokens: self.tokens.clone(),
-            projects,
-        }
+        RouteTable { generation: self.generation, ready: self.is_synced(), tokens: self.tokens.clone(), projects }
     }
 
     fn resolve_key(&self, secret: &str, key: &str) -> Result<ApiKey, KeyProblem> {
@@ -152,11 +145,7 @@ impl Index {
     fn upsert_project(&mut self, p: &Project) {
         let entry = ProjectEntry {
             active: p.spec.active && p.metadata.deletion_timestamp.is_none(),
-            tokens_not_before_us: p
-                .spec
-                .tokens_not_before
-                .as_ref()
-                .map(|t| t.0.as_microsecond()),
+            tokens_not_before_us: p.spec.tokens_not_before.as_ref().map(|t| t.0.as_microsecond()),
             upstream: Arc::from(p.spec.upstream.url.trim_end_matches('/')),
             secret_name: p.spec.api_key_secret_ref.name.clone(),
             secret_key: p.spec.api_key_secret_ref.key.clone(),
@@ -221,12 +210,7 @@ impl Index {
 
     fn upsert_secret(&mut self, s: Secret) {
         let name = s.name_any();
-        let data = s
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, Zeroizing::new(v.0)))
-            .collect();
+        let data = s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, Zeroizing::new(v.0))).collect();
         self.secrets.insert(name, data);
     }
 

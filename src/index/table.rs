@@ -110,9 +110,8 @@ impl RouteTable {
     pub fn authorize(&self, hash: &TokenHash, now_us: i64) -> Result<Route, Denial> {
         let token = self.tokens.get(hash).ok_or(Denial::TokenNotFound)?;
         let project = self.projects.get(&token.project);
-        let bulk_revoked = project
-            .and_then(|p| p.tokens_not_before_us)
-            .is_some_and(|not_before| token.issued_at_us < not_before);
+        let bulk_revoked =
+            project.and_then(|p| p.tokens_not_before_us).is_some_and(|not_before| token.issued_at_us < not_before);
         if token.revoked || bulk_revoked {
             return Err(Denial::TokenRevoked);
         }
@@ -123,21 +122,11 @@ impl RouteTable {
         if !project.active {
             return Err(Denial::ProjectInactive);
         }
-        if token
-            .max_requests
-            .is_some_and(|max| token.request_count >= max)
-        {
+        if token.max_requests.is_some_and(|max| token.request_count >= max) {
             return Err(Denial::TokenExhausted);
         }
-        let key = project
-            .key
-            .as_ref()
-            .map_err(|_| Denial::ProjectKeyInvalid)?;
-        Ok(Route {
-            token: token.clone(),
-            project: project.clone(),
-            key: key.clone(),
-        })
+        let key = project.key.as_ref().map_err(|_| Denial::ProjectKeyInvalid)?;
+        Ok(Route { token: token.clone(), project: project.clone(), key: key.clone() })
     }
 
     /// Number of tokens in the table.

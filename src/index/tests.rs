@@ -7,9 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::ObjectMeta;
 
 use super::*;
-use crate::api::{
-    ProjectRef, ProjectSpec, ProxyTokenSpec, ProxyTokenStatus, SecretKeyRef, Upstream,
-};
+use crate::api::{ProjectRef, ProjectSpec, ProxyTokenSpec, ProxyTokenStatus, SecretKeyRef, Upstream};
 use crate::token::Token;
 
 const KEY: &str = "sk-test-0123456789abcdefghijAb12";
@@ -22,13 +20,8 @@ fn project(name: &str, active: bool) -> Project {
         ProjectSpec {
             display_name: None,
             active,
-            api_key_secret_ref: SecretKeyRef {
-                name: format!("{name}-key"),
-                key: "apiKey".into(),
-            },
-            upstream: Upstream {
-                url: "http://127.0.0.1:9/".into(),
-            },
+            api_key_secret_ref: SecretKeyRef { name: format!("{name}-key"), key: "apiKey".into() },
+            upstream: Upstream { url: "http://127.0.0.1:9/".into() },
             allowed_namespaces: None,
             tokens_not_before: None,
         },
@@ -39,15 +32,8 @@ fn project(name: &str, active: bool) -> Project {
 
 fn secret(name: &str, value: &str) -> Secret {
     Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("ops".into()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(
-            "apiKey".to_string(),
-            ByteString(value.as_bytes().to_vec()),
-        )])),
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some("ops".into()), ..Default::default() },
+        data: Some(BTreeMap::from([("apiKey".to_string(), ByteString(value.as_bytes().to_vec()))])),
         ..Default::default()
     }
 }
@@ -64,9 +50,7 @@ fn token(name: &str, project: &str, minted: &Token) -> ProxyToken {
     let mut t = ProxyToken::new(
         name,
         ProxyTokenSpec {
-            project_ref: ProjectRef {
-                name: project.into(),
-            },
+            project_ref: ProjectRef { name: project.into() },
             duration: "1h".into(),
             max_requests: None,
             revoked: false,
@@ -122,10 +106,7 @@ fn a_minted_token_routes_to_its_project_with_the_real_key() {
     let route = table.authorize(&minted.hash(), ISSUED_US + 1).unwrap();
     assert_eq!(route.key.expose(), KEY);
     assert_eq!(&*route.project.upstream, "http://127.0.0.1:9");
-    assert_eq!(
-        (route.token.namespace.as_str(), route.token.name.as_str()),
-        ("apps", "web")
-    );
+    assert_eq!((route.token.namespace.as_str(), route.token.name.as_str()), ("apps", "web"));
 }
 
 #[test]
@@ -133,29 +114,13 @@ fn unknown_expired_and_revoked_tokens_are_denied() {
     let minted = Token::mint().unwrap();
     let mut index = synced(&minted);
     let table = index.snapshot();
-    assert_eq!(
-        table
-            .authorize(&Token::mint().unwrap().hash(), ISSUED_US)
-            .unwrap_err(),
-        Denial::TokenNotFound
-    );
-    assert_eq!(
-        table
-            .authorize(&minted.hash(), ISSUED_US + HOUR_US)
-            .unwrap_err(),
-        Denial::TokenExpired
-    );
+    assert_eq!(table.authorize(&Token::mint().unwrap().hash(), ISSUED_US).unwrap_err(), Denial::TokenNotFound);
+    assert_eq!(table.authorize(&minted.hash(), ISSUED_US + HOUR_US).unwrap_err(), Denial::TokenExpired);
 
     let mut revoked = token("web", "prod", &minted);
     revoked.spec.revoked = true;
     index.apply(Change::Token(Event::Apply(revoked)));
-    assert_eq!(
-        index
-            .snapshot()
-            .authorize(&minted.hash(), ISSUED_US)
-            .unwrap_err(),
-        Denial::TokenRevoked
-    );
+    assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::TokenRevoked);
 }
 
 #[test]
@@ -163,32 +128,15 @@ fn deactivation_and_deletion_refuse_without_revoking() {
     let minted = Token::mint().unwrap();
     let mut index = synced(&minted);
     index.apply(Change::Project(Event::Apply(project("prod", false))));
-    assert_eq!(
-        index
-            .snapshot()
-            .authorize(&minted.hash(), ISSUED_US)
-            .unwrap_err(),
-        Denial::ProjectInactive
-    );
+    assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::ProjectInactive);
 
     let mut deleting = project("prod", true);
     deleting.metadata.deletion_timestamp = Some(at(ISSUED_US));
     index.apply(Change::Project(Event::Apply(deleting)));
-    assert_eq!(
-        index
-            .snapshot()
-            .authorize(&minted.hash(), ISSUED_US)
-            .unwrap_err(),
-        Denial::ProjectInactive
-    );
+    assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::ProjectInactive);
 
     index.apply(Change::Project(Event::Apply(project("prod", true))));
-    assert!(
-        index
-            .snapshot()
-            .authorize(&minted.hash(), ISSUED_US)
-            .is_ok()
-    );
+    assert!(index.snapshot().authorize(&minted.hash(), ISSUED_US).is_ok());
 }
 
 #[test]
@@ -198,25 +146,14 @@ fn bulk_revocation_compares_issue_time_with_tokens_not_before() {
     let mut p = project("prod", true);
     p.spec.tokens_not_before = Some(at(ISSUED_US + 1));
     index.apply(Change::Project(Event::Apply(p.clone())));
-    assert_eq!(
-        index
-            .snapshot()
-            .authorize(&minted.hash(), ISSUED_US + 2)
-            .unwrap_err(),
-        Denial::TokenRevoked
-    );
+    assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US + 2).unwrap_err(), Denial::TokenRevoked);
 
     // A token issued after the cut-off still works.
     let fresh = Token::mint().unwrap();
     let mut later = token("later", "prod", &fresh);
     later.status.as_mut().unwrap().issued_at = Some(micro(ISSUED_US + 5));
     index.apply(Change::Token(Event::Apply(later)));
-    assert!(
-        index
-            .snapshot()
-            .authorize(&fresh.hash(), ISSUED_US + 6)
-            .is_ok()
-    );
+    assert!(index.snapshot().authorize(&fresh.hash(), ISSUED_US + 6).is_ok());
 }
 
 #[test]
@@ -225,41 +162,15 @@ fn key_rotation_and_bad_keys_follow_the_secret() {
     let mut index = synced(&minted);
     let rotated = "sk-test-rotated-0123456789abcdefZZ99";
     index.apply(Change::Secret(Event::Apply(secret("prod-key", rotated))));
-    assert_eq!(
-        index
-            .snapshot()
-            .authorize(&minted.hash(), ISSUED_US)
-            .unwrap()
-            .key
-            .expose(),
-        rotated
-    );
+    assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US).unwrap().key.expose(), rotated);
 
-    index.apply(Change::Secret(Event::Apply(secret(
-        "prod-key",
-        "not-a-key",
-    ))));
+    index.apply(Change::Secret(Event::Apply(secret("prod-key", "not-a-key"))));
     let table = index.snapshot();
-    assert_eq!(
-        table.authorize(&minted.hash(), ISSUED_US).unwrap_err(),
-        Denial::ProjectKeyInvalid
-    );
-    assert_eq!(
-        table.project("prod").unwrap().key.as_ref().unwrap_err(),
-        &KeyProblem::InvalidFormat
-    );
+    assert_eq!(table.authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::ProjectKeyInvalid);
+    assert_eq!(table.project("prod").unwrap().key.as_ref().unwrap_err(), &KeyProblem::InvalidFormat);
 
     index.apply(Change::Secret(Event::Delete(secret("prod-key", rotated))));
-    assert_eq!(
-        index
-            .snapshot()
-            .project("prod")
-            .unwrap()
-            .key
-            .as_ref()
-            .unwrap_err(),
-        &KeyProblem::SecretNotFound
-    );
+    assert_eq!(index.snapshot().project("prod").unwrap().key.as_ref().unwrap_err(), &KeyProblem::SecretNotFound);
 }
 
 #[test]
@@ -269,10 +180,7 @@ fn deleting_a_token_removes_it() {
     index.apply(Change::Token(Event::Delete(token("web", "prod", &minted))));
     let table = index.snapshot();
     assert_eq!(table.token_count(), 0);
-    assert_eq!(
-        table.authorize(&minted.hash(), ISSUED_US).unwrap_err(),
-        Denial::TokenNotFound
-    );
+    assert_eq!(table.authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::TokenNotFound);
 }
 
 #[test]
@@ -282,22 +190,12 @@ fn a_relist_drops_what_disappeared_while_the_watch_was_down() {
     let before = index.snapshot();
     let other = Token::mint().unwrap();
     index.apply(Change::Token(Event::Init));
-    index.apply(Change::Token(Event::InitApply(token(
-        "other", "prod", &other,
-    ))));
+    index.apply(Change::Token(Event::InitApply(token("other", "prod", &other))));
     // Until InitDone the old state keeps serving.
-    assert!(
-        index
-            .snapshot()
-            .authorize(&minted.hash(), ISSUED_US)
-            .is_ok()
-    );
+    assert!(index.snapshot().authorize(&minted.hash(), ISSUED_US).is_ok());
     index.apply(Change::Token(Event::InitDone));
     let after = index.snapshot();
-    assert_eq!(
-        after.authorize(&minted.hash(), ISSUED_US).unwrap_err(),
-        Denial::TokenNotFound
-    );
+    assert_eq!(after.authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::TokenNotFound);
     assert!(after.authorize(&other.hash(), ISSUED_US).is_ok());
     assert!(after.generation > before.generation);
     // The earlier snapshot is immutable: readers holding it are unaffected.
@@ -317,11 +215,5 @@ fn unminted_tokens_and_exhausted_caps() {
     capped.spec.max_requests = Some(3);
     capped.status.as_mut().unwrap().request_count = Some(3);
     index.apply(Change::Token(Event::Apply(capped)));
-    assert_eq!(
-        index
-            .snapshot()
-            .authorize(&minted.hash(), ISSUED_US)
-            .unwrap_err(),
-        Denial::TokenExhausted
-    );
+    assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::TokenExhausted);
 }

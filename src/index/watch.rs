@@ -36,10 +36,7 @@ impl SharedTable {
     /// A table that never changes: for tests and benchmarks that build one by hand.
     pub fn fixed(table: RouteTable) -> Self {
         let (_tx, generations) = watch::channel(table.generation);
-        Self {
-            table: Arc::new(ArcSwap::from_pointee(table)),
-            generations,
-        }
+        Self { table: Arc::new(ArcSwap::from_pointee(table)), generations }
     }
 
     /// The current snapshot: a lock-free load.
@@ -57,20 +54,12 @@ impl SharedTable {
 pub fn spawn(client: Client, config: WatchConfig) -> SharedTable {
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let (tx, generations) = watch::channel(0);
-    let shared = SharedTable {
-        table: table.clone(),
-        generations,
-    };
+    let shared = SharedTable { table: table.clone(), generations };
     tokio::spawn(run(client, config, table, tx));
     shared
 }
 
-async fn run(
-    client: Client,
-    config: WatchConfig,
-    table: Arc<ArcSwap<RouteTable>>,
-    tx: watch::Sender<u64>,
-) {
+async fn run(client: Client, config: WatchConfig, table: Arc<ArcSwap<RouteTable>>, tx: watch::Sender<u64>) {
     let labelled = match &config.label_selector {
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),
@@ -78,17 +67,12 @@ async fn run(
     let projects = watcher(Api::<Project>::all(client.clone()), labelled.clone())
         .default_backoff()
         .map(|r| r.map(Change::Project));
-    let tokens = watcher(Api::<ProxyToken>::all(client.clone()), labelled)
+    let tokens =
+        watcher(Api::<ProxyToken>::all(client.clone()), labelled).default_backoff().map(|r| r.map(Change::Token));
+    let secrets = watcher(Api::<Secret>::namespaced(client, &config.secrets_namespace), watcher::Config::default())
         .default_backoff()
-        .map(|r| r.map(Change::Token));
-    let secrets = watcher(
-        Api::<Secret>::namespaced(client, &config.secrets_namespace),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .map(|r| r.map(Change::Secret));
-    let mut changes =
-        futures::stream::select_all([projects.boxed(), tokens.boxed(), secrets.boxed()]);
+        .map(|r| r.map(Change::Secret));
+    let mut changes = futures::stream::select_all([projects.boxed(), tokens.boxed(), secrets.boxed()]);
 
     let mut index = Index::new();
     while let Some(first) = changes.next().await {

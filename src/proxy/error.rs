@@ -45,6 +45,9 @@ pub enum ProxyError {
     /// The request body is over the configured limit.
     #[error("request body too large")]
     PayloadTooLarge,
+    /// A capped token's budget could not be claimed (API server unreachable).
+    #[error("quota unavailable")]
+    QuotaUnavailable,
     /// The upstream could not be reached or broke the connection.
     #[error("upstream error")]
     UpstreamError,
@@ -62,7 +65,7 @@ impl ProxyError {
             }
             Self::TokenExhausted => StatusCode::TOO_MANY_REQUESTS,
             Self::ProjectInactive => StatusCode::FORBIDDEN,
-            Self::ProjectKeyInvalid | Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ProjectKeyInvalid | Self::NotReady | Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::EndpointNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -84,6 +87,7 @@ impl ProxyError {
             Self::EndpointNotFound => "endpoint_not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::NotReady => "proxy_not_ready",
+            Self::QuotaUnavailable => "quota_unavailable",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UpstreamError => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -98,11 +102,10 @@ impl ProxyError {
             }
             Self::ProjectInactive => "permission_error",
             Self::TokenExhausted => "rate_limit_error",
-            Self::EndpointNotFound | Self::MethodNotAllowed | Self::PayloadTooLarge => {
-                "invalid_request_error"
-            }
+            Self::EndpointNotFound | Self::MethodNotAllowed | Self::PayloadTooLarge => "invalid_request_error",
             Self::ProjectKeyInvalid
             | Self::NotReady
+            | Self::QuotaUnavailable
             | Self::UpstreamError
             | Self::UpstreamTimeout => "server_error",
         }
@@ -128,14 +131,13 @@ impl ProxyError {
             Self::ProjectKeyInvalid => {
                 "The project's upstream API key is missing or malformed: a cluster admin must fix the Secret named in the Project's spec.apiKeySecretRef."
             }
-            Self::EndpointNotFound => {
-                "This path is not part of the OpenAI API surface the proxy serves."
-            }
+            Self::EndpointNotFound => "This path is not part of the OpenAI API surface the proxy serves.",
             Self::MethodNotAllowed => "This method is not allowed on this endpoint.",
-            Self::NotReady => {
-                "The proxy has not finished loading projects and tokens yet: retry in a few seconds."
-            }
+            Self::NotReady => "The proxy has not finished loading projects and tokens yet: retry in a few seconds.",
             Self::PayloadTooLarge => "The request body is larger than the proxy allows.",
+            Self::QuotaUnavailable => {
+                "This token has a request cap and the proxy cannot reach the Kubernetes API to claim budget: retry in a few seconds."
+            }
             Self::UpstreamError => "The upstream API could not be reached: retry later.",
             Self::UpstreamTimeout => "The upstream API did not answer in time: retry later.",
         }
@@ -148,10 +150,7 @@ impl ProxyError {
         });
         let mut response = Response::new(super::full(Bytes::from(body.to_string())));
         *response.status_mut() = self.status();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
         response
     }
 }

@@ -47,10 +47,7 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .timer(TokioTimer::new())
             .build(https);
-        Self {
-            client,
-            response_timeout,
-        }
+        Self { client, response_timeout }
     }
 
     /// Forwards `request` to the route's upstream. The response body is not read here.
@@ -60,9 +57,8 @@ impl Upstream {
         route: &Route,
     ) -> Result<Response<Incoming>, ProxyError> {
         let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let uri: Uri = format!("{}{}", route.project.upstream, path_and_query)
-            .parse()
-            .map_err(|_| ProxyError::UpstreamError)?;
+        let uri: Uri =
+            format!("{}{}", route.project.upstream, path_and_query).parse().map_err(|_| ProxyError::UpstreamError)?;
         *request.uri_mut() = uri;
         // The pooled connection decides the wire version (ALPN); the client's own
         // version (h2c, HTTP/1.0) has nothing to do with it.
@@ -79,12 +75,7 @@ impl Upstream {
         authorization.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, authorization);
 
-        let mut response = match tokio::time::timeout(
-            self.response_timeout,
-            self.client.request(request),
-        )
-        .await
-        {
+        let mut response = match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(error)) => {
                 tracing::warn!(project = %route.project.name, error = %error_chain(&error), "upstream request failed");
@@ -144,20 +135,11 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
         headers.insert("x-private", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::CONTENT_TYPE));

@@ -8,6 +8,7 @@ mod error;
 mod forward;
 pub mod paths;
 pub mod server;
+pub mod usage;
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,6 +22,7 @@ pub use error::ProxyError;
 pub use forward::{Upstream, strip_hop_by_hop};
 
 use crate::index::{Route, watch::SharedTable};
+use crate::proxy::usage::Usage;
 use crate::token::{self, TokenHash};
 
 /// Response body: streamed from upstream or a small JSON error.
@@ -28,9 +30,7 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// A complete body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
+    Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed()
 }
 
 /// Settings of the data plane.
@@ -44,10 +44,7 @@ pub struct ProxySettings {
 
 impl Default for ProxySettings {
     fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(10),
-            response_timeout: Duration::from_secs(600),
-        }
+        Self { connect_timeout: Duration::from_secs(10), response_timeout: Duration::from_secs(600) }
     }
 }
 
@@ -55,15 +52,13 @@ impl Default for ProxySettings {
 pub struct Proxy {
     table: SharedTable,
     upstream: Upstream,
+    usage: std::sync::Arc<Usage>,
 }
 
 impl Proxy {
     /// A proxy over `table`.
-    pub fn new(table: SharedTable, settings: &ProxySettings) -> Self {
-        Self {
-            table,
-            upstream: Upstream::new(settings.connect_timeout, settings.response_timeout),
-        }
+    pub fn new(table: SharedTable, usage: std::sync::Arc<Usage>, settings: &ProxySettings) -> Self {
+        Self { table, upstream: Upstream::new(settings.connect_timeout, settings.response_timeout), usage }
     }
 
     /// The routing table this proxy reads.
@@ -80,13 +75,7 @@ impl Proxy {
             Ok((response, route)) => (response.map(BodyExt::boxed), Some(route)),
             Err((error, route)) => (error.into_response(), route),
         };
-        access_log(
-            &method,
-            &path,
-            response.status().as_u16(),
-            started.elapsed(),
-            route.as_ref(),
-        );
+        access_log(&method, &path, response.status().as_u16(), started.elapsed(), route.as_ref());
         Ok(response)
     }
 
@@ -100,10 +89,12 @@ impl Proxy {
         if !table.ready {
             return Err((ProxyError::NotReady, None));
         }
-        let route = table
-            .authorize(&hash, now_us())
-            .map_err(|d| (d.into(), None))?;
+        let now = now_us();
+        let route = table.authorize(&hash, now).map_err(|d| (d.into(), None))?;
         drop(table);
+        if let Err(error) = self.usage.admit(hash, &route, now).await {
+            return Err((error, Some(route)));
+        }
         match self.upstream.forward(request, &route).await {
             Ok(response) => Ok((response, route)),
             Err(error) => Err((error, Some(route))),
@@ -113,10 +104,7 @@ impl Proxy {
 
 /// Hashes the bearer token of `request` after checking its shape and checksum.
 fn bearer_token_hash(request: &Request<Incoming>) -> Result<TokenHash, ProxyError> {
-    let value = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .ok_or(ProxyError::InvalidToken)?;
+    let value = request.headers().get(header::AUTHORIZATION).ok_or(ProxyError::InvalidToken)?;
     let text = value.to_str().map_err(|_| ProxyError::InvalidToken)?;
     let (scheme, token) = text.split_once(' ').ok_or(ProxyError::InvalidToken)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -128,25 +116,12 @@ fn bearer_token_hash(request: &Request<Incoming>) -> Result<TokenHash, ProxyErro
 }
 
 fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
-fn access_log(
-    method: &hyper::Method,
-    path: &str,
-    status: u16,
-    latency: Duration,
-    route: Option<&Route>,
-) {
-    let (namespace, name, project) = route.map_or(("", "", ""), |r| {
-        (
-            r.token.namespace.as_str(),
-            r.token.name.as_str(),
-            &*r.project.name,
-        )
-    });
+fn access_log(method: &hyper::Method, path: &str, status: u16, latency: Duration, route: Option<&Route>) {
+    let (namespace, name, project) =
+        route.map_or(("", "", ""), |r| (r.token.namespace.as_str(), r.token.name.as_str(), &*r.project.name));
     tracing::info!(
         target: "access",
         token_namespace = namespace,

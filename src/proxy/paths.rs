@@ -72,11 +72,7 @@ pub fn check(method: &Method, path: &str) -> Result<(), PathError> {
             found = true;
         }
     }
-    Err(if found {
-        PathError::MethodNotAllowed
-    } else {
-        PathError::NotFound
-    })
+    Err(if found { PathError::MethodNotAllowed } else { PathError::NotFound })
 }
 
 fn matches(pattern: &str, path: &str) -> bool {
@@ -99,9 +95,7 @@ fn is_identifier(segment: &str) -> bool {
         && segment != "."
         && segment != ".."
         && segment.len() <= 256
-        && segment
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        && segment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 #[cfg(test)]
@@ -112,10 +106,7 @@ mod tests {
     fn the_api_surface_is_forwarded() {
         assert_eq!(check(&Method::POST, "/v1/chat/completions"), Ok(()));
         assert_eq!(check(&Method::GET, "/v1/models"), Ok(()));
-        assert_eq!(
-            check(&Method::GET, "/v1/models/ft:gpt-4o-mini:acme::abc123"),
-            Ok(())
-        );
+        assert_eq!(check(&Method::GET, "/v1/models/ft:gpt-4o-mini:acme::abc123"), Ok(()));
         assert_eq!(check(&Method::DELETE, "/v1/files/file-abc"), Ok(()));
         assert_eq!(check(&Method::GET, "/v1/files/file-abc/content"), Ok(()));
     }
@@ -136,27 +127,14 @@ mod tests {
             "",
             "/healthz",
         ] {
-            assert_eq!(
-                check(&Method::GET, path),
-                Err(PathError::NotFound),
-                "{path}"
-            );
+            assert_eq!(check(&Method::GET, path), Err(PathError::NotFound), "{path}");
         }
     }
 
     #[test]
     fn methods_outside_the_allowlist_are_refused() {
-        assert_eq!(
-            check(&Method::GET, "/v1/embeddings"),
-            Err(PathError::MethodNotAllowed)
-        );
-        assert_eq!(
-            check(&Method::PUT, "/v1/chat/completions"),
-            Err(PathError::MethodNotAllowed)
-        );
-        assert_eq!(
-            check(&Method::DELETE, "/v1/models"),
-            Err(PathError::MethodNotAllowed)
-        );
+        assert_eq!(check(&Method::GET, "/v1/embeddings"), Err(PathError::MethodNotAllowed));
+        assert_eq!(check(&Method::PUT, "/v1/chat/completions"), Err(PathError::MethodNotAllowed));
+        assert_eq!(check(&Method::DELETE, "/v1/models"), Err(PathError::MethodNotAllowed));
     }
 }

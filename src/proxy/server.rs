@@ -19,20 +19,13 @@ use crate::index::watch::SharedTable;
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then drains open
 /// connections for at most `drain`.
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    handler: H,
-    shutdown: impl Future<Output = ()>,
-    drain: Duration,
-) where
+pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>, drain: Duration)
+where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -61,25 +54,16 @@ pub async fn serve<H, F>(
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            drain_secs = drain.as_secs(),
-            "connections still open after the drain time; closing them"
-        );
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(drain_secs = drain.as_secs(), "connections still open after the drain time; closing them");
     }
 }
 
 /// What a boxed request handler returns.
-pub type HandlerFuture =
-    std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+pub type HandlerFuture = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
 /// The API handler for [`serve`].
-pub fn api_handler(
-    proxy: Arc<Proxy>,
-) -> impl Fn(Request<Incoming>) -> HandlerFuture + Clone + Send + Sync + 'static {
+pub fn api_handler(proxy: Arc<Proxy>) -> impl Fn(Request<Incoming>) -> HandlerFuture + Clone + Send + Sync + 'static {
     move |request| {
         let proxy = proxy.clone();
         Box::pin(async move { proxy.handle(request).await })
@@ -89,19 +73,13 @@ pub fn api_handler(
 /// The admin handler for [`serve`]: liveness, and readiness once the table has synced.
 pub fn admin_handler(
     table: SharedTable,
-) -> impl Fn(Request<Incoming>) -> std::future::Ready<Result<Response<Body>, Infallible>>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(Request<Incoming>) -> std::future::Ready<Result<Response<Body>, Infallible>> + Clone + Send + Sync + 'static
+{
     move |request| {
         let (status, text) = match request.uri().path() {
             "/healthz" | "/livez" => (StatusCode::OK, "ok\n"),
             "/readyz" if table.load().ready => (StatusCode::OK, "ok\n"),
-            "/readyz" => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "routing table not synced yet\n",
-            ),
+            "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "routing table not synced yet\n"),
             _ => (StatusCode::NOT_FOUND, "not found\n"),
         };
         let mut response = Response::new(full(text));

@@ -20,8 +20,8 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use llm_proxy::api::{
-    AllowedNamespaces, NamespacesFrom, Project, ProjectRef, ProjectSpec, ProxyToken,
-    ProxyTokenSpec, SecretKeyRef, TokenPhase, Upstream,
+    AllowedNamespaces, NamespacesFrom, Project, ProjectRef, ProjectSpec, ProxyToken, ProxyTokenSpec, SecretKeyRef,
+    TokenPhase, Upstream,
 };
 use llm_proxy::fake_upstream::FakeUpstream;
 
@@ -47,33 +47,15 @@ pub fn kubeconfig() -> PathBuf {
 
 fn find_or_start_cluster() -> Cluster {
     if let Ok(path) = std::env::var("LLMPROXY_KUBECONFIG") {
-        return Cluster {
-            kubeconfig: path.into(),
-            _private: None,
-        };
+        return Cluster { kubeconfig: path.into(), _private: None };
     }
     let script = repo().join("tests/cluster/cluster.sh");
     let shared = repo().join(".cluster/kubeconfig");
-    if shared.exists()
-        && Command::new(&script)
-            .arg("status")
-            .status()
-            .is_ok_and(|s| s.success())
-    {
-        return Cluster {
-            kubeconfig: shared,
-            _private: None,
-        };
+    if shared.exists() && Command::new(&script).arg("status").status().is_ok_and(|s| s.success()) {
+        return Cluster { kubeconfig: shared, _private: None };
     }
-    let built = Command::new(&script)
-        .arg("build")
-        .output()
-        .expect("running tests/cluster/cluster.sh build");
-    assert!(
-        built.status.success(),
-        "building the control plane failed:\n{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    let built = Command::new(&script).arg("build").output().expect("running tests/cluster/cluster.sh build");
+    assert!(built.status.success(), "building the control plane failed:\n{}", String::from_utf8_lossy(&built.stderr));
     let binary = String::from_utf8(built.stdout).unwrap().trim().to_string();
     let dir = std::env::temp_dir().join(format!("llmproxy-cluster-{}", std::process::id()));
     let mut child = Command::new(binary)
@@ -84,28 +66,17 @@ fn find_or_start_cluster() -> Cluster {
         .spawn()
         .expect("starting the control plane");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        !line.trim().is_empty(),
-        "control plane did not start; see {}",
-        dir.with_extension("log").display()
-    );
-    Cluster {
-        kubeconfig: line.trim().into(),
-        _private: Some(child),
-    }
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(!line.trim().is_empty(), "control plane did not start; see {}", dir.with_extension("log").display());
+    Cluster { kubeconfig: line.trim().into(), _private: Some(child) }
 }
 
 /// The kubectl built with the control plane (same Kubernetes release).
 pub fn kubectl() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let built = Command::new(repo().join("tests/cluster/cluster.sh"))
-            .arg("build")
-            .output()
-            .expect("cluster.sh build");
+        let built =
+            Command::new(repo().join("tests/cluster/cluster.sh")).arg("build").output().expect("cluster.sh build");
         PathBuf::from(String::from_utf8(built.stdout).unwrap().trim()).with_file_name("kubectl")
     })
     .clone()
@@ -114,9 +85,8 @@ pub fn kubectl() -> PathBuf {
 /// A client for the local control plane, as cluster admin.
 pub async fn client() -> Client {
     let kubeconfig = Kubeconfig::read_from(kubeconfig()).expect("reading the kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("kubeconfig is valid");
+    let config =
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig is valid");
     Client::try_from(config).expect("building the client")
 }
 
@@ -127,20 +97,10 @@ pub async fn install_crds(client: &Client) {
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc).unwrap();
         let name = crd.metadata.name.clone().unwrap();
-        crds.patch(
-            &name,
-            &PatchParams::apply("llm-proxy-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
+        crds.patch(&name, &PatchParams::apply("llm-proxy-tests").force(), &Patch::Apply(&crd)).await.unwrap();
         eventually(Duration::from_secs(20), || async {
             let crd = crds.get(&name).await.ok()?;
-            let established = crd
-                .status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
+            let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
             established.then_some(())
         })
         .await;
@@ -158,21 +118,14 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(
-            started.elapsed() < timeout,
-            "condition not met within {timeout:?}"
-        );
+        assert!(started.elapsed() < timeout, "condition not met within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// A free loopback port (bound, then released for a child process to take).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn short_id() -> String {
@@ -214,10 +167,7 @@ impl Env {
                 "metadata": { "name": ns, "labels": { TEST_LABEL: &id } }
             }))
             .unwrap();
-            namespaces
-                .create(&PostParams::default(), &object)
-                .await
-                .unwrap();
+            namespaces.create(&PostParams::default(), &object).await.unwrap();
         }
         let log_dir = repo().join("target/test-logs");
         std::fs::create_dir_all(&log_dir).unwrap();
@@ -241,11 +191,13 @@ impl Env {
 
     fn spawn(&mut self, role: &str, args: &[&str]) {
         let log = self.log_path(role);
+        // A restarted role appends to its log, so nothing it said before is lost.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_llm-proxy"))
             .args(args)
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", "info")
-            .stdout(std::fs::File::create(&log).unwrap())
+            .stdout(log)
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {role}: {e}"));
@@ -261,11 +213,7 @@ impl Env {
     pub fn start_controller(&mut self) {
         let selector = format!("{TEST_LABEL}={}", self.id);
         let admin = format!("127.0.0.1:{}", free_port());
-        let (ops, proxy_url, lease) = (
-            self.ops.clone(),
-            self.proxy_url(),
-            format!("llm-proxy-{}", self.id),
-        );
+        let (ops, proxy_url, lease) = (self.ops.clone(), self.proxy_url(), format!("llm-proxy-{}", self.id));
         self.spawn(
             "controller",
             &[
@@ -286,30 +234,44 @@ impl Env {
 
     /// Starts a proxy for this test's objects and waits until it is ready.
     pub async fn start_proxy(&mut self) {
+        let (port, admin) = (self.proxy_port, self.proxy_admin_port);
+        self.start_proxy_as("proxy", port, admin, &[]).await;
+    }
+
+    /// Starts another proxy process named `role` on `port` (admin on `admin`) with
+    /// `extra` flags, and waits until it is ready.
+    pub async fn start_proxy_as(&mut self, role: &str, port: u16, admin: u16, extra: &[&str]) {
         let selector = format!("{TEST_LABEL}={}", self.id);
-        let listen = format!("127.0.0.1:{}", self.proxy_port);
-        let admin = format!("127.0.0.1:{}", self.proxy_admin_port);
+        let listen = format!("127.0.0.1:{port}");
+        let admin_addr = format!("127.0.0.1:{admin}");
         let ops = self.ops.clone();
-        self.spawn(
+        let mut args = vec![
             "proxy",
-            &[
-                "proxy",
-                "--namespace",
-                &ops,
-                "--label-selector",
-                &selector,
-                "--listen-addr",
-                &listen,
-                "--admin-addr",
-                &admin,
-            ],
-        );
-        let ready = format!("http://127.0.0.1:{}/readyz", self.proxy_admin_port);
+            "--namespace",
+            &ops,
+            "--label-selector",
+            &selector,
+            "--listen-addr",
+            &listen,
+            "--admin-addr",
+            &admin_addr,
+        ];
+        args.extend_from_slice(extra);
+        self.spawn(role, &args);
+        let ready = format!("http://127.0.0.1:{admin}/readyz");
         eventually(Duration::from_secs(20), || async {
             let status = http_get_status(&ready).await?;
             (status == 200).then_some(())
         })
         .await;
+    }
+
+    /// Sends `signal` (e.g. "KILL", "TERM") to the process `role` and waits for it to exit.
+    pub fn signal(&mut self, role: &str, signal: &str) {
+        let index = self.children.iter().position(|(r, _)| r == role).unwrap_or_else(|| panic!("no process {role}"));
+        let (_, mut child) = self.children.remove(index);
+        Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        child.wait().unwrap();
     }
 
     /// A Project for this test: key Secret in the operator namespace, fake upstream,
@@ -320,17 +282,9 @@ impl Env {
             ProjectSpec {
                 display_name: Some(format!("Test {name}")),
                 active: true,
-                api_key_secret_ref: SecretKeyRef {
-                    name: format!("{name}-key"),
-                    key: "apiKey".into(),
-                },
-                upstream: Upstream {
-                    url: self.upstream.url.clone(),
-                },
-                allowed_namespaces: Some(AllowedNamespaces {
-                    from: NamespacesFrom::All,
-                    selector: None,
-                }),
+                api_key_secret_ref: SecretKeyRef { name: format!("{name}-key"), key: "apiKey".into() },
+                upstream: Upstream { url: self.upstream.url.clone() },
+                allowed_namespaces: Some(AllowedNamespaces { from: NamespacesFrom::All, selector: None }),
                 tokens_not_before: None,
             },
         );
@@ -352,22 +306,12 @@ impl Env {
             "stringData": { "apiKey": key }
         }))
         .unwrap();
-        secrets
-            .patch(
-                name,
-                &PatchParams::apply("llm-proxy-tests").force(),
-                &Patch::Apply(&secret),
-            )
-            .await
-            .unwrap();
+        secrets.patch(name, &PatchParams::apply("llm-proxy-tests").force(), &Patch::Apply(&secret)).await.unwrap();
     }
 
     /// Every line the operator's processes have logged so far.
     pub fn logs(&self) -> String {
-        self.children
-            .iter()
-            .map(|(role, _)| std::fs::read_to_string(self.log_path(role)).unwrap_or_default())
-            .collect()
+        self.children.iter().map(|(role, _)| std::fs::read_to_string(self.log_path(role)).unwrap_or_default()).collect()
     }
 }
 
@@ -383,24 +327,11 @@ impl Drop for Env {
 /// Status of a plain GET, or `None` when nothing answers.
 pub async fn http_get_status(url: &str) -> Option<u16> {
     let output = tokio::process::Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "2",
-            url,
-        ])
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url])
         .output()
         .await
         .ok()?;
-    String::from_utf8(output.stdout)
-        .ok()?
-        .parse()
-        .ok()
-        .filter(|s| *s != 0)
+    String::from_utf8(output.stdout).ok()?.parse().ok().filter(|s| *s != 0)
 }
 
 /// A response as curl saw it.
@@ -417,49 +348,24 @@ impl CurlResponse {
 
     /// `error.code` of an OpenAI-style error body.
     pub fn error_code(&self) -> String {
-        self.json()["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.json()["error"]["code"].as_str().unwrap_or_default().to_string()
     }
 }
 
 /// Sends a request with curl (a real client over a real socket).
-pub async fn curl(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> CurlResponse {
+pub async fn curl(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> CurlResponse {
     let mut command = tokio::process::Command::new("curl");
-    command.args([
-        "-s",
-        "-X",
-        method,
-        "-w",
-        "\n%{http_code}",
-        "--max-time",
-        "10",
-        url,
-    ]);
+    command.args(["-s", "-X", method, "-w", "\n%{http_code}", "--max-time", "10", url]);
     for (name, value) in headers {
         command.arg("-H").arg(format!("{name}: {value}"));
     }
     if let Some(body) = body {
-        command.args([
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            body,
-        ]);
+        command.args(["-H", "content-type: application/json", "--data-binary", body]);
     }
     let output = command.output().await.expect("running curl");
     let text = String::from_utf8_lossy(&output.stdout).to_string();
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    CurlResponse {
-        status: status.trim().parse().unwrap_or(0),
-        body: body.to_string(),
-    }
+    CurlResponse { status: status.trim().parse().unwrap_or(0), body: body.to_string() }
 }
 
 /// The Python with the official `openai` SDK, from `just setup` (or `LLMPROXY_PYTHON`).
@@ -485,9 +391,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A 720h token for `project`.
 pub fn token_spec(project: &str) -> ProxyTokenSpec {
     ProxyTokenSpec {
-        project_ref: ProjectRef {
-            name: project.into(),
-        },
+        project_ref: ProjectRef { name: project.into() },
         duration: "720h".into(),
         max_requests: None,
         revoked: false,
@@ -500,10 +404,7 @@ impl Env {
     pub async fn create_project(&self, name: &str) -> Project {
         self.put_key(&format!("{name}-key"), TEST_KEY).await;
         let project = self.project(name);
-        Api::<Project>::all(self.client.clone())
-            .create(&PostParams::default(), &project)
-            .await
-            .unwrap()
+        Api::<Project>::all(self.client.clone()).create(&PostParams::default(), &project).await.unwrap()
     }
 
     pub async fn create_token(&self, name: &str, spec: ProxyTokenSpec) -> ProxyToken {
@@ -526,21 +427,12 @@ impl Env {
 
     /// The token Secret's data as text.
     pub async fn token_secret(&self, name: &str) -> std::collections::BTreeMap<String, String> {
-        let secret = Api::<Secret>::namespaced(self.client.clone(), &self.apps)
-            .get(name)
-            .await
-            .unwrap();
-        secret
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-            .collect()
+        let secret = Api::<Secret>::namespaced(self.client.clone(), &self.apps).get(name).await.unwrap();
+        secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, String::from_utf8(v.0).unwrap())).collect()
     }
 
     pub async fn minted(&self, project: &str, token: &str) -> String {
-        self.create_token(token, token_spec(&self.scoped(project)))
-            .await;
+        self.create_token(token, token_spec(&self.scoped(project))).await;
         self.wait_token(token, TokenPhase::Active).await;
         self.token_secret(token).await["token"].clone()
     }
@@ -560,94 +452,83 @@ impl Env {
 /// The chart's pieces, rendered by the helm that `hack/setup.sh` builds.
 impl Env {
     /// Renders `template` of the chart with `--set` values, as parsed YAML documents.
-    pub fn render_chart(
-        &self,
-        release: &str,
-        template: &str,
-        set: &[String],
-    ) -> Vec<serde_json::Value> {
+    pub fn render_chart(&self, release: &str, template: &str, set: &[String]) -> Vec<serde_json::Value> {
         let helm = std::env::var("LLMPROXY_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap()).join(".cache/llm-proxy"))
             .join("bin/helm");
         let mut command = Command::new(&helm);
-        command
-            .args(["template", release])
-            .arg(repo().join("charts/llm-proxy"));
-        command.args([
-            "--namespace",
-            &self.ops,
-            "--kube-version",
-            "1.34.4",
-            "--show-only",
-            template,
-        ]);
+        command.args(["template", release]).arg(repo().join("charts/llm-proxy"));
+        command.args(["--namespace", &self.ops, "--kube-version", "1.34.4", "--show-only", template]);
         for value in set {
             command.args(["--set", value]);
         }
-        let output = command
-            .output()
-            .unwrap_or_else(|e| panic!("running {} (run hack/setup.sh): {e}", helm.display()));
-        assert!(
-            output.status.success(),
-            "helm template failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let output = command.output().unwrap_or_else(|e| panic!("running {} (run hack/setup.sh): {e}", helm.display()));
+        assert!(output.status.success(), "helm template failed: {}", String::from_utf8_lossy(&output.stderr));
         let text = String::from_utf8(output.stdout).unwrap();
         serde_yaml::Deserializer::from_str(&text)
-            .filter_map(|doc| {
-                <Option<serde_json::Value> as serde::Deserialize>::deserialize(doc).unwrap()
-            })
+            .filter_map(|doc| <Option<serde_json::Value> as serde::Deserialize>::deserialize(doc).unwrap())
             .collect()
     }
 
     /// Installs the chart's Project-deletion policy, limited to this test's Projects, and
     /// waits until it denies deleting `project` (checked with dry-run deletes).
     pub async fn install_deletion_policy(&self, project: &str) {
-        let selector = format!(
-            "projectDeletionPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}",
-            self.id
-        );
-        let docs = self.render_chart(
-            &format!("t-{}", self.id),
-            "templates/project-deletion-policy.yaml",
-            &[selector],
-        );
+        let selector = format!("projectDeletionPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}", self.id);
+        let docs = self.render_chart(&format!("t-{}", self.id), "templates/project-deletion-policy.yaml", &[selector]);
         assert_eq!(docs.len(), 2, "a policy and its binding");
         let vap: Api<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy> =
             Api::all(self.client.clone());
-        let binding: Api<
-            k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding,
-        > = Api::all(self.client.clone());
+        let binding: Api<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding> =
+            Api::all(self.client.clone());
         let apply = PatchParams::apply("llm-proxy-tests").force();
         for doc in docs {
             let name = doc["metadata"]["name"].as_str().unwrap().to_string();
             match doc["kind"].as_str() {
-                Some("ValidatingAdmissionPolicy") => vap
-                    .patch(&name, &apply, &Patch::Apply(&doc))
-                    .await
-                    .map(drop),
-                Some("ValidatingAdmissionPolicyBinding") => binding
-                    .patch(&name, &apply, &Patch::Apply(&doc))
-                    .await
-                    .map(drop),
+                Some("ValidatingAdmissionPolicy") => vap.patch(&name, &apply, &Patch::Apply(&doc)).await.map(drop),
+                Some("ValidatingAdmissionPolicyBinding") => {
+                    binding.patch(&name, &apply, &Patch::Apply(&doc)).await.map(drop)
+                }
                 other => panic!("unexpected {other:?}"),
             }
             .unwrap();
         }
         let projects: Api<Project> = Api::all(self.client.clone());
-        let dry_run = kube::api::DeleteParams {
-            dry_run: true,
-            ..Default::default()
-        };
+        let dry_run = kube::api::DeleteParams { dry_run: true, ..Default::default() };
         let name = self.scoped(project);
-        eventually(Duration::from_secs(20), || async {
-            projects
-                .delete(&name, &dry_run)
-                .await
-                .is_err()
-                .then_some(())
-        })
-        .await;
+        eventually(Duration::from_secs(20), || async { projects.delete(&name, &dry_run).await.is_err().then_some(()) })
+            .await;
     }
+}
+
+/// Sends `count` chat requests with `token` at once, round-robin over `ports`, with a
+/// real HTTP client; returns each response's status and `error.code`.
+pub async fn burst(ports: &[u16], token: &str, count: usize) -> Vec<(u16, String)> {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let requests = (0..count).map(|i| {
+        let client = client.clone();
+        let request = hyper::Request::post(format!("http://127.0.0.1:{}/v1/chat/completions", ports[i % ports.len()]))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"model":"m","messages":[]}"#)))
+            .unwrap();
+        async move {
+            match client.request(request).await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let code = serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    (status, code)
+                }
+                Err(_) => (0, "connection_failed".to_string()),
+            }
+        }
+    });
+    futures::future::join_all(requests).await
 }

@@ -3,9 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::*;
-use crate::api::{
-    ProjectSpec, ProjectStatus, ProxyTokenSpec, ProxyTokenStatus, SecretKeyRef, Upstream,
-};
+use crate::api::{ProjectSpec, ProjectStatus, ProxyTokenSpec, ProxyTokenStatus, SecretKeyRef, Upstream};
 
 const KEY: &str = "sk-test-0123456789abcdefghijAb12";
 
@@ -19,10 +17,7 @@ fn project(active: bool) -> Project {
         ProjectSpec {
             display_name: None,
             active,
-            api_key_secret_ref: SecretKeyRef {
-                name: "prod-key".into(),
-                key: "apiKey".into(),
-            },
+            api_key_secret_ref: SecretKeyRef { name: "prod-key".into(), key: "apiKey".into() },
             upstream: Upstream::default(),
             allowed_namespaces: None,
             tokens_not_before: None,
@@ -36,9 +31,7 @@ fn token(name: &str, phase: TokenPhase, issued: i64) -> ProxyToken {
     let mut t = ProxyToken::new(
         name,
         ProxyTokenSpec {
-            project_ref: crate::api::ProjectRef {
-                name: "prod".into(),
-            },
+            project_ref: crate::api::ProjectRef { name: "prod".into() },
             duration: "1h".into(),
             max_requests: None,
             revoked: false,
@@ -54,19 +47,8 @@ fn token(name: &str, phase: TokenPhase, issued: i64) -> ProxyToken {
     t
 }
 
-fn decide_at(
-    project: &Project,
-    key: Result<ApiKey, KeyProblem>,
-    tokens: &[ProxyToken],
-    now: i64,
-) -> Decision {
-    decide(&Observed {
-        project,
-        key,
-        tokens,
-        namespace: "ops",
-        now: at(now),
-    })
+fn decide_at(project: &Project, key: Result<ApiKey, KeyProblem>, tokens: &[ProxyToken], now: i64) -> Decision {
+    decide(&Observed { project, key, tokens, namespace: "ops", now: at(now) })
 }
 
 fn key() -> Result<ApiKey, KeyProblem> {
@@ -114,10 +96,7 @@ fn deactivation_and_reactivation_are_recorded() {
     let mut off = written(project(false), &first);
     let deactivated = decide_at(&off, key(), &[], 20);
     assert_eq!(deactivated.status.phase, Some(ProjectPhase::Inactive));
-    assert_eq!(
-        condition(&deactivated.status, cond::READY).reason,
-        "Deactivated"
-    );
+    assert_eq!(condition(&deactivated.status, cond::READY).reason, "Deactivated");
     assert_eq!(reasons(&deactivated), ["Deactivated"]);
     off.status = Some(deactivated.status);
     let mut on = off.clone();
@@ -128,43 +107,20 @@ fn deactivation_and_reactivation_are_recorded() {
 #[test]
 fn an_invalid_key_is_reported_once_with_the_products_message() {
     let first = decide_at(&project(true), key(), &[], 10);
-    let bad = decide_at(
-        &written(project(true), &first),
-        Err(KeyProblem::InvalidFormat),
-        &[],
-        20,
-    );
+    let bad = decide_at(&written(project(true), &first), Err(KeyProblem::InvalidFormat), &[], 20);
     let valid = condition(&bad.status, cond::API_KEY_VALID);
     assert_eq!(
-        (
-            valid.status.as_str(),
-            valid.reason.as_str(),
-            valid.message.as_str()
-        ),
+        (valid.status.as_str(), valid.reason.as_str(), valid.message.as_str()),
         ("False", "InvalidAPIKeyFormat", "Invalid API key format")
     );
     assert_eq!(condition(&bad.status, cond::READY).status, "False");
     assert_eq!(bad.status.api_key_hint, None);
     assert_eq!(reasons(&bad), ["InvalidAPIKeyFormat"]);
-    let still_bad = decide_at(
-        &written(project(true), &bad),
-        Err(KeyProblem::InvalidFormat),
-        &[],
-        30,
-    );
+    let still_bad = decide_at(&written(project(true), &bad), Err(KeyProblem::InvalidFormat), &[], 30);
     assert!(still_bad.events.is_empty());
-    let missing = decide_at(
-        &written(project(true), &bad),
-        Err(KeyProblem::SecretNotFound),
-        &[],
-        40,
-    );
+    let missing = decide_at(&written(project(true), &bad), Err(KeyProblem::SecretNotFound), &[], 40);
     assert_eq!(reasons(&missing), ["SecretNotFound"]);
-    assert!(
-        condition(&missing.status, cond::API_KEY_VALID)
-            .message
-            .contains("ops/prod-key")
-    );
+    assert!(condition(&missing.status, cond::API_KEY_VALID).message.contains("ops/prod-key"));
 }
 
 #[test]
@@ -193,32 +149,11 @@ fn deletion_is_blocked_and_the_project_turns_inactive() {
 #[test]
 fn tokens_are_counted_and_the_most_recent_listed() {
     let tokens: Vec<ProxyToken> = (0..7)
-        .map(|i| {
-            token(
-                &format!("t{i}"),
-                if i % 2 == 0 {
-                    TokenPhase::Active
-                } else {
-                    TokenPhase::Revoked
-                },
-                100 + i,
-            )
-        })
+        .map(|i| token(&format!("t{i}"), if i % 2 == 0 { TokenPhase::Active } else { TokenPhase::Revoked }, 100 + i))
         .collect();
     let d = decide_at(&project(true), key(), &tokens, 200);
-    assert_eq!(
-        d.status.tokens,
-        Some(TokenCounts {
-            total: 7,
-            active: 4
-        })
-    );
-    let names: Vec<&str> = d
-        .status
-        .recent_tokens
-        .iter()
-        .map(|t| t.name.as_str())
-        .collect();
+    assert_eq!(d.status.tokens, Some(TokenCounts { total: 7, active: 4 }));
+    let names: Vec<&str> = d.status.recent_tokens.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["t6", "t5", "t4", "t3", "t2"]);
 }
 
@@ -229,10 +164,7 @@ fn bulk_revocation_is_recorded_when_tokens_not_before_moves() {
     revoking.spec.tokens_not_before = Some(at(15));
     let d = decide_at(&revoking, key(), &[], 20);
     assert_eq!(reasons(&d), ["TokensRevoked"]);
-    assert_eq!(
-        d.status.tokens_not_before,
-        Some(crate::api::micros(at(15).0))
-    );
+    assert_eq!(d.status.tokens_not_before, Some(crate::api::micros(at(15).0)));
     let again = decide_at(&written(revoking, &d), key(), &[], 30);
     assert!(again.events.is_empty());
 }

@@ -3,9 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 
 use super::*;
-use crate::api::{
-    AllowedNamespaces, ProjectRef, ProjectSpec, ProxyTokenSpec, SecretKeyRef, Upstream,
-};
+use crate::api::{AllowedNamespaces, ProjectRef, ProjectSpec, ProxyTokenSpec, SecretKeyRef, Upstream};
 
 fn at(secs: i64) -> jiff::Timestamp {
     jiff::Timestamp::from_second(secs).unwrap()
@@ -17,10 +15,7 @@ fn project(active: bool, from: Option<NamespacesFrom>) -> Project {
         ProjectSpec {
             display_name: None,
             active,
-            api_key_secret_ref: SecretKeyRef {
-                name: "k".into(),
-                key: "apiKey".into(),
-            },
+            api_key_secret_ref: SecretKeyRef { name: "k".into(), key: "apiKey".into() },
             upstream: Upstream::default(),
             allowed_namespaces: from.map(|from| AllowedNamespaces {
                 from,
@@ -38,9 +33,7 @@ fn token() -> ProxyToken {
     let mut t = ProxyToken::new(
         "web",
         ProxyTokenSpec {
-            project_ref: ProjectRef {
-                name: "prod".into(),
-            },
+            project_ref: ProjectRef { name: "prod".into() },
             duration: "1h".into(),
             max_requests: None,
             revoked: false,
@@ -67,47 +60,22 @@ fn issued(issued_at: i64) -> ProxyToken {
 fn admission_needs_a_project_a_grant_and_an_active_project() {
     let open = project(true, Some(NamespacesFrom::All));
     assert_eq!(admit(&token(), Some(&open), true), Ok(()));
-    assert_eq!(
-        admit(&token(), None, false).unwrap_err().reason,
-        "ProjectNotFound"
-    );
+    assert_eq!(admit(&token(), None, false).unwrap_err().reason, "ProjectNotFound");
     let refused = admit(&token(), Some(&open), false).unwrap_err();
     assert_eq!(refused.phase, TokenPhase::Rejected);
-    assert!(
-        refused.message.contains("namespace apps")
-            && refused.message.contains("spec.allowedNamespaces")
-    );
-    let inactive = admit(
-        &token(),
-        Some(&project(false, Some(NamespacesFrom::All))),
-        true,
-    )
-    .unwrap_err();
-    assert_eq!(
-        (inactive.phase, inactive.message.as_str()),
-        (TokenPhase::ProjectInactive, INACTIVE_PROJECT_MESSAGE)
-    );
+    assert!(refused.message.contains("namespace apps") && refused.message.contains("spec.allowedNamespaces"));
+    let inactive = admit(&token(), Some(&project(false, Some(NamespacesFrom::All))), true).unwrap_err();
+    assert_eq!((inactive.phase, inactive.message.as_str()), (TokenPhase::ProjectInactive, INACTIVE_PROJECT_MESSAGE));
     let mut revoked = token();
     revoked.spec.revoked = true;
-    assert_eq!(
-        admit(&revoked, Some(&open), true).unwrap_err().phase,
-        TokenPhase::Revoked
-    );
+    assert_eq!(admit(&revoked, Some(&open), true).unwrap_err().phase, TokenPhase::Revoked);
 }
 
 #[test]
 fn namespace_grants() {
-    let labels = |pairs: &[(&str, &str)]| {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    };
+    let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     assert!(!namespace_allowed(&project(true, None), &labels(&[])));
-    assert!(namespace_allowed(
-        &project(true, Some(NamespacesFrom::All)),
-        &labels(&[])
-    ));
+    assert!(namespace_allowed(&project(true, Some(NamespacesFrom::All)), &labels(&[])));
     let by_label = project(true, Some(NamespacesFrom::Selector));
     assert!(namespace_allowed(&by_label, &labels(&[("team", "ml")])));
     assert!(!namespace_allowed(&by_label, &labels(&[("team", "web")])));
@@ -116,37 +84,19 @@ fn namespace_grants() {
 #[test]
 fn lifecycle_phases_in_order_of_precedence() {
     let open = project(true, Some(NamespacesFrom::All));
-    assert_eq!(
-        lifecycle(&issued(0), Some(&open), at(10)).phase,
-        TokenPhase::Active
-    );
-    assert_eq!(
-        lifecycle(&issued(0), Some(&open), at(3600)).phase,
-        TokenPhase::Expired
-    );
-    assert_eq!(
-        lifecycle(&issued(0), Some(&project(false, None)), at(10)).phase,
-        TokenPhase::ProjectInactive
-    );
-    assert_eq!(
-        lifecycle(&issued(0), None, at(10)).reason,
-        "ProjectNotFound"
-    );
+    assert_eq!(lifecycle(&issued(0), Some(&open), at(10)).phase, TokenPhase::Active);
+    assert_eq!(lifecycle(&issued(0), Some(&open), at(3600)).phase, TokenPhase::Expired);
+    assert_eq!(lifecycle(&issued(0), Some(&project(false, None)), at(10)).phase, TokenPhase::ProjectInactive);
+    assert_eq!(lifecycle(&issued(0), None, at(10)).reason, "ProjectNotFound");
 
     let mut capped = issued(0);
     capped.spec.max_requests = Some(5);
     capped.status.as_mut().unwrap().request_count = Some(5);
-    assert_eq!(
-        lifecycle(&capped, Some(&open), at(10)).phase,
-        TokenPhase::Exhausted
-    );
+    assert_eq!(lifecycle(&capped, Some(&open), at(10)).phase, TokenPhase::Exhausted);
 
     let mut revoked = issued(0);
     revoked.spec.revoked = true;
-    assert_eq!(
-        lifecycle(&revoked, Some(&open), at(3600)).phase,
-        TokenPhase::Revoked
-    );
+    assert_eq!(lifecycle(&revoked, Some(&open), at(3600)).phase, TokenPhase::Revoked);
 }
 
 #[test]
@@ -154,14 +104,8 @@ fn bulk_revocation_catches_tokens_issued_before_the_cut_off_only() {
     let mut cut = project(true, Some(NamespacesFrom::All));
     cut.spec.tokens_not_before = Some(Time(at(100)));
     let old = lifecycle(&issued(99), Some(&cut), at(150));
-    assert_eq!(
-        (old.phase, old.reason),
-        (TokenPhase::Revoked, "BulkRevoked")
-    );
-    assert_eq!(
-        lifecycle(&issued(100), Some(&cut), at(150)).phase,
-        TokenPhase::Active
-    );
+    assert_eq!((old.phase, old.reason), (TokenPhase::Revoked, "BulkRevoked"));
+    assert_eq!(lifecycle(&issued(100), Some(&cut), at(150)).phase, TokenPhase::Active);
 }
 
 #[test]
@@ -183,36 +127,19 @@ fn status_keeps_the_mint_and_leaves_usage_to_the_proxy() {
     assert_eq!(status.token_hash, t.status.as_ref().unwrap().token_hash);
     assert_eq!(status.expires_at, Some(crate::api::micros(at(3600))));
     assert_eq!(status.request_count, None);
-    let issued_condition = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == cond::ISSUED)
-        .unwrap();
+    let issued_condition = status.conditions.iter().find(|c| c.type_ == cond::ISSUED).unwrap();
     assert_eq!(issued_condition.status, "True");
 }
 
 #[test]
 fn events_follow_phase_changes() {
     let active = Verdict::new(TokenPhase::Active, "Active", "Usable");
-    assert_eq!(
-        transition_events(None, &active, "web", true)[0].reason,
-        "Issued"
-    );
+    assert_eq!(transition_events(None, &active, "web", true)[0].reason, "Issued");
     assert!(transition_events(Some(TokenPhase::Active), &active, "web", false).is_empty());
-    assert_eq!(
-        transition_events(Some(TokenPhase::ProjectInactive), &active, "web", false)[0].reason,
-        "Usable"
-    );
+    assert_eq!(transition_events(Some(TokenPhase::ProjectInactive), &active, "web", false)[0].reason, "Usable");
     let revoked = Verdict::new(TokenPhase::Revoked, "BulkRevoked", "gone");
-    assert_eq!(
-        transition_events(Some(TokenPhase::Active), &revoked, "web", false)[0].reason,
-        "Revoked"
-    );
-    let refused = Verdict::new(
-        TokenPhase::ProjectInactive,
-        "ProjectInactive",
-        INACTIVE_PROJECT_MESSAGE,
-    );
+    assert_eq!(transition_events(Some(TokenPhase::Active), &revoked, "web", false)[0].reason, "Revoked");
+    let refused = Verdict::new(TokenPhase::ProjectInactive, "ProjectInactive", INACTIVE_PROJECT_MESSAGE);
     let events = transition_events(None, &refused, "web", false);
     assert!(events[0].warning && events[0].note == INACTIVE_PROJECT_MESSAGE);
 }

@@ -1,0 +1,252 @@
+//! Request counting and the exact `maxRequests` cap across proxy replicas, with the
+//! ProxyToken's status as the only shared state.
+//!
+//! In: every authorised request. Out: a go/no-go for capped tokens, and batched status
+//! writes (`requestCount`, `lastUsedAt`, `claimedRequests`).
+//!
+//! A replica forwards a capped token's request only from a *block* of the budget it has
+//! claimed by raising `status.claimedRequests` with a resourceVersion precondition, so
+//! two replicas can never claim the same requests, and the sum of all blocks never
+//! exceeds `maxRequests`. A replica that dies loses its unused block (under-use, never
+//! over-spend); one that shuts down cleanly gives it back. Unlimited tokens cost no
+//! write per request: counts are flushed per token every `flush_interval`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use super::ProxyError;
+use crate::api::ProxyToken;
+use crate::index::Route;
+use crate::token::TokenHash;
+
+/// Field manager of the proxies' status writes.
+pub const PROXY_MANAGER: &str = "llm-proxy-proxy";
+
+/// How many optimistic-concurrency retries a claim or flush gets before giving up.
+const MAX_ATTEMPTS: usize = 20;
+
+/// One token's counters on this replica.
+struct Counter {
+    namespace: String,
+    name: String,
+    /// Requests forwarded and not yet written to `status.requestCount`.
+    unflushed: AtomicU64,
+    /// Latest use, Unix microseconds.
+    last_used_us: AtomicI64,
+    /// Requests left in this replica's claimed block; the lock serialises claims.
+    block: tokio::sync::Mutex<i64>,
+}
+
+/// Usage accounting shared by every connection of a proxy replica.
+pub struct Usage {
+    client: Option<Client>,
+    counters: RwLock<HashMap<TokenHash, Arc<Counter>>>,
+    /// One flush at a time: the final flush at shutdown must not return while a
+    /// periodic one still holds counts it took.
+    flushing: tokio::sync::Mutex<()>,
+}
+
+impl Usage {
+    /// Accounting that writes to the API server through `client`.
+    pub fn new(client: Client) -> Self {
+        Self { client: Some(client), counters: RwLock::default(), flushing: tokio::sync::Mutex::default() }
+    }
+
+    /// Accounting with no API server: counts nothing durable and refuses capped tokens.
+    /// For benchmarks and tests that build a routing table by hand.
+    pub fn disabled() -> Self {
+        Self { client: None, counters: RwLock::default(), flushing: tokio::sync::Mutex::default() }
+    }
+
+    /// Admits one request with `route`'s token: always for unlimited tokens, from the
+    /// replica's block (claiming a new one when empty) for capped ones.
+    pub async fn admit(&self, hash: TokenHash, route: &Route, now_us: i64) -> Result<(), ProxyError> {
+        let counter = self.counter(hash, route);
+        if let Some(max) = route.token.max_requests {
+            let mut block = counter.block.lock().await;
+            if *block == 0 {
+                *block = self.claim(&counter, max).await?;
+            }
+            *block -= 1;
+        }
+        counter.unflushed.fetch_add(1, Ordering::Relaxed);
+        counter.last_used_us.fetch_max(now_us, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn counter(&self, hash: TokenHash, route: &Route) -> Arc<Counter> {
+        if let Some(counter) = self.counters.read().expect("usage map poisoned").get(&hash) {
+            return counter.clone();
+        }
+        let mut counters = self.counters.write().expect("usage map poisoned");
+        counters
+            .entry(hash)
+            .or_insert_with(|| {
+                Arc::new(Counter {
+                    namespace: route.token.namespace.clone(),
+                    name: route.token.name.clone(),
+                    unflushed: AtomicU64::new(0),
+                    last_used_us: AtomicI64::new(0),
+                    block: tokio::sync::Mutex::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Raises `claimedRequests` by one block; returns the block's size.
+    async fn claim(&self, counter: &Counter, max_hint: u64) -> Result<i64, ProxyError> {
+        let client = self.client.clone().ok_or(ProxyError::QuotaUnavailable)?;
+        let api = Api::<ProxyToken>::namespaced(client, &counter.namespace);
+        for _ in 0..MAX_ATTEMPTS {
+            let token = api.get_status(&counter.name).await.map_err(|error| {
+                tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "reading the token's budget failed");
+                ProxyError::QuotaUnavailable
+            })?;
+            let status = token.status.clone().unwrap_or_default();
+            let max = token.spec.max_requests.unwrap_or(max_hint as i64);
+            let claimed = status.claimed_requests.unwrap_or(0).max(status.request_count.unwrap_or(0));
+            let remaining = max - claimed;
+            if remaining <= 0 {
+                return Err(ProxyError::TokenExhausted);
+            }
+            let block = block_size(max).min(remaining);
+            let patch = json!({
+                "metadata": { "resourceVersion": token.resource_version() },
+                "status": { "claimedRequests": claimed + block },
+            });
+            match api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await {
+                // A CRD older than this proxy would silently prune the field: spend nothing then.
+                Ok(patched) if patched.status.as_ref().and_then(|s| s.claimed_requests) == Some(claimed + block) => {
+                    return Ok(block);
+                }
+                Ok(_) => {
+                    tracing::error!("status.claimedRequests was not stored: update the CRDs (crds/llmproxy.io.yaml)");
+                    return Err(ProxyError::QuotaUnavailable);
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(error) => {
+                    tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming budget failed");
+                    return Err(ProxyError::QuotaUnavailable);
+                }
+            }
+        }
+        Err(ProxyError::QuotaUnavailable)
+    }
+
+    /// Writes every token's unflushed count and last use into its status.
+    pub async fn flush(&self) {
+        let Some(client) = self.client.clone() else { return };
+        let _one_at_a_time = self.flushing.lock().await;
+        let counters: Vec<Arc<Counter>> = self.counters.read().expect("usage map poisoned").values().cloned().collect();
+        for counter in counters {
+            let delta = counter.unflushed.swap(0, Ordering::Relaxed);
+            if delta == 0 {
+                continue;
+            }
+            let last_used = counter.last_used_us.load(Ordering::Relaxed);
+            if let Err(error) = add_usage(&client, &counter, delta as i64, last_used).await {
+                // Keep the count for the next flush; nothing is lost.
+                counter.unflushed.fetch_add(delta, Ordering::Relaxed);
+                tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "writing usage failed; will retry");
+            }
+        }
+    }
+
+    /// Flushes, then gives unused blocks back so other replicas can spend them.
+    pub async fn shutdown(&self) {
+        self.flush().await;
+        let Some(client) = self.client.clone() else { return };
+        let counters: Vec<Arc<Counter>> = self.counters.read().expect("usage map poisoned").values().cloned().collect();
+        for counter in counters {
+            let mut block = counter.block.lock().await;
+            if *block > 0 && give_back(&client, &counter, *block).await.is_ok() {
+                *block = 0;
+            }
+        }
+    }
+}
+
+fn params() -> PatchParams {
+    PatchParams { field_manager: Some(PROXY_MANAGER.to_string()), ..Default::default() }
+}
+
+/// Block size for a cap of `max`: small enough that one replica cannot starve the
+/// others of a small budget, large enough that big budgets cost few writes.
+pub fn block_size(max: i64) -> i64 {
+    (max / 16).clamp(1, 1000)
+}
+
+async fn add_usage(client: &Client, counter: &Counter, delta: i64, last_used_us: i64) -> Result<(), kube::Error> {
+    let api = Api::<ProxyToken>::namespaced(client.clone(), &counter.namespace);
+    let last_used = jiff::Timestamp::from_microsecond(last_used_us).map(crate::api::micros).ok();
+    let mut attempt = 0;
+    loop {
+        let token = api.get_status(&counter.name).await?;
+        let status = token.status.clone().unwrap_or_default();
+        let newer = match (&status.last_used_at, &last_used) {
+            (Some(old), Some(new)) => new.0 > old.0,
+            _ => true,
+        };
+        let patch = json!({
+            "metadata": { "resourceVersion": token.resource_version() },
+            "status": {
+                "requestCount": status.request_count.unwrap_or(0) + delta,
+                "lastUsedAt": if newer { last_used.clone() } else { status.last_used_at.clone() },
+            },
+        });
+        match api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await {
+            Err(kube::Error::Api(status)) if status.code == 409 && attempt < MAX_ATTEMPTS => attempt += 1,
+            other => return other.map(drop),
+        }
+    }
+}
+
+async fn give_back(client: &Client, counter: &Counter, unused: i64) -> Result<(), kube::Error> {
+    let api = Api::<ProxyToken>::namespaced(client.clone(), &counter.namespace);
+    for _ in 0..MAX_ATTEMPTS {
+        let token = api.get_status(&counter.name).await?;
+        let status = token.status.clone().unwrap_or_default();
+        let used = status.request_count.unwrap_or(0);
+        let claimed = (status.claimed_requests.unwrap_or(0) - unused).max(used);
+        let patch = json!({
+            "metadata": { "resourceVersion": token.resource_version() },
+            "status": { "claimedRequests": claimed },
+        });
+        match api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await {
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            other => return other.map(drop),
+        }
+    }
+    Ok(())
+}
+
+/// Flushes `usage` every `interval` until the process ends.
+pub fn spawn_flusher(usage: Arc<Usage>, interval: Duration) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            usage.flush().await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_scale_with_the_cap_and_never_exceed_it() {
+        assert_eq!(block_size(1), 1);
+        assert_eq!(block_size(50), 3);
+        assert_eq!(block_size(16_000), 1000);
+        assert_eq!(block_size(10_000_000), 1000);
+    }
+}

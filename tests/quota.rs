@@ -1,0 +1,140 @@
+//! Token limits and usage across proxy replicas, with Kubernetes as the only store
+//! (issue 5): an exact `maxRequests` over two real proxy processes, a replica killed
+//! mid-burst, expiry without the controller, and counts that survive restarts.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kube::Api;
+use llm_proxy::api::{ProxyToken, TokenPhase};
+use support::{Env, WAIT, burst, eventually, free_port, token_spec};
+
+/// Flush usage often so the tests need not wait for the production default.
+const FAST_FLUSH: &[&str] = &["--usage-flush-millis", "200"];
+
+async fn capped(env: &Env, name: &str, max: i64) -> String {
+    let mut spec = token_spec(&env.scoped("p"));
+    spec.max_requests = Some(max);
+    env.create_token(name, spec).await;
+    env.wait_token(name, TokenPhase::Active).await;
+    env.token_secret(name).await["token"].clone()
+}
+
+async fn two_proxies(env: &mut Env) -> [u16; 2] {
+    let ports = [free_port(), free_port()];
+    env.start_proxy_as("proxy-a", ports[0], free_port(), FAST_FLUSH).await;
+    env.start_proxy_as("proxy-b", ports[1], free_port(), FAST_FLUSH).await;
+    ports
+}
+
+fn count(results: &[(u16, String)], status: u16) -> usize {
+    results.iter().filter(|(s, _)| *s == status).count()
+}
+
+async fn token(env: &Env, name: &str) -> ProxyToken {
+    Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps).get(name).await.unwrap()
+}
+
+#[tokio::test]
+async fn the_cap_is_exact_across_two_replicas() {
+    let mut env = Env::new("cap").await;
+    env.start_controller();
+    let ports = two_proxies(&mut env).await;
+    env.create_project("p").await;
+    let secret = capped(&env, "shared", 50).await;
+
+    let results = burst(&ports, &secret, 200).await;
+    assert_eq!(count(&results, 200), 50, "{results:?}");
+    assert_eq!(count(&results, 429), 150);
+    assert!(results.iter().filter(|(s, _)| *s == 429).all(|(_, code)| code == "token_exhausted"));
+    assert_eq!(env.upstream.requests().len(), 50, "exactly the cap reached the upstream");
+
+    let exhausted = env.wait_token("shared", TokenPhase::Exhausted).await;
+    let status = exhausted.status.unwrap();
+    assert_eq!(status.request_count, Some(50));
+    assert_eq!(status.claimed_requests, Some(50));
+    assert!(status.last_used_at.is_some());
+}
+
+#[tokio::test]
+async fn a_replica_killed_mid_burst_never_makes_the_proxies_overspend() {
+    let mut env = Env::new("sigkill").await;
+    env.start_controller();
+    let ports = two_proxies(&mut env).await;
+    env.create_project("p").await;
+    let secret = capped(&env, "shared", 50).await;
+
+    let first = burst(&ports, &secret, 40).await;
+    env.signal("proxy-b", "KILL");
+    let second = burst(&ports[..1], &secret, 160).await;
+    let forwarded = count(&first, 200) + count(&second, 200);
+    assert!(forwarded <= 50, "forwarded {forwarded}");
+    assert_eq!(env.upstream.requests().len(), forwarded);
+    assert!(second.iter().filter(|(s, _)| *s != 200).all(|(s, code)| *s == 429 && code == "token_exhausted"));
+    // Claims are durable before a request is forwarded, so they cover everything the
+    // dead replica sent too; its unflushed count and unused block are what is lost.
+    let status = eventually(WAIT, || async {
+        let status = token(&env, "shared").await.status?;
+        (status.request_count? >= count(&second, 200) as i64).then_some(status)
+    })
+    .await;
+    let claimed = status.claimed_requests.unwrap();
+    assert!(claimed >= forwarded as i64 && claimed <= 50, "claimed {claimed}, forwarded {forwarded}");
+    assert!(status.request_count.unwrap() <= forwarded as i64);
+}
+
+#[tokio::test]
+async fn expiry_is_enforced_by_the_proxy_on_time() {
+    let mut env = Env::new("expiry").await;
+    env.start_controller();
+    env.start_proxy().await;
+    env.create_project("p").await;
+    let mut spec = token_spec(&env.scoped("p"));
+    spec.duration = "2s".into();
+    env.create_token("brief", spec).await;
+    let issued = env.wait_token("brief", TokenPhase::Active).await;
+    let expires_at = issued.status.unwrap().expires_at.unwrap().0;
+    let secret = env.token_secret("brief").await["token"].clone();
+
+    let refused_at = eventually(Duration::from_secs(5), || async {
+        let response = env.chat(&secret).await;
+        (response.error_code() == "token_expired").then(jiff::Timestamp::now)
+    })
+    .await;
+    let late = refused_at.duration_since(expires_at);
+    assert!(late < jiff::SignedDuration::from_secs(1), "refused {late:?} after expiresAt");
+    assert_eq!(env.chat(&secret).await.status, 401);
+    env.wait_token("brief", TokenPhase::Expired).await;
+}
+
+#[tokio::test]
+async fn counts_survive_a_restart_of_every_proxy() {
+    let mut env = Env::new("restart").await;
+    env.start_controller();
+    let port = free_port();
+    env.start_proxy_as("proxy-1", port, free_port(), FAST_FLUSH).await;
+    env.create_project("p").await;
+    let capped_secret = capped(&env, "capped", 5).await;
+    let unlimited = env.minted("p", "unlimited").await;
+
+    let results = burst(&[port], &capped_secret, 8).await;
+    assert_eq!((count(&results, 200), count(&results, 429)), (5, 3));
+    for _ in 0..3 {
+        assert_eq!(burst(&[port], &unlimited, 1).await[0].0, 200);
+    }
+    // A graceful stop flushes the counts.
+    env.signal("proxy-1", "TERM");
+    let status = token(&env, "capped").await.status.unwrap();
+    assert_eq!(status.request_count, Some(5));
+    assert_eq!(token(&env, "unlimited").await.status.unwrap().request_count, Some(3));
+
+    let started = Instant::now();
+    env.start_proxy_as("proxy-2", port, free_port(), FAST_FLUSH).await;
+    println!("restarted and synced in {:?}", started.elapsed());
+    let after = burst(&[port], &capped_secret, 2).await;
+    assert!(after.iter().all(|(s, code)| *s == 429 && code == "token_exhausted"), "{after:?}");
+    assert_eq!(burst(&[port], &unlimited, 1).await[0].0, 200);
+    eventually(WAIT, || async { (token(&env, "unlimited").await.status?.request_count? == 4).then_some(()) }).await;
+    assert_eq!(env.upstream.requests().len(), 5 + 4);
+}
