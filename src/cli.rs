@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::controller::{self, lease};
 use crate::index::watch::{self, WatchConfig};
+use crate::metrics::Metrics;
 use crate::proxy::usage::{self, Usage};
 use crate::proxy::{Proxy, ProxySettings, server};
 
@@ -120,10 +121,12 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let client = client().await?;
     let api = bind(args.listen_addr).await?;
     let admin = bind(args.common.admin_addr).await?;
-    let usage = Arc::new(Usage::new(client.clone()));
+    let metrics = Arc::new(Metrics::new());
+    let usage = Arc::new(Usage::new(client.clone(), metrics.clone()));
     usage::spawn_flusher(usage.clone(), Duration::from_millis(args.usage_flush_millis));
     let table = watch::spawn(
         client,
+        metrics.clone(),
         WatchConfig {
             secrets_namespace: args.common.namespace.clone(),
             label_selector: args.common.label_selector.clone(),
@@ -133,7 +136,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         connect_timeout: Duration::from_secs(args.connect_timeout_seconds),
         response_timeout: Duration::from_secs(args.upstream_timeout_seconds),
     };
-    let proxy = Arc::new(Proxy::new(table.clone(), usage.clone(), &settings));
+    let proxy = Arc::new(Proxy::new(table.clone(), usage.clone(), metrics.clone(), &settings));
     tracing::info!(listen = %api.local_addr().map_or(args.listen_addr, |a| a), admin = %args.common.admin_addr, "proxy started");
     let drain = Duration::from_secs(args.drain_seconds);
     let shutdown = shutdown_signal();
@@ -141,7 +144,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_task = tokio::spawn(server::serve(
         admin,
-        server::admin_handler(table),
+        server::admin_handler(table, metrics),
         async move {
             let _ = admin_stopped.await;
         },
@@ -159,13 +162,14 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
 async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
     let client = client().await?;
     let admin = bind(args.common.admin_addr).await?;
+    let metrics = Arc::new(Metrics::new());
     // The controller's readiness does not depend on leadership: followers are healthy standbys.
     tokio::spawn(server::serve(
         admin,
-        server::admin_handler(crate::index::watch::SharedTable::fixed(crate::index::RouteTable {
-            ready: true,
-            ..Default::default()
-        })),
+        server::admin_handler(
+            crate::index::watch::SharedTable::fixed(crate::index::RouteTable { ready: true, ..Default::default() }),
+            metrics.clone(),
+        ),
         std::future::pending(),
         Duration::from_secs(1),
     ));
@@ -176,7 +180,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
     };
     if !args.leader_elect {
         tracing::info!("controller started without leader election");
-        controller::run(client, settings, shutdown_signal()).await;
+        controller::run(client, settings, metrics.clone(), shutdown_signal()).await;
         return Ok(());
     }
     let identity = args
@@ -199,7 +203,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
     }
     tracing::info!(%identity, "leading: reconciling");
     tokio::select! {
-        () = controller::run(client, settings, shutdown_signal()) => Ok(()),
+        () = controller::run(client, settings, metrics.clone(), shutdown_signal()) => Ok(()),
         () = elector.hold() => {
             // Another replica may lead now; stop writing at once and let the pod restart.
             tracing::error!(%identity, "lost the leader lease; exiting");

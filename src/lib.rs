@@ -17,6 +17,7 @@ pub mod crd;
 pub mod duration;
 pub mod fake_upstream;
 pub mod index;
+pub mod metrics;
 pub mod proxy;
 pub mod telemetry;
 pub mod token;

@@ -138,3 +138,56 @@ async fn counts_survive_a_restart_of_every_proxy() {
     eventually(WAIT, || async { (token(&env, "unlimited").await.status?.request_count? == 4).then_some(()) }).await;
     assert_eq!(env.upstream.requests().len(), 5 + 4);
 }
+
+#[tokio::test]
+async fn metrics_count_requests_upstream_tokens_and_claims() {
+    let mut env = Env::new("metrics").await;
+    env.start_controller();
+    env.start_proxy().await;
+    env.create_project("p").await;
+    let unlimited = env.minted("p", "free").await;
+    let capped_secret = capped(&env, "capped", 2).await;
+    for _ in 0..2 {
+        assert_eq!(env.chat(&unlimited).await.status, 200);
+    }
+    let streamed = support::curl(
+        "POST",
+        &format!("{}/v1/chat/completions", env.proxy_url()),
+        &[("authorization", &format!("Bearer {unlimited}"))],
+        Some(r#"{"model":"m","messages":[],"stream":true}"#),
+    )
+    .await;
+    assert!(streamed.body.contains("data: [DONE]"));
+    let results = burst(&[env.proxy_port], &capped_secret, 3).await;
+    assert_eq!((count(&results, 200), count(&results, 429)), (2, 1));
+    assert_eq!(env.chat("llmp_bogus").await.status, 401);
+
+    let text = reqwest_text(&format!("http://127.0.0.1:{}/metrics", env.proxy_admin_port)).await;
+    let project = env.scoped("p");
+    let ns = &env.apps;
+    for expected in [
+        format!(r#"llmproxy_requests_total{{project="{project}",outcome="upstream_2xx"}} 5"#),
+        format!(r#"llmproxy_requests_total{{project="{project}",outcome="token_exhausted"}} 1"#),
+        r#"llmproxy_requests_total{project="",outcome="invalid_token"} 1"#.to_string(),
+        // Two plain completions (9 + 7 each) and one stream (9 + 5 in its last chunk).
+        format!(
+            r#"llmproxy_upstream_tokens_total{{project="{project}",token_namespace="{ns}",token_name="free",kind="prompt"}} 27"#
+        ),
+        format!(
+            r#"llmproxy_upstream_tokens_total{{project="{project}",token_namespace="{ns}",token_name="free",kind="completion"}} 19"#
+        ),
+        r#"llmproxy_quota_claims_total{result="exhausted"} 1"#.to_string(),
+        "llmproxy_routing_table_tokens 2".to_string(),
+        "llmproxy_routing_table_projects 1".to_string(),
+        "llmproxy_upstream_latency_seconds_count 5".to_string(),
+        "llmproxy_added_latency_seconds_count 5".to_string(),
+    ] {
+        assert!(text.contains(&expected), "missing {expected}\n{text}");
+    }
+    assert!(text.contains(r#"llmproxy_quota_claims_total{result="claimed"}"#));
+}
+
+/// A GET's body, with curl.
+async fn reqwest_text(url: &str) -> String {
+    support::curl("GET", url, &[], None).await.body
+}

@@ -22,6 +22,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{CONTROLLER_MANAGER, Project, ProxyToken};
+use crate::metrics::{Metrics, ReconcileLabels};
 
 /// Settings of the controller.
 #[derive(Clone, Debug)]
@@ -141,8 +142,30 @@ fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Counts one reconcile's result.
+fn count<T, Q: std::error::Error + 'static>(
+    metrics: &Metrics,
+    kind: &'static str,
+    result: &Result<T, kube::runtime::controller::Error<Error, Q>>,
+) {
+    let result = match result {
+        Ok(_) => "ok",
+        Err(kube::runtime::controller::Error::ReconcilerFailed(error, _)) => error.metric_label(),
+        Err(error) => {
+            tracing::debug!(%error, kind, "reconcile did not run");
+            "not_run"
+        }
+    };
+    metrics.reconciles.get_or_create(&ReconcileLabels { kind, result }).inc();
+}
+
 /// Runs both controllers until `shutdown` resolves.
-pub async fn run(client: Client, settings: Settings, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let reporter = Reporter { controller: CONTROLLER_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context { client: client.clone(), recorder: Recorder::new(client.clone(), reporter), settings });
     let labelled = match &ctx.settings.label_selector {
@@ -196,18 +219,16 @@ pub async fn run(client: Client, settings: Settings, shutdown: impl std::future:
     let projects_done = project_controller
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(project::reconcile, error_policy, ctx.clone())
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "project reconcile did not complete");
-            }
+        .for_each(|result| {
+            count(&metrics, "Project", &result);
+            std::future::ready(())
         });
     let tokens_done = token_controller
         .graceful_shutdown_on(stopped(stop_rx))
         .run(proxytoken::reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "token reconcile did not complete");
-            }
+        .for_each(|result| {
+            count(&metrics, "ProxyToken", &result);
+            std::future::ready(())
         });
     tokio::join!(projects_done, tokens_done);
 }

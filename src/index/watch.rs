@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use super::{Change, Index, RouteTable};
 use crate::api::{Project, ProxyToken};
+use crate::metrics::Metrics;
 
 /// What to watch.
 #[derive(Clone, Debug)]
@@ -51,15 +52,21 @@ impl SharedTable {
 }
 
 /// Starts the watches and the index task; the table is `ready` after every kind listed.
-pub fn spawn(client: Client, config: WatchConfig) -> SharedTable {
+pub fn spawn(client: Client, metrics: Arc<Metrics>, config: WatchConfig) -> SharedTable {
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let (tx, generations) = watch::channel(0);
     let shared = SharedTable { table: table.clone(), generations };
-    tokio::spawn(run(client, config, table, tx));
+    tokio::spawn(run(client, config, table, tx, metrics));
     shared
 }
 
-async fn run(client: Client, config: WatchConfig, table: Arc<ArcSwap<RouteTable>>, tx: watch::Sender<u64>) {
+async fn run(
+    client: Client,
+    config: WatchConfig,
+    table: Arc<ArcSwap<RouteTable>>,
+    tx: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+) {
     let labelled = match &config.label_selector {
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),
@@ -76,24 +83,31 @@ async fn run(client: Client, config: WatchConfig, table: Arc<ArcSwap<RouteTable>
 
     let mut index = Index::new();
     while let Some(first) = changes.next().await {
-        apply(&mut index, first);
+        apply(&mut index, first, &metrics);
         // Fold everything already queued into one snapshot: a burst of events costs one
         // rebuild, and the first event of the burst is never delayed by a timer.
         while let Some(Some(more)) = changes.next().now_or_never() {
-            apply(&mut index, more);
+            apply(&mut index, more, &metrics);
         }
         let snapshot = index.snapshot();
         let generation = snapshot.generation;
+        metrics.table_tokens.set(snapshot.token_count() as i64);
+        metrics.table_projects.set(snapshot.project_count() as i64);
+        metrics.table_generation.set(generation as i64);
+        metrics.table_updated.set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
         table.store(Arc::new(snapshot));
         tx.send_replace(generation);
     }
 }
 
-fn apply(index: &mut Index, change: Result<Change, watcher::Error>) {
+fn apply(index: &mut Index, change: Result<Change, watcher::Error>, metrics: &Metrics) {
     match change {
         Ok(change) => index.apply(change),
         // The watcher retries with backoff and relists when it must; until then the
         // last known table keeps serving.
-        Err(error) => tracing::warn!(%error, "watch failed; serving the last known routing table"),
+        Err(error) => {
+            metrics.watch_errors.inc();
+            tracing::warn!(%error, "watch failed; serving the last known routing table");
+        }
     }
 }

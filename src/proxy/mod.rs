@@ -8,6 +8,7 @@ mod error;
 mod forward;
 pub mod paths;
 pub mod server;
+pub mod tokens;
 pub mod usage;
 
 use std::convert::Infallible;
@@ -22,6 +23,7 @@ pub use error::ProxyError;
 pub use forward::{Upstream, strip_hop_by_hop};
 
 use crate::index::{Route, watch::SharedTable};
+use crate::metrics::{Metrics, TokenUsageLabels};
 use crate::proxy::usage::Usage;
 use crate::token::{self, TokenHash};
 
@@ -53,12 +55,18 @@ pub struct Proxy {
     table: SharedTable,
     upstream: Upstream,
     usage: std::sync::Arc<Usage>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl Proxy {
     /// A proxy over `table`.
-    pub fn new(table: SharedTable, usage: std::sync::Arc<Usage>, settings: &ProxySettings) -> Self {
-        Self { table, upstream: Upstream::new(settings.connect_timeout, settings.response_timeout), usage }
+    pub fn new(
+        table: SharedTable,
+        usage: std::sync::Arc<Usage>,
+        metrics: std::sync::Arc<Metrics>,
+        settings: &ProxySettings,
+    ) -> Self {
+        Self { table, upstream: Upstream::new(settings.connect_timeout, settings.response_timeout), usage, metrics }
     }
 
     /// The routing table this proxy reads.
@@ -71,18 +79,51 @@ impl Proxy {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let (response, route) = match self.route_and_forward(request).await {
-            Ok((response, route)) => (response.map(BodyExt::boxed), Some(route)),
-            Err((error, route)) => (error.into_response(), route),
+        let (response, route, outcome, upstream_time) = match self.route_and_forward(request).await {
+            Ok((response, route, upstream_time)) => {
+                let outcome = match response.status().as_u16() {
+                    200..=399 => "upstream_2xx",
+                    400..=499 => "upstream_4xx",
+                    _ => "upstream_5xx",
+                };
+                (self.tap_usage(response, &route), Some(route), outcome, Some(upstream_time))
+            }
+            Err((error, route)) => (error.into_response(), route, error.code(), None),
         };
-        access_log(&method, &path, response.status().as_u16(), started.elapsed(), route.as_ref());
+        let elapsed = started.elapsed();
+        static NO_PROJECT: std::sync::LazyLock<std::sync::Arc<str>> =
+            std::sync::LazyLock::new(|| std::sync::Arc::from(""));
+        let project = route.as_ref().map_or(&*NO_PROJECT, |r| &r.project.name);
+        self.metrics.request(project, outcome, elapsed, upstream_time);
+        access_log(&method, &path, response.status().as_u16(), elapsed, route.as_ref());
         Ok(response)
+    }
+
+    /// Streams the upstream body back while counting the tokens it reports.
+    fn tap_usage(&self, response: Response<Incoming>, route: &Route) -> Response<Body> {
+        let metrics = self.metrics.clone();
+        let labels = (route.project.name.clone(), route.token.namespace.clone(), route.token.name.clone());
+        response.map(move |body| {
+            tokens::UsageTap::new(body, move |usage: tokens::TokenUsage| {
+                let (project, token_namespace, token_name) = labels;
+                for (kind, count) in [("prompt", usage.prompt), ("completion", usage.completion)] {
+                    let labels = TokenUsageLabels {
+                        project: crate::metrics::Name(project.clone()),
+                        token_namespace: token_namespace.clone(),
+                        token_name: token_name.clone(),
+                        kind,
+                    };
+                    metrics.upstream_tokens.get_or_create(&labels).inc_by(count);
+                }
+            })
+            .boxed()
+        })
     }
 
     async fn route_and_forward(
         &self,
         request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Route), (ProxyError, Option<Route>)> {
+    ) -> Result<(Response<Incoming>, Route, Duration), (ProxyError, Option<Route>)> {
         paths::check(request.method(), request.uri().path()).map_err(|e| (e.into(), None))?;
         let hash = bearer_token_hash(&request).map_err(|e| (e, None))?;
         let table = self.table.load();
@@ -95,8 +136,9 @@ impl Proxy {
         if let Err(error) = self.usage.admit(hash, &route, now).await {
             return Err((error, Some(route)));
         }
+        let sent = Instant::now();
         match self.upstream.forward(request, &route).await {
-            Ok(response) => Ok((response, route)),
+            Ok(response) => Ok((response, route, sent.elapsed())),
             Err(error) => Err((error, Some(route))),
         }
     }

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use super::{Body, Proxy, full};
 use crate::index::watch::SharedTable;
+use crate::metrics::Metrics;
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then drains open
 /// connections for at most `drain`.
@@ -73,17 +74,25 @@ pub fn api_handler(proxy: Arc<Proxy>) -> impl Fn(Request<Incoming>) -> HandlerFu
 /// The admin handler for [`serve`]: liveness, and readiness once the table has synced.
 pub fn admin_handler(
     table: SharedTable,
+    metrics: Arc<Metrics>,
 ) -> impl Fn(Request<Incoming>) -> std::future::Ready<Result<Response<Body>, Infallible>> + Clone + Send + Sync + 'static
 {
     move |request| {
         let (status, text) = match request.uri().path() {
-            "/healthz" | "/livez" => (StatusCode::OK, "ok\n"),
-            "/readyz" if table.load().ready => (StatusCode::OK, "ok\n"),
-            "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "routing table not synced yet\n"),
-            _ => (StatusCode::NOT_FOUND, "not found\n"),
+            "/healthz" | "/livez" => (StatusCode::OK, "ok\n".to_string()),
+            "/readyz" if table.load().ready => (StatusCode::OK, "ok\n".to_string()),
+            "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "routing table not synced yet\n".to_string()),
+            "/metrics" => (StatusCode::OK, metrics.encode()),
+            _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
         };
         let mut response = Response::new(full(text));
         *response.status_mut() = status;
+        if request.uri().path() == "/metrics" {
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+        }
         std::future::ready(Ok(response))
     }
 }

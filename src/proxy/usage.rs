@@ -23,6 +23,7 @@ use serde_json::json;
 use super::ProxyError;
 use crate::api::ProxyToken;
 use crate::index::Route;
+use crate::metrics::{Metrics, ResultLabels};
 use crate::token::TokenHash;
 
 /// Field manager of the proxies' status writes.
@@ -46,6 +47,7 @@ struct Counter {
 /// Usage accounting shared by every connection of a proxy replica.
 pub struct Usage {
     client: Option<Client>,
+    metrics: Arc<Metrics>,
     counters: RwLock<HashMap<TokenHash, Arc<Counter>>>,
     /// One flush at a time: the final flush at shutdown must not return while a
     /// periodic one still holds counts it took.
@@ -54,14 +56,19 @@ pub struct Usage {
 
 impl Usage {
     /// Accounting that writes to the API server through `client`.
-    pub fn new(client: Client) -> Self {
-        Self { client: Some(client), counters: RwLock::default(), flushing: tokio::sync::Mutex::default() }
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+        Self { client: Some(client), metrics, counters: RwLock::default(), flushing: tokio::sync::Mutex::default() }
     }
 
     /// Accounting with no API server: counts nothing durable and refuses capped tokens.
     /// For benchmarks and tests that build a routing table by hand.
     pub fn disabled() -> Self {
-        Self { client: None, counters: RwLock::default(), flushing: tokio::sync::Mutex::default() }
+        Self {
+            client: None,
+            metrics: Arc::default(),
+            counters: RwLock::default(),
+            flushing: tokio::sync::Mutex::default(),
+        }
     }
 
     /// Admits one request with `route`'s token: always for unlimited tokens, from the
@@ -71,7 +78,14 @@ impl Usage {
         if let Some(max) = route.token.max_requests {
             let mut block = counter.block.lock().await;
             if *block == 0 {
-                *block = self.claim(&counter, max).await?;
+                let claimed = self.claim(&counter, max).await;
+                let result = match &claimed {
+                    Ok(_) => "claimed",
+                    Err(ProxyError::TokenExhausted) => "exhausted",
+                    Err(_) => "failed",
+                };
+                self.metrics.quota_claims.get_or_create(&ResultLabels { result }).inc();
+                *block = claimed?;
             }
             *block -= 1;
         }

@@ -1,0 +1,172 @@
+//! Prometheus metrics of the proxy and the controller, served as text on the admin
+//! port's `/metrics`.
+//!
+//! In: counts and timings from the request path, the index, the usage accounting and
+//! the reconcilers. Out: the text exposition format. Label values are fixed strings
+//! (error codes, kinds) or names of Kubernetes objects, never anything a client sends.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A label value shared with the routing table without copying it per request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, &self.0)
+    }
+}
+
+/// Labels of `llmproxy_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Project name, empty when the request was refused before a token was known.
+    pub project: Name,
+    /// `upstream_2xx`/`upstream_4xx`/`upstream_5xx`, or the proxy's error code.
+    pub outcome: &'static str,
+}
+
+/// Labels of `llmproxy_upstream_tokens_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenUsageLabels {
+    /// Project name.
+    pub project: Name,
+    /// ProxyToken namespace.
+    pub token_namespace: String,
+    /// ProxyToken name.
+    pub token_name: String,
+    /// `prompt` or `completion`.
+    pub kind: &'static str,
+}
+
+/// Labels with one fixed string.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// What happened.
+    pub result: &'static str,
+}
+
+/// Labels of controller reconciles.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    /// `Project` or `ProxyToken`.
+    pub kind: &'static str,
+    /// `ok` or the error's metric label.
+    pub result: &'static str,
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by project and outcome.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time until the upstream's response headers.
+    pub upstream_latency: Histogram,
+    /// Time the proxy adds before the response headers (total minus upstream).
+    pub added_latency: Histogram,
+    /// Prompt and completion tokens reported by the upstream.
+    pub upstream_tokens: Family<TokenUsageLabels, Counter>,
+    /// Tokens in the routing table.
+    pub table_tokens: Gauge,
+    /// Projects in the routing table.
+    pub table_projects: Gauge,
+    /// Generation of the routing table.
+    pub table_generation: Gauge,
+    /// Unix time of the last routing-table update (watch lag = now − this).
+    pub table_updated: Gauge<f64, AtomicU64>,
+    /// Watch errors (the last known table keeps serving meanwhile).
+    pub watch_errors: Counter,
+    /// Budget claims for capped tokens, by result.
+    pub quota_claims: Family<ResultLabels, Counter>,
+    /// Reconciles by kind and result.
+    pub reconciles: Family<ReconcileLabels, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("llmproxy");
+        let latency = || Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
+        let metrics = Self {
+            requests: Family::default(),
+            upstream_latency: latency(),
+            added_latency: latency(),
+            upstream_tokens: Family::default(),
+            table_tokens: Gauge::default(),
+            table_projects: Gauge::default(),
+            table_generation: Gauge::default(),
+            table_updated: Gauge::default(),
+            watch_errors: Counter::default(),
+            quota_claims: Family::default(),
+            reconciles: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests by project and outcome", metrics.requests.clone());
+        registry.register(
+            "upstream_latency_seconds",
+            "Time until the upstream's response headers",
+            metrics.upstream_latency.clone(),
+        );
+        registry.register(
+            "added_latency_seconds",
+            "Time the proxy adds before the response headers",
+            metrics.added_latency.clone(),
+        );
+        registry.register(
+            "upstream_tokens",
+            "Prompt and completion tokens reported by the upstream",
+            metrics.upstream_tokens.clone(),
+        );
+        registry.register("routing_table_tokens", "Tokens in the routing table", metrics.table_tokens.clone());
+        registry.register("routing_table_projects", "Projects in the routing table", metrics.table_projects.clone());
+        registry.register(
+            "routing_table_generation",
+            "Generation of the routing table",
+            metrics.table_generation.clone(),
+        );
+        registry.register(
+            "routing_table_updated_timestamp_seconds",
+            "Unix time of the last routing-table update",
+            metrics.table_updated.clone(),
+        );
+        registry.register(
+            "watch_errors",
+            "Watch errors; the last known table keeps serving",
+            metrics.watch_errors.clone(),
+        );
+        registry.register("quota_claims", "Budget claims for capped tokens, by result", metrics.quota_claims.clone());
+        registry.register("controller_reconciles", "Reconciles by kind and result", metrics.reconciles.clone());
+        Self { registry, ..metrics }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+
+    /// Records one request's outcome and timings.
+    pub fn request(&self, project: &Arc<str>, outcome: &'static str, total: Duration, upstream: Option<Duration>) {
+        self.requests.get_or_create(&RequestLabels { project: Name(project.clone()), outcome }).inc();
+        if let Some(upstream) = upstream {
+            self.upstream_latency.observe(upstream.as_secs_f64());
+            self.added_latency.observe(total.saturating_sub(upstream).as_secs_f64());
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
