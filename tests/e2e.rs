@@ -19,11 +19,7 @@ async fn crds_show_useful_columns_and_reject_invalid_objects() {
     let env = Env::new("crd").await;
     env.create_project("p").await;
     let kubectl = |args: &[&str]| {
-        let output = std::process::Command::new(support::kubectl())
-            .env("KUBECONFIG", support::kubeconfig())
-            .args(args)
-            .output()
-            .unwrap();
+        let output = support::run_kubectl(args);
         (String::from_utf8_lossy(&output.stdout).to_string(), String::from_utf8_lossy(&output.stderr).to_string())
     };
     let (out, err) = kubectl(&["get", "projects", &env.scoped("p")]);
@@ -339,4 +335,23 @@ async fn a_namespace_without_a_grant_is_rejected_and_nothing_is_minted() {
     );
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.apps);
     assert!(secrets.get_opt("nope").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_proxy_speaks_h2c_as_well_as_http1() {
+    let mut env = Env::new("h2c").await;
+    env.start_controller();
+    env.start_proxy().await;
+    env.create_project("p").await;
+    let token = env.minted("p", "t").await;
+    let output = tokio::process::Command::new("curl")
+        .args(["-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("{}/v1/models", env.proxy_url()))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "2 200");
+    assert_eq!(env.upstream.requests().last().unwrap().method, "GET");
 }

@@ -129,11 +129,7 @@ async fn workflow_decommission() {
     merge(&env, "p", json!({ "spec": { "tokensNotBefore": now_rfc3339() } })).await.unwrap();
     env.wait_token("app", TokenPhase::Revoked).await;
 
-    let output = std::process::Command::new(support::kubectl())
-        .env("KUBECONFIG", support::kubeconfig())
-        .args(["delete", "project", &env.scoped("p")])
-        .output()
-        .unwrap();
+    let output = support::run_kubectl(&["delete", "project", &env.scoped("p")]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("Projects cannot be deleted") && stderr.contains("\"active\":false"), "{stderr}");
@@ -198,14 +194,7 @@ async fn projects_start_active_and_kubectl_filters_by_status_and_name() {
     .await;
     assert!(project(&env, "on").await.spec.active);
 
-    let kubectl = |args: &[&str]| {
-        let out = std::process::Command::new(support::kubectl())
-            .env("KUBECONFIG", support::kubeconfig())
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let kubectl = |args: &[&str]| String::from_utf8(support::run_kubectl(args).stdout).unwrap();
     let selector = format!("{TEST_LABEL}={}", env.id);
     let names = |phase: &str| -> BTreeSet<String> {
         kubectl(&[
@@ -348,11 +337,7 @@ async fn kubectl_describe_shows_the_details_view() {
     env.minted("p", "two").await;
     eventually(WAIT, || async { (project(&env, "p").await.status?.tokens?.total == 2).then_some(()) }).await;
     wait_event(&env, &env.scoped("p"), "TokenIssued").await;
-    let output = std::process::Command::new(support::kubectl())
-        .env("KUBECONFIG", support::kubeconfig())
-        .args(["describe", "project", &env.scoped("p")])
-        .output()
-        .unwrap();
+    let output = support::run_kubectl(&["describe", "project", &env.scoped("p")]);
     let text = String::from_utf8(output.stdout).unwrap();
     for expected in [
         "Display Name:  Test p",

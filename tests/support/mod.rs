@@ -82,6 +82,11 @@ pub fn kubectl() -> PathBuf {
     .clone()
 }
 
+/// Runs the local kubectl against the local control plane.
+pub fn run_kubectl(args: &[&str]) -> std::process::Output {
+    Command::new(kubectl()).env("KUBECONFIG", kubeconfig()).args(args).output().expect("running kubectl")
+}
+
 /// A client for the local control plane, as cluster admin.
 pub async fn client() -> Client {
     let kubeconfig = Kubeconfig::read_from(kubeconfig()).expect("reading the kubeconfig");
