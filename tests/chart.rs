@@ -1,0 +1,128 @@
+//! The Helm chart against the real API server: it lints, renders, every object is
+//! accepted by `kubectl apply --server-side`, and its two identities get exactly the
+//! rights the design gives them.
+
+mod support;
+
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use kube::api::PostParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use support::Env;
+
+fn helm() -> std::path::PathBuf {
+    std::path::Path::new(&std::env::var("HOME").unwrap()).join(".cache/llm-proxy/bin/helm")
+}
+
+/// A client that acts as `user` (impersonation by the cluster admin).
+async fn client_as(user: &str) -> Client {
+    let mut config = Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(support::kubeconfig()).unwrap(),
+        &KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    config.auth_info.impersonate = Some(user.to_string());
+    Client::try_from(config).unwrap()
+}
+
+/// Whether `client`'s identity may `verb` `resource` (optionally a subresource) in `namespace`.
+async fn can(
+    client: &Client,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    subresource: Option<&str>,
+    namespace: Option<&str>,
+) -> bool {
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                subresource: subresource.map(Into::into),
+                namespace: namespace.map(Into::into),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer =
+        Api::<SelfSubjectAccessReview>::all(client.clone()).create(&PostParams::default(), &review).await.unwrap();
+    answer.status.unwrap().allowed
+}
+
+#[tokio::test]
+async fn the_chart_lints_renders_applies_and_grants_least_privilege() {
+    let env = Env::new("chart").await;
+    let chart = support::repo().join("charts/llm-proxy");
+    let lint = std::process::Command::new(helm()).arg("lint").arg(&chart).output().expect("helm (run hack/setup.sh)");
+    assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stdout));
+
+    // The deletion policy is cluster-wide: keep it to this test's (absent) objects so
+    // parallel tests can still delete their Projects.
+    let release = format!("r-{}", env.id);
+    let rendered = std::process::Command::new(helm())
+        .args(["template", &release])
+        .arg(&chart)
+        .args(["--namespace", &env.ops, "--kube-version", "1.34.4"])
+        .args(["--set", &format!("projectDeletionPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}", env.id)])
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    let manifest = support::repo().join(format!("target/test-logs/{}-chart.yaml", env.id));
+    std::fs::write(&manifest, &rendered.stdout).unwrap();
+    let applied = support::run_kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager",
+        "helm-test",
+        "-n",
+        &env.ops,
+        "-f",
+        manifest.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&applied.stdout);
+    assert!(applied.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&applied.stderr));
+    for kind in [
+        "customresourcedefinition.apiextensions.k8s.io/projects.llmproxy.io",
+        "deployment.apps/",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/",
+        "networkpolicy.networking.k8s.io/",
+        "poddisruptionbudget.policy/",
+        "clusterrole.rbac.authorization.k8s.io/",
+    ] {
+        assert!(stdout.contains(kind), "{kind} not applied:\n{stdout}");
+    }
+
+    let name = format!("{release}-llm-proxy");
+    let proxy = client_as(&format!("system:serviceaccount:{}:{name}-proxy", env.ops)).await;
+    let controller = client_as(&format!("system:serviceaccount:{}:{name}-controller", env.ops)).await;
+    let (ops, apps) = (Some(env.ops.as_str()), Some(env.apps.as_str()));
+
+    // The proxy reads what it routes by and writes only usage.
+    assert!(can(&proxy, "watch", "llmproxy.io", "projects", None, None).await);
+    assert!(can(&proxy, "watch", "llmproxy.io", "proxytokens", None, None).await);
+    assert!(can(&proxy, "patch", "llmproxy.io", "proxytokens", Some("status"), apps).await);
+    assert!(can(&proxy, "watch", "", "secrets", None, ops).await);
+    assert!(
+        !can(&proxy, "get", "", "secrets", None, apps).await,
+        "the proxy must not read Secrets outside its namespace"
+    );
+    assert!(!can(&proxy, "create", "", "secrets", None, ops).await, "the proxy must not write Secrets");
+    assert!(!can(&proxy, "patch", "llmproxy.io", "proxytokens", None, apps).await);
+    assert!(!can(&proxy, "patch", "llmproxy.io", "projects", Some("status"), None).await);
+
+    // The controller writes what it must and nothing else.
+    assert!(can(&controller, "create", "", "secrets", None, apps).await);
+    assert!(can(&controller, "patch", "llmproxy.io", "proxytokens", Some("status"), apps).await);
+    assert!(can(&controller, "patch", "llmproxy.io", "projects", Some("status"), None).await);
+    assert!(can(&controller, "update", "coordination.k8s.io", "leases", None, ops).await);
+    assert!(!can(&controller, "list", "", "secrets", None, apps).await, "no cluster-wide Secret listing");
+    assert!(!can(&controller, "delete", "", "secrets", None, apps).await);
+    assert!(!can(&controller, "update", "coordination.k8s.io", "leases", None, apps).await);
+    assert!(!can(&controller, "delete", "llmproxy.io", "projects", None, None).await);
+}
