@@ -90,9 +90,7 @@ async fn a_proxytoken_is_minted_into_its_secret() {
 
 #[tokio::test]
 async fn the_openai_python_sdk_works_through_the_proxy_streamed_or_not() {
-    let mut env = Env::new("sdk").await;
-    env.start_controller();
-    env.start_proxy().await;
+    let env = Env::running("sdk").await;
     env.create_project("p").await;
     env.minted("p", "app").await;
     let data = env.token_secret("app").await;
@@ -134,9 +132,7 @@ async fn the_openai_python_sdk_works_through_the_proxy_streamed_or_not() {
 
 #[tokio::test]
 async fn refusals_follow_the_error_table() {
-    let mut env = Env::new("errors").await;
-    env.start_controller();
-    env.start_proxy().await;
+    let env = Env::running("errors").await;
     env.create_project("p").await;
     let good = env.minted("p", "good").await;
     let url = |path: &str| format!("{}{path}", env.proxy_url());
@@ -298,9 +294,7 @@ async fn a_proxy_that_has_not_synced_answers_503() {
 
 #[tokio::test]
 async fn deleting_a_proxytoken_deletes_its_secret_and_the_proxy_forgets_it() {
-    let mut env = Env::new("delete").await;
-    env.start_controller();
-    env.start_proxy().await;
+    let env = Env::running("delete").await;
     env.create_project("p").await;
     let token = env.minted("p", "gone").await;
     assert_eq!(env.chat(&token).await.status, 200);
@@ -339,9 +333,7 @@ async fn a_namespace_without_a_grant_is_rejected_and_nothing_is_minted() {
 
 #[tokio::test]
 async fn the_proxy_speaks_h2c_as_well_as_http1() {
-    let mut env = Env::new("h2c").await;
-    env.start_controller();
-    env.start_proxy().await;
+    let env = Env::running("h2c").await;
     env.create_project("p").await;
     let token = env.minted("p", "t").await;
     let output = tokio::process::Command::new("curl")

@@ -62,13 +62,6 @@ async fn wait_event(env: &Env, name: &str, reason: &str) {
     eventually(WAIT, || async { event_reasons(env, name).await.iter().any(|r| r == reason).then_some(()) }).await;
 }
 
-async fn running(name: &str) -> Env {
-    let mut env = Env::new(name).await;
-    env.start_controller();
-    env.start_proxy().await;
-    env
-}
-
 fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
 }
@@ -77,7 +70,7 @@ fn now_rfc3339() -> String {
 
 #[tokio::test]
 async fn workflow_set_up_a_new_integration() {
-    let env = running("integrate").await;
+    let env = Env::running("integrate").await;
     env.create_project("p").await;
     let token = env.minted("p", "app").await;
     let response = until_chat(&env, &token, "").await;
@@ -87,7 +80,7 @@ async fn workflow_set_up_a_new_integration() {
 
 #[tokio::test]
 async fn workflow_rotate_the_api_key() {
-    let env = running("rotate").await;
+    let env = Env::running("rotate").await;
     env.create_project("p").await;
     let token = env.minted("p", "app").await;
     until_chat(&env, &token, "").await;
@@ -119,7 +112,7 @@ async fn workflow_rotate_the_api_key() {
 
 #[tokio::test]
 async fn workflow_decommission() {
-    let env = running("decommission").await;
+    let env = Env::running("decommission").await;
     env.create_project("p").await;
     env.install_deletion_policy("p").await;
     let token = env.minted("p", "app").await;
@@ -141,7 +134,7 @@ async fn workflow_decommission() {
 
 #[tokio::test]
 async fn workflow_respond_to_a_security_incident() {
-    let env = running("incident").await;
+    let env = Env::running("incident").await;
     env.create_project("p").await;
     let old = env.minted("p", "old").await;
     until_chat(&env, &old, "").await;
@@ -184,7 +177,7 @@ async fn workflow_respond_to_a_security_incident() {
 
 #[tokio::test]
 async fn projects_start_active_and_kubectl_filters_by_status_and_name() {
-    let env = running("filter").await;
+    let env = Env::running("filter").await;
     env.create_project("on").await;
     env.create_project("off").await;
     merge(&env, "off", json!({ "spec": { "active": false } })).await.unwrap();
@@ -218,7 +211,7 @@ async fn projects_start_active_and_kubectl_filters_by_status_and_name() {
 
 #[tokio::test]
 async fn deactivation_refuses_and_stops_minting_without_revoking() {
-    let env = running("deactivate").await;
+    let env = Env::running("deactivate").await;
     env.create_project("p").await;
     let token = env.minted("p", "existing").await;
     merge(&env, "p", json!({ "spec": { "active": false } })).await.unwrap();
@@ -246,7 +239,7 @@ async fn deactivation_refuses_and_stops_minting_without_revoking() {
 
 #[tokio::test]
 async fn an_invalid_or_missing_key_is_reported_and_never_forwarded() {
-    let env = running("badkey").await;
+    let env = Env::running("badkey").await;
     env.create_project("p").await;
     let token = env.minted("p", "app").await;
     until_chat(&env, &token, "").await;
@@ -276,7 +269,7 @@ async fn an_invalid_or_missing_key_is_reported_and_never_forwarded() {
 
 #[tokio::test]
 async fn bulk_revocation_is_immediate_and_cannot_be_undone() {
-    let env = running("bulk").await;
+    let env = Env::running("bulk").await;
     env.create_project("p").await;
     let a = env.minted("p", "a").await;
     let b = env.minted("p", "b").await;
@@ -299,7 +292,7 @@ async fn bulk_revocation_is_immediate_and_cannot_be_undone() {
 
 #[tokio::test]
 async fn without_the_policy_the_finalizer_keeps_a_deleted_project() {
-    let env = running("finalizer").await;
+    let env = Env::running("finalizer").await;
     env.create_project("p").await;
     let token = env.minted("p", "app").await;
     until_chat(&env, &token, "").await;
@@ -331,7 +324,7 @@ async fn without_the_policy_the_finalizer_keeps_a_deleted_project() {
 
 #[tokio::test]
 async fn kubectl_describe_shows_the_details_view() {
-    let env = running("describe").await;
+    let env = Env::running("describe").await;
     env.create_project("p").await;
     env.minted("p", "one").await;
     env.minted("p", "two").await;
@@ -359,7 +352,7 @@ async fn kubectl_describe_shows_the_details_view() {
 
 #[tokio::test]
 async fn audit_events_name_what_changed() {
-    let env = running("audit").await;
+    let env = Env::running("audit").await;
     env.create_project("p").await;
     env.minted("p", "app").await;
     merge(&env, "p", json!({ "spec": { "active": false } })).await.unwrap();

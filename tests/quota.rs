@@ -86,9 +86,7 @@ async fn a_replica_killed_mid_burst_never_makes_the_proxies_overspend() {
 
 #[tokio::test]
 async fn expiry_is_enforced_by_the_proxy_on_time() {
-    let mut env = Env::new("expiry").await;
-    env.start_controller();
-    env.start_proxy().await;
+    let env = Env::running("expiry").await;
     env.create_project("p").await;
     let mut spec = token_spec(&env.scoped("p"));
     spec.duration = "2s".into();
@@ -141,9 +139,7 @@ async fn counts_survive_a_restart_of_every_proxy() {
 
 #[tokio::test]
 async fn metrics_count_requests_upstream_tokens_and_claims() {
-    let mut env = Env::new("metrics").await;
-    env.start_controller();
-    env.start_proxy().await;
+    let env = Env::running("metrics").await;
     env.create_project("p").await;
     let unlimited = env.minted("p", "free").await;
     let capped_secret = capped(&env, "capped", 2).await;

@@ -189,6 +189,14 @@ impl Env {
         }
     }
 
+    /// A new world with its controller and proxy already running.
+    pub async fn running(name: &str) -> Self {
+        let mut env = Self::new(name).await;
+        env.start_controller();
+        env.start_proxy().await;
+        env
+    }
+
     /// `http://127.0.0.1:<proxy port>`.
     pub fn proxy_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.proxy_port)
