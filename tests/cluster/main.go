@@ -26,8 +26,10 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -90,14 +92,27 @@ func up(args []string) error {
 	if err := os.MkdirAll(*dir, 0o755); err != nil {
 		return err
 	}
-	if *exitWithParent {
-		go exitWhenOrphaned()
-	}
 	abs, err := filepath.Abs(*dir)
 	if err != nil {
 		return err
 	}
 	kubeconfig := filepath.Join(abs, "kubeconfig")
+	// The cluster is disposable (fsync is off, the state folder is wiped on start), so
+	// stopping means stopping now: kube-apiserver's own graceful shutdown waits for its
+	// watches to drain and can take minutes.
+	quit := make(chan struct{}, 1)
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		select {
+		case <-signals:
+		case <-quit:
+		}
+		stopNow(kubeconfig)
+	}()
+	if *exitWithParent {
+		go exitWhenOrphaned(quit)
+	}
 	// The kubeconfig is the readiness signal for scripts: never leave a stale one around.
 	_ = os.Remove(kubeconfig)
 	etcdDir := filepath.Join(abs, "etcd")
@@ -179,6 +194,7 @@ func up(args []string) error {
 		if err := kcm.Start(); err != nil {
 			return fmt.Errorf("starting kube-controller-manager: %w", err)
 		}
+		controllerManager.Store(kcm.Process)
 		defer func() { _ = kcm.Process.Kill(); _ = kcm.Wait() }()
 	}
 
@@ -189,14 +205,27 @@ func up(args []string) error {
 	return err
 }
 
-// exitWhenOrphaned ends the process once its parent is gone, so a test run that crashes
+// controllerManager is the kube-controller-manager child, once started.
+var controllerManager atomic.Pointer[os.Process]
+
+// stopNow ends the control plane at once: the kubeconfig goes first (it is the
+// readiness signal), then the controller-manager, then this process.
+func stopNow(kubeconfig string) {
+	_ = os.Remove(kubeconfig)
+	if p := controllerManager.Load(); p != nil {
+		_ = p.Kill()
+	}
+	os.Exit(0)
+}
+
+// exitWhenOrphaned asks for a stop once the parent is gone, so a test run that crashes
 // or is killed never leaves a control plane behind. Polling the parent pid needs no
 // cooperation from the parent and no unsafe prctl call.
-func exitWhenOrphaned() {
+func exitWhenOrphaned(quit chan<- struct{}) {
 	parent := os.Getppid()
 	for range time.Tick(500 * time.Millisecond) {
 		if os.Getppid() != parent {
-			_ = syscall.Kill(os.Getpid(), syscall.SIGTERM)
+			quit <- struct{}{}
 			return
 		}
 	}
