@@ -126,3 +126,57 @@ async fn the_chart_lints_renders_applies_and_grants_least_privilege() {
     assert!(!can(&controller, "update", "coordination.k8s.io", "leases", None, apps).await);
     assert!(!can(&controller, "delete", "llmproxy.io", "projects", None, None).await);
 }
+
+#[tokio::test]
+async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
+    let mut env = Env::new("identity").await;
+    let release = format!("r-{}", env.id);
+    let mut docs = env.render_chart(&release, "templates/serviceaccounts.yaml", &[]);
+    docs.extend(env.render_chart(&release, "templates/rbac.yaml", &[]));
+    let manifest = support::repo().join(format!("target/test-logs/{}-rbac.yaml", env.id));
+    std::fs::write(
+        &manifest,
+        docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())).collect::<String>(),
+    )
+    .unwrap();
+    let applied = support::run_kubectl(&["apply", "--server-side", "-n", &env.ops, "-f", manifest.to_str().unwrap()]);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+
+    let name = format!("{release}-llm-proxy");
+    let controller_user = format!("system:serviceaccount:{}:{name}-controller", env.ops);
+    let proxy_user = format!("system:serviceaccount:{}:{name}-proxy", env.ops);
+    let controller_kubeconfig = env.kubeconfig_as(&controller_user);
+    let proxy_kubeconfig = env.kubeconfig_as(&proxy_user);
+    env.start_controller_as("controller", &[], &controller_kubeconfig);
+    let (port, admin) = (env.proxy_port, env.proxy_admin_port);
+    env.start_proxy_with("proxy", port, admin, &["--usage-flush-millis", "200"], &proxy_kubeconfig).await;
+
+    // The whole job: finalizer, status, minting, Events, routing, budget claims, usage.
+    env.create_project("p").await;
+    let mut spec = support::token_spec(&env.scoped("p"));
+    spec.max_requests = Some(3);
+    env.create_token("capped", spec).await;
+    env.wait_token("capped", llm_proxy::api::TokenPhase::Active).await;
+    let token = env.token_secret("capped").await["token"].clone();
+    let results = support::burst(&[port], &token, 4).await;
+    assert_eq!(results.iter().filter(|(s, _)| *s == 200).count(), 3, "{results:?}");
+    let exhausted = env.wait_token("capped", llm_proxy::api::TokenPhase::Exhausted).await;
+    assert_eq!(exhausted.status.unwrap().request_count, Some(3));
+    let project = Api::<llm_proxy::api::Project>::all(env.client.clone()).get(&env.scoped("p")).await.unwrap();
+    assert!(project.metadata.finalizers.unwrap_or_default().contains(&"llmproxy.io/project-protection".to_string()));
+    assert!(!env.logs().contains("Forbidden"), "a process was refused something it needs:\n{}", env.logs());
+
+    // The proxy's identity cannot write Secrets, nor read them outside its namespace.
+    let proxy = client_as(&proxy_user).await;
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(serde_json::json!({ "metadata": { "name": "stolen" }, "stringData": { "k": "v" } }))
+            .unwrap();
+    let denied = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(proxy.clone(), &env.ops)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap_err();
+    assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied}");
+    let denied =
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(proxy, &env.apps).get("capped").await.unwrap_err();
+    assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied}");
+}

@@ -203,18 +203,33 @@ impl Env {
     }
 
     fn spawn(&mut self, role: &str, args: &[&str]) {
+        self.spawn_with(role, args, &kubeconfig());
+    }
+
+    fn spawn_with(&mut self, role: &str, args: &[&str], kubeconfig: &Path) {
         let log = self.log_path(role);
         // A restarted role appends to its log, so nothing it said before is lost.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_llm-proxy"))
             .args(args)
-            .env("KUBECONFIG", kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdout(log)
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {role}: {e}"));
         self.children.push((role.to_string(), child));
+    }
+
+    /// A kubeconfig that acts as `user` (impersonated by the cluster admin), e.g.
+    /// `system:serviceaccount:ns:name`.
+    pub fn kubeconfig_as(&self, user: &str) -> PathBuf {
+        let admin = std::fs::read_to_string(kubeconfig()).unwrap();
+        let text = admin.replacen("  user:\n", &format!("  user:\n    as: {user}\n"), 1);
+        assert_ne!(text, admin, "unexpected kubeconfig layout");
+        let path = self.log_dir.join(format!("{}-{}.kubeconfig", self.id, user.replace(':', "_")));
+        std::fs::write(&path, text).unwrap();
+        path
     }
 
     /// Where the process `role` writes its log.
@@ -224,25 +239,32 @@ impl Env {
 
     /// Starts the controller for this test's objects.
     pub fn start_controller(&mut self) {
+        self.start_controller_as("controller", &[], &kubeconfig());
+    }
+
+    /// Starts a controller process named `role` with `extra` flags, as the identity of
+    /// `kubeconfig`. Every controller of a test competes for the same Lease.
+    pub fn start_controller_as(&mut self, role: &str, extra: &[&str], kubeconfig: &Path) {
         let selector = format!("{TEST_LABEL}={}", self.id);
         let admin = format!("127.0.0.1:{}", free_port());
         let (ops, proxy_url, lease) = (self.ops.clone(), self.proxy_url(), format!("llm-proxy-{}", self.id));
-        self.spawn(
+        let mut args = vec![
             "controller",
-            &[
-                "controller",
-                "--namespace",
-                &ops,
-                "--label-selector",
-                &selector,
-                "--proxy-url",
-                &proxy_url,
-                "--lease-name",
-                &lease,
-                "--admin-addr",
-                &admin,
-            ],
-        );
+            "--namespace",
+            &ops,
+            "--label-selector",
+            &selector,
+            "--proxy-url",
+            &proxy_url,
+            "--lease-name",
+            &lease,
+            "--admin-addr",
+            &admin,
+            "--identity",
+            role,
+        ];
+        args.extend_from_slice(extra);
+        self.spawn_with(role, &args, kubeconfig);
     }
 
     /// Starts a proxy for this test's objects and waits until it is ready.
@@ -254,6 +276,11 @@ impl Env {
     /// Starts another proxy process named `role` on `port` (admin on `admin`) with
     /// `extra` flags, and waits until it is ready.
     pub async fn start_proxy_as(&mut self, role: &str, port: u16, admin: u16, extra: &[&str]) {
+        self.start_proxy_with(role, port, admin, extra, &kubeconfig()).await;
+    }
+
+    /// Like [`Env::start_proxy_as`], as the identity of `kubeconfig`.
+    pub async fn start_proxy_with(&mut self, role: &str, port: u16, admin: u16, extra: &[&str], kubeconfig: &Path) {
         let selector = format!("{TEST_LABEL}={}", self.id);
         let listen = format!("127.0.0.1:{port}");
         let admin_addr = format!("127.0.0.1:{admin}");
@@ -270,7 +297,7 @@ impl Env {
             &admin_addr,
         ];
         args.extend_from_slice(extra);
-        self.spawn(role, &args);
+        self.spawn_with(role, &args, kubeconfig);
         let ready = format!("http://127.0.0.1:{admin}/readyz");
         eventually(Duration::from_secs(20), || async {
             let status = http_get_status(&ready).await?;

@@ -1,0 +1,52 @@
+//! Two controller replicas: exactly one holds the Lease and writes; killing it hands
+//! over within the lease duration, and nothing is minted twice.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use llm_proxy::api::{ProxyToken, TokenPhase};
+use support::{Env, eventually, token_spec};
+
+const LEASE: &[&str] = &["--lease-duration-seconds", "3"];
+
+#[tokio::test]
+async fn one_leader_writes_and_a_killed_leader_is_replaced() {
+    let mut env = Env::new("ha").await;
+    let admin = support::kubeconfig();
+    env.start_controller_as("controller-a", LEASE, &admin);
+    env.start_controller_as("controller-b", LEASE, &admin);
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ops);
+    let lease_name = format!("llm-proxy-{}", env.id);
+    let holder = |lease: &Lease| lease.spec.as_ref().and_then(|s| s.holder_identity.clone());
+    let leader =
+        eventually(Duration::from_secs(20), || async { holder(&leases.get_opt(&lease_name).await.ok()??) }).await;
+    let follower = if leader == "controller-a" { "controller-b" } else { "controller-a" };
+
+    env.create_project("p").await;
+    env.create_token("first", token_spec(&env.scoped("p"))).await;
+    let first = env.wait_token("first", TokenPhase::Active).await;
+    let follower_log = std::fs::read_to_string(env.log_path(follower)).unwrap();
+    assert!(!follower_log.contains("leading"), "the follower must not reconcile:\n{follower_log}");
+    assert!(std::fs::read_to_string(env.log_path(&leader)).unwrap().contains("leading: reconciling"));
+
+    env.signal(&leader, "KILL");
+    let killed = Instant::now();
+    env.create_token("second", token_spec(&env.scoped("p"))).await;
+    env.wait_token("second", TokenPhase::Active).await;
+    let handover = killed.elapsed();
+    println!("handed over and minted in {handover:?}");
+    assert!(handover < Duration::from_secs(3 + 5), "took {handover:?} with a 3 s lease");
+    let lease = leases.get(&lease_name).await.unwrap();
+    assert_eq!(holder(&lease).as_deref(), Some(follower));
+    assert!(lease.spec.unwrap().lease_transitions.unwrap_or(0) >= 1);
+
+    // The first token kept its one and only mint: same hash, same Secret.
+    let again = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps).get("first").await.unwrap();
+    let minted = first.status.unwrap().token_hash.unwrap();
+    assert_eq!(again.status.unwrap().token_hash.as_deref(), Some(minted.as_str()));
+    let secret = env.token_secret("first").await;
+    assert_eq!(llm_proxy::token::TokenHash::of(&secret["token"]).to_string(), minted);
+}
