@@ -4,6 +4,7 @@
 export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", home_directory() / ".cache/llm-proxy/target")
 export KUBECONFIG := justfile_directory() / ".cluster/kubeconfig"
 kubectl := home_directory() / ".cache/llm-proxy/bin/kubectl"
+helm := home_directory() / ".cache/llm-proxy/bin/helm"
 
 default:
     @just --list
@@ -49,6 +50,15 @@ cluster-down:
 # kubectl of the same release as the local control plane, e.g. `just kubectl get projects`.
 kubectl *args:
     @{{kubectl}} {{args}}
+
+# helm lint and render the chart (helm is built by hack/setup.sh).
+chart-lint:
+    {{helm}} lint charts/llm-proxy
+    {{helm}} template llm-proxy charts/llm-proxy --namespace llm-proxy --kube-version 1.34.4 > /dev/null
+
+# Build the release image (needs a Docker engine, which this machine does not have).
+image tag="llm-proxy:dev":
+    docker build -t {{tag}} .
 
 # Run the whole system locally and send one request through the proxy.
 demo: build cluster-up

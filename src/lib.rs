@@ -18,6 +18,7 @@ pub mod duration;
 pub mod fake_upstream;
 pub mod index;
 pub mod metrics;
+pub mod plugin;
 pub mod proxy;
 pub mod telemetry;
 pub mod token;

@@ -180,3 +180,48 @@ async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
         Api::<k8s_openapi::api::core::v1::Secret>::namespaced(proxy, &env.apps).get("capped").await.unwrap_err();
     assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied}");
 }
+
+#[test]
+fn values_are_validated_by_the_schema() {
+    let chart = support::repo().join("charts/llm-proxy");
+    let render = |set: &str| {
+        std::process::Command::new(helm())
+            .args(["template", "t"])
+            .arg(&chart)
+            .args(["--kube-version", "1.34.4", "--set", set])
+            .output()
+            .unwrap()
+    };
+    let typo = render("proxy.replica=3");
+    assert!(!typo.status.success());
+    assert!(String::from_utf8_lossy(&typo.stderr).contains("additional properties 'replica' not allowed"));
+    let wrong_type = render("controller.replicas=two");
+    assert!(String::from_utf8_lossy(&wrong_type.stderr).contains("/controller/replicas"));
+    assert!(render("proxy.replicas=3").status.success());
+}
+
+#[test]
+fn the_dockerfile_is_pinned_non_root_and_ships_binaries_that_run() {
+    let dockerfile = std::fs::read_to_string(support::repo().join("Dockerfile")).unwrap();
+    let froms: Vec<&str> = dockerfile.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "a build stage and a runtime stage");
+    for from in &froms {
+        let image = from.split_whitespace().nth(1).unwrap();
+        let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+        assert!(!tag.is_empty() && tag != "latest", "{image} is not pinned");
+    }
+    assert!(dockerfile.contains("--locked"));
+    // The chart runs the pods as this user with a read-only root filesystem.
+    assert!(dockerfile.contains("USER 65532:65532"));
+    let helpers = std::fs::read_to_string(support::repo().join("charts/llm-proxy/templates/_helpers.tpl")).unwrap();
+    assert!(helpers.contains("runAsUser: 65532") && helpers.contains("readOnlyRootFilesystem: true"));
+    assert!(dockerfile.contains(r#"ENTRYPOINT ["/usr/local/bin/llm-proxy"]"#));
+    // The binaries it copies are the ones this crate builds, and they run.
+    for (binary, name) in
+        [(env!("CARGO_BIN_EXE_llm-proxy"), "llm-proxy"), (env!("CARGO_BIN_EXE_kubectl-llmproxy"), "kubectl-llmproxy")]
+    {
+        assert!(dockerfile.contains(&format!("--bin {name}")));
+        let out = std::process::Command::new(binary).arg("--version").output().unwrap();
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("0.1.0"), "{name}");
+    }
+}

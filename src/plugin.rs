@@ -1,0 +1,259 @@
+//! `kubectl llmproxy`: the admin UI's workflows as a kubectl plugin.
+//!
+//! In: a command line and the kubeconfig kubectl would use. Out: API calls (list, get,
+//! merge patches, create) and text on stdout. The token is printed exactly once, by
+//! `create-token`; nothing else ever shows it.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use crate::api::{Project, ProjectRef, ProxyToken, ProxyTokenSpec, TokenPhase, token_secret_keys as keys};
+
+/// Manage llm-proxy Projects and ProxyTokens.
+#[derive(Parser, Debug)]
+#[command(name = "kubectl-llmproxy", bin_name = "kubectl llmproxy", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List projects, optionally by status and name.
+    List {
+        /// Only projects in this status (Active or Inactive).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only projects whose name or display name contains this text.
+        #[arg(long)]
+        search: Option<String>,
+    },
+    /// Show one project: key hint, token counts, recent tokens and its recent Events.
+    Show { project: String },
+    /// Activate a project: its tokens work again.
+    Activate { project: String },
+    /// Deactivate a project: its tokens are refused (not revoked).
+    Deactivate { project: String },
+    /// Revoke every token of a project issued until now. Cannot be undone.
+    RevokeAll { project: String },
+    /// Create a ProxyToken, wait for it, and print the token once with usage snippets.
+    CreateToken {
+        project: String,
+        /// Name of the ProxyToken (and of its Secret).
+        name: String,
+        /// Namespace of the ProxyToken.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Lifetime, as a Go duration.
+        #[arg(long, default_value = "720h")]
+        duration: String,
+        /// Lifetime cap on requests.
+        #[arg(long)]
+        max_requests: Option<i64>,
+        /// Seconds to wait for the controller to mint it.
+        #[arg(long, default_value_t = 30)]
+        wait_seconds: u64,
+        /// Label for the ProxyToken, as key=value (repeatable).
+        #[arg(long = "label", short = 'l', value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Revoke one token. Cannot be undone.
+    RevokeToken {
+        name: String,
+        /// Namespace of the ProxyToken.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+/// What can go wrong, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No kubeconfig.
+    #[error("connecting to Kubernetes (set KUBECONFIG or use kubectl's current context): {0}")]
+    Connect(#[source] kube::Error),
+    /// An API call failed.
+    #[error("{what}: {source}")]
+    Api { what: String, source: kube::Error },
+    /// The controller did not mint the token in time.
+    #[error("ProxyToken {0} was not minted in time: {1}")]
+    NotMinted(String, String),
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not key=value"))?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Api { what, source }
+}
+
+/// Runs one command and returns what to print.
+pub async fn run(cli: Cli) -> Result<String, Error> {
+    let client = Client::try_default().await.map_err(Error::Connect)?;
+    let projects: Api<Project> = Api::all(client.clone());
+    match cli.command {
+        Command::List { status, search } => list(&projects, status, search).await,
+        Command::Show { project } => show(&client, &project).await,
+        Command::Activate { project } => set_active(&projects, &project, true).await,
+        Command::Deactivate { project } => set_active(&projects, &project, false).await,
+        Command::RevokeAll { project } => {
+            let now = jiff::Timestamp::now();
+            let patch = json!({ "spec": { "tokensNotBefore": crate::api::micros(now) } });
+            projects
+                .patch(&project, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(api_err(format!("revoking the tokens of project {project}")))?;
+            Ok(format!("project {project}: every token issued before {now} is revoked\n"))
+        }
+        Command::CreateToken { project, name, namespace, duration, max_requests, wait_seconds, labels } => {
+            let spec = ProxyTokenSpec {
+                project_ref: ProjectRef { name: project },
+                duration,
+                max_requests,
+                revoked: false,
+                secret_name: None,
+            };
+            let mut token = ProxyToken::new(&name, spec);
+            token.metadata.labels = (!labels.is_empty()).then(|| labels.into_iter().collect());
+            create_token(&client, &namespace, token, Duration::from_secs(wait_seconds)).await
+        }
+        Command::RevokeToken { name, namespace } => {
+            Api::<ProxyToken>::namespaced(client, &namespace)
+                .patch(&name, &PatchParams::default(), &Patch::Merge(json!({ "spec": { "revoked": true } })))
+                .await
+                .map_err(api_err(format!("revoking ProxyToken {namespace}/{name}")))?;
+            Ok(format!("proxytoken {namespace}/{name} revoked\n"))
+        }
+    }
+}
+
+async fn list(projects: &Api<Project>, status: Option<String>, search: Option<String>) -> Result<String, Error> {
+    let mut params = ListParams::default();
+    if let Some(status) = &status {
+        params = params.fields(&format!("status.phase={status}"));
+    }
+    let mut items = projects.list(&params).await.map_err(api_err("listing projects"))?.items;
+    if let Some(text) = search.map(|s| s.to_lowercase()) {
+        items.retain(|p| {
+            p.name_any().to_lowercase().contains(&text)
+                || p.spec.display_name.as_deref().unwrap_or_default().to_lowercase().contains(&text)
+        });
+    }
+    items.sort_by_key(ResourceExt::name_any);
+    let mut out = format!("{:<32} {:<28} {:<9} {:>6}  {}\n", "NAME", "DISPLAY NAME", "STATUS", "TOKENS", "CREATED");
+    for p in items {
+        let status = p.status.as_ref();
+        let _ = writeln!(
+            out,
+            "{:<32} {:<28} {:<9} {:>6}  {}",
+            p.name_any(),
+            p.spec.display_name.clone().unwrap_or_default(),
+            status.and_then(|s| s.phase).map_or("-", |ph| ph.as_str()),
+            status.and_then(|s| s.tokens).map_or(0, |t| t.total),
+            p.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+        );
+    }
+    Ok(out)
+}
+
+async fn show(client: &Client, name: &str) -> Result<String, Error> {
+    let project =
+        Api::<Project>::all(client.clone()).get(name).await.map_err(api_err(format!("reading project {name}")))?;
+    let status = project.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(out, "Name:          {name}");
+    let _ = writeln!(out, "Display name:  {}", project.spec.display_name.as_deref().unwrap_or("-"));
+    let _ = writeln!(out, "Status:        {}", status.phase.map_or("-", |p| p.as_str()));
+    let created = project.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+    let _ = writeln!(out, "Created:       {created}");
+    let _ = writeln!(out, "API key:       {}", status.api_key_hint.as_deref().unwrap_or("(none)"));
+    let _ = writeln!(out, "Upstream:      {}", project.spec.upstream.url);
+    let counts = status.tokens.unwrap_or_default();
+    let _ = writeln!(out, "Tokens:        {} total, {} active", counts.total, counts.active);
+    let _ = writeln!(out, "Recent tokens:");
+    for t in &status.recent_tokens {
+        let issued = t.issued_at.as_ref().map(|i| i.0.to_string()).unwrap_or_default();
+        let _ = writeln!(out, "  {}/{}  {}  issued {issued}", t.namespace, t.name, t.phase.as_deref().unwrap_or("-"));
+    }
+    let events = Api::<Event>::all(client.clone())
+        .list(&ListParams::default().fields(&format!("regarding.name={name}")))
+        .await
+        .map_err(api_err(format!("listing the Events of project {name}")))?;
+    let mut events: Vec<Event> = events
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Project"))
+        .collect();
+    events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    let _ = writeln!(out, "Recent events:");
+    for e in events.iter().rev().take(10).rev() {
+        let at = e.event_time.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+        let _ = writeln!(out, "  {at}  {}  {}", e.reason.as_deref().unwrap_or("-"), e.note.as_deref().unwrap_or(""));
+    }
+    Ok(out)
+}
+
+async fn set_active(projects: &Api<Project>, name: &str, active: bool) -> Result<String, Error> {
+    projects
+        .patch(name, &PatchParams::default(), &Patch::Merge(json!({ "spec": { "active": active } })))
+        .await
+        .map_err(api_err(format!("updating project {name}")))?;
+    Ok(format!("project {name} {}\n", if active { "activated" } else { "deactivated" }))
+}
+
+async fn create_token(client: &Client, namespace: &str, token: ProxyToken, wait: Duration) -> Result<String, Error> {
+    let name = &token.name_any();
+    let tokens: Api<ProxyToken> = Api::namespaced(client.clone(), namespace);
+    tokens
+        .create(&PostParams::default(), &token)
+        .await
+        .map_err(api_err(format!("creating ProxyToken {namespace}/{name}")))?;
+    let started = std::time::Instant::now();
+    let token = loop {
+        let token = tokens.get(name).await.map_err(api_err(format!("reading ProxyToken {namespace}/{name}")))?;
+        let status = token.status.clone().unwrap_or_default();
+        match status.phase {
+            Some(TokenPhase::Active) => break token,
+            Some(TokenPhase::Rejected | TokenPhase::ProjectInactive | TokenPhase::Revoked) => {
+                let why = status.conditions.iter().find(|c| c.type_ == "Issued").map(|c| c.message.clone());
+                return Err(Error::NotMinted(format!("{namespace}/{name}"), why.unwrap_or_default()));
+            }
+            _ if started.elapsed() > wait => {
+                return Err(Error::NotMinted(format!("{namespace}/{name}"), "is the controller running?".into()));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let secret_name = token.status.and_then(|s| s.secret_name).unwrap_or_else(|| name.to_string());
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get(&secret_name)
+        .await
+        .map_err(api_err(format!("reading Secret {namespace}/{secret_name}")))?;
+    let field = |key: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).to_string())
+            .unwrap_or_default()
+    };
+    let (value, base_url) = (field(keys::TOKEN), field(keys::OPENAI_BASE_URL));
+    Ok(format!(
+        "Token {namespace}/{name} (shown once; it is also in Secret {namespace}/{secret_name}):\n\n  {value}\n\n\
+         curl:\n  curl {base_url}/chat/completions -H 'Authorization: Bearer {value}' \\\n    \
+         -H 'Content-Type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\n\
+         Python:\n  from openai import OpenAI\n  client = OpenAI(api_key=\"{value}\", base_url=\"{base_url}\")\n\n\
+         Node:\n  import OpenAI from \"openai\";\n  const client = new OpenAI({{ apiKey: \"{value}\", baseURL: \"{base_url}\" }});\n\n\
+         In a pod: envFrom: [{{secretRef: {{name: {secret_name}}}}}]\n"
+    ))
+}
