@@ -78,6 +78,12 @@ struct ProxyArgs {
     /// Seconds to wait for a connection to the upstream.
     #[arg(long, env = "LLMPROXY_CONNECT_TIMEOUT_SECONDS", default_value_t = 10)]
     connect_timeout_seconds: u64,
+    /// Seconds a streamed response may go without a chunk from the upstream.
+    #[arg(long, env = "LLMPROXY_UPSTREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 300)]
+    upstream_idle_timeout_seconds: u64,
+    /// Largest request body forwarded, in bytes; larger ones get 413.
+    #[arg(long, env = "LLMPROXY_MAX_REQUEST_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    max_request_body_bytes: u64,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "LLMPROXY_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -135,6 +141,8 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let settings = ProxySettings {
         connect_timeout: Duration::from_secs(args.connect_timeout_seconds),
         response_timeout: Duration::from_secs(args.upstream_timeout_seconds),
+        idle_timeout: Duration::from_secs(args.upstream_idle_timeout_seconds),
+        max_request_body: args.max_request_body_bytes,
     };
     let proxy = Arc::new(Proxy::new(table.clone(), usage.clone(), metrics.clone(), &settings));
     tracing::info!(listen = %api.local_addr().map_or(args.listen_addr, |a| a), admin = %args.common.admin_addr, "proxy started");

@@ -6,8 +6,9 @@
 //! read to check what really went upstream.
 //!
 //! Request headers steer it: `x-fake-chunks` (stream chunks, default 5),
-//! `x-fake-chunk-delay-ms` (pause between chunks, default 0), `x-fake-status` (answer
-//! with this status), `x-fake-delay-ms` (pause before answering).
+//! `x-fake-chunk-delay-ms` (pause between chunks, default 0), `x-fake-break-after`
+//! (drop the connection after this many chunks), `x-fake-status` (answer with this
+//! status), `x-fake-delay-ms` (pause before answering).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -114,6 +115,7 @@ async fn answer(request: Request<Incoming>, log: Option<Arc<Mutex<Vec<Recorded>>
         _ if is_stream(&body) => stream(
             header_num(&parts.headers, "x-fake-chunks", 5),
             Duration::from_millis(header_num(&parts.headers, "x-fake-chunk-delay-ms", 0)),
+            header_num(&parts.headers, "x-fake-break-after", u64::MAX),
             chunks_sent_at,
         ),
         _ => json(StatusCode::OK, COMPLETION),
@@ -137,12 +139,15 @@ fn json(status: StatusCode, body: &'static str) -> Response<Body> {
         .expect("static response is valid")
 }
 
-fn stream(chunks: u64, delay: Duration, sent_at: Arc<Mutex<Vec<SystemTime>>>) -> Response<Body> {
+fn stream(chunks: u64, delay: Duration, break_after: u64, sent_at: Arc<Mutex<Vec<SystemTime>>>) -> Response<Body> {
     let events = futures::stream::iter(0..=chunks).then(move |i| {
         let sent_at = sent_at.clone();
         async move {
             if i > 0 && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
+            }
+            if i >= break_after {
+                return Err::<Frame<Bytes>, crate::proxy::BoxError>("fake upstream breaks the stream".into());
             }
             let data = if i == chunks {
                 "data: {\"id\":\"chatcmpl-fake\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"fake-model\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":5,\"total_tokens\":14}}\n\ndata: [DONE]\n\n".to_string()
@@ -152,7 +157,7 @@ fn stream(chunks: u64, delay: Duration, sent_at: Arc<Mutex<Vec<SystemTime>>>) ->
                 )
             };
             sent_at.lock().expect("chunk log poisoned").push(SystemTime::now());
-            Ok::<_, hyper::Error>(Frame::data(Bytes::from(data)))
+            Ok::<_, crate::proxy::BoxError>(Frame::data(Bytes::from(data)))
         }
     });
     Response::builder()

@@ -220,3 +220,32 @@ mod tests {
         assert_eq!(&out, b"010");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The parser never panics, and accepts only exact-shape strings.
+        #[test]
+        fn check_never_panics_and_accepts_only_the_shape(s in ".{0,80}") {
+            if check(&s).is_ok() {
+                prop_assert_eq!(s.len(), TOKEN_LEN);
+                prop_assert!(s.starts_with(PREFIX));
+            }
+        }
+
+        /// Any single-character change of a real token is caught by the checksum.
+        #[test]
+        fn every_single_character_typo_is_caught(position in PREFIX.len()..TOKEN_LEN, replacement in "[0-9A-Za-z]") {
+            let token = Token::mint().unwrap();
+            let mut typo = token.expose().to_string();
+            let replacement = replacement.chars().next().unwrap();
+            prop_assume!(typo.as_bytes()[position] as char != replacement);
+            typo.replace_range(position..position + 1, &replacement.to_string());
+            prop_assert_eq!(check(&typo), Err(FormatError::Checksum));
+        }
+    }
+}

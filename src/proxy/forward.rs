@@ -14,8 +14,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::ProxySettings;
 use super::error::ProxyError;
 use crate::index::Route;
+use http_body_util::{LengthLimitError, Limited};
 
 /// Client headers that could steer the upstream account or leak proxy state: the
 /// upstream key alone decides which organisation and project pay.
@@ -24,13 +26,15 @@ const STRIPPED_REQUEST_HEADERS: &[&str] = &["openai-organization", "openai-proje
 /// The pooled upstream client, built once.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    client: Client<HttpsConnector<HttpConnector>, Limited<Incoming>>,
     response_timeout: Duration,
+    max_request_body: u64,
 }
 
 impl Upstream {
     /// Builds the client: TLS (webpki roots) or plain HTTP, HTTP/2 where ALPN offers it.
-    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> Self {
+    pub fn new(settings: &ProxySettings) -> Self {
+        let (connect_timeout, response_timeout) = (settings.connect_timeout, settings.response_timeout);
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
@@ -47,7 +51,7 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .timer(TokioTimer::new())
             .build(https);
-        Self { client, response_timeout }
+        Self { client, response_timeout, max_request_body: settings.max_request_body }
     }
 
     /// Forwards `request` to the route's upstream. The response body is not read here.
@@ -56,6 +60,10 @@ impl Upstream {
         mut request: Request<Incoming>,
         route: &Route,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > self.max_request_body) {
+            return Err(ProxyError::PayloadTooLarge);
+        }
         let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let uri: Uri =
             format!("{}{}", route.project.upstream, path_and_query).parse().map_err(|_| ProxyError::UpstreamError)?;
@@ -75,8 +83,11 @@ impl Upstream {
         authorization.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, authorization);
 
+        // Bodies without a declared length are cut off at the limit while they stream.
+        let request = request.map(|body| Limited::new(body, self.max_request_body as usize));
         let mut response = match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(error)) if caused_by::<LengthLimitError>(&error) => return Err(ProxyError::PayloadTooLarge),
             Ok(Err(error)) => {
                 tracing::warn!(project = %route.project.name, error = %error_chain(&error), "upstream request failed");
                 return Err(ProxyError::UpstreamError);
@@ -116,6 +127,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// Whether `error` or one of its sources is an `E`.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<E>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
 /// The error and its sources on one line, for logs (no request data in them).
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -143,5 +166,28 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Arbitrary Connection header values never panic the hop-by-hop stripper, and
+        /// the hop-by-hop headers themselves are always gone.
+        #[test]
+        fn stripping_survives_any_connection_header(value in "[ -~]{0,200}") {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(header::CONNECTION, value);
+            }
+            headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            strip_hop_by_hop(&mut headers);
+            prop_assert!(!headers.contains_key(header::CONNECTION));
+            prop_assert!(!headers.contains_key(header::TRANSFER_ENCODING));
+        }
     }
 }

@@ -8,6 +8,7 @@ mod error;
 mod forward;
 pub mod paths;
 pub mod server;
+pub mod stream;
 pub mod tokens;
 pub mod usage;
 
@@ -28,7 +29,10 @@ use crate::proxy::usage::Usage;
 use crate::token::{self, TokenHash};
 
 /// Response body: streamed from upstream or a small JSON error.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Any body or handler error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A complete body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -42,11 +46,20 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// How long to wait for the upstream's response headers.
     pub response_timeout: Duration,
+    /// How long a streamed response may go without a chunk before it is ended.
+    pub idle_timeout: Duration,
+    /// Largest request body forwarded; larger ones get 413.
+    pub max_request_body: u64,
 }
 
 impl Default for ProxySettings {
     fn default() -> Self {
-        Self { connect_timeout: Duration::from_secs(10), response_timeout: Duration::from_secs(600) }
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(300),
+            max_request_body: 32 * 1024 * 1024,
+        }
     }
 }
 
@@ -56,6 +69,7 @@ pub struct Proxy {
     upstream: Upstream,
     usage: std::sync::Arc<Usage>,
     metrics: std::sync::Arc<Metrics>,
+    idle_timeout: Duration,
 }
 
 impl Proxy {
@@ -66,7 +80,7 @@ impl Proxy {
         metrics: std::sync::Arc<Metrics>,
         settings: &ProxySettings,
     ) -> Self {
-        Self { table, upstream: Upstream::new(settings.connect_timeout, settings.response_timeout), usage, metrics }
+        Self { table, upstream: Upstream::new(settings), usage, metrics, idle_timeout: settings.idle_timeout }
     }
 
     /// The routing table this proxy reads.
@@ -103,8 +117,14 @@ impl Proxy {
     fn tap_usage(&self, response: Response<Incoming>, route: &Route) -> Response<Body> {
         let metrics = self.metrics.clone();
         let labels = (route.project.name.clone(), route.token.namespace.clone(), route.token.name.clone());
+        let event_stream = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let idle = self.idle_timeout;
         response.map(move |body| {
-            tokens::UsageTap::new(body, move |usage: tokens::TokenUsage| {
+            let guarded = stream::Guarded::new(body, idle, event_stream);
+            tokens::UsageTap::new(guarded, move |usage: tokens::TokenUsage| {
                 let (project, token_namespace, token_name) = labels;
                 for (kind, count) in [("prompt", usage.prompt), ("completion", usage.completion)] {
                     let labels = TokenUsageLabels {

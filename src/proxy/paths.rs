@@ -138,3 +138,32 @@ mod tests {
         assert_eq!(check(&Method::DELETE, "/v1/models"), Err(PathError::MethodNotAllowed));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever the path, the check never panics, and nothing it lets through can
+        /// mean a different path to a server that normalises dot segments or decodes
+        /// percent-escapes.
+        #[test]
+        fn accepted_paths_are_plain(path in "(/[a-z0-9._:%-]{0,12}){0,6}/?", method in prop::sample::select(vec![Method::GET, Method::POST, Method::DELETE, Method::PUT])) {
+            if check(&method, &path).is_ok() {
+                prop_assert!(path.starts_with("/v1/"));
+                prop_assert!(!path.contains("//") && !path.contains('%') && !path.ends_with('/'));
+                prop_assert!(path.split('/').all(|s| s != "." && s != ".."));
+            }
+        }
+
+        /// Real endpoints with any identifier are accepted.
+        #[test]
+        fn identifiers_are_accepted_under_their_endpoint(id in "[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,40}") {
+            prop_assume!(id != "." && id != "..");
+            prop_assert_eq!(check(&Method::GET, &format!("/v1/models/{id}")), Ok(()));
+            prop_assert_eq!(check(&Method::GET, &format!("/v1/files/{id}/content")), Ok(()));
+        }
+    }
+}

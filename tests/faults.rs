@@ -1,0 +1,178 @@
+//! Keep serving, lose nothing, let no one in (issue 8): bad requests, upstream faults
+//! and a graceful stop, against real processes.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use support::Env;
+
+/// Runs curl with raw `args` against the proxy; returns (status, body).
+async fn raw_curl(args: &[&str]) -> (u16, String) {
+    let output = tokio::process::Command::new("curl")
+        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn code(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .map(|v| v["error"]["code"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+async fn started(name: &str, extra: &[&str]) -> (Env, String, u16) {
+    let mut env = Env::new(name).await;
+    env.start_controller();
+    let (port, admin) = (env.proxy_port, env.proxy_admin_port);
+    env.start_proxy_as("proxy", port, admin, extra).await;
+    env.create_project("p").await;
+    let token = env.minted("p", "t").await;
+    (env, token, port)
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_documented_error_and_the_proxy_stays_healthy() {
+    let (env, token, port) = started("badreq", &["--max-request-body-bytes", "1024"]).await;
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let models = url("/v1/models");
+    let bearer = format!("Authorization: Bearer {token}");
+
+    let oversized = format!("Authorization: Bearer llmp_{}", "a".repeat(10_000));
+    let mut typo = token.clone();
+    typo.replace_range(20..21, if &token[20..21] == "x" { "y" } else { "x" });
+    let typo = format!("Authorization: Bearer {typo}");
+    let lowercase_scheme = format!("Authorization: bearer {token}");
+    for (what, header) in [
+        ("missing", "X-Nothing: 1"),
+        ("empty", "Authorization;"),
+        ("scheme only", "Authorization: Bearer"),
+        ("wrong scheme", "Authorization: Basic dXNlcjpwYXNz"),
+        ("oversized", oversized.as_str()),
+        ("non-ASCII", "Authorization: Bearer llmp_caf\u{e9}"),
+        ("bad checksum", typo.as_str()),
+    ] {
+        let (status, body) = raw_curl(&["-H", header, &models]).await;
+        assert_eq!((status, code(&body).as_str()), (401, "invalid_token"), "{what}: {body}");
+    }
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    assert_eq!(raw_curl(&["-H", &lowercase_scheme, &models]).await.0, 200);
+
+    for path in
+        ["/v1/../v1/models", "/v1/%2e%2e/v1/models", "//v1/models", "/v1//models", "/v1/models/", "/v1/models/%2Fx"]
+    {
+        let (status, body) = raw_curl(&["--path-as-is", "-H", &bearer, &url(path)]).await;
+        assert_eq!((status, code(&body).as_str()), (404, "endpoint_not_found"), "{path}");
+    }
+    // An absolute-form request target cannot redirect the proxy: it goes to the project's upstream.
+    let (status, _) = raw_curl(&["--request-target", "http://evil.example/v1/models", "-H", &bearer, &url("/")]).await;
+    assert_eq!(status, 200);
+    let seen = env.upstream.requests().pop().unwrap();
+    assert_eq!(seen.path, "/v1/models");
+    assert!(!seen.header("host").unwrap_or_default().contains("evil"));
+
+    for method in ["PUT", "PATCH", "OPTIONS", "TRACE"] {
+        let (status, body) = raw_curl(&["-X", method, "-H", &bearer, &url("/v1/chat/completions")]).await;
+        assert_eq!((status, code(&body).as_str()), (405, "method_not_allowed"), "{method}");
+    }
+
+    let big = "x".repeat(2048);
+    let chat = url("/v1/chat/completions");
+    let (status, body) = raw_curl(&["-H", &bearer, "--data-binary", &big, &chat]).await;
+    assert_eq!((status, code(&body).as_str()), (413, "payload_too_large"), "declared length");
+    let (status, body) =
+        raw_curl(&["-H", &bearer, "-H", "Transfer-Encoding: chunked", "--data-binary", &big, &chat]).await;
+    assert_eq!((status, code(&body).as_str()), (413, "payload_too_large"), "chunked");
+
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        flood.push("-H".to_string());
+        flood.push(format!("X-Flood-{i}: {}", "v".repeat(100)));
+    }
+    let mut args: Vec<&str> = flood.iter().map(String::as_str).collect();
+    args.push(&models);
+    assert_eq!(raw_curl(&args).await.0, 431, "header flood");
+
+    // Still healthy and serving.
+    assert_eq!(
+        support::http_get_status(&format!("http://127.0.0.1:{}/healthz", env.proxy_admin_port)).await,
+        Some(200)
+    );
+    assert_eq!(raw_curl(&["-H", &bearer, &models]).await.0, 200);
+    assert!(env.logs().lines().all(|l| !l.contains(&token[..12])));
+}
+
+#[tokio::test]
+async fn upstream_faults_end_client_streams_cleanly_and_never_hang() {
+    let (_env, token, port) = started("upstream", &["--upstream-idle-timeout-seconds", "1"]).await;
+    let chat = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let bearer = format!("Authorization: Bearer {token}");
+    let body = r#"{"model":"m","messages":[],"stream":true}"#;
+
+    // The upstream drops the connection after two chunks: the client gets them, then an
+    // OpenAI-style error event, and a well-formed end of stream (curl exits 0).
+    let output = tokio::process::Command::new("curl")
+        .args(["-sN", "--max-time", "10", "-H", &bearer, "-H", "x-fake-break-after: 2"])
+        .args(["-H", "x-fake-chunk-delay-ms: 100", "--data-binary", body, &chat])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "curl exit {:?}: {text}", output.status.code());
+    assert!(text.contains("chunk0") && text.contains("chunk1") && !text.contains("chunk2"), "{text}");
+    assert!(text.trim_end().ends_with(r#""code":"upstream_error"}}"#), "{text}");
+
+    // A stalled stream is ended by the idle timeout, not left hanging; a slow but steady
+    // one is not cut (chunks every 500 ms, idle timeout 1 s, 4 s in total).
+    let started = Instant::now();
+    let (_, stalled) =
+        raw_curl(&["-N", "-H", &bearer, "-H", "x-fake-chunk-delay-ms: 5000", "--data-binary", body, &chat]).await;
+    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+    assert!(stalled.contains("chunk0") && stalled.contains("upstream_error"), "{stalled}");
+    let (status, steady) = raw_curl(&[
+        "-N",
+        "-H",
+        &bearer,
+        "-H",
+        "x-fake-chunks: 8",
+        "-H",
+        "x-fake-chunk-delay-ms: 500",
+        "--data-binary",
+        body,
+        &chat,
+    ])
+    .await;
+    assert_eq!(status, 200);
+    assert!(steady.contains("chunk7") && steady.contains("[DONE]"), "{steady}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
+    let (mut env, token, port) = started("drain", &[]).await;
+    let chat = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let stream = tokio::process::Command::new("curl")
+        .args(["-sN", "--max-time", "20", "-H", &format!("Authorization: Bearer {token}")])
+        .args(["-H", "x-fake-chunks: 10", "-H", "x-fake-chunk-delay-ms: 200"])
+        .args(["--data-binary", r#"{"model":"m","messages":[],"stream":true}"#, &chat])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = tokio::task::spawn_blocking(move || {
+        env.signal("proxy", "TERM");
+        env
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (refused, _) = raw_curl(&["-H", "Authorization: Bearer x", &chat]).await;
+    let output = stream.wait_with_output().await.unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("chunk9") && text.contains("[DONE]"), "the in-flight stream finished: {text}");
+    let _env = stopping.await.unwrap();
+    assert_eq!(refused, 0, "no new connection is accepted while draining");
+}
