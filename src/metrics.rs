@@ -55,6 +55,13 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels with a resource kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `Project`, `ProxyToken` or `Secret`.
+    pub kind: &'static str,
+}
+
 /// Labels of controller reconciles.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
@@ -85,6 +92,8 @@ pub struct Metrics {
     pub table_updated: Gauge<f64, AtomicU64>,
     /// Watch errors (the last known table keeps serving meanwhile).
     pub watch_errors: Counter,
+    /// Full relists, by kind (start-up, and after a watch could not resume).
+    pub relists: Family<KindLabels, Counter>,
     /// Budget claims for capped tokens, by result.
     pub quota_claims: Family<ResultLabels, Counter>,
     /// Reconciles by kind and result.
@@ -106,6 +115,7 @@ impl Metrics {
             table_generation: Gauge::default(),
             table_updated: Gauge::default(),
             watch_errors: Counter::default(),
+            relists: Family::default(),
             quota_claims: Family::default(),
             reconciles: Family::default(),
             registry: Registry::default(),
@@ -143,6 +153,7 @@ impl Metrics {
             "Watch errors; the last known table keeps serving",
             metrics.watch_errors.clone(),
         );
+        registry.register("watch_relists", "Full relists by kind", metrics.relists.clone());
         registry.register("quota_claims", "Budget claims for capped tokens, by result", metrics.quota_claims.clone());
         registry.register("controller_reconciles", "Reconciles by kind and result", metrics.reconciles.clone());
         Self { registry, ..metrics }

@@ -176,3 +176,56 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
     let _env = stopping.await.unwrap();
     assert_eq!(refused, 0, "no new connection is accepted while draining");
 }
+
+#[tokio::test]
+async fn the_proxy_keeps_serving_while_the_api_server_is_away() {
+    let mut env = Env::new("apidown").await;
+    env.start_controller();
+    let relay = support::Relay::start(support::api_server_address()).await;
+    let (port, admin) = (env.proxy_port, env.proxy_admin_port);
+    let via_relay = env.kubeconfig_via(&relay);
+    env.start_proxy_with("proxy", port, admin, &[], &via_relay).await;
+    env.create_project("p").await;
+    let kept = env.minted("p", "kept").await;
+    let doomed = env.minted("p", "doomed").await;
+    let deleted = env.minted("p", "deleted").await;
+    let revoked_before = env.minted("p", "revoked-before").await;
+    let tokens: kube::Api<llm_proxy::api::ProxyToken> = kube::Api::namespaced(env.client.clone(), &env.apps);
+    let revoke = kube::api::Patch::Merge(serde_json::json!({ "spec": { "revoked": true } }));
+    tokens.patch("revoked-before", &Default::default(), &revoke).await.unwrap();
+    support::eventually(support::WAIT, || async {
+        (env.chat(&revoked_before).await.error_code() == "token_revoked").then_some(())
+    })
+    .await;
+    for token in [&kept, &doomed, &deleted] {
+        assert_eq!(env.chat(token).await.status, 200);
+    }
+
+    relay.cut();
+    // Changes the proxy cannot see while it is cut off.
+    tokens.patch("doomed", &Default::default(), &revoke).await.unwrap();
+    tokens.delete("deleted", &Default::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // It keeps serving with the last table it had, and keeps refusing what it knew was revoked.
+    assert_eq!(env.chat(&kept).await.status, 200);
+    assert_eq!(env.chat(&revoked_before).await.error_code(), "token_revoked");
+    let metrics = support::curl("GET", &format!("http://127.0.0.1:{admin}/metrics"), &[], None).await.body;
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("llmproxy_watch_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(errors > 0.0, "the outage shows in the metrics:\n{metrics}");
+    assert!(env.logs().contains("serving the last known routing table"));
+    assert_eq!(support::http_get_status(&format!("http://127.0.0.1:{admin}/readyz")).await, Some(200));
+
+    relay.restore();
+    // After the watches come back, what changed meanwhile takes effect.
+    support::eventually(Duration::from_secs(60), || async {
+        let revoked = env.chat(&doomed).await.error_code() == "token_revoked";
+        let gone = env.chat(&deleted).await.error_code() == "token_not_found";
+        (revoked && gone).then_some(())
+    })
+    .await;
+    assert_eq!(env.chat(&kept).await.status, 200);
+}

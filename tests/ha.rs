@@ -32,6 +32,13 @@ async fn one_leader_writes_and_a_killed_leader_is_replaced() {
     assert!(!follower_log.contains("leading"), "the follower must not reconcile:\n{follower_log}");
     assert!(std::fs::read_to_string(env.log_path(&leader)).unwrap().contains("leading: reconciling"));
 
+    let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
+    env.create_token("revoked", token_spec(&env.scoped("p"))).await;
+    env.wait_token("revoked", TokenPhase::Active).await;
+    let revoke = kube::api::Patch::Merge(serde_json::json!({ "spec": { "revoked": true } }));
+    tokens.patch("revoked", &Default::default(), &revoke).await.unwrap();
+    env.wait_token("revoked", TokenPhase::Revoked).await;
+
     env.signal(&leader, "KILL");
     let killed = Instant::now();
     env.create_token("second", token_spec(&env.scoped("p"))).await;
@@ -43,6 +50,11 @@ async fn one_leader_writes_and_a_killed_leader_is_replaced() {
     assert_eq!(holder(&lease).as_deref(), Some(follower));
     assert!(lease.spec.unwrap().lease_transitions.unwrap_or(0) >= 1);
 
+    // No revoked token comes back, no Secret is lost.
+    assert_eq!(tokens.get("revoked").await.unwrap().status.unwrap().phase, Some(TokenPhase::Revoked));
+    for name in ["first", "revoked", "second"] {
+        assert!(!env.token_secret(name).await["token"].is_empty(), "Secret {name}");
+    }
     // The first token kept its one and only mint: same hash, same Secret.
     let again = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps).get("first").await.unwrap();
     let minted = first.status.unwrap().token_hash.unwrap();

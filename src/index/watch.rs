@@ -102,7 +102,18 @@ async fn run(
 
 fn apply(index: &mut Index, change: Result<Change, watcher::Error>, metrics: &Metrics) {
     match change {
-        Ok(change) => index.apply(change),
+        Ok(change) => {
+            let relisting = match &change {
+                Change::Project(watcher::Event::Init) => Some("Project"),
+                Change::Token(watcher::Event::Init) => Some("ProxyToken"),
+                Change::Secret(watcher::Event::Init) => Some("Secret"),
+                _ => None,
+            };
+            if let Some(kind) = relisting {
+                metrics.relists.get_or_create(&crate::metrics::KindLabels { kind }).inc();
+            }
+            index.apply(change)
+        }
         // The watcher retries with backoff and relists when it must; until then the
         // last known table keeps serving.
         Err(error) => {

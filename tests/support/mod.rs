@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -571,4 +571,70 @@ pub async fn burst(ports: &[u16], token: &str, count: usize) -> Vec<(u16, String
         }
     });
     futures::future::join_all(requests).await
+}
+
+/// A TCP relay in front of the API server that a test can cut and restore, to take the
+/// control plane away from one process while the others keep it.
+pub struct Relay {
+    /// Local port of the relay.
+    pub port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    /// Relays 127.0.0.1:<port> to `target` (host:port).
+    pub async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (accept_open, accept_connections) = (open.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accept_open.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the API server is "down"
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                accept_connections.lock().unwrap().push(task);
+            }
+        });
+        Self { port, open, connections }
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Relays again.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The API server's host:port from the kubeconfig.
+pub fn api_server_address() -> String {
+    let text = std::fs::read_to_string(kubeconfig()).unwrap();
+    let server = text.lines().find_map(|l| l.trim().strip_prefix("server: ")).unwrap();
+    server.trim_start_matches("https://").to_string()
+}
+
+impl Env {
+    /// A kubeconfig that reaches the API server through `relay`.
+    pub fn kubeconfig_via(&self, relay: &Relay) -> PathBuf {
+        let text = std::fs::read_to_string(kubeconfig()).unwrap();
+        let text = text.replace(&api_server_address(), &format!("127.0.0.1:{}", relay.port));
+        let path = self.log_dir.join(format!("{}-relay.kubeconfig", self.id));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
 }
