@@ -60,6 +60,10 @@ chart-lint:
 image tag="llm-proxy:dev":
     docker build -t {{tag}} .
 
+# Benchmarks: direct vs nginx vs llm-proxy, minting throughput; writes BENCHMARKS.md.
+bench: cluster-up
+    bash benches/harness.sh
+
 # Run the whole system locally and send one request through the proxy.
 demo: build cluster-up
     bash hack/demo.sh up
