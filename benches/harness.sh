@@ -15,14 +15,21 @@ target=${CARGO_TARGET_DIR:-target}/release
 state=.cluster/bench
 kubectl=${KUBECTL:-$HOME/.cache/llm-proxy/bin/kubectl}
 export KUBECONFIG=${KUBECONFIG:-$PWD/.cluster/kubeconfig}
-up_port=19100 nginx_port=19101 proxy_port=19102 admin_port=19103 ctrl_admin=19104
+up_port=19100 nginx_port=19101 proxy_port=19102 admin_port=19103 ctrl_admin=19104 litellm_port=19105
+cache=${LLMPROXY_CACHE:-$HOME/.cache/llm-proxy}
 
 need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
 need bc bc
 need nginx nginx-light
 
-cargo build --release --locked --bins --quiet
+cargo build --release --locked --bins --benches --quiet
+# LiteLLM proxy, pinned exactly (neighbouring versions do not install here).
+litellm_venv=$cache/litellm-venv
+if ! "$litellm_venv/bin/litellm" --version >/dev/null 2>&1; then
+  python3 -m venv "$litellm_venv"
+  "$litellm_venv/bin/pip" install --quiet --disable-pip-version-check "litellm[proxy]==1.106.12"
+fi
 tests/cluster/cluster.sh up >/dev/null
 mkdir -p "$state"
 pids=()
@@ -86,17 +93,31 @@ NGINX
 nginx -c "$PWD/$state/nginx.conf" -p "$PWD/$state"
 trap 'cleanup; nginx -c "$PWD/$state/nginx.conf" -p "$PWD/$state" -s stop 2>/dev/null || true' EXIT
 
+# LiteLLM refuses to start without a master key; clients then authenticate with it.
+cat >"$state/litellm.yaml" <<YAML
+model_list:
+  - model_name: m
+    litellm_params: {model: openai/m, api_base: "http://127.0.0.1:$up_port/v1", api_key: sk-bench-litellm}
+general_settings: {master_key: sk-bench-litellm-master}
+YAML
+# No network here: use the model cost map LiteLLM ships instead of fetching one.
+start litellm env LITELLM_LOCAL_MODEL_COST_MAP=True "$litellm_venv/bin/litellm" --config "$state/litellm.yaml" --host 127.0.0.1 --port "$litellm_port" --num_workers 2
+for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$litellm_port/health/liveliness" >/dev/null && break; sleep 0.2; done
+
 cat >"$state/post.lua" <<LUA
 wrk.method = "POST"
 wrk.body = '{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $token"
 LUA
+sed "s/Bearer $token/Bearer sk-bench-litellm-master/" "$state/post.lua" >"$state/post-litellm.lua"
 
 # run NAME URL THREADS CONNECTIONS -> "p50_ms p99_ms rps"
 run() {
   local out
-  out=$(wrk -t"$3" -c"$4" -d"$DURATION" --latency -s "$state/post.lua" "$2/v1/chat/completions")
+  local script=$state/post.lua
+  [ "$1" = litellm ] && script=$state/post-litellm.lua
+  out=$(wrk -t"$3" -c"$4" -d"$DURATION" --latency -s "$script" "$2/v1/chat/completions")
   echo "$out" >"$state/wrk-$1-c$4.txt"
   local p50 p99 rps
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
@@ -114,11 +135,12 @@ to_ms() { # wrk prints 123.45us / 1.23ms / 1.23s
 }
 
 declare -A lat thr
-for name in direct nginx ours; do
+for name in direct nginx ours litellm; do
   case $name in
     direct) url=http://127.0.0.1:$up_port ;;
     nginx) url=http://127.0.0.1:$nginx_port ;;
     ours) url=http://127.0.0.1:$proxy_port ;;
+    litellm) url=http://127.0.0.1:$litellm_port ;;
   esac
   lat[$name]=$(run "$name" "$url" 1 1)
   thr[$name]=$(run "$name" "$url" 2 16)
@@ -138,6 +160,12 @@ ttfb() {
 read -r direct_ttfb direct_total < <(ttfb "http://127.0.0.1:$up_port")
 read -r ours_ttfb ours_total < <(ttfb "http://127.0.0.1:$proxy_port")
 rss_mb=$(awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$proxy_pid/status")
+cleanup
+pids=()
+
+# Propagation and scale (Rust benches against the same control plane).
+propagation=$(BENCH_PROXY_BIN=$target/llm-proxy cargo bench --quiet --locked --bench propagation 2>/dev/null | grep '^|')
+scale=$(BENCH_PROXY_BIN=$target/llm-proxy cargo bench --quiet --locked --bench scale 2>/dev/null | grep '^-')
 
 field() { echo "$1" | cut -d' ' -f"$2"; }
 added() { echo "scale=3; $(field "${lat[$1]}" "$2") - $(field "${lat[direct]}" "$2")" | bc; }
@@ -153,12 +181,24 @@ Routing table: 1 project, $TOKENS tokens, loaded from the local API server.
 |---|---|---|---|---|---|
 | direct (client → upstream) | $(field "${lat[direct]}" 1) | $(field "${lat[direct]}" 2) | – | – | $(field "${thr[direct]}" 3) |
 | nginx (plain reverse proxy, no auth) | $(field "${lat[nginx]}" 1) | $(field "${lat[nginx]}" 2) | $(added nginx 1) | $(added nginx 2) | $(field "${thr[nginx]}" 3) |
-| llm-proxy (auth + key swap + usage) | $(field "${lat[ours]}" 1) | $(field "${lat[ours]}" 2) | $(added ours 1) | $(added ours 2) | $(field "${thr[ours]}" 3) |
+| llm-proxy (auth + key swap + usage + access log) | $(field "${lat[ours]}" 1) | $(field "${lat[ours]}" 2) | $(added ours 1) | $(added ours 2) | $(field "${thr[ours]}" 3) |
+| LiteLLM 1.106.12 proxy (2 workers) | $(field "${lat[litellm]}" 1) | $(field "${lat[litellm]}" 2) | $(added litellm 1) | $(added litellm 2) | $(field "${thr[litellm]}" 3) |
 
-- Throughput ours / nginx: $(ratio "$(field "${thr[ours]}" 3)" "$(field "${thr[nginx]}" 3)")
+- Added latency ours / nginx: p50 $(ratio "$(added ours 1)" "$(added nginx 1)"), p99 $(ratio "$(added ours 2)" "$(added nginx 2)").
+- Throughput ours / nginx: $(ratio "$(field "${thr[ours]}" 3)" "$(field "${thr[nginx]}" 3)"); ours / LiteLLM: $(ratio "$(field "${thr[ours]}" 3)" "$(field "${thr[litellm]}" 3)").
 - Streams (20 chunks, 10 ms apart; mean of 20): time to first byte direct $direct_ttfb ms, through llm-proxy $ours_ttfb ms; total $direct_total ms vs $ours_total ms.
 - Controller: $TOKENS ProxyTokens minted in $mint_secs s ($(echo "scale=1; $TOKENS / $mint_secs" | bc) tokens/s).
 - Proxy: initial sync of $TOKENS tokens in $sync_secs s (process start to ready); resident memory $rss_mb MB after the runs.
+
+Propagation (API write → first request through the proxy that sees it; the write's own round trip included):
+
+| change | trials | p50 ms | p99 ms | max ms |
+|---|---|---|---|---|
+$propagation
+
+Scale:
+
+$scale
 MD
 )
 echo "$report"

@@ -43,6 +43,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Settings.
     pub settings: Settings,
+    /// Every ProxyToken the controller follows, from the token controller's cache.
+    pub tokens: kube::runtime::reflector::Store<ProxyToken>,
 }
 
 impl Context {
@@ -96,9 +98,6 @@ pub enum Error {
     /// Reading the Secret that holds a project's key.
     #[error("reading Secret {namespace}/{name}: {source}")]
     GetKeySecret { namespace: String, name: String, source: kube::Error },
-    /// Listing the tokens of a project.
-    #[error("listing ProxyTokens of Project {project}: {source}")]
-    ListTokens { project: String, source: kube::Error },
     /// Reading the project of a token.
     #[error("reading Project {name}: {source}")]
     GetProject { name: String, source: kube::Error },
@@ -124,7 +123,6 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::GetKeySecret { .. } => "get_key_secret",
-            Error::ListTokens { .. } => "list_tokens",
             Error::GetProject { .. } => "get_project",
             Error::GetNamespace { .. } => "get_namespace",
             Error::AddFinalizer { .. } => "add_finalizer",
@@ -167,16 +165,29 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let reporter = Reporter { controller: CONTROLLER_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
-    let ctx = Arc::new(Context { client: client.clone(), recorder: Recorder::new(client.clone(), reporter), settings });
-    let labelled = match &ctx.settings.label_selector {
+    let labelled = match &settings.label_selector {
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),
     };
     let projects = Api::<Project>::all(client.clone());
     let tokens = Api::<ProxyToken>::all(client.clone());
 
+    // No watch on token Secrets: that would need list/watch on every Secret in the
+    // cluster. The controller only ever gets or creates the one Secret it mints.
+    let token_controller = Controller::new(tokens.clone(), labelled.clone());
+    let token_store = token_controller.store();
+
+    // Project reconciles count tokens from the token controller's cache, not the API: a
+    // burst of token changes no longer lists every token once per change. (No debounce:
+    // usage flushes would keep postponing a busy project's reconcile.)
     let project_controller = Controller::new(projects.clone(), labelled.clone());
     let project_store = project_controller.store();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        settings,
+        tokens: token_store.clone(),
+    });
     let project_controller = project_controller
         .watches(
             Api::<Secret>::namespaced(client.clone(), &ctx.settings.namespace),
@@ -191,12 +202,8 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
-        .watches(tokens.clone(), labelled.clone(), |t| Some(ObjectRef::new(&t.spec.project_ref.name)));
+        .watches(tokens, labelled.clone(), |t| Some(ObjectRef::new(&t.spec.project_ref.name)));
 
-    // No watch on token Secrets: that would need list/watch on every Secret in the
-    // cluster. The controller only ever gets or creates the one Secret it mints.
-    let token_controller = Controller::new(tokens, labelled.clone());
-    let token_store = token_controller.store();
     let token_controller = token_controller.watches(projects, labelled, move |p| {
         let name = p.name_any();
         token_store

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -217,15 +217,8 @@ pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Actio
         }
     };
 
-    let mut list = ListParams::default().fields(&format!("spec.projectRef.name={name}"));
-    if let Some(selector) = &ctx.settings.label_selector {
-        list = list.labels(selector);
-    }
-    let tokens = Api::<ProxyToken>::all(client.clone())
-        .list(&list)
-        .await
-        .map_err(|source| Error::ListTokens { project: name.clone(), source })?
-        .items;
+    let tokens: Vec<ProxyToken> =
+        ctx.tokens.state().iter().filter(|t| t.spec.project_ref.name == name).map(|t| (**t).clone()).collect();
 
     let observed = Observed {
         project: &project,

@@ -58,6 +58,12 @@ struct ProjectEntry {
 
 type SecretData = BTreeMap<String, Zeroizing<Vec<u8>>>;
 
+/// A ProxyToken's (namespace, name).
+type TokenKey = (String, String);
+
+/// A minted token's hash and route.
+type MintedRoute = (TokenHash, TokenRoute);
+
 /// The proxy's view of the cluster, updated one event at a time.
 #[derive(Default)]
 pub struct Index {
@@ -75,7 +81,9 @@ pub struct Index {
 #[derive(Default)]
 struct Relists {
     projects: Option<Vec<Project>>,
-    tokens: Option<Vec<ProxyToken>>,
+    /// Tokens are reduced to their routes as they arrive: a relist of 100,000 full
+    /// objects (managedFields and all) would otherwise sit in memory until `InitDone`.
+    tokens: Option<Vec<(TokenKey, Option<MintedRoute>)>>,
     secrets: Option<Vec<Secret>>,
 }
 
@@ -158,20 +166,25 @@ impl Index {
             Event::Apply(t) => self.upsert_token(&t),
             Event::Delete(t) => self.remove_token(&token_key(&t)),
             Event::Init => self.relisting.tokens = Some(Vec::new()),
-            Event::InitApply(t) => self.relisting.tokens.get_or_insert_with(Vec::new).push(t),
+            Event::InitApply(t) => {
+                self.relisting.tokens.get_or_insert_with(Vec::new).push((token_key(&t), token_route(&t)))
+            }
             Event::InitDone => {
                 let listed = self.relisting.tokens.take().unwrap_or_default();
                 self.token_keys.clear();
                 self.tokens = Arc::default();
-                listed.iter().for_each(|t| self.upsert_token(t));
+                listed.into_iter().for_each(|(key, route)| self.upsert_route(key, route));
                 self.mark_synced(Kind::Token);
             }
         }
     }
 
     fn upsert_token(&mut self, t: &ProxyToken) {
-        let key = token_key(t);
-        let Some((hash, route)) = token_route(t) else {
+        self.upsert_route(token_key(t), token_route(t));
+    }
+
+    fn upsert_route(&mut self, key: TokenKey, route: Option<MintedRoute>) {
+        let Some((hash, route)) = route else {
             // Not minted (yet): nothing to route. Drop any stale entry.
             self.remove_token(&key);
             return;
@@ -224,7 +237,7 @@ fn token_key(t: &ProxyToken) -> (String, String) {
 }
 
 /// The route of a minted token, or `None` when it has not been minted.
-fn token_route(t: &ProxyToken) -> Option<(TokenHash, TokenRoute)> {
+fn token_route(t: &ProxyToken) -> Option<MintedRoute> {
     let status = t.status.as_ref()?;
     let hash = TokenHash::parse(status.token_hash.as_deref()?)?;
     let issued_at_us = status.issued_at.as_ref()?.0.as_microsecond();

@@ -1,0 +1,165 @@
+//! Propagation benchmark: time from an API write (revoke a token, deactivate a project,
+//! rotate a key) to the first request through a running proxy that sees the new state.
+//!
+//! Needs the local control plane (KUBECONFIG) and the release `llm-proxy` binary
+//! (`BENCH_PROXY_BIN`, default `target/release/llm-proxy`). Prints p50/p99/max per
+//! kind of change as Markdown table rows. Run by `benches/harness.sh`.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use llm_proxy::api::ProxyToken;
+use llm_proxy::fake_upstream::FakeUpstream;
+use llm_proxy::token::Token;
+use serde_json::json;
+
+const TRIALS: usize = 100;
+const LABEL: &str = "llmproxy.io/bench-propagation";
+const NS: &str = "bench-propagation";
+
+type HttpClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+#[tokio::main]
+async fn main() {
+    let client = Client::try_default().await.expect("KUBECONFIG must point at the local control plane");
+    let upstream = FakeUpstream::start().await.unwrap();
+    let apply = PatchParams::apply("bench").force();
+    let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } })).unwrap();
+    let _ = Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await;
+    let put_key = |value: String| {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+        let secret = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "key" }, "stringData": { "apiKey": value } });
+        let apply = apply.clone();
+        async move { secrets.patch("key", &apply, &Patch::Apply(&secret)).await.unwrap() }
+    };
+    put_key(key(0)).await;
+    let projects: Api<llm_proxy::api::Project> = Api::all(client.clone());
+    let project = json!({
+        "apiVersion": "llmproxy.io/v1alpha1", "kind": "Project",
+        "metadata": { "name": "bench-propagation", "labels": { LABEL: "1" } },
+        "spec": { "apiKeySecretRef": { "name": "key" }, "upstream": { "url": upstream.url }, "allowedNamespaces": { "from": "All" }, "active": true }
+    });
+    projects.patch("bench-propagation", &apply, &Patch::Apply(&project)).await.unwrap();
+
+    // Tokens written straight into status (as a controller would): this measures the proxy.
+    let tokens: Api<ProxyToken> = Api::namespaced(client.clone(), NS);
+    let mut secrets = Vec::new();
+    for i in 0..TRIALS + 1 {
+        let name = format!("t{i}");
+        let token = Token::mint().unwrap();
+        let object = json!({
+            "apiVersion": "llmproxy.io/v1alpha1", "kind": "ProxyToken",
+            "metadata": { "name": name, "labels": { LABEL: "1" } },
+            "spec": { "projectRef": { "name": "bench-propagation" }, "duration": "720h" }
+        });
+        let _ = tokens.delete(&name, &Default::default()).await;
+        tokens.create(&PostParams::default(), &serde_json::from_value(object).unwrap()).await.unwrap();
+        let status = json!({ "status": { "phase": "Active", "tokenHash": token.hash().to_string(), "issuedAt": llm_proxy::api::micros(jiff::Timestamp::now()) } });
+        tokens.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+        secrets.push(token);
+    }
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let binary = std::env::var("BENCH_PROXY_BIN").unwrap_or_else(|_| "target/release/llm-proxy".into());
+    let mut proxy = std::process::Command::new(binary)
+        .args(["proxy", "--namespace", NS, "--label-selector", &format!("{LABEL}=1")])
+        .args(["--listen-addr", &format!("127.0.0.1:{port}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let http: HttpClient = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let url = format!("http://127.0.0.1:{port}/v1/models");
+    let status_of = |token: &Token| {
+        let request = hyper::Request::get(&url)
+            .header("authorization", format!("Bearer {}", token.expose()))
+            .body(Empty::new())
+            .unwrap();
+        let http = http.clone();
+        async move {
+            match http.request(request).await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let _ = response.into_body().collect().await;
+                    status
+                }
+                Err(_) => 0,
+            }
+        }
+    };
+    // Wait until every token routes.
+    let started = Instant::now();
+    while status_of(&secrets[TRIALS]).await != 200 {
+        assert!(started.elapsed() < Duration::from_secs(30), "proxy never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut revoke = Vec::new();
+    for (i, token) in secrets.iter().take(TRIALS).enumerate() {
+        assert_eq!(status_of(token).await, 200);
+        let t0 = Instant::now();
+        tokens
+            .patch(&format!("t{i}"), &PatchParams::default(), &Patch::Merge(json!({ "spec": { "revoked": true } })))
+            .await
+            .unwrap();
+        while status_of(token).await != 401 {}
+        revoke.push(t0.elapsed());
+    }
+
+    let probe = &secrets[TRIALS];
+    let mut deactivate = Vec::new();
+    for _ in 0..TRIALS {
+        let t0 = Instant::now();
+        projects
+            .patch("bench-propagation", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "active": false } })))
+            .await
+            .unwrap();
+        while status_of(probe).await != 403 {}
+        deactivate.push(t0.elapsed());
+        projects
+            .patch("bench-propagation", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "active": true } })))
+            .await
+            .unwrap();
+        while status_of(probe).await != 200 {}
+    }
+
+    let mut rotate = Vec::new();
+    for i in 1..=TRIALS {
+        let expected = format!("Bearer {}", key(i));
+        let t0 = Instant::now();
+        put_key(key(i)).await;
+        loop {
+            assert_eq!(status_of(probe).await, 200);
+            if upstream.requests().last().and_then(|r| r.header("authorization")).as_deref() == Some(expected.as_str())
+            {
+                break;
+            }
+        }
+        rotate.push(t0.elapsed());
+    }
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+
+    for (what, samples) in
+        [("revoke a token", revoke), ("deactivate a project", deactivate), ("rotate the key", rotate)]
+    {
+        let (p50, p99, max) = summary(samples);
+        println!("| {what} | {TRIALS} | {p50:.1} | {p99:.1} | {max:.1} |");
+    }
+}
+
+fn key(i: usize) -> String {
+    format!("sk-bench-propagation-0123456789-{i:06}")
+}
+
+/// p50, p99 and max in milliseconds.
+fn summary(mut samples: Vec<Duration>) -> (f64, f64, f64) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).saturating_sub(1)].as_secs_f64() * 1000.0;
+    (at(0.5), at(0.99), at(1.0))
+}
