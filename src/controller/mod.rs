@@ -140,6 +140,15 @@ fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action
     Action::requeue(Duration::from_secs(5))
 }
 
+/// What of a Project its tokens depend on: the spec and whether deletion was requested.
+fn project_spec_hash(project: &Project) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&project.spec).unwrap_or_default().hash(&mut hasher);
+    project.metadata.deletion_timestamp.is_some().hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Counts one reconcile's result.
 fn count<T, Q: std::error::Error + 'static>(
     metrics: &Metrics,
@@ -204,8 +213,16 @@ pub async fn run(
         )
         .watches(tokens, labelled.clone(), |t| Some(ObjectRef::new(&t.spec.project_ref.name)));
 
+    // Tokens depend on their project's spec (and deletion), never on its status: without
+    // this filter every status write of a project (token counts) re-reconciled all of
+    // its tokens, O(n^2) work for n tokens.
+    let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
     let token_controller = token_controller.watches(projects, labelled, move |p| {
         let name = p.name_any();
+        let hash = project_spec_hash(&p);
+        if seen.lock().expect("project hash cache poisoned").insert(name.clone(), hash) == Some(hash) {
+            return Vec::new();
+        }
         token_store
             .state()
             .into_iter()
