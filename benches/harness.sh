@@ -59,14 +59,16 @@ start controller "$target/llm-proxy" controller --namespace bench-ops --label-se
 sleep 1
 manifest=$state/tokens.yaml
 : >"$manifest"
+# Fresh names each run: the previous run's Secrets may still await garbage collection.
+run_id=$(date +%s)
 for i in $(seq 1 "$TOKENS"); do
-  printf -- '---\napiVersion: llmproxy.io/v1alpha1\nkind: ProxyToken\nmetadata: {name: t%s, namespace: bench-apps, labels: {llmproxy.io/bench: "1"}}\nspec: {projectRef: {name: bench}, duration: 720h}\n' "$i" >>"$manifest"
+  printf -- '---\napiVersion: llmproxy.io/v1alpha1\nkind: ProxyToken\nmetadata: {name: r%s-t%s, namespace: bench-apps, labels: {llmproxy.io/bench: "1"}}\nspec: {projectRef: {name: bench}, duration: 720h}\n' "$run_id" "$i" >>"$manifest"
 done
 mint_start=$(date +%s.%N)
 $kubectl apply --server-side -f "$manifest" >/dev/null
 until [ "$($kubectl get proxytokens -n bench-apps --field-selector status.phase=Active -o name | wc -l)" -ge "$TOKENS" ]; do sleep 0.5; done
 mint_secs=$(echo "$(date +%s.%N) - $mint_start" | bc)
-token=$($kubectl -n bench-apps get secret t1 -o jsonpath='{.data.token}' | base64 -d)
+token=$($kubectl -n bench-apps get secret "r$run_id-t1" -o jsonpath='{.data.token}' | base64 -d)
 
 # --- the data plane ------------------------------------------------------------------
 sync_start=$(date +%s.%N)

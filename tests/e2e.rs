@@ -349,3 +349,34 @@ async fn the_proxy_speaks_h2c_as_well_as_http1() {
     assert_eq!(String::from_utf8_lossy(&output.stdout), "2 200");
     assert_eq!(env.upstream.requests().last().unwrap().method, "GET");
 }
+
+#[tokio::test]
+async fn a_token_blocked_by_a_foreign_secret_is_minted_once_the_secret_is_gone() {
+    let mut env = Env::new("conflict").await;
+    env.start_controller();
+    env.create_project("p").await;
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.apps);
+    let foreign: Secret =
+        serde_json::from_value(json!({ "metadata": { "name": "taken" }, "stringData": { "x": "y" } })).unwrap();
+    secrets.create(&PostParams::default(), &foreign).await.unwrap();
+    let mut spec = token_spec(&env.scoped("p"));
+    spec.secret_name = Some("taken".into());
+    env.create_token("blocked", spec).await;
+    let rejected = env.wait_token("blocked", TokenPhase::Rejected).await;
+    let issued = rejected.status.unwrap().conditions.into_iter().find(|c| c.type_ == token_conditions::ISSUED).unwrap();
+    assert_eq!(issued.reason, "SecretConflict");
+    assert!(issued.message.contains("spec.secretName"), "{}", issued.message);
+    assert_eq!(secrets.get("taken").await.unwrap().data.unwrap().len(), 1, "the foreign Secret is left alone");
+
+    // Deleting and recreating a token under the same name hits this while the garbage
+    // collector removes the old Secret; the controller looks again on its own.
+    secrets.delete("taken", &DeleteParams::default()).await.unwrap();
+    let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
+    let minted = eventually(Duration::from_secs(30), || async {
+        let token = tokens.get("blocked").await.ok()?;
+        (token.status.as_ref()?.phase == Some(TokenPhase::Active)).then_some(token)
+    })
+    .await;
+    let data = env.token_secret("taken").await;
+    assert_eq!(minted.status.unwrap().token_hash.unwrap(), TokenHash::of(&data["token"]).to_string());
+}

@@ -23,6 +23,9 @@ use crate::api::{
 use crate::duration::parse_go_duration;
 use crate::token::{Token, TokenHash};
 
+/// How often a token that cannot be minted yet is looked at again.
+pub const RETRY_BLOCKED: Duration = Duration::from_secs(10);
+
 /// Label on a token Secret naming its ProxyToken.
 pub const TOKEN_LABEL: &str = "llmproxy.io/proxytoken";
 
@@ -363,6 +366,9 @@ async fn write(
             let wait = at.0.duration_since(jiff::Timestamp::now()).unsigned_abs();
             Action::requeue(wait.min(Duration::from_secs(3600)) + Duration::from_millis(100))
         }
+        // What blocks these can change without an event the controller watches (a
+        // Secret freed by the garbage collector, a Namespace relabelled): look again.
+        (TokenPhase::Pending | TokenPhase::Rejected, _) => Action::requeue(RETRY_BLOCKED),
         _ => Action::await_change(),
     })
 }
