@@ -19,7 +19,7 @@ build:
 
 # Format check, clippy, CRD drift check (part of the unit tests), and every test.
 test: lint cluster-up
-    cargo test --locked --all-targets
+    cargo test --locked --lib --bins --tests
 
 # Unit tests only: no cluster needed.
 unit:
