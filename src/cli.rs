@@ -90,6 +90,9 @@ struct ProxyArgs {
     /// Milliseconds between writes of usage (requestCount, lastUsedAt) to token status.
     #[arg(long, env = "LLMPROXY_USAGE_FLUSH_MILLIS", default_value_t = 2000)]
     usage_flush_millis: u64,
+    /// Threads serving the API (default: one per CPU the process may use).
+    #[arg(long, env = "LLMPROXY_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
 /// Failures that end the process.
@@ -101,6 +104,9 @@ pub enum Error {
     /// A listener could not bind.
     #[error("listening on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    /// The serving threads could not start.
+    #[error("starting the serving threads: {source}")]
+    Serve { source: std::io::Error },
 }
 
 /// Entry point of the `llm-proxy` binary.
@@ -125,7 +131,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 
 async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let client = client().await?;
-    let api = bind(args.listen_addr).await?;
+    let api = std::net::TcpListener::bind(args.listen_addr)
+        .map_err(|source| Error::Bind { addr: args.listen_addr, source })?;
     let admin = bind(args.common.admin_addr).await?;
     let metrics = Arc::new(Metrics::new());
     let usage = Arc::new(Usage::new(client.clone(), metrics.clone()));
@@ -144,25 +151,33 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         idle_timeout: Duration::from_secs(args.upstream_idle_timeout_seconds),
         max_request_body: args.max_request_body_bytes,
     };
-    let proxy = Arc::new(Proxy::new(table.clone(), usage.clone(), metrics.clone(), &settings));
-    tracing::info!(listen = %api.local_addr().map_or(args.listen_addr, |a| a), admin = %args.common.admin_addr, "proxy started");
+    let threads = args
+        .worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
+    tracing::info!(listen = %api.local_addr().map_or(args.listen_addr, |a| a), admin = %args.common.admin_addr, threads, "proxy started");
     let drain = Duration::from_secs(args.drain_seconds);
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_task = tokio::spawn(server::serve(
         admin,
-        server::admin_handler(table, metrics),
+        server::admin_handler(table.clone(), metrics.clone()),
         async move {
             let _ = admin_stopped.await;
         },
         Duration::from_secs(1),
     ));
-    server::serve(api, server::api_handler(proxy), shutdown, drain).await;
+    let make_handler =
+        || server::api_handler(Arc::new(Proxy::new(table.clone(), usage.clone(), metrics.clone(), &settings)));
+    let served = server::serve_threads(api, threads, make_handler, stopped, drain).await;
     // Counted requests reach the status, unused budget goes back to the other replicas.
     usage.shutdown().await;
     let _ = stop_admin.send(());
     let _ = admin_task.await;
+    served.map_err(|source| Error::Serve { source })?;
     tracing::info!("proxy stopped");
     Ok(())
 }
@@ -215,6 +230,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
         () = elector.hold() => {
             // Another replica may lead now; stop writing at once and let the pod restart.
             tracing::error!(%identity, "lost the leader lease; exiting");
+            crate::telemetry::flush();
             std::process::exit(1);
         }
     }

@@ -1,5 +1,12 @@
 //! Serving: the API listener (HTTP/1.1 and h2c) and the admin listener (`/healthz`,
-//! `/readyz`), both with graceful shutdown and a bounded drain.
+//! `/readyz`, `/metrics`), both with graceful shutdown and a bounded drain.
+//!
+//! The API is served by [`serve_threads`]: one single-threaded runtime per core, all
+//! accepting from the same socket, each with its own handler and so its own upstream
+//! connection pool. A request, its upstream exchange and its response stay on the
+//! thread that accepted the connection: no task hops threads, no worker is woken to
+//! steal work. On a work-stealing runtime those wake-ups cost a third of the proxy's
+//! CPU per request.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -58,6 +65,54 @@ where
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(drain_secs = drain.as_secs(), "connections still open after the drain time; closing them");
     }
+}
+
+/// Serves on `threads` threads a handler made per thread by `make_handler`, until
+/// `shutdown` turns `true`; returns once every thread has drained (at most `drain`).
+pub async fn serve_threads<M, H, F>(
+    listener: std::net::TcpListener,
+    threads: usize,
+    make_handler: M,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+) -> std::io::Result<()>
+where
+    M: Fn() -> H,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    listener.set_nonblocking(true)?;
+    let mut finished = Vec::with_capacity(threads);
+    for index in 0..threads.max(1) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let listener = listener.try_clone()?;
+        let handler = make_handler();
+        let mut shutdown = shutdown.clone();
+        let (done, thread_done) = tokio::sync::oneshot::channel::<()>();
+        finished.push(thread_done);
+        std::thread::Builder::new().name(format!("proxy-{index}")).spawn(move || {
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        tracing::error!(%error, thread = index, "registering the listener failed");
+                        return;
+                    }
+                };
+                let stop = async move {
+                    let _ = shutdown.wait_for(|stop| *stop).await;
+                };
+                serve(listener, handler, stop, drain).await;
+            });
+            let _ = done.send(());
+        })?;
+    }
+    drop(listener);
+    for thread_done in finished {
+        // An error means the thread ended without sending, which is an end too.
+        let _ = thread_done.await;
+    }
+    Ok(())
 }
 
 /// What a boxed request handler returns.
