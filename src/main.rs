@@ -7,11 +7,13 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     let cli = llm_proxy::cli::Cli::parse();
     llm_proxy::telemetry::init();
-    match llm_proxy::cli::run(cli).await {
+    let code = match llm_proxy::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "llm-proxy failed");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    llm_proxy::telemetry::flush();
+    code
 }
