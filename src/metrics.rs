@@ -41,9 +41,9 @@ pub struct TokenUsageLabels {
     /// Project name.
     pub project: Name,
     /// ProxyToken namespace.
-    pub token_namespace: String,
+    pub token_namespace: Name,
     /// ProxyToken name.
-    pub token_name: String,
+    pub token_name: Name,
     /// `prompt` or `completion`.
     pub kind: &'static str,
 }

@@ -18,7 +18,7 @@ use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 use zeroize::Zeroizing;
 
-pub use table::{Denial, DigestHasher, ProjectRoute, Route, RouteTable, TokenMap, TokenRoute};
+pub use table::{Denial, DigestHasher, NameHasher, ProjectMap, ProjectRoute, Route, RouteTable, TokenMap, TokenRoute};
 
 use crate::api::{Project, ProxyToken, TokenPhase};
 use crate::apikey::{ApiKey, KeyProblem};
@@ -246,8 +246,8 @@ fn token_route(t: &ProxyToken) -> Option<MintedRoute> {
     let lifetime_us = parse_go_duration(&t.spec.duration).ok()?.as_micros();
     let expires_at_us = issued_at_us.saturating_add(i64::try_from(lifetime_us).unwrap_or(i64::MAX));
     let route = TokenRoute {
-        namespace: t.namespace().unwrap_or_default(),
-        name: t.name_any(),
+        namespace: Arc::from(t.namespace().unwrap_or_default()),
+        name: Arc::from(t.name_any()),
         project: Arc::from(t.spec.project_ref.name.as_str()),
         issued_at_us,
         expires_at_us,

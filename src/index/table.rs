@@ -14,9 +14,9 @@ use crate::token::TokenHash;
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenRoute {
     /// Namespace of the ProxyToken.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Name of the ProxyToken.
-    pub name: String,
+    pub name: Arc<str>,
     /// Name of its Project.
     pub project: Arc<str>,
     /// When it was issued, in Unix microseconds.
@@ -94,6 +94,31 @@ impl Hasher for DigestHasher {
 /// Tokens by hash.
 pub type TokenMap = HashMap<TokenHash, Arc<TokenRoute>, BuildHasherDefault<DigestHasher>>;
 
+/// FNV-1a for project names: they are chosen by cluster admins, not by clients, so
+/// nobody can flood the map, and short names hash far cheaper than with SipHash.
+pub struct NameHasher(u64);
+
+impl Default for NameHasher {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Projects by name.
+pub type ProjectMap = HashMap<Arc<str>, Arc<ProjectRoute>, BuildHasherDefault<NameHasher>>;
+
 /// One consistent view of every project and token.
 #[derive(Debug, Default, Clone)]
 pub struct RouteTable {
@@ -102,7 +127,7 @@ pub struct RouteTable {
     /// All three watches have listed once; before that the proxy refuses everything.
     pub ready: bool,
     pub(crate) tokens: Arc<TokenMap>,
-    pub(crate) projects: HashMap<Arc<str>, Arc<ProjectRoute>>,
+    pub(crate) projects: ProjectMap,
 }
 
 impl RouteTable {

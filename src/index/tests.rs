@@ -106,7 +106,7 @@ fn a_minted_token_routes_to_its_project_with_the_real_key() {
     let route = table.authorize(&minted.hash(), ISSUED_US + 1).unwrap();
     assert_eq!(route.key.expose(), KEY);
     assert_eq!(&*route.project.upstream, "http://127.0.0.1:9");
-    assert_eq!((route.token.namespace.as_str(), route.token.name.as_str()), ("apps", "web"));
+    assert_eq!((&*route.token.namespace, &*route.token.name), ("apps", "web"));
 }
 
 #[test]

@@ -24,7 +24,7 @@ pub use error::ProxyError;
 pub use forward::{Upstream, strip_hop_by_hop};
 
 use crate::index::{Route, watch::SharedTable};
-use crate::metrics::{Metrics, TokenUsageLabels};
+use crate::metrics::{Metrics, Name, TokenUsageLabels};
 use crate::proxy::usage::Usage;
 use crate::token::{self, TokenHash};
 
@@ -116,7 +116,7 @@ impl Proxy {
     /// Streams the upstream body back while counting the tokens it reports.
     fn tap_usage(&self, response: Response<Incoming>, route: &Route) -> Response<Body> {
         let metrics = self.metrics.clone();
-        let labels = (route.project.name.clone(), route.token.namespace.clone(), route.token.name.clone());
+        let token = route.token.clone();
         let event_stream = response
             .headers()
             .get(header::CONTENT_TYPE)
@@ -125,12 +125,11 @@ impl Proxy {
         response.map(move |body| {
             let guarded = stream::Guarded::new(body, idle, event_stream);
             tokens::UsageTap::new(guarded, move |usage: tokens::TokenUsage| {
-                let (project, token_namespace, token_name) = labels;
                 for (kind, count) in [("prompt", usage.prompt), ("completion", usage.completion)] {
                     let labels = TokenUsageLabels {
-                        project: crate::metrics::Name(project.clone()),
-                        token_namespace: token_namespace.clone(),
-                        token_name: token_name.clone(),
+                        project: Name(token.project.clone()),
+                        token_namespace: Name(token.namespace.clone()),
+                        token_name: Name(token.name.clone()),
                         kind,
                     };
                     metrics.upstream_tokens.get_or_create(&labels).inc_by(count);
@@ -183,7 +182,7 @@ fn now_us() -> i64 {
 
 fn access_log(method: &hyper::Method, path: &str, status: u16, latency: Duration, route: Option<&Route>) {
     let (namespace, name, project) =
-        route.map_or(("", "", ""), |r| (r.token.namespace.as_str(), r.token.name.as_str(), &*r.project.name));
+        route.map_or(("", "", ""), |r| (&*r.token.namespace, &*r.token.name, &*r.project.name));
     tracing::info!(
         target: "access",
         token_namespace = namespace,
@@ -192,7 +191,7 @@ fn access_log(method: &hyper::Method, path: &str, status: u16, latency: Duration
         method = method.as_str(),
         path,
         status,
-        latency_us = latency.as_secs_f64() * 1000.0,
+        latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
         "request"
     );
 }

@@ -3,14 +3,16 @@
 //!
 //! In: the upstream body's frames. Out: the same frames, unchanged and undelayed, and at
 //! the end of the body one call of the `on_usage` callback. Only a bounded tail of the
-//! body is kept: a JSON response's usage object and a stream's final chunk are both at
-//! the end.
+//! body is kept — its last frames, shared with the response rather than copied: a JSON
+//! response's usage object and a stream's final chunk are both at the end.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use serde::Deserialize;
 
 /// How much of the end of a body is kept to find the usage object.
 const TAIL: usize = 16 * 1024;
@@ -27,25 +29,45 @@ pub struct TokenUsage {
 /// A body that passes frames through and reports usage at its end.
 pub struct UsageTap<B, F: FnOnce(TokenUsage)> {
     inner: B,
-    tail: Vec<u8>,
+    /// The last frames; all but the oldest fit in [`TAIL`] bytes.
+    tail: VecDeque<Bytes>,
+    /// Bytes in `tail` after its oldest frame.
+    newer_len: usize,
     on_usage: Option<F>,
 }
 
 impl<B, F: FnOnce(TokenUsage)> UsageTap<B, F> {
     /// Wraps `inner`; `on_usage` runs once, when the body ends with a usage object.
     pub fn new(inner: B, on_usage: F) -> Self {
-        Self { inner, tail: Vec::new(), on_usage: Some(on_usage) }
+        Self { inner, tail: VecDeque::new(), newer_len: 0, on_usage: Some(on_usage) }
     }
-}
 
-impl<B, F: FnOnce(TokenUsage)> UsageTap<B, F> {
+    fn keep(&mut self, data: &Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        if !self.tail.is_empty() {
+            self.newer_len += data.len();
+        }
+        self.tail.push_back(data.clone());
+        while self.newer_len > TAIL {
+            self.tail.pop_front();
+            self.newer_len -= self.tail.front().map_or(0, Bytes::len);
+        }
+    }
+
     fn finish(&mut self) {
-        if let Some(report) = self.on_usage.take()
-            && let Some(usage) = find_usage(&self.tail)
-        {
+        let tail = std::mem::take(&mut self.tail);
+        let Some(report) = self.on_usage.take() else { return };
+        let usage = match tail.len() {
+            0 => None,
+            // Most answers are one frame: search it where it lies.
+            1 => find_usage(&tail[0]),
+            _ => find_usage(&tail.iter().flat_map(|frame| frame.iter().copied()).collect::<Vec<u8>>()),
+        };
+        if let Some(usage) = usage {
             report(usage);
         }
-        self.tail = Vec::new();
     }
 }
 
@@ -63,10 +85,7 @@ where
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.tail.extend_from_slice(data);
-                    if this.tail.len() > 2 * TAIL {
-                        this.tail.drain(..this.tail.len() - TAIL);
-                    }
+                    this.keep(data);
                 }
                 // A body of known length ends with its last frame: hyper does not poll again.
                 if this.inner.is_end_stream() {
@@ -100,18 +119,26 @@ pub fn find_usage(tail: &[u8]) -> Option<TokenUsage> {
         if rest[colon] != b':' {
             continue;
         }
-        let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<serde_json::Value>();
+        let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<UsageObject>();
         let Some(Ok(usage)) = values.next() else { continue };
-        let field = |names: &[&str]| names.iter().find_map(|n| usage.get(*n).and_then(serde_json::Value::as_u64));
         // Chat and completions say prompt/completion; the Responses API input/output.
-        if let Some(prompt) = field(&["prompt_tokens", "input_tokens"]) {
+        if let Some(prompt) = usage.prompt_tokens.or(usage.input_tokens) {
             return Some(TokenUsage {
                 prompt,
-                completion: field(&["completion_tokens", "output_tokens"]).unwrap_or(0),
+                completion: usage.completion_tokens.or(usage.output_tokens).unwrap_or(0),
             });
         }
     }
     None
+}
+
+/// The fields of a usage object that are counted; the rest are skipped unread.
+#[derive(Deserialize)]
+struct UsageObject {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
 }
 
 #[cfg(test)]
@@ -138,6 +165,28 @@ mod tests {
         body.extend_from_slice(br#"1]}],"content":"the \"usage\": {\"prompt_tokens\": 99}","usage":{"prompt_tokens":12,"total_tokens":12}}"#);
         let tail = &body[body.len() - TAIL..];
         assert_eq!(find_usage(tail), Some(TokenUsage { prompt: 12, completion: 0 }));
+    }
+
+    #[tokio::test]
+    async fn usage_split_across_many_frames_is_found_and_the_tail_stays_bounded() {
+        use http_body_util::{BodyExt, StreamBody};
+        let mut body = br#"{"data":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'x', 100_000));
+        body.extend_from_slice(br#"","usage":{"prompt_tokens":21,"completion_tokens":4}}"#);
+        // 7-byte frames split the key, the object and the numbers across frames.
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+            body.chunks(7).map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+        let (found, report) = std::sync::mpsc::channel();
+        let mut tap = UsageTap::new(StreamBody::new(futures::stream::iter(frames)), move |usage| {
+            found.send(usage).unwrap();
+        });
+        let mut forwarded = Vec::new();
+        while let Some(frame) = tap.frame().await {
+            forwarded.extend_from_slice(frame.unwrap().data_ref().unwrap());
+            assert!(tap.newer_len <= TAIL, "the kept tail grew to {} bytes", tap.newer_len);
+        }
+        assert_eq!(forwarded, body, "frames pass through unchanged");
+        assert_eq!(report.try_recv(), Ok(TokenUsage { prompt: 21, completion: 4 }));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! write per request: counts are flushed per token every `flush_interval`.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -22,6 +23,7 @@ use serde_json::json;
 
 use super::ProxyError;
 use crate::api::ProxyToken;
+use crate::index::DigestHasher;
 use crate::index::Route;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::token::TokenHash;
@@ -48,7 +50,7 @@ struct Counter {
 pub struct Usage {
     client: Option<Client>,
     metrics: Arc<Metrics>,
-    counters: RwLock<HashMap<TokenHash, Arc<Counter>>>,
+    counters: RwLock<HashMap<TokenHash, Arc<Counter>, BuildHasherDefault<DigestHasher>>>,
     /// One flush at a time: the final flush at shutdown must not return while a
     /// periodic one still holds counts it took.
     flushing: tokio::sync::Mutex<()>,
@@ -103,8 +105,8 @@ impl Usage {
             .entry(hash)
             .or_insert_with(|| {
                 Arc::new(Counter {
-                    namespace: route.token.namespace.clone(),
-                    name: route.token.name.clone(),
+                    namespace: route.token.namespace.to_string(),
+                    name: route.token.name.to_string(),
                     unflushed: AtomicU64::new(0),
                     last_used_us: AtomicI64::new(0),
                     block: tokio::sync::Mutex::new(0),
