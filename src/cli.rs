@@ -90,7 +90,7 @@ struct ProxyArgs {
     /// Milliseconds between writes of usage (requestCount, lastUsedAt) to token status.
     #[arg(long, env = "LLMPROXY_USAGE_FLUSH_MILLIS", default_value_t = 2000)]
     usage_flush_millis: u64,
-    /// Threads serving the API (default: one per CPU the process may use).
+    /// Threads serving the API (unset or 0: one per CPU the process may use).
     #[arg(long, env = "LLMPROXY_WORKER_THREADS")]
     worker_threads: Option<usize>,
 }
@@ -151,9 +151,10 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         idle_timeout: Duration::from_secs(args.upstream_idle_timeout_seconds),
         max_request_body: args.max_request_body_bytes,
     };
-    let threads = args
-        .worker_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
+    let threads = match args.worker_threads {
+        Some(threads) if threads > 0 => threads,
+        _ => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+    };
     tracing::info!(listen = %api.local_addr().map_or(args.listen_addr, |a| a), admin = %args.common.admin_addr, threads, "proxy started");
     let drain = Duration::from_secs(args.drain_seconds);
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -175,6 +175,11 @@ struct Escaped<W>(W);
 
 impl<W: fmt::Write> fmt::Write for Escaped<W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
+        // Nearly every value needs no escaping; a scan without early exit vectorises.
+        let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f;
+        if !text.bytes().fold(false, |found, b| found | special(b)) {
+            return self.0.write_str(text);
+        }
         let mut plain = 0;
         for (at, byte) in text.bytes().enumerate() {
             let escape = match byte {
