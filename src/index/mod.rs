@@ -75,6 +75,8 @@ pub struct Index {
     relisting: Relists,
     synced: [bool; 3],
     generation: u64,
+    /// Something a snapshot shows changed since the last [`Index::take_changed`].
+    changed: bool,
 }
 
 /// Objects buffered during a relist, applied whole at `InitDone`.
@@ -93,8 +95,22 @@ impl Index {
         Self::default()
     }
 
+    /// Whether anything a snapshot shows changed since the last call. Events of a
+    /// relist in progress change nothing until its end: while 100,000 tokens stream in,
+    /// no snapshot needs building.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
     /// Applies one watch event.
     pub fn apply(&mut self, change: Change) {
+        let relist_item = matches!(
+            &change,
+            Change::Project(Event::Init | Event::InitApply(_))
+                | Change::Token(Event::Init | Event::InitApply(_))
+                | Change::Secret(Event::Init | Event::InitApply(_))
+        );
+        self.changed |= !relist_item;
         match change {
             Change::Project(event) => self.apply_project(event),
             Change::Token(event) => self.apply_token(event),

@@ -217,3 +217,16 @@ fn unminted_tokens_and_exhausted_caps() {
     index.apply(Change::Token(Event::Apply(capped)));
     assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::TokenExhausted);
 }
+
+#[test]
+fn a_relist_in_progress_changes_nothing_until_it_ends() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    assert!(index.take_changed(), "the initial lists changed the table");
+    assert!(!index.take_changed(), "taking the flag clears it");
+    index.apply(Change::Token(Event::Init));
+    index.apply(Change::Token(Event::InitApply(token("other", "prod", &Token::mint().unwrap()))));
+    assert!(!index.take_changed(), "relisted objects are not visible before InitDone");
+    index.apply(Change::Token(Event::InitDone));
+    assert!(index.take_changed());
+}
