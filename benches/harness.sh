@@ -3,25 +3,32 @@
 # run, with the same fast fake upstream, plus controller minting throughput and stream
 # time-to-first-byte. Prints one table and writes it to BENCHMARKS.md.
 #
-# Load generator: wrk (Debian). Latency is measured closed-loop at 1 connection (an
-# unloaded request path: what one call pays), throughput at 16 connections (saturation;
-# the generator, the proxy and the upstream share the machine's cores).
+# Load generators: oha (crates.io) open-loop at a fixed rate well below saturation for
+# latency percentiles (p50/p99/p99.9, corrected for coordinated omission), wrk (Debian)
+# closed-loop at 16 connections for throughput at saturation. The generator, the proxies
+# and the upstream share the machine's cores. nginx and llm-proxy are measured with one
+# worker each (worker_processes 1, --worker-threads 1) and with their defaults for this
+# machine (one per core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${BENCH_DURATION:-10s}
 TOKENS=${BENCH_TOKENS:-1000}
+RATE=${BENCH_RATE:-1000}
+LITELLM_RATE=${BENCH_LITELLM_RATE:-50}
 target=${CARGO_TARGET_DIR:-target}/release
 state=.cluster/bench
 kubectl=${KUBECTL:-$HOME/.cache/llm-proxy/bin/kubectl}
 export KUBECONFIG=${KUBECONFIG:-$PWD/.cluster/kubeconfig}
 up_port=19100 nginx_port=19101 proxy_port=19102 admin_port=19103 ctrl_admin=19104 litellm_port=19105
+nginx_n_port=19106 proxy_n_port=19107 admin_n_port=19108
 cache=${LLMPROXY_CACHE:-$HOME/.cache/llm-proxy}
 
 need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
 need bc bc
 need nginx nginx-light
+command -v oha >/dev/null 2>&1 || cargo install oha --version 1.16.0 --locked --quiet
 
 cargo build --release --locked --bins --benches --quiet
 # LiteLLM proxy, pinned exactly (neighbouring versions do not install here).
@@ -73,27 +80,36 @@ token=$($kubectl -n bench-apps get secret "r$run_id-t1" -o jsonpath='{.data.toke
 # --- the data plane ------------------------------------------------------------------
 sync_start=$(date +%s.%N)
 start proxy "$target/llm-proxy" proxy --namespace bench-ops --label-selector llmproxy.io/bench=1 \
-  --listen-addr "127.0.0.1:$proxy_port" --admin-addr "127.0.0.1:$admin_port"
+  --listen-addr "127.0.0.1:$proxy_port" --admin-addr "127.0.0.1:$admin_port" --worker-threads 1
 until curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null; do sleep 0.05; done
 sync_secs=$(echo "$(date +%s.%N) - $sync_start" | bc)
 proxy_pid=${pids[-1]}
+start proxy-n "$target/llm-proxy" proxy --namespace bench-ops --label-selector llmproxy.io/bench=1 \
+  --listen-addr "127.0.0.1:$proxy_n_port" --admin-addr "127.0.0.1:$admin_n_port"
+until curl -sf "http://127.0.0.1:$admin_n_port/readyz" >/dev/null; do sleep 0.05; done
 
-cat >"$state/nginx.conf" <<NGINX
-worker_processes 1;
-pid $PWD/$state/nginx.pid;
-error_log $PWD/$state/nginx-error.log;
+# nginx CONF WORKERS PORT
+nginx_conf() {
+  cat >"$state/$1" <<NGINX
+worker_processes $2;
+pid $PWD/$state/$1.pid;
+error_log $PWD/$state/$1-error.log;
 events { worker_connections 1024; }
 http {
   access_log off;
   upstream fake { server 127.0.0.1:$up_port; keepalive 64; }
   server {
-    listen 127.0.0.1:$nginx_port;
+    listen 127.0.0.1:$3;
     location / { proxy_pass http://fake; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
   }
 }
 NGINX
-nginx -c "$PWD/$state/nginx.conf" -p "$PWD/$state"
-trap 'cleanup; nginx -c "$PWD/$state/nginx.conf" -p "$PWD/$state" -s stop 2>/dev/null || true' EXIT
+  nginx -c "$PWD/$state/$1" -p "$PWD/$state"
+}
+nginx_conf nginx.conf 1 "$nginx_port"
+nginx_conf nginx-n.conf auto "$nginx_n_port"
+stop_nginx() { for c in nginx.conf nginx-n.conf; do nginx -c "$PWD/$state/$c" -p "$PWD/$state" -s stop 2>/dev/null || true; done; }
+trap 'cleanup; stop_nginx' EXIT
 
 # LiteLLM refuses to start without a master key; clients then authenticate with it.
 cat >"$state/litellm.yaml" <<YAML
@@ -114,39 +130,39 @@ wrk.headers["Authorization"] = "Bearer $token"
 LUA
 sed "s/Bearer $token/Bearer sk-bench-litellm-master/" "$state/post.lua" >"$state/post-litellm.lua"
 
-# run NAME URL THREADS CONNECTIONS -> "p50_ms p99_ms rps"
-run() {
-  local out
-  local script=$state/post.lua
-  [ "$1" = litellm ] && script=$state/post-litellm.lua
-  out=$(wrk -t"$3" -c"$4" -d"$DURATION" --latency -s "$script" "$2/v1/chat/completions")
-  echo "$out" >"$state/wrk-$1-c$4.txt"
-  local p50 p99 rps
-  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
-  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  echo "$(to_ms "$p50") $(to_ms "$p99") $rps"
+# latency NAME URL RATE -> "p50_ms p99_ms p999_ms" (oha, open loop at RATE req/s)
+latency() {
+  local bearer=$token
+  [ "$1" = litellm ] && bearer=sk-bench-litellm-master
+  oha -z "$DURATION" -q "$3" -c 4 --latency-correction --no-tui --output-format json -m POST \
+    -H "Authorization: Bearer $bearer" -H 'Content-Type: application/json' \
+    -d '{"model":"m","messages":[{"role":"user","content":"hi"}]}' "$2/v1/chat/completions" >"$state/oha-$1.json"
+  python3 -c 'import json, sys
+d = json.load(open(sys.argv[1])); p = d["latencyPercentiles"]
+assert d["summary"]["successRate"] == 1, "requests failed: %s" % d.get("errorDistribution")
+print("%.3f %.3f %.3f" % (p["p50"] * 1000, p["p99"] * 1000, p["p99.9"] * 1000))' "$state/oha-$1.json"
 }
-to_ms() { # wrk prints 123.45us / 1.23ms / 1.23s
-  local v=$1
-  case $v in
-    *us) echo "scale=4; ${v%us}/1000" | bc ;;
-    *ms) echo "${v%ms}" ;;
-    *s) echo "scale=4; ${v%s}*1000" | bc ;;
-  esac
+# throughput NAME URL -> req/s (wrk, closed loop, 16 connections)
+throughput() {
+  local script=$state/post.lua out
+  [ "$1" = litellm ] && script=$state/post-litellm.lua
+  out=$(wrk -t2 -c16 -d"$DURATION" -s "$script" "$2/v1/chat/completions")
+  echo "$out" >"$state/wrk-$1.txt"
+  if echo "$out" | grep -q 'Non-2xx'; then echo "wrk saw errors from $1: $out" >&2; exit 1; fi
+  echo "$out" | awk '/Requests\/sec/ {printf "%.0f\n", $2}'
 }
 
-declare -A lat thr
-for name in direct nginx ours litellm; do
-  case $name in
-    direct) url=http://127.0.0.1:$up_port ;;
-    nginx) url=http://127.0.0.1:$nginx_port ;;
-    ours) url=http://127.0.0.1:$proxy_port ;;
-    litellm) url=http://127.0.0.1:$litellm_port ;;
-  esac
-  lat[$name]=$(run "$name" "$url" 1 1)
-  thr[$name]=$(run "$name" "$url" 2 16)
+declare -A lat thr url
+url=([direct]=http://127.0.0.1:$up_port [nginx]=http://127.0.0.1:$nginx_port [ours]=http://127.0.0.1:$proxy_port
+  [nginx_n]=http://127.0.0.1:$nginx_n_port [ours_n]=http://127.0.0.1:$proxy_n_port [litellm]=http://127.0.0.1:$litellm_port)
+for name in direct nginx ours nginx_n ours_n litellm; do
+  rate=$RATE
+  [ "$name" = litellm ] && rate=$LITELLM_RATE
+  lat[$name]=$(latency "$name" "${url[$name]}" "$rate")
+  thr[$name]=$(throughput "$name" "${url[$name]}")
 done
+# LiteLLM cannot take the common rate: its added latency is measured against direct at its own rate.
+lat[direct_litellm]=$(latency direct_litellm "${url[direct]}" "$LITELLM_RATE")
 
 # Streams: time to first byte and total, 20 streams of 20 chunks 10 ms apart.
 ttfb() {
@@ -170,27 +186,37 @@ propagation=$(BENCH_PROXY_BIN=$target/llm-proxy cargo bench --quiet --locked --b
 scale=$(BENCH_PROXY_BIN=$target/llm-proxy cargo bench --quiet --locked --bench scale 2>/dev/null | grep '^-')
 
 field() { echo "$1" | cut -d' ' -f"$2"; }
-added() { echo "scale=3; $(field "${lat[$1]}" "$2") - $(field "${lat[direct]}" "$2")" | bc; }
-ratio() { echo "scale=2; $1 / $2" | bc; }
+# added NAME COLUMN [BASELINE]: NAME's latency percentile minus the direct path's
+added() { echo "scale=3; $(field "${lat[$1]}" "$2") - $(field "${lat[${3:-direct}]}" "$2")" | bc | sed 's/^\./0./; s/^-\./-0./'; }
+ratio() { echo "scale=2; $1 / $2" | bc | sed 's/^\./0./; s/^-\./-0./'; }
+row() { # row LABEL NAME [BASELINE]
+  local base=${3:-direct} a1=– a2=– a3=–
+  if [ "$2" != direct ]; then a1=$(added "$2" 1 "$base") a2=$(added "$2" 2 "$base") a3=$(added "$2" 3 "$base"); fi
+  echo "| $1 | $(field "${lat[$2]}" 1) | $(field "${lat[$2]}" 2) | $(field "${lat[$2]}" 3) | $a1 | $a2 | $a3 | ${thr[$2]} |"
+}
+secs() { printf '%.2f' "$1"; }
+threads=$(nproc)
 report=$(cat <<MD
 ## Run of $(date -u +%Y-%m-%d) — \`just bench\`
 
-Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB; load generator, proxies and the fake upstream share the cores.
-Load: wrk, POST /v1/chat/completions with a fixed JSON answer; latency at 1 connection for $DURATION, throughput at 16 connections (2 threads) for $DURATION.
-Routing table: 1 project, $TOKENS tokens, loaded from the local API server.
+Machine: $threads cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB; load generator, proxies and the fake upstream share the cores.
+Load: POST /v1/chat/completions with a fixed JSON answer. Latency: oha $(oha --version | cut -d' ' -f2), open loop at $RATE req/s over 4 connections for $DURATION, corrected for coordinated omission (LiteLLM at $LITELLM_RATE req/s, against direct at the same rate). Throughput: wrk, closed loop, 16 connections (2 threads) for $DURATION.
+Routing table: 1 project, $TOKENS tokens, loaded from the local API server. llm-proxy logs every request (access log on).
 
-| path | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s at 16 conns |
-|---|---|---|---|---|---|
-| direct (client → upstream) | $(field "${lat[direct]}" 1) | $(field "${lat[direct]}" 2) | – | – | $(field "${thr[direct]}" 3) |
-| nginx (plain reverse proxy, no auth) | $(field "${lat[nginx]}" 1) | $(field "${lat[nginx]}" 2) | $(added nginx 1) | $(added nginx 2) | $(field "${thr[nginx]}" 3) |
-| llm-proxy (auth + key swap + usage + access log) | $(field "${lat[ours]}" 1) | $(field "${lat[ours]}" 2) | $(added ours 1) | $(added ours 2) | $(field "${thr[ours]}" 3) |
-| LiteLLM 1.106.12 proxy (2 workers) | $(field "${lat[litellm]}" 1) | $(field "${lat[litellm]}" 2) | $(added litellm 1) | $(added litellm 2) | $(field "${thr[litellm]}" 3) |
+| path | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | added p99.9 ms | req/s at 16 conns |
+|---|---|---|---|---|---|---|---|
+$(row "direct (client → upstream)" direct)
+$(row "nginx, 1 worker (plain reverse proxy, no auth)" nginx)
+$(row "llm-proxy, 1 thread (auth + key swap + usage + access log)" ours)
+$(row "nginx, worker_processes auto ($threads)" nginx_n)
+$(row "llm-proxy, default threads ($threads)" ours_n)
+$(row "LiteLLM 1.106.12 proxy, 2 workers (at $LITELLM_RATE req/s)" litellm direct_litellm)
 
-- Added latency ours / nginx: p50 $(ratio "$(added ours 1)" "$(added nginx 1)"), p99 $(ratio "$(added ours 2)" "$(added nginx 2)").
-- Throughput ours / nginx: $(ratio "$(field "${thr[ours]}" 3)" "$(field "${thr[nginx]}" 3)"); ours / LiteLLM: $(ratio "$(field "${thr[ours]}" 3)" "$(field "${thr[litellm]}" 3)").
-- Streams (20 chunks, 10 ms apart; mean of 20): time to first byte direct $direct_ttfb ms, through llm-proxy $ours_ttfb ms; total $direct_total ms vs $ours_total ms.
-- Controller: $TOKENS ProxyTokens minted in $mint_secs s ($(echo "scale=1; $TOKENS / $mint_secs" | bc) tokens/s).
-- Proxy: initial sync of $TOKENS tokens in $sync_secs s (process start to ready); resident memory $rss_mb MB after the runs.
+- Added latency ours / nginx, one worker each: p50 $(ratio "$(added ours 1)" "$(added nginx 1)"), p99 $(ratio "$(added ours 2)" "$(added nginx 2)"), p99.9 $(ratio "$(added ours 3)" "$(added nginx 3)"); with defaults: p50 $(ratio "$(added ours_n 1)" "$(added nginx_n 1)"), p99 $(ratio "$(added ours_n 2)" "$(added nginx_n 2)"), p99.9 $(ratio "$(added ours_n 3)" "$(added nginx_n 3)").
+- Throughput ours / nginx: $(ratio "${thr[ours]}" "${thr[nginx]}") with one worker each, $(ratio "${thr[ours_n]}" "${thr[nginx_n]}") with defaults; ours / LiteLLM: $(ratio "${thr[ours_n]}" "${thr[litellm]}").
+- Streams (20 chunks, 10 ms apart; mean of 20): time to first byte direct $(printf "%.3f" "$direct_ttfb") ms, through llm-proxy $(printf "%.3f" "$ours_ttfb") ms (added $(printf "%.3f" "$(echo "$ours_ttfb - $direct_ttfb" | bc)") ms); total $direct_total ms vs $ours_total ms.
+- Controller: $TOKENS ProxyTokens minted in $(secs "$mint_secs") s ($(echo "scale=1; $TOKENS / $mint_secs" | bc) tokens/s).
+- Proxy: initial sync of $TOKENS tokens in $(secs "$sync_secs") s (process start to ready); resident memory $rss_mb MB after the runs.
 
 Propagation (API write → first request through the proxy that sees it; the write's own round trip included):
 
@@ -204,10 +230,16 @@ $scale
 MD
 )
 echo "$report"
+# The hand-written analysis below the marker survives a new run.
+analysis=$(sed -n '/^<!-- analysis -->$/,$p' BENCHMARKS.md 2>/dev/null || true)
 {
   echo "# Benchmarks"
   echo
-  echo "Reproduce with \`just bench\` (BENCH_DURATION, BENCH_TOKENS adjust it). Raw wrk output: \`.cluster/bench/\`."
+  echo "Reproduce with \`just bench\` (BENCH_DURATION, BENCH_TOKENS, BENCH_RATE, BENCH_LITELLM_RATE adjust it). Raw oha/wrk output: \`.cluster/bench/\`."
   echo
   echo "$report"
+  if [ -n "$analysis" ]; then
+    echo
+    echo "$analysis"
+  fi
 } >BENCHMARKS.md
