@@ -28,15 +28,20 @@ need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq && apt-get inst
 need wrk wrk
 need bc bc
 need nginx nginx-light
-command -v oha >/dev/null 2>&1 || cargo install oha --version 1.16.0 --locked --quiet
-
-cargo build --release --locked --bins --benches --quiet
+# Peers install in the background while our release build runs: its fat-LTO links
+# keep one core busy for minutes and leave the other to them.
+installs=()
+if ! command -v oha >/dev/null 2>&1; then
+  cargo install oha --version 1.16.0 --locked --quiet & installs+=($!)
+fi
 # LiteLLM proxy, pinned exactly (neighbouring versions do not install here).
 litellm_venv=$cache/litellm-venv
 if ! "$litellm_venv/bin/litellm" --version >/dev/null 2>&1; then
-  python3 -m venv "$litellm_venv"
-  "$litellm_venv/bin/pip" install --quiet --disable-pip-version-check "litellm[proxy]==1.106.12"
+  (python3 -m venv "$litellm_venv" &&
+    "$litellm_venv/bin/pip" install --quiet --disable-pip-version-check "litellm[proxy]==1.106.12") & installs+=($!)
 fi
+cargo build --release --locked --bin llm-proxy --bin fake-upstream --bench propagation --bench scale --quiet
+for p in "${installs[@]}"; do wait "$p"; done
 tests/cluster/cluster.sh up >/dev/null
 mkdir -p "$state"
 pids=()
