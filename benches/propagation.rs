@@ -5,6 +5,8 @@
 //! (`BENCH_PROXY_BIN`, default `target/release/llm-proxy`). Prints p50/p99/max per
 //! kind of change as Markdown table rows. Run by `benches/harness.sh`.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -63,15 +65,7 @@ async fn main() {
         secrets.push(token);
     }
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let binary = std::env::var("BENCH_PROXY_BIN").unwrap_or_else(|_| "target/release/llm-proxy".into());
-    let mut proxy = std::process::Command::new(binary)
-        .args(["proxy", "--namespace", NS, "--label-selector", &format!("{LABEL}=1")])
-        .args(["--listen-addr", &format!("127.0.0.1:{port}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let (mut proxy, port, _admin) = support::spawn_proxy(NS, LABEL);
     let http: HttpClient = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(hyper_util::client::legacy::connect::HttpConnector::new());
     let url = format!("http://127.0.0.1:{port}/v1/models");

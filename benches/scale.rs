@@ -9,6 +9,8 @@
 //!
 //! Prints Markdown lines. Run by `benches/harness.sh`.
 
+mod support;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,16 +150,8 @@ async fn main() {
         created.elapsed().as_secs_f64()
     );
 
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let binary = std::env::var("BENCH_PROXY_BIN").unwrap_or_else(|_| "target/release/llm-proxy".into());
     let started = Instant::now();
-    let mut proxy = std::process::Command::new(binary)
-        .args(["proxy", "--namespace", NS, "--label-selector", &format!("{LABEL}=1")])
-        .args(["--listen-addr", &format!("127.0.0.1:{port}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let (mut proxy, _port, admin) = support::spawn_proxy(NS, LABEL);
     let ready = format!("http://127.0.0.1:{admin}/readyz");
     loop {
         let ok =
