@@ -49,6 +49,8 @@ struct Counter {
 /// Usage accounting shared by every connection of a proxy replica.
 pub struct Usage {
     client: Option<Client>,
+    /// The runtime every API call runs on (see [`Usage::claim`]).
+    runtime: Option<tokio::runtime::Handle>,
     metrics: Arc<Metrics>,
     counters: RwLock<HashMap<TokenHash, Arc<Counter>, BuildHasherDefault<DigestHasher>>>,
     /// One flush at a time: the final flush at shutdown must not return while a
@@ -57,9 +59,16 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Accounting that writes to the API server through `client`.
+    /// Accounting that writes to the API server through `client`, from the runtime it
+    /// is created on (the process's main runtime, which outlives the serving threads).
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
-        Self { client: Some(client), metrics, counters: RwLock::default(), flushing: tokio::sync::Mutex::default() }
+        Self {
+            client: Some(client),
+            runtime: Some(tokio::runtime::Handle::current()),
+            metrics,
+            counters: RwLock::default(),
+            flushing: tokio::sync::Mutex::default(),
+        }
     }
 
     /// Accounting with no API server: counts nothing durable and refuses capped tokens.
@@ -67,6 +76,7 @@ impl Usage {
     pub fn disabled() -> Self {
         Self {
             client: None,
+            runtime: None,
             metrics: Arc::default(),
             counters: RwLock::default(),
             flushing: tokio::sync::Mutex::default(),
@@ -115,44 +125,20 @@ impl Usage {
             .clone()
     }
 
-    /// Raises `claimedRequests` by one block; returns the block's size.
-    async fn claim(&self, counter: &Counter, max_hint: u64) -> Result<i64, ProxyError> {
-        let client = self.client.clone().ok_or(ProxyError::QuotaUnavailable)?;
-        let api = Api::<ProxyToken>::namespaced(client, &counter.namespace);
-        for _ in 0..MAX_ATTEMPTS {
-            let token = api.get_status(&counter.name).await.map_err(|error| {
-                tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "reading the token's budget failed");
-                ProxyError::QuotaUnavailable
-            })?;
-            let status = token.status.clone().unwrap_or_default();
-            let max = token.spec.max_requests.unwrap_or(max_hint as i64);
-            let claimed = status.claimed_requests.unwrap_or(0).max(status.request_count.unwrap_or(0));
-            let remaining = max - claimed;
-            if remaining <= 0 {
-                return Err(ProxyError::TokenExhausted);
-            }
-            let block = block_size(max).min(remaining);
-            let patch = json!({
-                "metadata": { "resourceVersion": token.resource_version() },
-                "status": { "claimedRequests": claimed + block },
-            });
-            match api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await {
-                // A CRD older than this proxy would silently prune the field: spend nothing then.
-                Ok(patched) if patched.status.as_ref().and_then(|s| s.claimed_requests) == Some(claimed + block) => {
-                    return Ok(block);
-                }
-                Ok(_) => {
-                    tracing::error!("status.claimedRequests was not stored: update the CRDs (crds/llmproxy.io.yaml)");
-                    return Err(ProxyError::QuotaUnavailable);
-                }
-                Err(kube::Error::Api(status)) if status.code == 409 => continue,
-                Err(error) => {
-                    tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming budget failed");
-                    return Err(ProxyError::QuotaUnavailable);
-                }
-            }
-        }
-        Err(ProxyError::QuotaUnavailable)
+    /// Raises `claimedRequests` by one block; returns the block's size. Runs on the main
+    /// runtime: the API client opens connections where a request first needs one, and a
+    /// connection opened from a serving thread would die with that thread's runtime at
+    /// shutdown — possibly in the middle of a usage flush, whose count would then be
+    /// written again by the final flush.
+    async fn claim(&self, counter: &Arc<Counter>, max_hint: u64) -> Result<i64, ProxyError> {
+        let (Some(client), Some(runtime)) = (self.client.clone(), self.runtime.clone()) else {
+            return Err(ProxyError::QuotaUnavailable);
+        };
+        let counter = counter.clone();
+        runtime
+            .spawn(async move { claim_block(client, &counter, max_hint).await })
+            .await
+            .unwrap_or(Err(ProxyError::QuotaUnavailable))
     }
 
     /// Writes every token's unflushed count and last use into its status.
@@ -186,6 +172,45 @@ impl Usage {
             }
         }
     }
+}
+
+/// Raises `claimedRequests` by one block with a resourceVersion precondition.
+async fn claim_block(client: Client, counter: &Counter, max_hint: u64) -> Result<i64, ProxyError> {
+    let api = Api::<ProxyToken>::namespaced(client, &counter.namespace);
+    for _ in 0..MAX_ATTEMPTS {
+        let token = api.get_status(&counter.name).await.map_err(|error| {
+            tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "reading the token's budget failed");
+            ProxyError::QuotaUnavailable
+        })?;
+        let status = token.status.clone().unwrap_or_default();
+        let max = token.spec.max_requests.unwrap_or(max_hint as i64);
+        let claimed = status.claimed_requests.unwrap_or(0).max(status.request_count.unwrap_or(0));
+        let remaining = max - claimed;
+        if remaining <= 0 {
+            return Err(ProxyError::TokenExhausted);
+        }
+        let block = block_size(max).min(remaining);
+        let patch = json!({
+            "metadata": { "resourceVersion": token.resource_version() },
+            "status": { "claimedRequests": claimed + block },
+        });
+        match api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await {
+            // A CRD older than this proxy would silently prune the field: spend nothing then.
+            Ok(patched) if patched.status.as_ref().and_then(|s| s.claimed_requests) == Some(claimed + block) => {
+                return Ok(block);
+            }
+            Ok(_) => {
+                tracing::error!("status.claimedRequests was not stored: update the CRDs (crds/llmproxy.io.yaml)");
+                return Err(ProxyError::QuotaUnavailable);
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(error) => {
+                tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming budget failed");
+                return Err(ProxyError::QuotaUnavailable);
+            }
+        }
+    }
+    Err(ProxyError::QuotaUnavailable)
 }
 
 fn params() -> PatchParams {
