@@ -93,6 +93,12 @@ struct ProxyArgs {
     /// Threads serving the API (unset or 0: one per CPU the process may use).
     #[arg(long, env = "LLMPROXY_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// This replica's identity in its report Lease (default: POD_NAME, else host and process id).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Least milliseconds between two writes of this replica's report (what it enforces).
+    #[arg(long, env = "LLMPROXY_REPORT_INTERVAL_MILLIS", default_value_t = 100)]
+    report_interval_millis: u64,
 }
 
 /// Failures that end the process.
@@ -138,7 +144,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let usage = Arc::new(Usage::new(client.clone(), metrics.clone()));
     usage::spawn_flusher(usage.clone(), Duration::from_millis(args.usage_flush_millis));
     let table = watch::spawn(
-        client,
+        client.clone(),
         metrics.clone(),
         WatchConfig {
             secrets_namespace: args.common.namespace.clone(),
@@ -162,6 +168,17 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         shutdown_signal().await;
         let _ = stop.send(true);
     });
+    let identity = args.identity.unwrap_or_else(default_identity);
+    let reporter = tokio::spawn({
+        let (client, table, stopped) = (client.clone(), table.clone(), stopped.clone());
+        let settings = crate::enforcement::ReportSettings {
+            namespace: args.common.namespace.clone(),
+            identity,
+            lease_duration: Duration::from_secs(30),
+            min_interval: Duration::from_millis(args.report_interval_millis),
+        };
+        async move { crate::enforcement::report(client, settings, &table, stopped).await }
+    });
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_task = tokio::spawn(server::serve(
         admin,
@@ -176,6 +193,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let served = server::serve_threads(api, threads, make_handler, stopped, drain).await;
     // Counted requests reach the status, unused budget goes back to the other replicas.
     usage.shutdown().await;
+    let _ = reporter.await;
     let _ = stop_admin.send(());
     let _ = admin_task.await;
     served.map_err(|source| Error::Serve { source })?;
@@ -207,10 +225,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
         controller::run(client, settings, metrics.clone(), shutdown_signal()).await;
         return Ok(());
     }
-    let identity = args
-        .identity
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("llm-proxy-{}", std::process::id()));
+    let identity = args.identity.unwrap_or_else(default_identity);
     let mut elector = lease::Elector::new(
         client.clone(),
         lease::LeaseSettings {
@@ -235,6 +250,12 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
             std::process::exit(1);
         }
     }
+}
+
+/// HOSTNAME (the pod name in a cluster) and the process id, unique on one machine too.
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "llm-proxy".to_string());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

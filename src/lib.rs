@@ -11,10 +11,12 @@
 
 pub mod api;
 pub mod apikey;
+pub mod binding;
 pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod duration;
+pub mod enforcement;
 pub mod fake_upstream;
 pub mod index;
 pub mod metrics;

@@ -10,11 +10,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use crate::api::{Project, ProjectRef, ProxyToken, ProxyTokenSpec, TokenPhase, token_secret_keys as keys};
+use crate::index::Kind;
 
 /// Manage llm-proxy Projects and ProxyTokens.
 #[derive(Parser, Debug)]
@@ -22,6 +23,20 @@ use crate::api::{Project, ProjectRef, ProxyToken, ProxyTokenSpec, TokenPhase, to
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The operator's namespace, where proxy replicas report what they enforce.
+    #[arg(long, global = true, env = "LLMPROXY_NAMESPACE", default_value = "llm-proxy")]
+    operator_namespace: String,
+}
+
+/// `--wait`: after the change, wait until every live proxy replica enforces it.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct Wait {
+    /// Wait until every live proxy replica enforces the change, and say how long it took.
+    #[arg(long)]
+    wait: bool,
+    /// Seconds `--wait` waits at most.
+    #[arg(long, default_value_t = 30)]
+    wait_timeout: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -38,11 +53,25 @@ enum Command {
     /// Show one project: key hint, token counts, recent tokens and its recent Events.
     Show { project: String },
     /// Activate a project: its tokens work again.
-    Activate { project: String },
+    Activate {
+        project: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
     /// Deactivate a project: its tokens are refused (not revoked).
-    Deactivate { project: String },
+    Deactivate {
+        project: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
     /// Revoke every token of a project issued until now. Cannot be undone.
-    RevokeAll { project: String },
+    RevokeAll {
+        project: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// List the proxy replicas and the resource versions their routing tables enforce.
+    Replicas,
     /// Create a ProxyToken, wait for it, and print the token once with usage snippets.
     CreateToken {
         project: String,
@@ -63,6 +92,8 @@ enum Command {
         /// Label for the ProxyToken, as key=value (repeatable).
         #[arg(long = "label", short = 'l', value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Revoke one token. Cannot be undone.
     RevokeToken {
@@ -70,6 +101,8 @@ enum Command {
         /// Namespace of the ProxyToken.
         #[arg(short, long, default_value = "default")]
         namespace: String,
+        #[command(flatten)]
+        wait: Wait,
     },
 }
 
@@ -85,6 +118,18 @@ pub enum Error {
     /// The controller did not mint the token in time.
     #[error("ProxyToken {0} was not minted in time: {1}")]
     NotMinted(String, String),
+    /// Some live proxy replicas did not enforce the change in time.
+    #[error(
+        "the change was made, but {behind} of {live} live proxy replicas did not enforce it within {seconds} s ({names}): check those proxies' logs and their connection to the API server (kubectl llmproxy replicas)"
+    )]
+    NotEnforced { behind: usize, live: usize, seconds: u64, names: String },
+}
+
+/// Field manager of every write the plugin makes, so `managedFields` says who changed what.
+const FIELD_MANAGER: &str = "kubectl-llmproxy";
+
+fn patch_params() -> PatchParams {
+    PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() }
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -101,21 +146,24 @@ fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
 pub async fn run(cli: Cli) -> Result<String, Error> {
     let client = Client::try_default().await.map_err(Error::Connect)?;
     let projects: Api<Project> = Api::all(client.clone());
+    let enforced = Enforcement { client: client.clone(), namespace: cli.operator_namespace.clone() };
     match cli.command {
         Command::List { status, search } => list(&projects, status, search).await,
         Command::Show { project } => show(&client, &project).await,
-        Command::Activate { project } => set_active(&projects, &project, true).await,
-        Command::Deactivate { project } => set_active(&projects, &project, false).await,
-        Command::RevokeAll { project } => {
+        Command::Activate { project, wait } => set_active(&projects, &project, true, &enforced, wait).await,
+        Command::Deactivate { project, wait } => set_active(&projects, &project, false, &enforced, wait).await,
+        Command::RevokeAll { project, wait } => {
             let now = jiff::Timestamp::now();
             let patch = json!({ "spec": { "tokensNotBefore": crate::api::micros(now) } });
-            projects
-                .patch(&project, &PatchParams::default(), &Patch::Merge(&patch))
+            let changed = projects
+                .patch(&project, &patch_params(), &Patch::Merge(&patch))
                 .await
                 .map_err(api_err(format!("revoking the tokens of project {project}")))?;
-            Ok(format!("project {project}: every token issued before {now} is revoked\n"))
+            let said = format!("project {project}: every token issued before {now} is revoked");
+            enforced.after(wait, Kind::Project, &changed.metadata, said).await
         }
-        Command::CreateToken { project, name, namespace, duration, max_requests, wait_seconds, labels } => {
+        Command::Replicas => replicas(&enforced).await,
+        Command::CreateToken { project, name, namespace, duration, max_requests, wait_seconds, labels, wait } => {
             let spec = ProxyTokenSpec {
                 project_ref: ProjectRef { name: project },
                 duration,
@@ -125,14 +173,14 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             };
             let mut token = ProxyToken::new(&name, spec);
             token.metadata.labels = (!labels.is_empty()).then(|| labels.into_iter().collect());
-            create_token(&client, &namespace, token, Duration::from_secs(wait_seconds)).await
+            create_token(&client, &namespace, token, Duration::from_secs(wait_seconds), &enforced, wait).await
         }
-        Command::RevokeToken { name, namespace } => {
-            Api::<ProxyToken>::namespaced(client, &namespace)
-                .patch(&name, &PatchParams::default(), &Patch::Merge(json!({ "spec": { "revoked": true } })))
+        Command::RevokeToken { name, namespace, wait } => {
+            let changed = Api::<ProxyToken>::namespaced(client, &namespace)
+                .patch(&name, &patch_params(), &Patch::Merge(json!({ "spec": { "revoked": true } })))
                 .await
                 .map_err(api_err(format!("revoking ProxyToken {namespace}/{name}")))?;
-            Ok(format!("proxytoken {namespace}/{name} revoked\n"))
+            enforced.after(wait, Kind::Token, &changed.metadata, format!("proxytoken {namespace}/{name} revoked")).await
         }
     }
 }
@@ -150,20 +198,35 @@ async fn list(projects: &Api<Project>, status: Option<String>, search: Option<St
         });
     }
     items.sort_by_key(ResourceExt::name_any);
-    let mut out = format!("{:<32} {:<28} {:<9} {:>6}  {}\n", "NAME", "DISPLAY NAME", "STATUS", "TOKENS", "CREATED");
+    let mut out = format!(
+        "{:<32} {:<28} {:<9} {:<6} {:<22} {:>6}  {}\n",
+        "NAME", "DISPLAY NAME", "STATUS", "READY", "REASON", "TOKENS", "CREATED"
+    );
     for p in items {
         let status = p.status.as_ref();
+        let (ready, reason) = ready_condition(&p);
         let _ = writeln!(
             out,
-            "{:<32} {:<28} {:<9} {:>6}  {}",
+            "{:<32} {:<28} {:<9} {:<6} {:<22} {:>6}  {}",
             p.name_any(),
             p.spec.display_name.clone().unwrap_or_default(),
             status.and_then(|s| s.phase).map_or("-", |ph| ph.as_str()),
+            ready,
+            reason,
             status.and_then(|s| s.tokens).map_or(0, |t| t.total),
             p.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
         );
     }
     Ok(out)
+}
+
+/// The `Ready` condition's status and reason, `-` while the controller has not written it.
+fn ready_condition(project: &Project) -> (&str, &str) {
+    project
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == crate::api::project_conditions::READY))
+        .map_or(("-", "-"), |c| (c.status.as_str(), c.reason.as_str()))
 }
 
 async fn show(client: &Client, name: &str) -> Result<String, Error> {
@@ -174,6 +237,12 @@ async fn show(client: &Client, name: &str) -> Result<String, Error> {
     let _ = writeln!(out, "Name:          {name}");
     let _ = writeln!(out, "Display name:  {}", project.spec.display_name.as_deref().unwrap_or("-"));
     let _ = writeln!(out, "Status:        {}", status.phase.map_or("-", |p| p.as_str()));
+    let serving = status.conditions.iter().find(|c| c.type_ == crate::api::project_conditions::READY);
+    let serving = serving.map_or("unknown (the controller has not reported yet)".to_string(), |c| {
+        let verdict = if c.status == "True" { "yes" } else { "no" };
+        format!("{verdict} ({}: {})", c.reason, c.message)
+    });
+    let _ = writeln!(out, "Serving:       {serving}");
     let created = project.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
     let _ = writeln!(out, "Created:       {created}");
     let _ = writeln!(out, "API key:       {}", status.api_key_hint.as_deref().unwrap_or("(none)"));
@@ -203,19 +272,108 @@ async fn show(client: &Client, name: &str) -> Result<String, Error> {
     Ok(out)
 }
 
-async fn set_active(projects: &Api<Project>, name: &str, active: bool) -> Result<String, Error> {
-    projects
-        .patch(name, &PatchParams::default(), &Patch::Merge(json!({ "spec": { "active": active } })))
+async fn set_active(
+    projects: &Api<Project>,
+    name: &str,
+    active: bool,
+    enforced: &Enforcement,
+    wait: Wait,
+) -> Result<String, Error> {
+    let changed = projects
+        .patch(name, &patch_params(), &Patch::Merge(json!({ "spec": { "active": active } })))
         .await
         .map_err(api_err(format!("updating project {name}")))?;
-    Ok(format!("project {name} {}\n", if active { "activated" } else { "deactivated" }))
+    let said = format!("project {name} {}", if active { "activated" } else { "deactivated" });
+    enforced.after(wait, Kind::Project, &changed.metadata, said).await
 }
 
-async fn create_token(client: &Client, namespace: &str, token: ProxyToken, wait: Duration) -> Result<String, Error> {
+/// Where replicas report, and how to wait for them.
+struct Enforcement {
+    client: Client,
+    namespace: String,
+}
+
+impl Enforcement {
+    /// `said`, and with `--wait` how long until every live replica enforced the write
+    /// whose result carried `meta`.
+    async fn after(&self, wait: Wait, kind: Kind, meta: &ObjectMeta, said: String) -> Result<String, Error> {
+        if !wait.wait {
+            return Ok(format!("{said}\n"));
+        }
+        let version = crate::index::resource_version(meta);
+        let started = std::time::Instant::now();
+        let timeout = Duration::from_secs(wait.wait_timeout);
+        loop {
+            let reports = crate::enforcement::list(&self.client, &self.namespace)
+                .await
+                .map_err(api_err(format!("reading the proxy replicas' reports in namespace {}", self.namespace)))?;
+            let live: Vec<_> = reports.into_iter().filter(|r| r.live).collect();
+            let behind: Vec<_> =
+                live.iter().filter(|r| !r.enforces(kind, version)).map(|r| r.identity.clone()).collect();
+            let elapsed = started.elapsed();
+            if live.is_empty() {
+                return Ok(format!(
+                    "{said}\nno live proxy replica reports in namespace {} (is the proxy running? see --operator-namespace): nothing to wait for\n",
+                    self.namespace
+                ));
+            }
+            if behind.is_empty() {
+                let ms = elapsed.as_secs_f64() * 1000.0;
+                return Ok(format!(
+                    "{said}\nenforced by {n}/{n} live proxy replicas after {ms:.0} ms\n",
+                    n = live.len()
+                ));
+            }
+            if elapsed > timeout {
+                return Err(Error::NotEnforced {
+                    behind: behind.len(),
+                    live: live.len(),
+                    seconds: wait.wait_timeout,
+                    names: behind.join(", "),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn replicas(enforced: &Enforcement) -> Result<String, Error> {
+    let mut reports = crate::enforcement::list(&enforced.client, &enforced.namespace)
+        .await
+        .map_err(api_err(format!("reading the proxy replicas' reports in namespace {}", enforced.namespace)))?;
+    reports.sort_by(|a, b| a.identity.cmp(&b.identity));
+    let mut out = format!(
+        "{:<40} {:<5} {:<6} {:>12} {:>12} {:>12}\n",
+        "REPLICA", "LIVE", "SYNCED", "PROJECTS", "PROXYTOKENS", "SECRETS"
+    );
+    for r in reports {
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        let _ = writeln!(
+            out,
+            "{:<40} {:<5} {:<6} {:>12} {:>12} {:>12}",
+            r.identity,
+            yes_no(r.live),
+            yes_no(r.applied.synced),
+            r.applied.projects,
+            r.applied.tokens,
+            r.applied.secrets
+        );
+    }
+    Ok(out)
+}
+
+async fn create_token(
+    client: &Client,
+    namespace: &str,
+    token: ProxyToken,
+    wait: Duration,
+    enforced: &Enforcement,
+    enforce_wait: Wait,
+) -> Result<String, Error> {
     let name = &token.name_any();
     let tokens: Api<ProxyToken> = Api::namespaced(client.clone(), namespace);
     tokens
-        .create(&PostParams::default(), &token)
+        .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }, &token)
         .await
         .map_err(api_err(format!("creating ProxyToken {namespace}/{name}")))?;
     let started = std::time::Instant::now();
@@ -234,6 +392,9 @@ async fn create_token(client: &Client, namespace: &str, token: ProxyToken, wait:
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
+    // The token prints only once every live replica accepts it, with --wait.
+    let propagation = enforced.after(enforce_wait, Kind::Token, &token.metadata, String::new()).await?;
+    let propagation = propagation.trim_start_matches('\n');
     let secret_name = token.status.and_then(|s| s.secret_name).unwrap_or_else(|| name.to_string());
     let secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get(&secret_name)
@@ -254,6 +415,6 @@ async fn create_token(client: &Client, namespace: &str, token: ProxyToken, wait:
          -H 'Content-Type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\n\
          Python:\n  from openai import OpenAI\n  client = OpenAI(api_key=\"{value}\", base_url=\"{base_url}\")\n\n\
          Node:\n  import OpenAI from \"openai\";\n  const client = new OpenAI({{ apiKey: \"{value}\", baseURL: \"{base_url}\" }});\n\n\
-         In a pod: envFrom: [{{secretRef: {{name: {secret_name}}}}}]\n"
+         In a pod: envFrom: [{{secretRef: {{name: {secret_name}}}}}]\n{propagation}"
     ))
 }

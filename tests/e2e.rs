@@ -31,7 +31,7 @@ async fn crds_show_useful_columns_and_reject_invalid_objects() {
         .filter(|s| !s.is_empty())
         .map(str::trim)
         .collect();
-    assert_eq!(header, ["NAME", "DISPLAY NAME", "STATUS", "TOKENS", "AGE"]);
+    assert_eq!(header, ["NAME", "DISPLAY NAME", "STATUS", "READY", "REASON", "TOKENS", "AGE"]);
 
     let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
     let mut negative = ProxyToken::new("negative", token_spec(&env.scoped("p")));
@@ -60,6 +60,14 @@ async fn crds_show_useful_columns_and_reject_invalid_objects() {
     bad_url.spec.upstream.url = "ftp://example.com".into();
     let error = projects.create(&PostParams::default(), &bad_url).await.unwrap_err().to_string();
     assert!(error.contains("upstream.url must be an absolute http:// or https:// URL"), "{error}");
+
+    // Where the key goes is never implied: no upstream, no Project.
+    let mut no_upstream = serde_json::to_value(env.project("no-upstream")).unwrap();
+    no_upstream["spec"].as_object_mut().unwrap().remove("upstream");
+    let file = env.log_path("no-upstream.json");
+    std::fs::write(&file, no_upstream.to_string()).unwrap();
+    let (_, err) = kubectl(&["create", "-f", &file.display().to_string()]);
+    assert!(err.contains("spec.upstream: Required value"), "{err}");
 }
 
 #[tokio::test]

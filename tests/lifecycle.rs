@@ -265,6 +265,30 @@ async fn an_invalid_or_missing_key_is_reported_and_never_forwarded() {
         status.conditions.iter().any(|c| c.type_ == cond::API_KEY_VALID && c.reason == "SecretNotFound").then_some(())
     })
     .await;
+
+    // Every listing shows at a glance that it does not serve, and why.
+    let name = env.scoped("p");
+    let row = |args: &[&str]| {
+        let out = support::run_kubectl(args);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let header: Vec<String> = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split("  ")
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let line = text.lines().find(|l| l.starts_with(&name)).unwrap_or_else(|| panic!("{text}")).to_string();
+        (header, line)
+    };
+    let (header, line) = row(&["get", "projects", &name]);
+    assert_eq!(header, ["NAME", "DISPLAY NAME", "STATUS", "READY", "REASON", "TOKENS", "AGE"]);
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert!(cells.windows(3).any(|w| w == ["Active", "False", "SecretNotFound"]), "{line}");
+    let (_, wide) = row(&["get", "projects", &name, "-o", "wide"]);
+    assert!(wide.contains(&format!("Secret {}/p-key not found: create it", env.ops)), "{wide}");
+    assert!(wide.contains("503 project_key_invalid"), "{wide}");
 }
 
 #[tokio::test]
@@ -320,6 +344,32 @@ async fn without_the_policy_the_finalizer_keeps_a_deleted_project() {
         .await
         .unwrap();
     eventually(WAIT, || async { projects.get_opt(&env.scoped("p")).await.unwrap().is_none().then_some(()) }).await;
+
+    // Gone: its tokens can never be used again, and say so.
+    let refused = until_chat(&env, &token, "project_deleted").await;
+    assert_eq!(refused.status, 401);
+    assert!(
+        refused.json()["error"]["message"].as_str().unwrap().contains("Create a new ProxyToken"),
+        "{:?}",
+        refused.json()
+    );
+    let revoked = env.wait_token("app", TokenPhase::Revoked).await;
+    let ready = revoked.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason, "ProjectDeleted");
+
+    // Created again under the same name, with the same key: a new object, which does not
+    // inherit the old token. Its own tokens work.
+    env.create_project("p").await;
+    let fresh = env.minted("p", "fresh").await;
+    until_chat(&env, &fresh, "").await;
+    assert_eq!(env.chat(&token).await.error_code(), "project_deleted");
+    let counted = eventually(WAIT, || async {
+        let tokens = project(&env, "p").await.status?.tokens?;
+        (tokens.active == 1).then_some(tokens)
+    })
+    .await;
+    assert_eq!(counted.total, 1, "the old project's token is not this project's");
+    assert_eq!(env.wait_token("app", TokenPhase::Revoked).await.status.unwrap().phase, Some(TokenPhase::Revoked));
 }
 
 #[tokio::test]

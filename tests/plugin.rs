@@ -125,3 +125,84 @@ async fn every_plugin_command_does_what_it_says() {
     let refused = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps).get("refused").await.unwrap();
     assert!(refused.status.unwrap().token_hash.is_none());
 }
+
+/// A chat request on the proxy at `port`: the error code, or "" for 200.
+async fn chat_on(port: u16, token: &str) -> String {
+    let auth = format!("Bearer {token}");
+    let response = support::curl(
+        "POST",
+        &format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        &[("authorization", &auth)],
+        Some(r#"{"model":"m","messages":[]}"#),
+    )
+    .await;
+    if response.status == 200 { String::new() } else { response.error_code() }
+}
+
+#[tokio::test]
+async fn wait_returns_once_every_live_replica_enforces_the_change() {
+    let mut env = Env::running("wait").await;
+    let second = (support::free_port(), support::free_port());
+    env.start_proxy_as("proxy-2", second.0, second.1, &[]).await;
+    let ports = [env.proxy_port, second.0];
+    env.create_project("p").await;
+    let project = env.scoped("p");
+    let ops = env.ops.clone();
+    let with_ns = |args: &[&str]| {
+        let mut all = vec!["--operator-namespace", ops.as_str()];
+        all.extend_from_slice(args);
+        plugin(&all)
+    };
+
+    // Both replicas report what they enforce.
+    let out = eventually(WAIT, || async {
+        let (ok, out, _) = with_ns(&["replicas"]);
+        (ok && out.lines().skip(1).filter(|l| l.contains(" yes   yes ")).count() == 2).then_some(out)
+    })
+    .await;
+    assert!(out.starts_with("REPLICA"), "{out}");
+
+    // create-token --wait prints a token that every replica accepts at once: no retries.
+    let label = format!("{}={}", support::TEST_LABEL, env.id);
+    let (ok, out, err) = with_ns(&["create-token", &project, "app", "-n", &env.apps, "-l", &label, "--wait"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("enforced by 2/2 live proxy replicas after"), "{out}");
+    let token = env.token_secret("app").await["token"].clone();
+    for port in ports {
+        assert_eq!(chat_on(port, &token).await, "", "replica on {port}");
+    }
+
+    for (args, refused) in [
+        (vec!["deactivate", project.as_str()], "project_inactive"),
+        (vec!["activate", project.as_str()], ""),
+        (vec!["revoke-token", "app", "-n", env.apps.as_str()], "token_revoked"),
+    ] {
+        let mut args = args.clone();
+        args.push("--wait");
+        let (ok, out, err) = with_ns(&args);
+        assert!(ok, "{args:?}: {err}");
+        assert!(out.contains("enforced by 2/2 live proxy replicas after"), "{args:?}: {out}");
+        for port in ports {
+            assert_eq!(chat_on(port, &token).await, refused, "{args:?} on {port}");
+        }
+    }
+
+    let other = env.minted("p", "other").await;
+    eventually(WAIT, || async {
+        let all = [chat_on(ports[0], &other).await, chat_on(ports[1], &other).await];
+        (all == ["", ""]).then_some(())
+    })
+    .await;
+    let (ok, out, err) = with_ns(&["revoke-all", &project, "--wait"]);
+    assert!(ok && out.contains("enforced by 2/2"), "{out}{err}");
+    for port in ports {
+        assert_eq!(chat_on(port, &other).await, "token_revoked", "revoke-all on {port}");
+    }
+
+    // A replica that stops takes its report with it: nobody waits for it.
+    env.signal("proxy-2", "TERM");
+    let (ok, out, _) = with_ns(&["replicas"]);
+    assert!(ok && out.lines().count() == 2, "{out}");
+    let (ok, out, err) = with_ns(&["deactivate", &project, "--wait"]);
+    assert!(ok && out.contains("enforced by 1/1"), "{out}{err}");
+}

@@ -7,9 +7,6 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Default upstream: the OpenAI API.
-pub const DEFAULT_UPSTREAM: &str = "https://api.openai.com";
-
 /// Finalizer that keeps a Project (and its audit trail) when someone deletes it.
 pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
 
@@ -25,9 +22,18 @@ pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
     doc = "An upstream LLM API key and the namespaces whose ProxyTokens may use it",
     printcolumn(name = "Display Name", type_ = "string", json_path = ".spec.displayName"),
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Reason", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].reason"#),
     printcolumn(name = "Tokens", type_ = "integer", json_path = ".status.tokens.total"),
     printcolumn(name = "Active Tokens", type_ = "integer", json_path = ".status.tokens.active", priority = 1),
     printcolumn(name = "Key", type_ = "string", json_path = ".status.apiKeyHint", priority = 1),
+    printcolumn(name = "Upstream", type_ = "string", json_path = ".spec.upstream.url", priority = 1),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].message"#,
+        priority = 1
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     selectable = ".status.phase",
     selectable = ".spec.active"
@@ -50,8 +56,9 @@ pub struct ProjectSpec {
     /// The Secret, in the operator's namespace, that holds the upstream API key.
     pub api_key_secret_ref: SecretKeyRef,
 
-    /// Where requests are forwarded.
-    #[serde(default)]
+    /// Where requests are forwarded, and so where the key is sent. Required, with no
+    /// default: an edit that drops it is refused instead of silently sending the key to
+    /// another upstream.
     pub upstream: Upstream,
 
     /// Namespaces whose ProxyTokens may use this project. Absent: none.
@@ -91,23 +98,13 @@ fn default_api_key_key() -> String {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Upstream {
-    /// Base URL of an OpenAI-compatible API, without the `/v1` suffix.
-    #[serde(default = "default_upstream_url")]
+    /// Base URL of an OpenAI-compatible API, without the `/v1` suffix, e.g.
+    /// `https://api.openai.com`.
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new(
         "isURL(self) && (self.startsWith('https://') || self.startsWith('http://'))"
     ).message("upstream.url must be an absolute http:// or https:// URL, e.g. https://api.openai.com"))]
     pub url: String,
-}
-
-impl Default for Upstream {
-    fn default() -> Self {
-        Self { url: default_upstream_url() }
-    }
-}
-
-fn default_upstream_url() -> String {
-    DEFAULT_UPSTREAM.to_string()
 }
 
 /// Which namespaces may hold ProxyTokens for a project.

@@ -26,6 +26,12 @@ pub const MAX_TOKEN_DURATION: &str = "8760h";
     printcolumn(name = "Requests", type_ = "integer", json_path = ".status.requestCount"),
     printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxRequests"),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].reason"#,
+        priority = 1
+    ),
     printcolumn(name = "Last Used", type_ = "date", json_path = ".status.lastUsedAt", priority = 1),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
@@ -87,6 +93,11 @@ pub struct ProxyTokenStatus {
     /// The Secret that holds the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+    /// `metadata.uid` of the Project the token was minted for. The token is bound to
+    /// that object for life: a Project deleted and created again under the same name is
+    /// another object, and does not inherit the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_uid: Option<String>,
     /// When the token was minted, to the microsecond: bulk revocation compares it with
     /// `tokensNotBefore`, and a second's rounding would revoke tokens minted just after.
     #[serde(default, skip_serializing_if = "Option::is_none")]

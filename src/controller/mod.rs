@@ -140,11 +140,17 @@ fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action
     Action::requeue(Duration::from_secs(5))
 }
 
-/// What of a Project its tokens depend on: the spec and whether deletion was requested.
+/// What of a Project its tokens depend on: which object it is, its spec, and how far its
+/// deletion has gone.
 fn project_spec_hash(project: &Project) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     serde_json::to_string(&project.spec).unwrap_or_default().hash(&mut hasher);
+    // A Project deleted and created again is another object: its old tokens must learn.
+    project.metadata.uid.hash(&mut hasher);
+    // The update that removes the last finalizer is the one that deletes the object; the
+    // delete event after it would look unchanged.
+    project.finalizers().hash(&mut hasher);
     project.metadata.deletion_timestamp.is_some().hash(&mut hasher);
     hasher.finish()
 }

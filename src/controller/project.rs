@@ -17,6 +17,7 @@ use crate::api::{
     ProxyToken, TokenCounts, TokenPhase, TokenSummary, project_conditions as cond,
 };
 use crate::apikey::{ApiKey, KeyProblem};
+use crate::controller::proxytoken::bound_project;
 
 /// How many tokens `status.recentTokens` lists.
 pub const RECENT_TOKENS: usize = 5;
@@ -67,9 +68,14 @@ pub fn decide(o: &Observed) -> Decision {
         (ProjectPhase::Active, Ok(_)) => {
             (true, "Active", "Requests with this project's tokens are forwarded".to_string())
         }
-        (ProjectPhase::Active, Err(problem)) => {
-            (false, problem.reason(), "Requests are refused until the API key is fixed".to_string())
-        }
+        (ProjectPhase::Active, Err(problem)) => (
+            false,
+            problem.reason(),
+            format!(
+                "{}: requests with this project's tokens get 503 project_key_invalid until it is fixed",
+                problem.message(&secret.name, &secret.key, o.namespace)
+            ),
+        ),
         (ProjectPhase::Inactive, _) if deleting => {
             (false, "DeletionRequested", "Deletion was requested; the project is inactive".to_string())
         }
@@ -217,8 +223,18 @@ pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Actio
         }
     };
 
-    let tokens: Vec<ProxyToken> =
-        ctx.tokens.state().iter().filter(|t| t.spec.project_ref.name == name).map(|t| (**t).clone()).collect();
+    // Tokens of an earlier Project of the same name (deleted by force) are not this one's.
+    let tokens: Vec<ProxyToken> = ctx
+        .tokens
+        .state()
+        .iter()
+        .filter(|t| t.spec.project_ref.name == name)
+        .filter(|t| {
+            t.status.as_ref().and_then(|s| s.issued_at.as_ref()).is_none()
+                || bound_project(t, Some(&*project)).is_some()
+        })
+        .map(|t| (**t).clone())
+        .collect();
 
     let observed = Observed {
         project: &project,

@@ -89,14 +89,37 @@ pub fn namespace_allowed(project: &Project, labels: &BTreeMap<String, String>) -
     }
 }
 
+/// `project` if it is the very object `token` was minted for ([`crate::binding`]).
+pub fn bound_project<'a>(token: &ProxyToken, project: Option<&'a Project>) -> Option<&'a Project> {
+    let status = token.status.as_ref()?;
+    let issued_us = status.issued_at.as_ref()?.0.as_microsecond();
+    project.filter(|p| {
+        let created_us = p.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_microsecond());
+        let uid = p.metadata.uid.as_deref().unwrap_or_default();
+        crate::binding::is_bound(status.project_uid.as_deref(), issued_us, uid, created_us)
+    })
+}
+
 /// The phase of a minted token at `now`. Pure; final phases stay final.
 pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Timestamp) -> Verdict {
     let status = token.status.clone().unwrap_or_default();
     let issued_at = status.issued_at.as_ref().map(|t| t.0);
+    let project_name = &token.spec.project_ref.name;
+    let Some(project) = bound_project(token, project) else {
+        let replaced =
+            if project.is_some() { " (a new Project of that name exists; it is another object)" } else { "" };
+        return Verdict::new(
+            TokenPhase::Revoked,
+            "ProjectDeleted",
+            format!(
+                "Project {project_name} this token was minted for was deleted{replaced}: the token can never be used again; create a new ProxyToken"
+            ),
+        );
+    };
     if token.spec.revoked || status.phase == Some(TokenPhase::Revoked) {
         return Verdict::new(TokenPhase::Revoked, "Revoked", "Revoked: requests with this token are refused for good");
     }
-    if let (Some(project), Some(issued)) = (project, issued_at)
+    if let Some(issued) = issued_at
         && let Some(not_before) = &project.spec.tokens_not_before
         // Both sides at the microsecond precision the status stores, like the proxy.
         && issued.as_microsecond() < not_before.0.as_microsecond()
@@ -119,19 +142,14 @@ pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Times
             format!("All {max} requests allowed by maxRequests are used"),
         );
     }
-    match project {
-        None => Verdict::new(
-            TokenPhase::ProjectInactive,
-            "ProjectNotFound",
-            format!("Project {} not found: requests are refused", token.spec.project_ref.name),
-        ),
-        Some(p) if !p.spec.active || p.metadata.deletion_timestamp.is_some() => Verdict::new(
+    if !project.spec.active || project.metadata.deletion_timestamp.is_some() {
+        return Verdict::new(
             TokenPhase::ProjectInactive,
             "ProjectInactive",
-            format!("Project {} is inactive: requests are refused until it is reactivated", p.name_any()),
-        ),
-        Some(_) => Verdict::new(TokenPhase::Active, "Active", "Usable"),
+            format!("Project {project_name} is inactive: requests are refused until a cluster admin reactivates it"),
+        );
     }
+    Verdict::new(TokenPhase::Active, "Active", "Usable")
 }
 
 /// `issuedAt + duration`.
@@ -218,6 +236,7 @@ pub async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Result<Acti
                     status.token_hash = Some(hash.to_string());
                     status.secret_name = Some(secret_name);
                     status.issued_at = Some(crate::api::micros(issued_at));
+                    status.project_uid = project.as_ref().and_then(|p| p.metadata.uid.clone());
                     true
                 }
             },
@@ -225,6 +244,13 @@ pub async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Result<Acti
     } else {
         false
     };
+    // Tokens minted before `projectUid` was recorded: bind them to their Project once.
+    if let Some(bound) = bound_project(&current, project.as_ref())
+        && let Some(status) = current.status.as_mut()
+        && status.project_uid.is_none()
+    {
+        status.project_uid = bound.metadata.uid.clone();
+    }
     let verdict = lifecycle(&current, project.as_ref(), jiff::Timestamp::now());
     let action = write(&ctx, &current, &verdict, project.as_ref(), minted_now).await?;
     if minted_now {

@@ -49,6 +49,8 @@ pub enum Kind {
 
 #[derive(Clone)]
 struct ProjectEntry {
+    uid: Arc<str>,
+    created_at_us: i64,
     active: bool,
     tokens_not_before_us: Option<i64>,
     upstream: Arc<str>,
@@ -64,6 +66,55 @@ type TokenKey = (String, String);
 /// A minted token's hash and route.
 type MintedRoute = (TokenHash, TokenRoute);
 
+/// The highest `metadata.resourceVersion` of each kind whose events an index has
+/// applied: every change of that kind up to it is in the routing table. Resource versions
+/// of one API server are etcd revisions, and one kind's watch delivers them in order, so
+/// "this replica enforces the change that produced version V" is `applied >= V`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Every kind has been listed once: before that the table enforces nothing.
+    pub synced: bool,
+    /// Projects.
+    pub projects: u64,
+    /// ProxyTokens.
+    pub tokens: u64,
+    /// Key Secrets.
+    pub secrets: u64,
+}
+
+impl Applied {
+    /// The version of `kind`.
+    pub fn of(&self, kind: Kind) -> u64 {
+        match kind {
+            Kind::Project => self.projects,
+            Kind::Token => self.tokens,
+            Kind::Secret => self.secrets,
+        }
+    }
+
+    fn slot(&mut self, kind: Kind) -> &mut u64 {
+        match kind {
+            Kind::Project => &mut self.projects,
+            Kind::Token => &mut self.tokens,
+            Kind::Secret => &mut self.secrets,
+        }
+    }
+
+    fn raise(&mut self, kind: Kind, version: u64) {
+        let slot = self.slot(kind);
+        *slot = (*slot).max(version);
+    }
+
+    fn reset(&mut self, kind: Kind) {
+        *self.slot(kind) = 0;
+    }
+}
+
+/// A resource version as a number; `0` for one that is not (never "enforced").
+pub fn resource_version(meta: &kube::api::ObjectMeta) -> u64 {
+    meta.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 /// The proxy's view of the cluster, updated one event at a time.
 #[derive(Default)]
 pub struct Index {
@@ -73,6 +124,9 @@ pub struct Index {
     tokens: Arc<TokenMap>,
     secrets: HashMap<String, SecretData>,
     relisting: Relists,
+    applied: Applied,
+    /// Highest version seen in each kind's relist in progress, applied at its end.
+    relist_versions: Applied,
     synced: [bool; 3],
     generation: u64,
     /// Something a snapshot shows changed since the last [`Index::take_changed`].
@@ -102,6 +156,11 @@ impl Index {
         std::mem::take(&mut self.changed)
     }
 
+    /// The versions this index has applied, kind by kind.
+    pub fn applied(&self) -> Applied {
+        Applied { synced: self.is_synced(), ..self.applied }
+    }
+
     /// Applies one watch event.
     pub fn apply(&mut self, change: Change) {
         let relist_item = matches!(
@@ -111,6 +170,7 @@ impl Index {
                 | Change::Secret(Event::Init | Event::InitApply(_))
         );
         self.changed |= !relist_item;
+        self.track_version(&change);
         match change {
             Change::Project(event) => self.apply_project(event),
             Change::Token(event) => self.apply_token(event),
@@ -132,6 +192,8 @@ impl Index {
             .map(|(name, p)| {
                 let route = ProjectRoute {
                     name: name.clone(),
+                    uid: p.uid.clone(),
+                    created_at_us: p.created_at_us,
                     active: p.active,
                     tokens_not_before_us: p.tokens_not_before_us,
                     upstream: p.upstream.clone(),
@@ -141,6 +203,35 @@ impl Index {
             })
             .collect();
         RouteTable { generation: self.generation, ready: self.is_synced(), tokens: self.tokens.clone(), projects }
+    }
+
+    fn track_version(&mut self, change: &Change) {
+        fn step<K: kube::Resource>(event: &Event<K>) -> Step {
+            match event {
+                Event::Apply(o) | Event::Delete(o) => Step::Applied(resource_version(o.meta())),
+                Event::Init => Step::RelistStarts,
+                Event::InitApply(o) => Step::Listed(resource_version(o.meta())),
+                Event::InitDone => Step::RelistDone,
+            }
+        }
+        enum Step {
+            Applied(u64),
+            RelistStarts,
+            Listed(u64),
+            RelistDone,
+        }
+        let (kind, step) = match change {
+            Change::Project(e) => (Kind::Project, step(e)),
+            Change::Token(e) => (Kind::Token, step(e)),
+            Change::Secret(e) => (Kind::Secret, step(e)),
+        };
+        match step {
+            Step::Applied(version) => self.applied.raise(kind, version),
+            Step::RelistStarts => self.relist_versions.reset(kind),
+            Step::Listed(version) => self.relist_versions.raise(kind, version),
+            // A relist's objects are in the table from its end on.
+            Step::RelistDone => self.applied.raise(kind, self.relist_versions.of(kind)),
+        }
     }
 
     fn resolve_key(&self, secret: &str, key: &str) -> Result<ApiKey, KeyProblem> {
@@ -168,6 +259,8 @@ impl Index {
 
     fn upsert_project(&mut self, p: &Project) {
         let entry = ProjectEntry {
+            uid: Arc::from(p.metadata.uid.as_deref().unwrap_or_default()),
+            created_at_us: p.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_microsecond()),
             active: p.spec.active && p.metadata.deletion_timestamp.is_none(),
             tokens_not_before_us: p.spec.tokens_not_before.as_ref().map(|t| t.0.as_microsecond()),
             upstream: Arc::from(p.spec.upstream.url.trim_end_matches('/')),
@@ -265,6 +358,7 @@ fn token_route(t: &ProxyToken) -> Option<MintedRoute> {
         namespace: Arc::from(t.namespace().unwrap_or_default()),
         name: Arc::from(t.name_any()),
         project: Arc::from(t.spec.project_ref.name.as_str()),
+        project_uid: status.project_uid.as_deref().map(Arc::from),
         issued_at_us,
         expires_at_us,
         revoked: t.spec.revoked || status.phase == Some(TokenPhase::Revoked),

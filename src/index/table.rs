@@ -19,6 +19,9 @@ pub struct TokenRoute {
     pub name: Arc<str>,
     /// Name of its Project.
     pub project: Arc<str>,
+    /// `metadata.uid` of the Project it was minted for (`None`: minted before tokens
+    /// recorded it); see [`crate::binding`].
+    pub project_uid: Option<Arc<str>>,
     /// When it was issued, in Unix microseconds.
     pub issued_at_us: i64,
     /// When it expires, in Unix microseconds.
@@ -36,6 +39,10 @@ pub struct TokenRoute {
 pub struct ProjectRoute {
     /// Name of the Project.
     pub name: Arc<str>,
+    /// `metadata.uid`: tokens minted for another object of the same name are refused.
+    pub uid: Arc<str>,
+    /// `metadata.creationTimestamp`, in Unix microseconds.
+    pub created_at_us: i64,
     /// Active and not being deleted.
     pub active: bool,
     /// Tokens issued before this (Unix microseconds) are revoked.
@@ -57,6 +64,9 @@ pub enum Denial {
     TokenExpired,
     /// `maxRequests` used up.
     TokenExhausted,
+    /// The Project it was minted for no longer exists (deleted, or replaced by a new
+    /// Project of the same name).
+    ProjectDeleted,
     /// The project is inactive or being deleted.
     ProjectInactive,
     /// The project has no usable key.
@@ -134,16 +144,20 @@ impl RouteTable {
     /// Decides whether a request with the token of hash `hash` may go upstream at `now_us`.
     pub fn authorize(&self, hash: &TokenHash, now_us: i64) -> Result<Route, Denial> {
         let token = self.tokens.get(hash).ok_or(Denial::TokenNotFound)?;
-        let project = self.projects.get(&token.project);
-        let bulk_revoked =
-            project.and_then(|p| p.tokens_not_before_us).is_some_and(|not_before| token.issued_at_us < not_before);
+        let project = self
+            .projects
+            .get(&token.project)
+            .filter(|p| {
+                crate::binding::is_bound(token.project_uid.as_deref(), token.issued_at_us, &p.uid, p.created_at_us)
+            })
+            .ok_or(Denial::ProjectDeleted)?;
+        let bulk_revoked = project.tokens_not_before_us.is_some_and(|not_before| token.issued_at_us < not_before);
         if token.revoked || bulk_revoked {
             return Err(Denial::TokenRevoked);
         }
         if now_us >= token.expires_at_us {
             return Err(Denial::TokenExpired);
         }
-        let project = project.ok_or(Denial::ProjectInactive)?;
         if !project.active {
             return Err(Denial::ProjectInactive);
         }

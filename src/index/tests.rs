@@ -230,3 +230,62 @@ fn a_relist_in_progress_changes_nothing_until_it_ends() {
     index.apply(Change::Token(Event::InitDone));
     assert!(index.take_changed());
 }
+
+#[test]
+fn tokens_stay_bound_to_the_project_object_they_were_minted_for() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    let with_uid = |uid: &str, created_us: i64| {
+        let mut p = project("prod", true);
+        p.metadata.uid = Some(uid.into());
+        p.metadata.creation_timestamp = Some(at(created_us));
+        p
+    };
+    let mut bound = token("web", "prod", &minted);
+    bound.status.as_mut().unwrap().project_uid = Some("uid-1".into());
+    index.apply(Change::Project(Event::Apply(with_uid("uid-1", ISSUED_US - HOUR_US))));
+    index.apply(Change::Token(Event::Apply(bound)));
+    assert!(index.snapshot().authorize(&minted.hash(), ISSUED_US).is_ok());
+
+    // Force-deleted: the token's project is gone.
+    index.apply(Change::Project(Event::Delete(with_uid("uid-1", ISSUED_US - HOUR_US))));
+    assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::ProjectDeleted);
+    // Created again under the same name, with the same key: still not the token's project.
+    index.apply(Change::Project(Event::Apply(with_uid("uid-2", ISSUED_US + 1))));
+    assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US + 2).unwrap_err(), Denial::ProjectDeleted);
+
+    // A token minted before uids were recorded is bound to a project that predates it.
+    let legacy = Token::mint().unwrap();
+    index.apply(Change::Token(Event::Apply(token("old", "prod", &legacy))));
+    assert_eq!(index.snapshot().authorize(&legacy.hash(), ISSUED_US).unwrap_err(), Denial::ProjectDeleted);
+    index.apply(Change::Project(Event::Apply(with_uid("uid-2", ISSUED_US - 1))));
+    assert!(index.snapshot().authorize(&legacy.hash(), ISSUED_US).is_ok());
+}
+
+#[test]
+fn applied_versions_follow_the_events_in_the_table_and_a_relist_only_at_its_end() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    // The fixtures list at version 1; the token has none (0).
+    assert_eq!(index.applied(), Applied { synced: true, projects: 1, tokens: 0, secrets: 0 });
+
+    let mut revoked = token("web", "prod", &minted);
+    revoked.spec.revoked = true;
+    revoked.metadata.resource_version = Some("40".into());
+    index.apply(Change::Token(Event::Apply(revoked)));
+    assert_eq!(index.applied().tokens, 40);
+
+    // A relist in progress is not in the table yet: its versions wait for InitDone.
+    let mut relisted = project("prod", false);
+    relisted.metadata.resource_version = Some("55".into());
+    index.apply(Change::Project(Event::Init));
+    index.apply(Change::Project(Event::InitApply(relisted)));
+    assert_eq!(index.applied().projects, 1);
+    index.apply(Change::Project(Event::InitDone));
+    assert_eq!(index.applied().projects, 55);
+
+    let mut gone = secret("prod-key", KEY);
+    gone.metadata.resource_version = Some("60".into());
+    index.apply(Change::Secret(Event::Delete(gone)));
+    assert_eq!(index.applied(), Applied { synced: true, projects: 55, tokens: 40, secrets: 60 });
+}

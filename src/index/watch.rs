@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use tokio::sync::watch;
 
-use super::{Change, Index, RouteTable};
+use super::{Applied, Change, Index, RouteTable};
 use crate::api::{Project, ProxyToken, ProxyTokenSpec, ProxyTokenStatus};
 use crate::metrics::Metrics;
 
@@ -45,13 +45,15 @@ pub struct WatchConfig {
 pub struct SharedTable {
     table: Arc<ArcSwap<RouteTable>>,
     generations: watch::Receiver<u64>,
+    applied: watch::Receiver<Applied>,
 }
 
 impl SharedTable {
     /// A table that never changes: for tests and benchmarks that build one by hand.
     pub fn fixed(table: RouteTable) -> Self {
         let (_tx, generations) = watch::channel(table.generation);
-        Self { table: Arc::new(ArcSwap::from_pointee(table)), generations }
+        let (_tx, applied) = watch::channel(Applied::default());
+        Self { table: Arc::new(ArcSwap::from_pointee(table)), generations, applied }
     }
 
     /// The current snapshot: a lock-free load.
@@ -63,14 +65,20 @@ impl SharedTable {
     pub fn generations(&self) -> watch::Receiver<u64> {
         self.generations.clone()
     }
+
+    /// The resource versions the published table has applied, kind by kind.
+    pub fn applied(&self) -> watch::Receiver<Applied> {
+        self.applied.clone()
+    }
 }
 
 /// Starts the watches and the index task; the table is `ready` after every kind listed.
 pub fn spawn(client: Client, metrics: Arc<Metrics>, config: WatchConfig) -> SharedTable {
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let (tx, generations) = watch::channel(0);
-    let shared = SharedTable { table: table.clone(), generations };
-    tokio::spawn(run(client, config, table, tx, metrics));
+    let (applied_tx, applied) = watch::channel(Applied::default());
+    let shared = SharedTable { table: table.clone(), generations, applied };
+    tokio::spawn(run(client, config, table, tx, applied_tx, metrics));
     shared
 }
 
@@ -79,6 +87,7 @@ async fn run(
     config: WatchConfig,
     table: Arc<ArcSwap<RouteTable>>,
     tx: watch::Sender<u64>,
+    applied: watch::Sender<Applied>,
     metrics: Arc<Metrics>,
 ) {
     let labelled = match &config.label_selector {
@@ -100,17 +109,19 @@ async fn run(
         while let Some(Some(more)) = changes.next().now_or_never() {
             apply(&mut index, more, &metrics);
         }
-        if !index.take_changed() {
-            continue;
+        if index.take_changed() {
+            let snapshot = index.snapshot();
+            let generation = snapshot.generation;
+            metrics.table_tokens.set(snapshot.token_count() as i64);
+            metrics.table_projects.set(snapshot.project_count() as i64);
+            metrics.table_generation.set(generation as i64);
+            metrics.table_updated.set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
+            table.store(Arc::new(snapshot));
+            tx.send_replace(generation);
         }
-        let snapshot = index.snapshot();
-        let generation = snapshot.generation;
-        metrics.table_tokens.set(snapshot.token_count() as i64);
-        metrics.table_projects.set(snapshot.project_count() as i64);
-        metrics.table_generation.set(generation as i64);
-        metrics.table_updated.set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
-        table.store(Arc::new(snapshot));
-        tx.send_replace(generation);
+        // Only once the table that holds them is published.
+        let now_applied = index.applied();
+        applied.send_if_modified(|old| std::mem::replace(old, now_applied) != now_applied);
     }
 }
 

@@ -27,6 +27,9 @@ pub enum ProxyError {
     /// `maxRequests` used up.
     #[error("token request cap reached")]
     TokenExhausted,
+    /// The Project the token was minted for no longer exists.
+    #[error("project deleted")]
+    ProjectDeleted,
     /// The project is inactive or being deleted.
     #[error("project inactive")]
     ProjectInactive,
@@ -45,6 +48,9 @@ pub enum ProxyError {
     /// The request body is over the configured limit.
     #[error("request body too large")]
     PayloadTooLarge,
+    /// More request headers, or more header bytes, than the proxy accepts.
+    #[error("request headers too large")]
+    HeadersTooLarge,
     /// A capped token's budget could not be claimed (API server unreachable).
     #[error("quota unavailable")]
     QuotaUnavailable,
@@ -60,15 +66,18 @@ impl ProxyError {
     /// HTTP status.
     pub fn status(self) -> StatusCode {
         match self {
-            Self::InvalidToken | Self::TokenNotFound | Self::TokenRevoked | Self::TokenExpired => {
-                StatusCode::UNAUTHORIZED
-            }
+            Self::InvalidToken
+            | Self::TokenNotFound
+            | Self::TokenRevoked
+            | Self::TokenExpired
+            | Self::ProjectDeleted => StatusCode::UNAUTHORIZED,
             Self::TokenExhausted => StatusCode::TOO_MANY_REQUESTS,
             Self::ProjectInactive => StatusCode::FORBIDDEN,
             Self::ProjectKeyInvalid | Self::NotReady | Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::EndpointNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -82,6 +91,7 @@ impl ProxyError {
             Self::TokenRevoked => "token_revoked",
             Self::TokenExpired => "token_expired",
             Self::TokenExhausted => "token_exhausted",
+            Self::ProjectDeleted => "project_deleted",
             Self::ProjectInactive => "project_inactive",
             Self::ProjectKeyInvalid => "project_key_invalid",
             Self::EndpointNotFound => "endpoint_not_found",
@@ -89,6 +99,7 @@ impl ProxyError {
             Self::NotReady => "proxy_not_ready",
             Self::QuotaUnavailable => "quota_unavailable",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::HeadersTooLarge => "headers_too_large",
             Self::UpstreamError => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
         }
@@ -97,12 +108,16 @@ impl ProxyError {
     /// The `error.type` field, using OpenAI's categories.
     fn kind(self) -> &'static str {
         match self {
-            Self::InvalidToken | Self::TokenNotFound | Self::TokenRevoked | Self::TokenExpired => {
-                "authentication_error"
-            }
+            Self::InvalidToken
+            | Self::TokenNotFound
+            | Self::TokenRevoked
+            | Self::TokenExpired
+            | Self::ProjectDeleted => "authentication_error",
             Self::ProjectInactive => "permission_error",
             Self::TokenExhausted => "rate_limit_error",
-            Self::EndpointNotFound | Self::MethodNotAllowed | Self::PayloadTooLarge => "invalid_request_error",
+            Self::EndpointNotFound | Self::MethodNotAllowed | Self::PayloadTooLarge | Self::HeadersTooLarge => {
+                "invalid_request_error"
+            }
             Self::ProjectKeyInvalid
             | Self::NotReady
             | Self::QuotaUnavailable
@@ -125,16 +140,28 @@ impl ProxyError {
             Self::TokenExhausted => {
                 "This proxy token has used all requests allowed by its maxRequests: create a new ProxyToken or raise the cap."
             }
+            Self::ProjectDeleted => {
+                "The Project this proxy token was issued for has been deleted (a Project created again under the same name is a new Project and does not accept old tokens): this token can never be used again. Create a new ProxyToken for an existing Project."
+            }
             Self::ProjectInactive => {
-                "The project of this token is inactive: a cluster admin must set spec.active to true on the Project."
+                "The project of this token is deactivated: ask a cluster admin to reactivate it (kubectl llmproxy activate <project>, or spec.active: true). The token itself is kept and works again then."
             }
             Self::ProjectKeyInvalid => {
                 "The project's upstream API key is missing or malformed: a cluster admin must fix the Secret named in the Project's spec.apiKeySecretRef."
             }
-            Self::EndpointNotFound => "This path is not part of the OpenAI API surface the proxy serves.",
-            Self::MethodNotAllowed => "This method is not allowed on this endpoint.",
+            Self::EndpointNotFound => {
+                "This path is not part of the OpenAI API surface the proxy serves: use the base URL from OPENAI_BASE_URL (ending in /v1) and an OpenAI endpoint such as /v1/chat/completions."
+            }
+            Self::MethodNotAllowed => {
+                "This method is not allowed on this endpoint: use the method the OpenAI API documents for it (for example POST for /v1/chat/completions)."
+            }
             Self::NotReady => "The proxy has not finished loading projects and tokens yet: retry in a few seconds.",
-            Self::PayloadTooLarge => "The request body is larger than the proxy allows.",
+            Self::PayloadTooLarge => {
+                "The request body is larger than the proxy allows (LLMPROXY_MAX_REQUEST_BODY_BYTES, 32 MiB unless a cluster admin changed it): send a smaller body."
+            }
+            Self::HeadersTooLarge => {
+                "The request has more headers, or more header bytes, than the proxy accepts (100 headers, 32 KiB): send fewer or shorter headers."
+            }
             Self::QuotaUnavailable => {
                 "This token has a request cap and the proxy cannot reach the Kubernetes API to claim budget: retry in a few seconds."
             }
@@ -162,6 +189,7 @@ impl From<Denial> for ProxyError {
             Denial::TokenRevoked => Self::TokenRevoked,
             Denial::TokenExpired => Self::TokenExpired,
             Denial::TokenExhausted => Self::TokenExhausted,
+            Denial::ProjectDeleted => Self::ProjectDeleted,
             Denial::ProjectInactive => Self::ProjectInactive,
             Denial::ProjectKeyInvalid => Self::ProjectKeyInvalid,
         }

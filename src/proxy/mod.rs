@@ -63,6 +63,12 @@ impl Default for ProxySettings {
     }
 }
 
+/// Most request headers the proxy accepts (each value of a repeated header counts).
+pub const MAX_HEADERS: usize = 100;
+
+/// Most bytes of header names and values the proxy accepts.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
 /// The request handler shared by every connection.
 pub struct Proxy {
     table: SharedTable,
@@ -143,6 +149,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Route, Duration), (ProxyError, Option<Route>)> {
+        check_header_size(request.headers()).map_err(|e| (e, None))?;
         paths::check(request.method(), request.uri().path()).map_err(|e| (e.into(), None))?;
         let hash = bearer_token_hash(&request).map_err(|e| (e, None))?;
         let table = self.table.load();
@@ -161,6 +168,18 @@ impl Proxy {
             Err(error) => Err((error, Some(route))),
         }
     }
+}
+
+/// Refuses more than [`MAX_HEADERS`] headers or [`MAX_HEADER_BYTES`] of them.
+fn check_header_size(headers: &header::HeaderMap) -> Result<(), ProxyError> {
+    if headers.len() > MAX_HEADERS {
+        return Err(ProxyError::HeadersTooLarge);
+    }
+    let bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+    if bytes > MAX_HEADER_BYTES {
+        return Err(ProxyError::HeadersTooLarge);
+    }
+    Ok(())
 }
 
 /// Hashes the bearer token of `request` after checking its shape and checksum.

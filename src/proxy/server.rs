@@ -25,6 +25,13 @@ use super::{Body, Proxy, full};
 use crate::index::watch::SharedTable;
 use crate::metrics::Metrics;
 
+/// Headers hyper parses per HTTP/1 request before it answers a bare 431 itself. Well
+/// above [`super::MAX_HEADERS`], so that a header flood up to this size gets the proxy's
+/// own OpenAI-shaped 431; only floods past it (or past hyper's ~400 KiB read buffer)
+/// get hyper's empty one. (Setting it moves hyper's header slots from the stack to one
+/// small heap allocation per request.)
+const HTTP1_HEADER_SLOTS: usize = 512;
+
 /// Serves `handler` on `listener` until `shutdown` resolves, then drains open
 /// connections for at most `drain`.
 pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>, drain: Duration)
@@ -33,7 +40,11 @@ where
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_headers(HTTP1_HEADER_SLOTS);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

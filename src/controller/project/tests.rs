@@ -18,7 +18,7 @@ fn project(active: bool) -> Project {
             display_name: None,
             active,
             api_key_secret_ref: SecretKeyRef { name: "prod-key".into(), key: "apiKey".into() },
-            upstream: Upstream::default(),
+            upstream: Upstream { url: "https://api.openai.com".into() },
             allowed_namespaces: None,
             tokens_not_before: None,
         },

@@ -16,7 +16,7 @@ fn project(active: bool, from: Option<NamespacesFrom>) -> Project {
             display_name: None,
             active,
             api_key_secret_ref: SecretKeyRef { name: "k".into(), key: "apiKey".into() },
-            upstream: Upstream::default(),
+            upstream: Upstream { url: "https://api.openai.com".into() },
             allowed_namespaces: from.map(|from| AllowedNamespaces {
                 from,
                 selector: Some(LabelSelector {
@@ -87,7 +87,9 @@ fn lifecycle_phases_in_order_of_precedence() {
     assert_eq!(lifecycle(&issued(0), Some(&open), at(10)).phase, TokenPhase::Active);
     assert_eq!(lifecycle(&issued(0), Some(&open), at(3600)).phase, TokenPhase::Expired);
     assert_eq!(lifecycle(&issued(0), Some(&project(false, None)), at(10)).phase, TokenPhase::ProjectInactive);
-    assert_eq!(lifecycle(&issued(0), None, at(10)).reason, "ProjectNotFound");
+    // A minted token whose Project is gone can never work again (see the binding test).
+    let orphaned = lifecycle(&issued(0), None, at(10));
+    assert_eq!((orphaned.phase, orphaned.reason), (TokenPhase::Revoked, "ProjectDeleted"));
 
     let mut capped = issued(0);
     capped.spec.max_requests = Some(5);
@@ -97,6 +99,29 @@ fn lifecycle_phases_in_order_of_precedence() {
     let mut revoked = issued(0);
     revoked.spec.revoked = true;
     assert_eq!(lifecycle(&revoked, Some(&open), at(3600)).phase, TokenPhase::Revoked);
+}
+
+#[test]
+fn a_token_is_bound_to_the_project_object_it_was_minted_for() {
+    let mut original = project(true, Some(NamespacesFrom::All));
+    original.metadata.uid = Some("uid-1".into());
+    original.metadata.creation_timestamp = Some(Time(at(0)));
+    let mut t = issued(10);
+    t.status.as_mut().unwrap().project_uid = Some("uid-1".into());
+    assert_eq!(lifecycle(&t, Some(&original), at(20)).phase, TokenPhase::Active);
+
+    // Force-deleted and created again under the same name: another object.
+    let mut replacement = original.clone();
+    replacement.metadata.uid = Some("uid-2".into());
+    replacement.metadata.creation_timestamp = Some(Time(at(15)));
+    let verdict = lifecycle(&t, Some(&replacement), at(20));
+    assert_eq!((verdict.phase, verdict.reason), (TokenPhase::Revoked, "ProjectDeleted"));
+    assert!(verdict.message.contains("create a new ProxyToken"), "{}", verdict.message);
+
+    // Minted before the uid was recorded: bound while the Project predates the token.
+    t.status.as_mut().unwrap().project_uid = None;
+    assert_eq!(bound_project(&t, Some(&original)).map(|p| p.metadata.uid.clone()), Some(Some("uid-1".into())));
+    assert!(bound_project(&t, Some(&replacement)).is_none());
 }
 
 #[test]

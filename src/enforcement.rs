@@ -1,0 +1,212 @@
+//! What each proxy replica enforces, made visible.
+//!
+//! In: the resource versions a replica's routing table has applied ([`Applied`]). Out:
+//! one Lease per replica in the operator's namespace (`llm-proxy-replica-<identity>`,
+//! label `llmproxy.io/role=proxy-replica`), renewed while the replica lives and deleted
+//! when it stops, whose annotations carry those versions. Whoever changed an object
+//! (the plugin's `--wait`, the benchmark) reads the Leases back: a change whose write
+//! returned resource version V is enforced everywhere once every live replica reports at
+//! least V for that kind.
+//!
+//! Resource versions are compared as numbers: on one API server they are etcd revisions,
+//! and each kind's watch delivers them in order. A Lease is the Kubernetes heartbeat
+//! object (nodes and API servers report through Leases too): `renewTime +
+//! leaseDurationSeconds` says whether its replica is alive.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+
+use crate::api::MANAGED_BY_LABEL;
+use crate::index::watch::SharedTable;
+use crate::index::{Applied, Kind};
+
+/// Label that marks a replica report.
+pub const ROLE_LABEL: (&str, &str) = ("llmproxy.io/role", "proxy-replica");
+/// Prefix of a report's name; the replica's identity follows.
+pub const LEASE_PREFIX: &str = "llm-proxy-replica-";
+/// Field manager of the reports.
+pub const FIELD_MANAGER: &str = "llm-proxy-proxy";
+
+const SYNCED: &str = "llmproxy.io/synced";
+const PROJECTS: &str = "llmproxy.io/applied-projects";
+const TOKENS: &str = "llmproxy.io/applied-proxytokens";
+const SECRETS: &str = "llmproxy.io/applied-secrets";
+
+/// How a replica reports.
+#[derive(Clone, Debug)]
+pub struct ReportSettings {
+    /// Namespace of the Leases (the operator's namespace).
+    pub namespace: String,
+    /// This replica's identity (the pod name in a cluster).
+    pub identity: String,
+    /// How long a report stays valid without renewal.
+    pub lease_duration: Duration,
+    /// Least time between two writes: a burst of changes costs one write.
+    pub min_interval: Duration,
+}
+
+/// One replica's report, as read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The replica's identity.
+    pub identity: String,
+    /// Renewed within its lease duration.
+    pub live: bool,
+    /// What its routing table has applied (and whether it has synced).
+    pub applied: Applied,
+}
+
+impl Report {
+    /// Whether this replica enforces the change of `kind` that produced `version`.
+    pub fn enforces(&self, kind: Kind, version: u64) -> bool {
+        self.applied.synced && self.applied.of(kind) >= version
+    }
+}
+
+/// The Lease that reports `applied` for `settings.identity` at `now`.
+pub fn lease(settings: &ReportSettings, applied: Applied, now: jiff::Timestamp) -> Lease {
+    let annotations = BTreeMap::from([
+        (SYNCED.to_string(), applied.synced.to_string()),
+        (PROJECTS.to_string(), applied.projects.to_string()),
+        (TOKENS.to_string(), applied.tokens.to_string()),
+        (SECRETS.to_string(), applied.secrets.to_string()),
+    ]);
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(lease_name(&settings.identity)),
+            namespace: Some(settings.namespace.clone()),
+            labels: Some(BTreeMap::from([
+                (ROLE_LABEL.0.to_string(), ROLE_LABEL.1.to_string()),
+                (MANAGED_BY_LABEL.0.to_string(), MANAGED_BY_LABEL.1.to_string()),
+            ])),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(settings.identity.clone()),
+            lease_duration_seconds: Some(i32::try_from(settings.lease_duration.as_secs()).unwrap_or(i32::MAX)),
+            renew_time: Some(crate::api::micros(now)),
+            ..LeaseSpec::default()
+        }),
+    }
+}
+
+/// The name of the Lease of `identity` (cut to a valid object name).
+pub fn lease_name(identity: &str) -> String {
+    let name: String = format!("{LEASE_PREFIX}{identity}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c.to_ascii_lowercase() } else { '-' })
+        .take(253)
+        .collect();
+    name.trim_end_matches(['-', '.']).to_string()
+}
+
+/// Reads a report back from its Lease at `now`. Pure.
+pub fn read(lease: &Lease, now: jiff::Timestamp) -> Report {
+    let annotations = lease.annotations();
+    let version = |key: &str| annotations.get(key).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let spec = lease.spec.clone().unwrap_or_default();
+    let live = match (spec.renew_time, spec.lease_duration_seconds) {
+        (Some(renewed), Some(seconds)) => {
+            renewed.0.checked_add(jiff::SignedDuration::from_secs(i64::from(seconds))).is_ok_and(|until| until > now)
+        }
+        _ => false,
+    };
+    Report {
+        identity: spec.holder_identity.unwrap_or_else(|| lease.name_any()),
+        live,
+        applied: Applied {
+            synced: annotations.get(SYNCED).is_some_and(|v| v == "true"),
+            projects: version(PROJECTS),
+            tokens: version(TOKENS),
+            secrets: version(SECRETS),
+        },
+    }
+}
+
+/// Every replica report in `namespace`, live or not.
+pub async fn list(client: &Client, namespace: &str) -> Result<Vec<Report>, kube::Error> {
+    let selector = format!("{}={}", ROLE_LABEL.0, ROLE_LABEL.1);
+    let leases =
+        Api::<Lease>::namespaced(client.clone(), namespace).list(&ListParams::default().labels(&selector)).await?;
+    let now = jiff::Timestamp::now();
+    Ok(leases.items.iter().map(|lease| read(lease, now)).collect())
+}
+
+/// Writes this replica's report whenever what the table has applied changes (at most
+/// once per `min_interval`) and at least every third of the lease duration, until
+/// `shutdown` turns true; then deletes it, so nobody waits for a replica that is gone.
+pub async fn report(
+    client: Client,
+    settings: ReportSettings,
+    table: &SharedTable,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let leases: Api<Lease> = Api::namespaced(client, &settings.namespace);
+    let name = lease_name(&settings.identity);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let mut applied = table.applied();
+    let heartbeat = settings.lease_duration / 3;
+    let mut written: Option<Applied> = None;
+    loop {
+        let current = *applied.borrow_and_update();
+        if written != Some(current) {
+            let lease = lease(&settings, current, jiff::Timestamp::now());
+            match leases.patch(&name, &params, &Patch::Apply(&lease)).await {
+                Ok(_) => written = Some(current),
+                Err(error) => tracing::warn!(%error, lease = %name, "could not write the replica report"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.min_interval) => {}
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(heartbeat) => written = None,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+    if let Err(error) = leases.delete(&name, &DeleteParams::default()).await {
+        tracing::warn!(%error, lease = %name, "could not delete the replica report");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ReportSettings {
+        ReportSettings {
+            namespace: "ops".into(),
+            identity: "proxy-7f9c_A".into(),
+            lease_duration: Duration::from_secs(30),
+            min_interval: Duration::from_millis(100),
+        }
+    }
+
+    #[test]
+    fn a_report_reads_back_what_was_written_while_its_lease_lasts() {
+        let now = jiff::Timestamp::from_second(1_000).unwrap();
+        let applied = Applied { synced: true, projects: 10, tokens: 20, secrets: 30 };
+        let lease = lease(&settings(), applied, now);
+        assert_eq!(lease.metadata.name.as_deref(), Some("llm-proxy-replica-proxy-7f9c-a"));
+        let report = read(&lease, now.checked_add(jiff::SignedDuration::from_secs(29)).unwrap());
+        assert_eq!(report, Report { identity: "proxy-7f9c_A".into(), live: true, applied });
+        assert!(report.enforces(Kind::Token, 20) && !report.enforces(Kind::Token, 21));
+        assert!(report.enforces(Kind::Secret, 30) && !report.enforces(Kind::Project, 11));
+        assert!(!read(&lease, now.checked_add(jiff::SignedDuration::from_secs(30)).unwrap()).live);
+    }
+
+    #[test]
+    fn a_replica_that_has_not_synced_enforces_nothing() {
+        let now = jiff::Timestamp::from_second(1_000).unwrap();
+        let unsynced = Applied { synced: false, projects: 5, tokens: 5, secrets: 5 };
+        let report = read(&lease(&settings(), unsynced, now), now);
+        assert!(report.live && !report.enforces(Kind::Project, 1));
+    }
+}
