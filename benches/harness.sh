@@ -223,10 +223,10 @@ $(row "LiteLLM 1.106.12 proxy, 2 workers (at $LITELLM_RATE req/s)" litellm direc
 - Controller: $TOKENS ProxyTokens minted in $(secs "$mint_secs") s ($(echo "scale=1; $TOKENS / $mint_secs" | bc) tokens/s).
 - Proxy: initial sync of $TOKENS tokens in $(secs "$sync_secs") s (process start to ready); resident memory $rss_mb MB after the runs.
 
-Propagation (API write → first request through the proxy that sees it; the write's own round trip included):
+Propagation, two proxy replicas (API write → the first request through replica A that sees it, and → both replicas report they enforce it (their report Leases, rewritten at most every 100 ms; trials spaced 150 ms); the write's own round trip included):
 
-| change | trials | p50 ms | p99 ms | max ms |
-|---|---|---|---|---|
+| change | trials | first request p50 ms | p99 ms | max ms | all replicas report p50 ms | p99 ms | max ms |
+|---|---|---|---|---|---|---|---|
 $propagation
 
 Scale:

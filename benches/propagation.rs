@@ -1,5 +1,7 @@
-//! Propagation benchmark: time from an API write (revoke a token, deactivate a project,
-//! rotate a key) to the first request through a running proxy that sees the new state.
+//! Propagation benchmark, with two proxy replicas: time from an API write (revoke a
+//! token, deactivate a project, rotate a key) to (a) the first request through replica A
+//! that sees the new state and (b) every replica reporting that it enforces the write
+//! (its report Lease names a resource version at least the write's).
 //!
 //! Needs the local control plane (KUBECONFIG) and the release `llm-proxy` binary
 //! (`BENCH_PROXY_BIN`, default `target/release/llm-proxy`). Prints p50/p99/max per
@@ -15,7 +17,9 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use llm_proxy::api::ProxyToken;
+use llm_proxy::enforcement::Check;
 use llm_proxy::fake_upstream::FakeUpstream;
+use llm_proxy::index::Kind;
 use llm_proxy::token::Token;
 use serde_json::json;
 
@@ -66,6 +70,7 @@ async fn main() {
     }
 
     let (mut proxy, port, _admin) = support::spawn_proxy(NS, LABEL);
+    let (mut proxy_b, _port_b, _admin_b) = support::spawn_proxy(NS, LABEL);
     let http: HttpClient = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(hyper_util::client::legacy::connect::HttpConnector::new());
     let url = format!("http://127.0.0.1:{port}/v1/models");
@@ -93,58 +98,110 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let mut revoke = Vec::new();
+    // Both replicas have synced and reported before the first trial.
+    let started = Instant::now();
+    while !enforced_by(&client, 2, Kind::Project, 0).await {
+        assert!(started.elapsed() < Duration::from_secs(30), "the replicas never reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (mut revoke, mut revoke_all) = (Vec::new(), Vec::new());
     for (i, token) in secrets.iter().take(TRIALS).enumerate() {
         assert_eq!(status_of(token).await, 200);
         let t0 = Instant::now();
-        tokens
+        let changed = tokens
             .patch(&format!("t{i}"), &PatchParams::default(), &Patch::Merge(json!({ "spec": { "revoked": true } })))
             .await
             .unwrap();
-        while status_of(token).await != 401 {}
-        revoke.push(t0.elapsed());
+        let first = async {
+            while status_of(token).await != 401 {}
+            t0.elapsed()
+        };
+        let (first, all) = tokio::join!(first, until_enforced(&client, Kind::Token, &changed.metadata, t0));
+        revoke.push(first);
+        revoke_all.push(all);
+        settle().await;
     }
 
     let probe = &secrets[TRIALS];
-    let mut deactivate = Vec::new();
+    let (mut deactivate, mut deactivate_all) = (Vec::new(), Vec::new());
     for _ in 0..TRIALS {
         let t0 = Instant::now();
-        projects
+        let changed = projects
             .patch("bench-propagation", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "active": false } })))
             .await
             .unwrap();
-        while status_of(probe).await != 403 {}
-        deactivate.push(t0.elapsed());
+        let first = async {
+            while status_of(probe).await != 403 {}
+            t0.elapsed()
+        };
+        let (first, all) = tokio::join!(first, until_enforced(&client, Kind::Project, &changed.metadata, t0));
+        deactivate.push(first);
+        deactivate_all.push(all);
         projects
             .patch("bench-propagation", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "active": true } })))
             .await
             .unwrap();
         while status_of(probe).await != 200 {}
+        settle().await;
     }
 
-    let mut rotate = Vec::new();
+    let (mut rotate, mut rotate_all) = (Vec::new(), Vec::new());
     for i in 1..=TRIALS {
         let expected = format!("Bearer {}", key(i));
         let t0 = Instant::now();
-        put_key(key(i)).await;
-        loop {
-            assert_eq!(status_of(probe).await, 200);
-            if upstream.requests().last().and_then(|r| r.header("authorization")).as_deref() == Some(expected.as_str())
-            {
-                break;
+        let changed = put_key(key(i)).await;
+        let first = async {
+            loop {
+                assert_eq!(status_of(probe).await, 200);
+                if upstream.last_request().and_then(|r| r.header("authorization")).as_deref() == Some(expected.as_str())
+                {
+                    break t0.elapsed();
+                }
             }
-        }
-        rotate.push(t0.elapsed());
+        };
+        let (first, all) = tokio::join!(first, until_enforced(&client, Kind::Secret, &changed.metadata, t0));
+        rotate.push(first);
+        rotate_all.push(all);
+        settle().await;
     }
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    for child in [&mut proxy, &mut proxy_b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
-    for (what, samples) in
-        [("revoke a token", revoke), ("deactivate a project", deactivate), ("rotate the key", rotate)]
-    {
-        let (p50, p99, max) = summary(samples);
-        println!("| {what} | {TRIALS} | {p50:.1} | {p99:.1} | {max:.1} |");
+    for (what, first, all) in [
+        ("revoke a token", revoke, revoke_all),
+        ("deactivate a project", deactivate, deactivate_all),
+        ("rotate the key", rotate, rotate_all),
+    ] {
+        let (p50, p99, max) = summary(first);
+        let (all_p50, all_p99, all_max) = summary(all);
+        println!("| {what} | {TRIALS} | {p50:.1} | {p99:.1} | {max:.1} | {all_p50:.1} | {all_p99:.1} | {all_max:.1} |");
     }
+}
+
+/// Replicas report what changed at most every 100 ms (their default): trials are spaced
+/// so that each measures one change on its own, as a revocation in real life is.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}
+
+/// Whether `replicas` live replicas report, and all enforce `kind` at `version`.
+async fn enforced_by(client: &Client, replicas: usize, kind: Kind, version: u64) -> bool {
+    let reports = llm_proxy::enforcement::list(client, NS).await.unwrap();
+    let check = Check::of(&reports, &[(kind, version)]);
+    check.live == replicas && check.is_enforced()
+}
+
+/// Time from `t0` until both replicas report the write that returned `meta`.
+async fn until_enforced(client: &Client, kind: Kind, meta: &kube::api::ObjectMeta, t0: Instant) -> Duration {
+    let version = llm_proxy::index::resource_version(meta);
+    while !enforced_by(client, 2, kind, version).await {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the replicas never reported version {version}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    t0.elapsed()
 }
 
 fn key(i: usize) -> String {

@@ -67,6 +67,48 @@ impl Report {
     }
 }
 
+/// Whether every live replica enforces a set of changes, each a kind and the resource
+/// version its write produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    /// Live replicas.
+    pub live: usize,
+    /// Identities of the live replicas that do not enforce every change yet.
+    pub behind: Vec<String>,
+}
+
+impl Check {
+    /// Checks `changes` against `reports` (dead replicas do not count). Pure.
+    pub fn of(reports: &[Report], changes: &[(Kind, u64)]) -> Self {
+        let live: Vec<&Report> = reports.iter().filter(|r| r.live).collect();
+        let mut behind: Vec<String> = live
+            .iter()
+            .filter(|r| !changes.iter().all(|(kind, version)| r.enforces(*kind, *version)))
+            .map(|r| r.identity.clone())
+            .collect();
+        behind.sort();
+        Self { live: live.len(), behind }
+    }
+
+    /// No live replica lags (also when none is running: each loads the current state
+    /// when it starts).
+    pub fn is_enforced(&self) -> bool {
+        self.behind.is_empty()
+    }
+
+    /// What a human reads in a condition.
+    pub fn message(&self) -> String {
+        match (self.live, self.behind.len()) {
+            (0, _) => "No proxy replica reports; each one that starts serves the current state".to_string(),
+            (live, 0) => format!("Enforced by {live}/{live} live proxy replicas"),
+            (live, behind) => format!(
+                "Waiting for {behind} of {live} live proxy replicas: {} (kubectl llmproxy replicas)",
+                self.behind.join(", ")
+            ),
+        }
+    }
+}
+
 /// The Lease that reports `applied` for `settings.identity` at `now`.
 pub fn lease(settings: &ReportSettings, applied: Applied, now: jiff::Timestamp) -> Lease {
     let annotations = BTreeMap::from([
@@ -200,6 +242,25 @@ mod tests {
         assert!(report.enforces(Kind::Token, 20) && !report.enforces(Kind::Token, 21));
         assert!(report.enforces(Kind::Secret, 30) && !report.enforces(Kind::Project, 11));
         assert!(!read(&lease, now.checked_add(jiff::SignedDuration::from_secs(30)).unwrap()).live);
+    }
+
+    #[test]
+    fn a_change_is_enforced_once_every_live_replica_has_applied_it() {
+        let now = jiff::Timestamp::from_second(1_000).unwrap();
+        let report = |identity: &str, tokens: u64, renewed_secs_ago: i64| {
+            let mut s = settings();
+            s.identity = identity.into();
+            let at = now.checked_sub(jiff::SignedDuration::from_secs(renewed_secs_ago)).unwrap();
+            read(&lease(&s, Applied { synced: true, projects: 7, tokens, secrets: 3 }, at), now)
+        };
+        let reports = [report("a", 50, 1), report("b", 40, 1), report("dead", 0, 60)];
+        let check = Check::of(&reports, &[(Kind::Token, 45), (Kind::Project, 7)]);
+        assert_eq!(check, Check { live: 2, behind: vec!["b".into()] });
+        assert!(!check.is_enforced() && check.message().contains("1 of 2") && check.message().contains("b"));
+        let check = Check::of(&reports, &[(Kind::Token, 40), (Kind::Secret, 3)]);
+        assert!(check.is_enforced());
+        assert_eq!(check.message(), "Enforced by 2/2 live proxy replicas");
+        assert!(Check::of(&[], &[(Kind::Token, 1)]).is_enforced());
     }
 
     #[test]

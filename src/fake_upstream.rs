@@ -75,7 +75,12 @@ impl FakeUpstream {
         Self { url, requests }
     }
 
-    /// Every request received so far.
+    /// The latest request: one clone, however many came before.
+    pub fn last_request(&self) -> Option<Recorded> {
+        self.requests.lock().expect("request log poisoned").last().cloned()
+    }
+
+    /// Every request recorded so far, oldest first.
     pub fn requests(&self) -> Vec<Recorded> {
         self.requests.lock().expect("request log poisoned").clone()
     }

@@ -388,3 +388,56 @@ async fn a_token_blocked_by_a_foreign_secret_is_minted_once_the_secret_is_gone()
     let data = env.token_secret("taken").await;
     assert_eq!(minted.status.unwrap().token_hash.unwrap(), TokenHash::of(&data["token"]).to_string());
 }
+
+fn condition(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], type_: &str) -> Option<String> {
+    conditions.iter().find(|c| c.type_ == type_).map(|c| c.status.clone())
+}
+
+#[tokio::test]
+async fn a_token_secret_exists_only_once_every_replica_accepts_the_token() {
+    let mut env = Env::running("enforced").await;
+    let second = (support::free_port(), support::free_port());
+    env.start_proxy_as("proxy-2", second.0, second.1, &[]).await;
+    let ports = [env.proxy_port, second.0];
+    env.create_project("p").await;
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.apps);
+
+    for round in 0..5 {
+        let name = format!("app-{round}");
+        env.create_token(&name, token_spec(&env.scoped("p"))).await;
+        // A script that reads the Secret the moment it appears...
+        let secret = eventually(WAIT, || async { secrets.get_opt(&name).await.ok()? }).await;
+        let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+        // ...is served by every replica at once: no retry.
+        for port in ports {
+            assert_eq!(support::chat_on(port, &token).await, "", "round {round}, replica on {port}");
+        }
+        let status = env.wait_token(&name, TokenPhase::Active).await.status.unwrap();
+        assert_eq!(condition(&status.conditions, token_conditions::ENFORCED).as_deref(), Some("True"));
+    }
+
+    // A project's change is Enforced in its status once both replicas apply it.
+    let projects: Api<Project> = Api::all(env.client.clone());
+    let token = env.token_secret("app-0").await["token"].clone();
+    let deactivate = Patch::Merge(json!({ "spec": { "active": false } }));
+    let changed = projects.patch(&env.scoped("p"), &PatchParams::default(), &deactivate).await.unwrap();
+    let generation = changed.metadata.generation;
+    eventually(WAIT, || async {
+        let status = projects.get(&env.scoped("p")).await.ok()?.status?;
+        let enforced = status.conditions.iter().find(|c| c.type_ == "Enforced")?;
+        (enforced.status == "True" && enforced.observed_generation == generation).then_some(())
+    })
+    .await;
+    for port in ports {
+        assert_eq!(support::chat_on(port, &token).await, "project_inactive", "replica on {port}");
+    }
+
+    // A replica that stops is not waited for.
+    let activate = Patch::Merge(json!({ "spec": { "active": true } }));
+    projects.patch(&env.scoped("p"), &PatchParams::default(), &activate).await.unwrap();
+    env.signal("proxy-2", "TERM");
+    env.create_token("after", token_spec(&env.scoped("p"))).await;
+    let started = Instant::now();
+    let _ = eventually(WAIT, || async { secrets.get_opt("after").await.ok()? }).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "minting waited {:?} for a stopped replica", started.elapsed());
+}

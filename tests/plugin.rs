@@ -126,19 +126,6 @@ async fn every_plugin_command_does_what_it_says() {
     assert!(refused.status.unwrap().token_hash.is_none());
 }
 
-/// A chat request on the proxy at `port`: the error code, or "" for 200.
-async fn chat_on(port: u16, token: &str) -> String {
-    let auth = format!("Bearer {token}");
-    let response = support::curl(
-        "POST",
-        &format!("http://127.0.0.1:{port}/v1/chat/completions"),
-        &[("authorization", &auth)],
-        Some(r#"{"model":"m","messages":[]}"#),
-    )
-    .await;
-    if response.status == 200 { String::new() } else { response.error_code() }
-}
-
 #[tokio::test]
 async fn wait_returns_once_every_live_replica_enforces_the_change() {
     let mut env = Env::running("wait").await;
@@ -169,7 +156,7 @@ async fn wait_returns_once_every_live_replica_enforces_the_change() {
     assert!(out.contains("enforced by 2/2 live proxy replicas after"), "{out}");
     let token = env.token_secret("app").await["token"].clone();
     for port in ports {
-        assert_eq!(chat_on(port, &token).await, "", "replica on {port}");
+        assert_eq!(support::chat_on(port, &token).await, "", "replica on {port}");
     }
 
     for (args, refused) in [
@@ -183,20 +170,20 @@ async fn wait_returns_once_every_live_replica_enforces_the_change() {
         assert!(ok, "{args:?}: {err}");
         assert!(out.contains("enforced by 2/2 live proxy replicas after"), "{args:?}: {out}");
         for port in ports {
-            assert_eq!(chat_on(port, &token).await, refused, "{args:?} on {port}");
+            assert_eq!(support::chat_on(port, &token).await, refused, "{args:?} on {port}");
         }
     }
 
     let other = env.minted("p", "other").await;
     eventually(WAIT, || async {
-        let all = [chat_on(ports[0], &other).await, chat_on(ports[1], &other).await];
+        let all = [support::chat_on(ports[0], &other).await, support::chat_on(ports[1], &other).await];
         (all == ["", ""]).then_some(())
     })
     .await;
     let (ok, out, err) = with_ns(&["revoke-all", &project, "--wait"]);
     assert!(ok && out.contains("enforced by 2/2"), "{out}{err}");
     for port in ports {
-        assert_eq!(chat_on(port, &other).await, "token_revoked", "revoke-all on {port}");
+        assert_eq!(support::chat_on(port, &other).await, "token_revoked", "revoke-all on {port}");
     }
 
     // A replica that stops takes its report with it: nobody waits for it.

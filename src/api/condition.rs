@@ -60,6 +60,25 @@ impl<'a> Conditions<'a> {
         });
     }
 
+    /// Whether condition `type_` was `True` in the previous list.
+    pub fn was_true(&self, type_: &str) -> bool {
+        is_true(self.previous, type_)
+    }
+
+    /// How long condition `type_` has had its previous status, as of now.
+    pub fn held_for(&self, type_: &str) -> Option<jiff::SignedDuration> {
+        let previous = self.previous.iter().find(|c| c.type_ == type_)?;
+        Some(self.now.0.duration_since(previous.last_transition_time.0))
+    }
+
+    /// Carries condition `type_` over from the previous list unchanged, if it was there.
+    pub fn keep(&mut self, type_: &str) {
+        if let Some(previous) = self.previous.iter().find(|c| c.type_ == type_) {
+            self.out.retain(|c| c.type_ != type_);
+            self.out.push(previous.clone());
+        }
+    }
+
     /// The finished list.
     pub fn finish(self) -> Vec<Condition> {
         self.out

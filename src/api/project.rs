@@ -29,6 +29,12 @@ pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
     printcolumn(name = "Key", type_ = "string", json_path = ".status.apiKeyHint", priority = 1),
     printcolumn(name = "Upstream", type_ = "string", json_path = ".spec.upstream.url", priority = 1),
     printcolumn(
+        name = "Enforced",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Enforced")].status"#,
+        priority = 1
+    ),
+    printcolumn(
         name = "Message",
         type_ = "string",
         json_path = r#".status.conditions[?(@.type=="Ready")].message"#,
@@ -151,7 +157,7 @@ pub struct ProjectStatus {
     /// The `spec.tokensNotBefore` the controller has acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_not_before: Option<MicroTime>,
-    /// `Ready`, `APIKeyValid`, `DeletionBlocked`.
+    /// `Ready`, `APIKeyValid`, `DeletionBlocked`, `Enforced`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
@@ -211,4 +217,7 @@ pub mod project_conditions {
     pub const API_KEY_VALID: &str = "APIKeyValid";
     /// Someone asked to delete the project; the finalizer keeps it.
     pub const DELETION_BLOCKED: &str = "DeletionBlocked";
+    /// Every live proxy replica enforces the project's latest change (spec, key);
+    /// `lastTransitionTime` says since when.
+    pub const ENFORCED: &str = "Enforced";
 }

@@ -33,6 +33,12 @@ pub const MAX_TOKEN_DURATION: &str = "8760h";
         priority = 1
     ),
     printcolumn(name = "Last Used", type_ = "date", json_path = ".status.lastUsedAt", priority = 1),
+    printcolumn(
+        name = "Enforced",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Enforced")].status"#,
+        priority = 1
+    ),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     selectable = ".spec.projectRef.name",
@@ -116,7 +122,7 @@ pub struct ProxyTokenStatus {
     /// Last time a request was forwarded with this token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<MicroTime>,
-    /// `Issued`, `Ready`.
+    /// `Issued`, `Ready`, `Enforced`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
@@ -164,6 +170,9 @@ pub mod token_conditions {
     pub const ISSUED: &str = "Issued";
     /// The token can be used right now.
     pub const READY: &str = "Ready";
+    /// Every live proxy replica enforces the token's latest change (its mint, a
+    /// revocation, its project's verdict); `lastTransitionTime` says since when.
+    pub const ENFORCED: &str = "Enforced";
 }
 
 /// Keys of the token Secret, ready for `envFrom`.

@@ -10,18 +10,21 @@ pub mod project;
 pub mod proxytoken;
 pub mod selector;
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::api::{CONTROLLER_MANAGER, Project, ProxyToken};
+use crate::api::{CONTROLLER_MANAGER, ConditionStatus, Conditions, Project, ProxyToken};
+use crate::enforcement::{Check, ROLE_LABEL};
 use crate::metrics::{Metrics, ReconcileLabels};
 
 /// Settings of the controller.
@@ -45,9 +48,88 @@ pub struct Context {
     pub settings: Settings,
     /// Every ProxyToken the controller follows, from the token controller's cache.
     pub tokens: kube::runtime::reflector::Store<ProxyToken>,
+    /// The proxy replicas' reports (Leases in the operator namespace).
+    pub replicas: kube::runtime::reflector::Store<Lease>,
+    /// Objects whose latest change some live replica does not enforce yet: a new
+    /// report reconciles them again.
+    pub awaiting: Arc<Awaiting>,
+    /// Tokens minted (hash in status) whose Secret waits until every replica accepts
+    /// them: the plaintext lives only here until then. Lost with the process, in which
+    /// case the next leader mints afresh (nobody has seen the lost token).
+    pub mints: Mutex<HashMap<String, crate::token::Token>>,
 }
 
+/// Objects waiting for the proxy replicas, by kind.
+#[derive(Default)]
+pub struct Awaiting {
+    /// ProxyTokens.
+    pub tokens: Mutex<HashSet<ObjectRef<ProxyToken>>>,
+    /// Projects.
+    pub projects: Mutex<HashSet<ObjectRef<Project>>>,
+}
+
+/// Adds or removes `object` from `set`.
+pub fn mark<K: Resource<DynamicType = ()>>(set: &Mutex<HashSet<ObjectRef<K>>>, object: &K, waiting: bool) {
+    let key = ObjectRef::from_obj(object);
+    let mut set = set.lock().expect("awaiting set poisoned");
+    if waiting {
+        set.insert(key);
+    } else {
+        set.remove(&key);
+    }
+}
+
+/// Sets the `Enforced` condition: `False` (Propagating) when this status write carries a
+/// change the proxies route by and replicas are running, since none can have applied a
+/// write that has not happened yet; otherwise `True` once `check` passes. Returns
+/// whether it is still waiting. Pure.
+pub fn set_enforced(conditions: &mut Conditions, type_: &str, changed: bool, check: &Check) -> bool {
+    // With no replica running there is nobody to wait for, now or after this write.
+    if changed && check.live > 0 {
+        conditions.set(
+            type_,
+            ConditionStatus::False,
+            "Propagating",
+            "Waiting for the proxy replicas to apply this change",
+        );
+        true
+    } else if !changed && conditions.was_true(type_) {
+        // Enforced, and nothing the proxies route by changed since: later versions of
+        // the object (usage counts, these very conditions) need no new check.
+        conditions.keep(type_);
+        false
+    } else if check.is_enforced() {
+        let reason = if check.live == 0 { "NoReplicas" } else { "Enforced" };
+        conditions.set(type_, ConditionStatus::True, reason, check.message());
+        false
+    } else if conditions.held_for(type_).is_some_and(|held| held < NAME_LAGGARDS_AFTER) {
+        // Rewriting the condition now would be one more change for the replicas to apply,
+        // moving the target: keep it as it is while they catch up.
+        conditions.keep(type_);
+        true
+    } else {
+        // Still behind after a while: name the replicas that lag (once; sorted, so the
+        // message stays the same while the same replicas lag).
+        conditions.set(type_, ConditionStatus::False, "Propagating", check.message());
+        true
+    }
+}
+
+/// How long `Enforced` stays `False` before its message names the lagging replicas.
+const NAME_LAGGARDS_AFTER: jiff::SignedDuration = jiff::SignedDuration::from_secs(10);
+
+/// How long a token waits for every replica before its Secret is written anyway (with
+/// `Enforced=False` naming the replicas that lag).
+pub const MINT_PROPAGATION_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Context {
+    /// Checks `changes` against the replicas' latest reports.
+    pub fn check(&self, changes: &[(crate::index::Kind, u64)]) -> Check {
+        let now = jiff::Timestamp::now();
+        let reports: Vec<_> = self.replicas.state().iter().map(|lease| crate::enforcement::read(lease, now)).collect();
+        Check::of(&reports, changes)
+    }
+
     /// Publishes an Event about `object`. A failed Event is logged, never fatal: the
     /// status already says what happened.
     pub async fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, event: Audit) {
@@ -197,12 +279,26 @@ pub async fn run(
     // usage flushes would keep postponing a busy project's reconcile.)
     let project_controller = Controller::new(projects.clone(), labelled.clone());
     let project_store = project_controller.store();
+    // The replicas' reports: a store to read them, and a trigger for what waits on them.
+    let leases = Api::<Lease>::namespaced(client.clone(), &settings.namespace);
+    let reports = watcher::Config::default().labels(&format!("{}={}", ROLE_LABEL.0, ROLE_LABEL.1));
+    let (replicas, writer) = kube::runtime::reflector::store();
+    tokio::spawn(
+        kube::runtime::reflector(writer, watcher(leases.clone(), reports.clone()))
+            .default_backoff()
+            .for_each(|_| std::future::ready(())),
+    );
+    let awaiting = Arc::new(Awaiting::default());
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         settings,
         tokens: token_store.clone(),
+        replicas,
+        awaiting: awaiting.clone(),
+        mints: Mutex::new(HashMap::new()),
     });
+    let waiting_projects = awaiting.clone();
     let project_controller = project_controller
         .watches(
             Api::<Secret>::namespaced(client.clone(), &ctx.settings.namespace),
@@ -217,12 +313,18 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
-        .watches(tokens, labelled.clone(), |t| Some(ObjectRef::new(&t.spec.project_ref.name)));
+        .watches(tokens, labelled.clone(), |t| Some(ObjectRef::new(&t.spec.project_ref.name)))
+        .watches(leases.clone(), reports.clone(), move |_| {
+            waiting_projects.projects.lock().expect("awaiting set poisoned").iter().cloned().collect::<Vec<_>>()
+        });
 
     // Tokens depend on their project's spec (and deletion), never on its status: without
     // this filter every status write of a project (token counts) re-reconciled all of
     // its tokens, O(n^2) work for n tokens.
     let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
+    let token_controller = token_controller.watches(leases, reports, move |_| {
+        awaiting.tokens.lock().expect("awaiting set poisoned").iter().cloned().collect::<Vec<_>>()
+    });
     let token_controller = token_controller.watches(projects, labelled, move |p| {
         let name = p.name_any();
         let hash = project_spec_hash(&p);

@@ -18,6 +18,8 @@ use crate::api::{
 };
 use crate::apikey::{ApiKey, KeyProblem};
 use crate::controller::proxytoken::bound_project;
+use crate::enforcement::Check;
+use crate::index::Kind;
 
 /// How many tokens `status.recentTokens` lists.
 pub const RECENT_TOKENS: usize = 5;
@@ -34,6 +36,8 @@ pub struct Observed<'a> {
     pub namespace: &'a str,
     /// Now.
     pub now: Time,
+    /// What the proxy replicas enforce of the Project and its key Secret as observed.
+    pub check: Check,
 }
 
 /// What the reconciler should write.
@@ -43,6 +47,8 @@ pub struct Decision {
     pub status: ProjectStatus,
     /// Events to record.
     pub events: Vec<Audit>,
+    /// Some live proxy replica does not enforce the latest change yet.
+    pub waiting: bool,
 }
 
 /// Computes status and Events from what was observed. Pure.
@@ -112,10 +118,16 @@ pub fn decide(o: &Observed) -> Decision {
         active: o.tokens.iter().filter(|t| token_phase(t) == Some(TokenPhase::Active)).count() as u32,
     };
 
+    let fingerprint = o.key.as_ref().ok().map(ApiKey::fingerprint);
+    // What the proxies route by: the spec (generation, deletion included) and the key.
+    let changed = old.observed_generation != p.metadata.generation
+        || old.api_key_fingerprint != fingerprint
+        || old.phase != Some(phase);
+    let waiting = super::set_enforced(&mut conditions, cond::ENFORCED, changed, &o.check);
     let status = ProjectStatus {
         phase: Some(phase),
         api_key_hint: o.key.as_ref().ok().map(ApiKey::hint),
-        api_key_fingerprint: o.key.as_ref().ok().map(ApiKey::fingerprint),
+        api_key_fingerprint: fingerprint,
         tokens: Some(counts),
         recent_tokens,
         tokens_not_before: p.spec.tokens_not_before.as_ref().map(|t| crate::api::micros(t.0)),
@@ -123,7 +135,7 @@ pub fn decide(o: &Observed) -> Decision {
         observed_generation: p.metadata.generation,
     };
     let events = events(&old, &status, first_time, o);
-    Decision { status, events }
+    Decision { status, events, waiting }
 }
 
 fn events(old: &ProjectStatus, new: &ProjectStatus, first_time: bool, o: &Observed) -> Vec<Audit> {
@@ -208,12 +220,16 @@ pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Actio
 
     let secret_ref = &project.spec.api_key_secret_ref;
     let secrets = Api::<Secret>::namespaced(client.clone(), &ctx.settings.namespace);
+    let mut changes = vec![(Kind::Project, crate::index::resource_version(&project.metadata))];
     let key = match secrets.get_opt(&secret_ref.name).await {
         Ok(None) => Err(KeyProblem::SecretNotFound),
-        Ok(Some(secret)) => match secret.data.as_ref().and_then(|d| d.get(&secret_ref.key)) {
-            None => Err(KeyProblem::KeyNotFound),
-            Some(raw) => ApiKey::parse(&raw.0),
-        },
+        Ok(Some(secret)) => {
+            changes.push((Kind::Secret, crate::index::resource_version(&secret.metadata)));
+            match secret.data.as_ref().and_then(|d| d.get(&secret_ref.key)) {
+                None => Err(KeyProblem::KeyNotFound),
+                Some(raw) => ApiKey::parse(&raw.0),
+            }
+        }
         Err(source) => {
             return Err(Error::GetKeySecret {
                 namespace: ctx.settings.namespace.clone(),
@@ -242,6 +258,7 @@ pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Actio
         tokens: &tokens,
         namespace: &ctx.settings.namespace,
         now: Time(jiff::Timestamp::now()),
+        check: ctx.check(&changes),
     };
     let decision = decide(&observed);
     if project.status.as_ref() != Some(&decision.status) {
@@ -258,7 +275,9 @@ pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Actio
     for event in decision.events {
         ctx.publish(&*project, event).await;
     }
-    Ok(Action::await_change())
+    super::mark(&ctx.awaiting.projects, &*project, decision.waiting);
+    // A new report reconciles waiting projects at once; this is the fallback.
+    Ok(if decision.waiting { Action::requeue(std::time::Duration::from_secs(5)) } else { Action::await_change() })
 }
 
 #[cfg(test)]

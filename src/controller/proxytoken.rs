@@ -15,12 +15,14 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{Audit, Context, Error, selector};
+use super::{Audit, Context, Error, MINT_PROPAGATION_TIMEOUT, selector};
 use crate::api::{
     CONTROLLER_MANAGER, ConditionStatus, Conditions, MANAGED_BY_LABEL, NamespacesFrom, Project, ProxyToken,
     ProxyTokenStatus, TOKEN_HASH_ANNOTATION, TokenPhase, token_conditions as cond, token_secret_keys as keys,
 };
 use crate::duration::parse_go_duration;
+use crate::enforcement::Check;
+use crate::index::Kind;
 use crate::token::{Token, TokenHash};
 
 /// How often a token that cannot be minted yet is looked at again.
@@ -159,30 +161,85 @@ pub fn expires_at(token: &ProxyToken) -> Option<jiff::Timestamp> {
     issued.checked_add(jiff::SignedDuration::try_from(lifetime).ok()?).ok()
 }
 
-/// The status for `verdict`, keeping what minting recorded.
-pub fn status_for(token: &ProxyToken, verdict: &Verdict, now: Time) -> ProxyTokenStatus {
+/// Whether the token's Secret has been written (`Issued=True`).
+pub fn issued(token: &ProxyToken) -> bool {
+    token.status.as_ref().is_some_and(|s| crate::api::is_true(&s.conditions, cond::ISSUED))
+}
+
+/// Minted (its hash is in status) but its Secret not written yet: it waits until every
+/// proxy replica accepts the hash, so that a workload never reads a token some replica
+/// would still refuse.
+pub fn awaiting_secret(token: &ProxyToken) -> bool {
+    token.status.as_ref().is_some_and(|s| s.token_hash.is_some()) && !issued(token)
+}
+
+/// Whether a token minted at `issuedAt` has waited for the replicas long enough.
+fn mint_timed_out(token: &ProxyToken, now: jiff::Timestamp) -> bool {
+    let issued_at = token.status.as_ref().and_then(|s| s.issued_at.as_ref()).map(|t| t.0);
+    let limit = jiff::SignedDuration::try_from(MINT_PROPAGATION_TIMEOUT).unwrap_or_default();
+    issued_at.and_then(|t| t.checked_add(limit).ok()).is_none_or(|deadline| now >= deadline)
+}
+
+/// Reason of a token whose Secret waits for the replicas.
+const PROPAGATING: &str = "Propagating";
+
+/// What the proxies route a token by changed between `old` and `new` (spec included).
+fn routing_changed(token: &ProxyToken, old: &ProxyTokenStatus, new: &ProxyTokenStatus) -> bool {
+    let revoked = |s: &ProxyTokenStatus| s.phase == Some(TokenPhase::Revoked);
+    old.token_hash != new.token_hash
+        || old.issued_at != new.issued_at
+        || old.project_uid != new.project_uid
+        || revoked(old) != revoked(new)
+        || old.observed_generation != token.metadata.generation
+}
+
+/// The status for `verdict`, keeping what minting recorded; `issued`: the Secret is
+/// written; `check`: what the replicas enforce of the token as observed. Returns the
+/// status and whether it still waits for the replicas. Pure.
+pub fn status_for(
+    token: &ProxyToken,
+    verdict: &Verdict,
+    now: Time,
+    issued: bool,
+    check: &Check,
+) -> (ProxyTokenStatus, bool) {
     let old = token.status.clone().unwrap_or_default();
-    let issued = old.token_hash.is_some();
     let mut conditions = Conditions::new(&old.conditions, token.metadata.generation, now);
+    let secret = old.secret_name.clone().unwrap_or_default();
+    let awaiting = old.token_hash.is_some() && !issued && verdict.phase == TokenPhase::Active;
+    let verdict = if awaiting {
+        &Verdict::new(
+            TokenPhase::Pending,
+            PROPAGATING,
+            format!("Minted; Secret {secret} is written once every proxy replica accepts the token"),
+        )
+    } else {
+        verdict
+    };
     if issued {
-        let secret = old.secret_name.clone().unwrap_or_default();
         conditions.set(cond::ISSUED, ConditionStatus::True, "Minted", format!("Token minted into Secret {secret}"));
     } else {
         conditions.set(cond::ISSUED, ConditionStatus::False, verdict.reason, verdict.message.clone());
     }
     let ready = verdict.phase == TokenPhase::Active;
     conditions.set(cond::READY, ConditionStatus::from_bool(ready), verdict.reason, verdict.message.clone());
-    ProxyTokenStatus {
+    let mut status = ProxyTokenStatus {
         phase: Some(verdict.phase),
         expires_at: expires_at(token).map(crate::api::micros),
-        conditions: conditions.finish(),
         observed_generation: token.metadata.generation,
         // The proxies own the usage fields; they are not part of the controller's apply.
         request_count: None,
         claimed_requests: None,
         last_used_at: None,
-        ..old
-    }
+        ..old.clone()
+    };
+    let waiting = if status.token_hash.is_some() {
+        super::set_enforced(&mut conditions, cond::ENFORCED, routing_changed(token, &old, &status), check)
+    } else {
+        false
+    };
+    status.conditions = conditions.finish();
+    (status, waiting)
 }
 
 /// The Events for a phase change from `old` to `verdict`. Pure.
@@ -192,7 +249,7 @@ pub fn transition_events(
     secret_name: &str,
     minted_now: bool,
 ) -> Vec<Audit> {
-    if old == Some(verdict.phase) && !minted_now {
+    if (old == Some(verdict.phase) && !minted_now) || verdict.reason == PROPAGATING {
         return Vec::new();
     }
     let audit = match verdict.phase {
@@ -208,42 +265,55 @@ pub fn transition_events(
     vec![audit]
 }
 
-/// Reconciles one ProxyToken: fetch, decide, mint if admitted, write.
+/// How often a token waiting for the replicas is looked at without a new report.
+const RETRY_PROPAGATION: Duration = Duration::from_secs(1);
+
+/// Reconciles one ProxyToken: fetch, decide, mint if admitted, publish the Secret once
+/// every replica accepts the token, write.
 pub async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let client = &ctx.client;
     let name = token.name_any();
     let namespace = token.namespace().unwrap_or_default();
     let project_name = &token.spec.project_ref.name;
-    let project = Api::<Project>::all(client.clone())
+    let now = jiff::Timestamp::now();
+    let check = ctx.check(&[(Kind::Token, crate::index::resource_version(&token.metadata))]);
+    // Waiting for the replicas costs no API call until a report or the deadline moves it.
+    if awaiting_secret(&token) && !check.is_enforced() && !mint_timed_out(&token, now) {
+        super::mark(&ctx.awaiting.tokens, &*token, true);
+        return Ok(Action::requeue(RETRY_PROPAGATION));
+    }
+    let project = Api::<Project>::all(ctx.client.clone())
         .get_opt(project_name)
         .await
         .map_err(|source| Error::GetProject { name: project_name.clone(), source })?;
 
     let mut current = (*token).clone();
-    let minted_now = if current.status.as_ref().and_then(|s| s.token_hash.as_ref()).is_none() {
+    let mut minted_now = false;
+    if current.status.as_ref().and_then(|s| s.token_hash.as_ref()).is_none() {
         let allowed = match &project {
             Some(p) => namespace_allowed(p, &namespace_labels(&ctx, p, &namespace).await?),
             None => false,
         };
-        match admit(&current, project.as_ref(), allowed) {
-            Err(verdict) => return write(&ctx, &current, &verdict, project.as_ref(), false).await,
-            Ok(()) => match mint_or_adopt(&ctx, &current).await? {
-                Minted::Conflict(verdict) => {
-                    return write(&ctx, &current, &verdict, project.as_ref(), false).await;
-                }
-                Minted::Ok { hash, secret_name, issued_at } => {
-                    let status = current.status.get_or_insert_with(Default::default);
-                    status.token_hash = Some(hash.to_string());
-                    status.secret_name = Some(secret_name);
-                    status.issued_at = Some(crate::api::micros(issued_at));
-                    status.project_uid = project.as_ref().and_then(|p| p.metadata.uid.clone());
-                    true
-                }
-            },
+        if let Err(verdict) = admit(&current, project.as_ref(), allowed) {
+            return write(&ctx, &current, &verdict, project.as_ref(), false, &check).await;
         }
-    } else {
-        false
-    };
+        match adopt_or_mint(&ctx, &current).await? {
+            Mint::Conflict(verdict) => return write(&ctx, &current, &verdict, project.as_ref(), false, &check).await,
+            Mint::Adopted { hash, secret_name, issued_at } => {
+                record(&mut current, hash, secret_name, issued_at, project.as_ref());
+                minted_now = true;
+            }
+            Mint::New(plaintext) => return mint(&ctx, current, plaintext, project.as_ref(), &check).await,
+        }
+    } else if !issued(&current) {
+        match publish(&ctx, &current).await? {
+            Published::Written => minted_now = true,
+            Published::Conflict(verdict) => {
+                return write(&ctx, &current, &verdict, project.as_ref(), false, &check).await;
+            }
+            // The plaintext died with an earlier leader: nobody has seen it, mint afresh.
+            Published::Lost => return mint(&ctx, current, Token::mint()?, project.as_ref(), &check).await,
+        }
+    }
     // Tokens minted before `projectUid` was recorded: bind them to their Project once.
     if let Some(bound) = bound_project(&current, project.as_ref())
         && let Some(status) = current.status.as_mut()
@@ -251,12 +321,50 @@ pub async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Result<Acti
     {
         status.project_uid = bound.metadata.uid.clone();
     }
-    let verdict = lifecycle(&current, project.as_ref(), jiff::Timestamp::now());
-    let action = write(&ctx, &current, &verdict, project.as_ref(), minted_now).await?;
+    let verdict = lifecycle(&current, project.as_ref(), now);
+    let action = write(&ctx, &current, &verdict, project.as_ref(), minted_now, &check).await?;
     if minted_now {
         tracing::info!(namespace, name, project = %project_name, "token minted");
     }
     Ok(action)
+}
+
+/// Records a mint in `token`'s status.
+fn record(
+    token: &mut ProxyToken,
+    hash: TokenHash,
+    secret_name: String,
+    issued_at: jiff::Timestamp,
+    project: Option<&Project>,
+) {
+    let status = token.status.get_or_insert_with(Default::default);
+    status.token_hash = Some(hash.to_string());
+    status.secret_name = Some(secret_name);
+    status.issued_at = Some(crate::api::micros(issued_at));
+    status.project_uid = project.and_then(|p| p.metadata.uid.clone());
+}
+
+/// Writes a fresh token's hash to status and keeps the plaintext until every replica
+/// accepts the hash; the Secret follows then.
+async fn mint(
+    ctx: &Context,
+    mut token: ProxyToken,
+    plaintext: Token,
+    project: Option<&Project>,
+    check: &Check,
+) -> Result<Action, Error> {
+    let secret_name = token.spec.secret_name.clone().unwrap_or_else(|| token.name_any());
+    record(&mut token, plaintext.hash(), secret_name, jiff::Timestamp::now(), project);
+    let uid = token.uid().unwrap_or_default();
+    ctx.mints.lock().expect("mints poisoned").insert(uid.clone(), plaintext);
+    let verdict = lifecycle(&token, project, jiff::Timestamp::now());
+    match write(ctx, &token, &verdict, project, false, check).await {
+        Ok(_) => Ok(Action::requeue(RETRY_PROPAGATION)),
+        Err(error) => {
+            ctx.mints.lock().expect("mints poisoned").remove(&uid);
+            Err(error)
+        }
+    }
 }
 
 async fn namespace_labels(
@@ -275,39 +383,74 @@ async fn namespace_labels(
     Ok(ns.metadata.labels.unwrap_or_default())
 }
 
-enum Minted {
-    Ok { hash: TokenHash, secret_name: String, issued_at: jiff::Timestamp },
+enum Mint {
+    /// A Secret an interrupted mint of an earlier version left (Secret first, status after).
+    Adopted { hash: TokenHash, secret_name: String, issued_at: jiff::Timestamp },
+    /// The Secret name belongs to something else.
     Conflict(Verdict),
+    /// A new token, not written anywhere yet.
+    New(Token),
 }
 
-/// Creates the token Secret, or adopts the one an interrupted earlier mint left.
-async fn mint_or_adopt(ctx: &Context, token: &ProxyToken) -> Result<Minted, Error> {
+enum Published {
+    Written,
+    Conflict(Verdict),
+    Lost,
+}
+
+fn secret_conflict(namespace: &str, secret_name: &str) -> Verdict {
+    Verdict::new(
+        TokenPhase::Rejected,
+        "SecretConflict",
+        format!(
+            "Secret {namespace}/{secret_name} already exists and is not this token's: set spec.secretName to a free name"
+        ),
+    )
+}
+
+/// Adopts the Secret an interrupted earlier mint left, or mints a new token.
+async fn adopt_or_mint(ctx: &Context, token: &ProxyToken) -> Result<Mint, Error> {
     let namespace = token.namespace().unwrap_or_default();
     let secret_name = token.spec.secret_name.clone().unwrap_or_else(|| token.name_any());
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
+    let existing = secrets.get_opt(&secret_name).await.map_err(|source| Error::TokenSecret {
+        namespace: namespace.clone(),
+        name: secret_name.clone(),
+        source,
+    })?;
+    let Some(existing) = existing else { return Ok(Mint::New(Token::mint()?)) };
+    let ours = existing.owner_references().iter().any(|o| Some(&o.uid) == token.uid().as_ref());
+    Ok(match ours.then(|| adoptable(&existing)).flatten() {
+        Some(hash) => Mint::Adopted {
+            hash,
+            secret_name,
+            issued_at: existing.metadata.creation_timestamp.map_or_else(jiff::Timestamp::now, |t| t.0),
+        },
+        None => Mint::Conflict(secret_conflict(&namespace, &secret_name)),
+    })
+}
+
+/// Writes the Secret of a token whose hash every replica accepts.
+async fn publish(ctx: &Context, token: &ProxyToken) -> Result<Published, Error> {
+    let namespace = token.namespace().unwrap_or_default();
+    let status = token.status.clone().unwrap_or_default();
+    let secret_name = status.secret_name.clone().unwrap_or_else(|| token.name_any());
+    let hash = status.token_hash.as_deref().and_then(TokenHash::parse);
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
     let err = |source| Error::TokenSecret { namespace: namespace.clone(), name: secret_name.clone(), source };
 
     if let Some(existing) = secrets.get_opt(&secret_name).await.map_err(err)? {
+        // Written before the status said so (the status write was lost): keep it.
         let ours = existing.owner_references().iter().any(|o| Some(&o.uid) == token.uid().as_ref());
-        let adopted = ours.then(|| adoptable(&existing)).flatten();
-        return Ok(match adopted {
-            Some(hash) => Minted::Ok {
-                hash,
-                secret_name,
-                issued_at: existing.metadata.creation_timestamp.map_or_else(jiff::Timestamp::now, |t| t.0),
-            },
-            None => Minted::Conflict(Verdict::new(
-                TokenPhase::Rejected,
-                "SecretConflict",
-                format!(
-                    "Secret {namespace}/{secret_name} already exists and is not this token's: set spec.secretName to a free name"
-                ),
-            )),
+        return Ok(match ours.then(|| adoptable(&existing)).flatten() {
+            Some(found) if Some(found) == hash => Published::Written,
+            _ => Published::Conflict(secret_conflict(&namespace, &secret_name)),
         });
     }
+    let uid = token.uid().unwrap_or_default();
+    let plaintext = ctx.mints.lock().expect("mints poisoned").remove(&uid);
+    let Some(plaintext) = plaintext.filter(|t| Some(t.hash()) == hash) else { return Ok(Published::Lost) };
 
-    let minted = Token::mint()?;
-    let hash = minted.hash();
     let base_url = format!("{}/v1", ctx.settings.proxy_url.trim_end_matches('/'));
     let secret = Secret {
         metadata: ObjectMeta {
@@ -317,20 +460,30 @@ async fn mint_or_adopt(ctx: &Context, token: &ProxyToken) -> Result<Minted, Erro
                 (MANAGED_BY_LABEL.0.to_string(), MANAGED_BY_LABEL.1.to_string()),
                 (TOKEN_LABEL.to_string(), token.name_any()),
             ])),
-            annotations: Some(BTreeMap::from([(TOKEN_HASH_ANNOTATION.to_string(), hash.to_string())])),
+            annotations: Some(BTreeMap::from([(TOKEN_HASH_ANNOTATION.to_string(), plaintext.hash().to_string())])),
             owner_references: token.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
         string_data: Some(BTreeMap::from([
-            (keys::OPENAI_API_KEY.to_string(), minted.expose().to_string()),
+            (keys::OPENAI_API_KEY.to_string(), plaintext.expose().to_string()),
             (keys::OPENAI_BASE_URL.to_string(), base_url),
-            (keys::TOKEN.to_string(), minted.expose().to_string()),
+            (keys::TOKEN.to_string(), plaintext.expose().to_string()),
         ])),
         ..Default::default()
     };
-    secrets.create(&PostParams::default(), &secret).await.map_err(err)?;
-    Ok(Minted::Ok { hash, secret_name, issued_at: jiff::Timestamp::now() })
+    let params = PostParams { field_manager: Some(CONTROLLER_MANAGER.into()), ..PostParams::default() };
+    match secrets.create(&params, &secret).await {
+        Ok(_) => Ok(Published::Written),
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            Ok(Published::Conflict(secret_conflict(&namespace, &secret_name)))
+        }
+        Err(source) => {
+            // Keep the plaintext for the next try.
+            ctx.mints.lock().expect("mints poisoned").insert(uid, plaintext);
+            Err(err(source))
+        }
+    }
 }
 
 /// The hash of a Secret an earlier mint of this token wrote, if it is intact.
@@ -342,17 +495,20 @@ fn adoptable(secret: &Secret) -> Option<TokenHash> {
 }
 
 /// Writes the status for `verdict` (when it changed), records Events, and says when
-/// to look again (at expiry, for a token that is still usable).
+/// to look again (at expiry for a token that is still usable; soon while the replicas
+/// catch up).
 async fn write(
     ctx: &Context,
     token: &ProxyToken,
     verdict: &Verdict,
     project: Option<&Project>,
     minted_now: bool,
+    check: &Check,
 ) -> Result<Action, Error> {
     let name = token.name_any();
     let namespace = token.namespace().unwrap_or_default();
-    let status = status_for(token, verdict, Time(jiff::Timestamp::now()));
+    let is_issued = minted_now || issued(token);
+    let (status, waiting) = status_for(token, verdict, Time(jiff::Timestamp::now()), is_issued, check);
     let old_phase = token.status.as_ref().and_then(|s| s.phase);
     let mut comparable = token.status.clone().unwrap_or_default();
     comparable.request_count = None;
@@ -369,11 +525,21 @@ async fn write(
             .await
             .map_err(|source| Error::PatchStatus { kind: "ProxyToken", name: format!("{namespace}/{name}"), source })?;
     }
+    super::mark(&ctx.awaiting.tokens, token, waiting);
     let secret_name = status.secret_name.clone().unwrap_or_default();
-    for event in transition_events(old_phase, verdict, &secret_name, minted_now) {
+    let written = Verdict::new(
+        status.phase.unwrap_or(verdict.phase),
+        if status.phase == Some(TokenPhase::Pending) && status.token_hash.is_some() {
+            PROPAGATING
+        } else {
+            verdict.reason
+        },
+        verdict.message.clone(),
+    );
+    for event in transition_events(old_phase, &written, &secret_name, minted_now) {
         if let Some(project) = project
             && matches!(
-                verdict.phase,
+                written.phase,
                 TokenPhase::Active | TokenPhase::Revoked | TokenPhase::Expired | TokenPhase::Exhausted
             )
         {
@@ -387,7 +553,8 @@ async fn write(
         }
         ctx.publish(token, event).await;
     }
-    Ok(match (verdict.phase, status.expires_at) {
+    Ok(match (written.phase, status.expires_at) {
+        _ if waiting => Action::requeue(RETRY_PROPAGATION.max(Duration::from_secs(5))),
         (TokenPhase::Active | TokenPhase::ProjectInactive | TokenPhase::Exhausted, Some(at)) => {
             let wait = at.0.duration_since(jiff::Timestamp::now()).unsigned_abs();
             Action::requeue(wait.min(Duration::from_secs(3600)) + Duration::from_millis(100))

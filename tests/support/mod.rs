@@ -439,6 +439,14 @@ pub fn token_spec(project: &str) -> ProxyTokenSpec {
     }
 }
 
+/// A chat request on the proxy at `port`: the error code, or "" for 200.
+pub async fn chat_on(port: u16, token: &str) -> String {
+    let auth = format!("Bearer {token}");
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let response = curl("POST", &url, &[("authorization", &auth)], Some(r#"{"model":"m","messages":[]}"#)).await;
+    if response.status == 200 { String::new() } else { response.error_code() }
+}
+
 /// Object helpers.
 impl Env {
     pub async fn create_project(&self, name: &str) -> Project {

@@ -48,7 +48,8 @@ fn token(name: &str, phase: TokenPhase, issued: i64) -> ProxyToken {
 }
 
 fn decide_at(project: &Project, key: Result<ApiKey, KeyProblem>, tokens: &[ProxyToken], now: i64) -> Decision {
-    decide(&Observed { project, key, tokens, namespace: "ops", now: at(now) })
+    let check = crate::enforcement::Check { live: 0, behind: Vec::new() };
+    decide(&Observed { project, key, tokens, namespace: "ops", now: at(now), check })
 }
 
 fn key() -> Result<ApiKey, KeyProblem> {

@@ -148,12 +148,63 @@ fn status_keeps_the_mint_and_leaves_usage_to_the_proxy() {
     let mut t = issued(0);
     t.status.as_mut().unwrap().request_count = Some(7);
     let verdict = lifecycle(&t, None, at(10));
-    let status = status_for(&t, &verdict, Time(at(10)));
+    let (status, _) = status_for(&t, &verdict, Time(at(10)), true, &no_replicas());
     assert_eq!(status.token_hash, t.status.as_ref().unwrap().token_hash);
     assert_eq!(status.expires_at, Some(crate::api::micros(at(3600))));
     assert_eq!(status.request_count, None);
     let issued_condition = status.conditions.iter().find(|c| c.type_ == cond::ISSUED).unwrap();
     assert_eq!(issued_condition.status, "True");
+}
+
+fn no_replicas() -> crate::enforcement::Check {
+    crate::enforcement::Check { live: 0, behind: Vec::new() }
+}
+
+#[test]
+fn a_minted_token_stays_pending_until_its_secret_is_written_and_enforced_follows_the_replicas() {
+    let open = project(true, Some(NamespacesFrom::All));
+    let mut t = issued(0);
+    t.metadata.generation = Some(1);
+    t.status.as_mut().unwrap().phase = None;
+    let verdict = lifecycle(&t, Some(&open), at(10));
+    assert_eq!(verdict.phase, TokenPhase::Active);
+    let lagging = crate::enforcement::Check { live: 2, behind: vec!["proxy-b".into()] };
+    let caught_up = crate::enforcement::Check { live: 2, behind: Vec::new() };
+
+    // The mint itself: hash written, no Secret yet. No replica can have applied a write
+    // that has not happened, whatever the reports say.
+    let (minted, waiting) = status_for(&t, &verdict, Time(at(10)), false, &caught_up);
+    assert_eq!(minted.phase, Some(TokenPhase::Pending));
+    let condition = |s: &ProxyTokenStatus, type_: &str| s.conditions.iter().find(|c| c.type_ == type_).unwrap().clone();
+    assert_eq!(condition(&minted, cond::ISSUED).reason, "Propagating");
+    assert_eq!((condition(&minted, cond::ENFORCED).status.as_str(), waiting), ("False", true));
+    assert!(transition_events(None, &Verdict::new(TokenPhase::Pending, PROPAGATING, "x"), "web", false).is_empty());
+
+    // Observed again while a replica lags: still waiting, the condition untouched (a
+    // rewrite would be one more change to wait for)...
+    t.status = Some(minted.clone());
+    let (lag, waiting) = status_for(&t, &verdict, Time(at(11)), false, &lagging);
+    assert!(waiting);
+    assert_eq!(condition(&lag, cond::ENFORCED), condition(&minted, cond::ENFORCED));
+    // ...until it has lagged a while: then it names the replica.
+    let (late, waiting) = status_for(&t, &verdict, Time(at(25)), false, &lagging);
+    assert!(waiting && condition(&late, cond::ENFORCED).message.contains("proxy-b"));
+
+    // Every replica caught up and the Secret is written: Active and Enforced.
+    let (done, waiting) = status_for(&t, &verdict, Time(at(12)), true, &caught_up);
+    assert_eq!((done.phase, waiting), (Some(TokenPhase::Active), false));
+    let enforced = condition(&done, cond::ENFORCED);
+    assert_eq!((enforced.status.as_str(), enforced.message.as_str()), ("True", "Enforced by 2/2 live proxy replicas"));
+    assert_eq!(enforced.last_transition_time, Time(at(12)));
+
+    // A revocation is a new change: Enforced goes back to False until the replicas report.
+    t.status = Some(done);
+    t.spec.revoked = true;
+    t.metadata.generation = Some(2);
+    let revoked = lifecycle(&t, Some(&open), at(13));
+    let (after, waiting) = status_for(&t, &revoked, Time(at(13)), true, &caught_up);
+    assert_eq!((after.phase, waiting), (Some(TokenPhase::Revoked), true));
+    assert_eq!(condition(&after, cond::ENFORCED).status, "False");
 }
 
 #[test]
