@@ -1,5 +1,6 @@
 //! Propagation benchmark, with two proxy replicas: time from an API write (revoke a
-//! token, deactivate a project, rotate a key) to (a) the first request through replica A
+//! token, deactivate a project, rotate a key in place or by pointing the project at a new
+//! Secret) to (a) the first request through replica A
 //! that sees the new state and (b) every replica reporting that it enforces the write
 //! (its report Lease names a resource version at least the write's).
 //!
@@ -138,11 +139,13 @@ async fn main() {
         let (first, all) = tokio::join!(first, until_enforced(&client, Kind::Project, &changed.metadata, t0));
         deactivate.push(first);
         deactivate_all.push(all);
-        projects
+        let back = projects
             .patch("bench-propagation", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "active": true } })))
             .await
             .unwrap();
         while status_of(probe).await != 200 {}
+        // The reactivation is a change too: let its report go out before the next trial.
+        until_enforced(&client, Kind::Project, &back.metadata, Instant::now()).await;
         settle().await;
     }
 
@@ -165,6 +168,34 @@ async fn main() {
         rotate_all.push(all);
         settle().await;
     }
+    // The same key change made the other way: the Project pointed at a new, existing
+    // Secret. Measured like the rotation, so the two rows compare the two paths.
+    let key_secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    for i in 1..=TRIALS {
+        let name = format!("key-{i}");
+        let secret = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name }, "stringData": { "apiKey": key(TRIALS + i) } });
+        key_secrets.patch(&name, &apply, &Patch::Apply(&secret)).await.unwrap();
+    }
+    let (mut repoint, mut repoint_all) = (Vec::new(), Vec::new());
+    for i in 1..=TRIALS {
+        let expected = format!("Bearer {}", key(TRIALS + i));
+        let t0 = Instant::now();
+        let to = json!({ "spec": { "apiKeySecretRef": { "name": format!("key-{i}") } } });
+        let changed = projects.patch("bench-propagation", &PatchParams::default(), &Patch::Merge(&to)).await.unwrap();
+        let first = async {
+            loop {
+                assert_eq!(status_of(probe).await, 200);
+                if upstream.last_request().and_then(|r| r.header("authorization")).as_deref() == Some(expected.as_str())
+                {
+                    break t0.elapsed();
+                }
+            }
+        };
+        let (first, all) = tokio::join!(first, until_enforced(&client, Kind::Project, &changed.metadata, t0));
+        repoint.push(first);
+        repoint_all.push(all);
+        settle().await;
+    }
     for child in [&mut proxy, &mut proxy_b] {
         let _ = child.kill();
         let _ = child.wait();
@@ -173,7 +204,8 @@ async fn main() {
     for (what, first, all) in [
         ("revoke a token", revoke, revoke_all),
         ("deactivate a project", deactivate, deactivate_all),
-        ("rotate the key", rotate, rotate_all),
+        ("rotate the key in place", rotate, rotate_all),
+        ("point the project at a new Secret", repoint, repoint_all),
     ] {
         let (p50, p99, max) = summary(first);
         let (all_p50, all_p99, all_max) = summary(all);

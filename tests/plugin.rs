@@ -49,6 +49,21 @@ async fn every_plugin_command_does_what_it_says() {
     let (_, out, _) = plugin(&["list", "--search", "Test alpha"]);
     assert!(out.contains(&env.scoped("alpha")), "{out}");
 
+    // A project that cannot serve says so in the list and in show, with the fix.
+    let nokey = env.project("nokey");
+    projects.create(&Default::default(), &nokey).await.unwrap();
+    let row = eventually(WAIT, || async {
+        let (_, out, _) = plugin(&["list", "--search", &env.scoped("nokey")]);
+        out.lines().find(|l| l.contains("SecretNotFound")).map(str::to_string)
+    })
+    .await;
+    assert!(
+        row.split_whitespace().collect::<Vec<_>>().windows(3).any(|w| w == ["Active", "False", "SecretNotFound"]),
+        "{row}"
+    );
+    let (_, out, _) = plugin(&["show", &env.scoped("nokey")]);
+    assert!(out.contains("Serving:       no (SecretNotFound: Secret") && out.contains("not found: create it"), "{out}");
+
     // activate
     let (ok, _, err) = plugin(&["activate", &env.scoped("beta")]);
     assert!(ok, "{err}");
