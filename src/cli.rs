@@ -96,6 +96,10 @@ struct ProxyArgs {
     /// This replica's identity in its report Lease (default: POD_NAME, else host and process id).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The uid of this replica's Pod: its report Lease is then owned by the Pod, and
+    /// the garbage collector deletes it with the Pod.
+    #[arg(long, env = "POD_UID")]
+    pod_uid: Option<String>,
     /// Least milliseconds between two writes of this replica's report (what it enforces).
     #[arg(long, env = "LLMPROXY_REPORT_INTERVAL_MILLIS", default_value_t = 100)]
     report_interval_millis: u64,
@@ -168,6 +172,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         shutdown_signal().await;
         let _ = stop.send(true);
     });
+    let owner = args.identity.clone().zip(args.pod_uid.clone());
     let identity = args.identity.unwrap_or_else(default_identity);
     let reporter = tokio::spawn({
         let (client, table, stopped) = (client.clone(), table.clone(), stopped.clone());
@@ -176,6 +181,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
             identity,
             lease_duration: Duration::from_secs(30),
             min_interval: Duration::from_millis(args.report_interval_millis),
+            owner,
         };
         async move { crate::enforcement::report(client, settings, &table, stopped).await }
     });

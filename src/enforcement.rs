@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 
@@ -47,6 +48,8 @@ pub struct ReportSettings {
     pub lease_duration: Duration,
     /// Least time between two writes: a burst of changes costs one write.
     pub min_interval: Duration,
+    /// The replica's Pod (name, uid), which then owns the Lease.
+    pub owner: Option<(String, String)>,
 }
 
 /// One replica's report, as read back.
@@ -126,6 +129,15 @@ pub fn lease(settings: &ReportSettings, applied: Applied, now: jiff::Timestamp) 
                 (MANAGED_BY_LABEL.0.to_string(), MANAGED_BY_LABEL.1.to_string()),
             ])),
             annotations: Some(annotations),
+            owner_references: settings.owner.as_ref().map(|(name, uid)| {
+                vec![OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Pod".into(),
+                    name: name.clone(),
+                    uid: uid.clone(),
+                    ..OwnerReference::default()
+                }]
+            }),
             ..ObjectMeta::default()
         },
         spec: Some(LeaseSpec {
@@ -228,6 +240,7 @@ mod tests {
             identity: "proxy-7f9c_A".into(),
             lease_duration: Duration::from_secs(30),
             min_interval: Duration::from_millis(100),
+            owner: None,
         }
     }
 
@@ -242,6 +255,12 @@ mod tests {
         assert!(report.enforces(Kind::Token, 20) && !report.enforces(Kind::Token, 21));
         assert!(report.enforces(Kind::Secret, 30) && !report.enforces(Kind::Project, 11));
         assert!(!read(&lease, now.checked_add(jiff::SignedDuration::from_secs(30)).unwrap()).live);
+
+        // In a pod, the Pod owns the report: the garbage collector deletes it with the Pod.
+        let mut in_pod = settings();
+        in_pod.owner = Some(("proxy-7f9c".into(), "uid-1".into()));
+        let owners = super::lease(&in_pod, applied, now).metadata.owner_references.unwrap();
+        assert_eq!((owners[0].kind.as_str(), owners[0].uid.as_str()), ("Pod", "uid-1"));
     }
 
     #[test]
