@@ -239,7 +239,9 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
             namespace: args.common.namespace,
             identity: identity.clone(),
             lease_duration: Duration::from_secs(args.lease_duration_seconds),
-            retry_period: Duration::from_secs((args.lease_duration_seconds / 5).max(1)),
+            // Followers look every second (the holder renews as often): after a release,
+            // the next leader starts within about a second.
+            retry_period: Duration::from_secs((args.lease_duration_seconds / 15).max(1)),
         },
     );
     tokio::select! {
@@ -248,7 +250,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
     }
     tracing::info!(%identity, "leading: reconciling");
     tokio::select! {
-        () = controller::run(client, settings, metrics.clone(), shutdown_signal()) => Ok(()),
+        () = controller::run(client, settings, metrics.clone(), shutdown_signal()) => {}
         () = elector.hold() => {
             // Another replica may lead now; stop writing at once and let the pod restart.
             tracing::error!(%identity, "lost the leader lease; exiting");
@@ -256,6 +258,12 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
             std::process::exit(1);
         }
     }
+    // A clean stop (a rolling update): hand the lease over now, not after it lapses.
+    match elector.release().await {
+        Ok(()) => tracing::info!(%identity, "released the leader lease"),
+        Err(error) => tracing::warn!(%error, "could not release the leader lease; it lapses on its own"),
+    }
+    Ok(())
 }
 
 /// HOSTNAME (the pod name in a cluster) and the process id, unique on one machine too.

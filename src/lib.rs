@@ -11,13 +11,13 @@
 
 pub mod api;
 pub mod apikey;
-pub mod binding;
 pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod duration;
 pub mod enforcement;
 pub mod fake_upstream;
+pub mod fate;
 pub mod index;
 pub mod metrics;
 pub mod plugin;

@@ -128,6 +128,31 @@ impl Elector {
         }
     }
 
+    /// Gives the lease up if this replica holds it (on a clean stop), so that another
+    /// replica takes over on its next try instead of waiting a whole lease duration.
+    pub async fn release(&mut self) -> Result<(), LeaseError> {
+        let err = |source| LeaseError {
+            namespace: self.settings.namespace.clone(),
+            name: self.settings.name.clone(),
+            source,
+        };
+        let Some(mut lease) = self.api.get_opt(&self.settings.name).await.map_err(err)? else { return Ok(()) };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        if spec.holder_identity.as_deref() != Some(self.settings.identity.as_str()) {
+            return Ok(());
+        }
+        // As client-go does: no holder, and a lease that would lapse at once anyway.
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+        match self.api.replace(&self.settings.name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(()),
+            // Someone else wrote in between: then it is not ours to release.
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+            Err(source) => Err(err(source)),
+        }
+    }
+
     /// Renews until the lease is lost (or cannot be renewed within the lease duration),
     /// then returns: the caller must stop writing at once.
     pub async fn hold(&mut self) {

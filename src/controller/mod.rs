@@ -222,19 +222,48 @@ fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action
     Action::requeue(Duration::from_secs(5))
 }
 
-/// What of a Project its tokens depend on: which object it is, its spec, and how far its
-/// deletion has gone.
-fn project_spec_hash(project: &Project) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(&project.spec).unwrap_or_default().hash(&mut hasher);
-    // A Project deleted and created again is another object: its old tokens must learn.
-    project.metadata.uid.hash(&mut hasher);
-    // The update that removes the last finalizer is the one that deletes the object; the
-    // delete event after it would look unchanged.
-    project.finalizers().hash(&mut hasher);
-    project.metadata.deletion_timestamp.is_some().hash(&mut hasher);
-    hasher.finish()
+/// Which Project events concern its tokens: a change of which object it is, of its spec,
+/// or of how far its deletion has gone; never its status (token counts), which would
+/// re-reconcile every token of a project on each of its status writes, O(n²) work for n
+/// tokens. Remembers one hash per Project and forgets it when the Project goes.
+#[derive(Default)]
+pub struct ProjectChanges {
+    seen: HashMap<String, u64>,
+}
+
+impl ProjectChanges {
+    /// Whether `project`, as a watch event shows it, changed what its tokens depend on.
+    pub fn changed(&mut self, project: &Project) -> bool {
+        let name = project.name_any();
+        // Deleted (the update that removes the last finalizer deletes the object, and
+        // the delete event follows): always a change, and nothing left to remember.
+        if project.metadata.deletion_timestamp.is_some() && project.finalizers().is_empty() {
+            self.seen.remove(&name);
+            return true;
+        }
+        self.seen.insert(name, Self::hash(project)) != Some(Self::hash(project))
+    }
+
+    /// Projects remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    fn hash(project: &Project) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&project.spec).unwrap_or_default().hash(&mut hasher);
+        project.metadata.deletion_timestamp.is_some().hash(&mut hasher);
+        // A Project deleted and created again is another object: its old tokens must learn.
+        project.metadata.uid.hash(&mut hasher);
+        project.finalizers().hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 /// Counts one reconcile's result.
@@ -321,14 +350,13 @@ pub async fn run(
     // Tokens depend on their project's spec (and deletion), never on its status: without
     // this filter every status write of a project (token counts) re-reconciled all of
     // its tokens, O(n^2) work for n tokens.
-    let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
+    let changes = Mutex::new(ProjectChanges::default());
     let token_controller = token_controller.watches(leases, reports, move |_| {
         awaiting.tokens.lock().expect("awaiting set poisoned").iter().cloned().collect::<Vec<_>>()
     });
     let token_controller = token_controller.watches(projects, labelled, move |p| {
         let name = p.name_any();
-        let hash = project_spec_hash(&p);
-        if seen.lock().expect("project hash cache poisoned").insert(name.clone(), hash) == Some(hash) {
+        if !changes.lock().expect("project changes poisoned").changed(&p) {
             return Vec::new();
         }
         token_store
@@ -363,4 +391,53 @@ pub async fn run(
             std::future::ready(())
         });
     tokio::join!(projects_done, tokens_done);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ProjectSpec, SecretKeyRef, Upstream};
+
+    fn project(uid: &str) -> Project {
+        let mut p = Project::new(
+            "prod",
+            ProjectSpec {
+                display_name: None,
+                active: true,
+                api_key_secret_ref: SecretKeyRef { name: "k".into(), key: "apiKey".into() },
+                upstream: Upstream { url: "https://api.openai.com".into() },
+                allowed_namespaces: None,
+                tokens_not_before: None,
+            },
+        );
+        p.metadata.uid = Some(uid.into());
+        p.metadata.finalizers = Some(vec![crate::api::PROJECT_FINALIZER.into()]);
+        p
+    }
+
+    #[test]
+    fn project_changes_pass_spec_and_deletion_and_forget_deleted_projects() {
+        let mut changes = ProjectChanges::default();
+        let mut p = project("uid-1");
+        assert!(changes.changed(&p));
+        p.status = Some(Default::default());
+        assert!(!changes.changed(&p), "a status write is not a change");
+        p.spec.active = false;
+        assert!(changes.changed(&p));
+
+        // Deletion requested (the finalizer keeps it), then the finalizer removed, then
+        // the delete event: the tokens hear of each step that matters, and the Project
+        // is forgotten (the map used to grow with every Project ever seen).
+        p.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        assert!(changes.changed(&p));
+        p.metadata.finalizers = None;
+        assert!(changes.changed(&p));
+        assert!(changes.changed(&p));
+        assert!(changes.is_empty());
+
+        // Created again under the same name: another object.
+        assert!(changes.changed(&project("uid-2")));
+        assert_eq!(changes.len(), 1);
+    }
 }

@@ -213,7 +213,11 @@ pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Actio
         // The resourceVersion makes this a compare-and-swap: never drop someone else's finalizer.
         let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": project.resource_version() } });
         projects
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                &name,
+                &PatchParams { field_manager: Some(CONTROLLER_MANAGER.into()), ..PatchParams::default() },
+                &Patch::Merge(&patch),
+            )
             .await
             .map_err(|source| Error::AddFinalizer { name: name.clone(), source })?;
     }

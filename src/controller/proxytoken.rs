@@ -22,6 +22,7 @@ use crate::api::{
 };
 use crate::duration::parse_go_duration;
 use crate::enforcement::Check;
+use crate::fate::{Facts, Fate};
 use crate::index::Kind;
 use crate::token::{Token, TokenHash};
 
@@ -98,60 +99,66 @@ pub fn bound_project<'a>(token: &ProxyToken, project: Option<&'a Project>) -> Op
     project.filter(|p| {
         let created_us = p.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_microsecond());
         let uid = p.metadata.uid.as_deref().unwrap_or_default();
-        crate::binding::is_bound(status.project_uid.as_deref(), issued_us, uid, created_us)
+        crate::fate::is_bound(status.project_uid.as_deref(), issued_us, uid, created_us)
     })
 }
 
-/// The phase of a minted token at `now`. Pure; final phases stay final.
+/// The phase of a minted token at `now`: its [`Fate`](crate::fate::Fate), the rule the
+/// proxy applies too, with the words for status and Events. Pure; final phases stay final.
 pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Timestamp) -> Verdict {
     let status = token.status.clone().unwrap_or_default();
     let issued_at = status.issued_at.as_ref().map(|t| t.0);
     let project_name = &token.spec.project_ref.name;
-    let Some(project) = bound_project(token, project) else {
-        let replaced =
-            if project.is_some() { " (a new Project of that name exists; it is another object)" } else { "" };
-        return Verdict::new(
-            TokenPhase::Revoked,
-            "ProjectDeleted",
-            format!(
-                "Project {project_name} this token was minted for was deleted{replaced}: the token can never be used again; create a new ProxyToken"
-            ),
-        );
-    };
-    if token.spec.revoked || status.phase == Some(TokenPhase::Revoked) {
-        return Verdict::new(TokenPhase::Revoked, "Revoked", "Revoked: requests with this token are refused for good");
-    }
-    if let Some(issued) = issued_at
-        && let Some(not_before) = &project.spec.tokens_not_before
+    let bound = bound_project(token, project);
+    let not_before = bound.and_then(|p| p.spec.tokens_not_before.as_ref()).map(|t| t.0);
+    let facts = Facts {
+        bound: bound.is_some(),
+        revoked: token.spec.revoked || status.phase == Some(TokenPhase::Revoked),
         // Both sides at the microsecond precision the status stores, like the proxy.
-        && issued.as_microsecond() < not_before.0.as_microsecond()
-    {
-        return Verdict::new(
+        bulk_revoked: match (issued_at, not_before) {
+            (Some(issued), Some(cut)) => issued.as_microsecond() < cut.as_microsecond(),
+            _ => false,
+        },
+        expired: status.phase == Some(TokenPhase::Expired) || expires_at(token).is_some_and(|at| now >= at),
+        exhausted: token.spec.max_requests.is_some_and(|max| status.request_count.unwrap_or(0) >= max),
+        project_active: bound.is_some_and(|p| p.spec.active && p.metadata.deletion_timestamp.is_none()),
+    };
+    match facts.fate() {
+        Fate::ProjectDeleted => {
+            let replaced =
+                if project.is_some() { " (a new Project of that name exists; it is another object)" } else { "" };
+            Verdict::new(
+                TokenPhase::Revoked,
+                "ProjectDeleted",
+                format!(
+                    "Project {project_name} this token was minted for was deleted{replaced}: the token can never be used again; create a new ProxyToken"
+                ),
+            )
+        }
+        Fate::Revoked => {
+            Verdict::new(TokenPhase::Revoked, "Revoked", "Revoked: requests with this token are refused for good")
+        }
+        Fate::BulkRevoked => Verdict::new(
             TokenPhase::Revoked,
             "BulkRevoked",
-            format!("Revoked with every token of Project {} issued before {}", project.name_any(), not_before.0),
-        );
-    }
-    if status.phase == Some(TokenPhase::Expired) || expires_at(token).is_some_and(|at| now >= at) {
-        return Verdict::new(TokenPhase::Expired, "Expired", "Expired: create a new ProxyToken");
-    }
-    if let Some(max) = token.spec.max_requests
-        && status.request_count.unwrap_or(0) >= max
-    {
-        return Verdict::new(
+            format!(
+                "Revoked with every token of Project {project_name} issued before {}",
+                not_before.map(|t| t.to_string()).unwrap_or_default()
+            ),
+        ),
+        Fate::Expired => Verdict::new(TokenPhase::Expired, "Expired", "Expired: create a new ProxyToken"),
+        Fate::Exhausted => Verdict::new(
             TokenPhase::Exhausted,
             "Exhausted",
-            format!("All {max} requests allowed by maxRequests are used"),
-        );
-    }
-    if !project.spec.active || project.metadata.deletion_timestamp.is_some() {
-        return Verdict::new(
+            format!("All {} requests allowed by maxRequests are used", token.spec.max_requests.unwrap_or_default()),
+        ),
+        Fate::ProjectInactive => Verdict::new(
             TokenPhase::ProjectInactive,
             "ProjectInactive",
             format!("Project {project_name} is inactive: requests are refused until a cluster admin reactivates it"),
-        );
+        ),
+        Fate::Usable => Verdict::new(TokenPhase::Active, "Active", "Usable"),
     }
-    Verdict::new(TokenPhase::Active, "Active", "Usable")
 }
 
 /// `issuedAt + duration`.

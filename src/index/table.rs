@@ -8,6 +8,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::apikey::{ApiKey, KeyProblem};
+use crate::fate::{Facts, Fate};
 use crate::token::TokenHash;
 
 /// A token the proxy knows, as of the last watch event.
@@ -144,28 +145,35 @@ impl RouteTable {
     /// Decides whether a request with the token of hash `hash` may go upstream at `now_us`.
     pub fn authorize(&self, hash: &TokenHash, now_us: i64) -> Result<Route, Denial> {
         let token = self.tokens.get(hash).ok_or(Denial::TokenNotFound)?;
-        let project = self
-            .projects
-            .get(&token.project)
-            .filter(|p| {
-                crate::binding::is_bound(token.project_uid.as_deref(), token.issued_at_us, &p.uid, p.created_at_us)
-            })
-            .ok_or(Denial::ProjectDeleted)?;
-        let bulk_revoked = project.tokens_not_before_us.is_some_and(|not_before| token.issued_at_us < not_before);
-        if token.revoked || bulk_revoked {
-            return Err(Denial::TokenRevoked);
+        let project = self.projects.get(&token.project).filter(|p| {
+            crate::fate::is_bound(token.project_uid.as_deref(), token.issued_at_us, &p.uid, p.created_at_us)
+        });
+        let facts = Facts {
+            bound: project.is_some(),
+            revoked: token.revoked,
+            bulk_revoked: project
+                .and_then(|p| p.tokens_not_before_us)
+                .is_some_and(|not_before| token.issued_at_us < not_before),
+            expired: now_us >= token.expires_at_us,
+            exhausted: token.max_requests.is_some_and(|max| token.request_count >= max),
+            project_active: project.is_some_and(|p| p.active),
+        };
+        let denial = match facts.fate() {
+            Fate::Usable => None,
+            Fate::ProjectDeleted => Some(Denial::ProjectDeleted),
+            Fate::Revoked | Fate::BulkRevoked => Some(Denial::TokenRevoked),
+            Fate::Expired => Some(Denial::TokenExpired),
+            Fate::Exhausted => Some(Denial::TokenExhausted),
+            Fate::ProjectInactive => Some(Denial::ProjectInactive),
+        };
+        match (denial, project) {
+            (Some(denial), _) => Err(denial),
+            (None, Some(project)) => {
+                let key = project.key.as_ref().map_err(|_| Denial::ProjectKeyInvalid)?;
+                Ok(Route { token: token.clone(), project: project.clone(), key: key.clone() })
+            }
+            (None, None) => Err(Denial::ProjectDeleted),
         }
-        if now_us >= token.expires_at_us {
-            return Err(Denial::TokenExpired);
-        }
-        if !project.active {
-            return Err(Denial::ProjectInactive);
-        }
-        if token.max_requests.is_some_and(|max| token.request_count >= max) {
-            return Err(Denial::TokenExhausted);
-        }
-        let key = project.key.as_ref().map_err(|_| Denial::ProjectKeyInvalid)?;
-        Ok(Route { token: token.clone(), project: project.clone(), key: key.clone() })
     }
 
     /// Number of tokens in the table.

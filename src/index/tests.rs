@@ -289,3 +289,19 @@ fn applied_versions_follow_the_events_in_the_table_and_a_relist_only_at_its_end(
     index.apply(Change::Secret(Event::Delete(gone)));
     assert_eq!(index.applied(), Applied { synced: true, projects: 55, tokens: 40, secrets: 60 });
 }
+
+#[test]
+fn an_exhausted_token_of_an_inactive_project_is_exhausted_as_its_status_says() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    let mut capped = token("web", "prod", &minted);
+    capped.spec.max_requests = Some(5);
+    capped.status.as_mut().unwrap().request_count = Some(5);
+    index.apply(Change::Token(Event::Apply(capped.clone())));
+    index.apply(Change::Project(Event::Apply(project("prod", false))));
+    // The controller's lifecycle says Exhausted for the same objects; so must the proxy
+    // (it used to answer 403 project_inactive).
+    assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::TokenExhausted);
+    let verdict = crate::controller::proxytoken::lifecycle(&capped, Some(&project("prod", false)), at(ISSUED_US).0);
+    assert_eq!(verdict.phase, TokenPhase::Exhausted);
+}

@@ -177,40 +177,51 @@ impl Usage {
 /// Raises `claimedRequests` by one block with a resourceVersion precondition.
 async fn claim_block(client: Client, counter: &Counter, max_hint: u64) -> Result<i64, ProxyError> {
     let api = Api::<ProxyToken>::namespaced(client, &counter.namespace);
-    for _ in 0..MAX_ATTEMPTS {
-        let token = api.get_status(&counter.name).await.map_err(|error| {
-            tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "reading the token's budget failed");
-            ProxyError::QuotaUnavailable
-        })?;
+    let claimed = retry_on_conflict(|| async {
+        let token = api.get_status(&counter.name).await?;
         let status = token.status.clone().unwrap_or_default();
         let max = token.spec.max_requests.unwrap_or(max_hint as i64);
         let claimed = status.claimed_requests.unwrap_or(0).max(status.request_count.unwrap_or(0));
         let remaining = max - claimed;
         if remaining <= 0 {
-            return Err(ProxyError::TokenExhausted);
+            return Ok(Err(ProxyError::TokenExhausted));
         }
         let block = block_size(max).min(remaining);
         let patch = json!({
             "metadata": { "resourceVersion": token.resource_version() },
             "status": { "claimedRequests": claimed + block },
         });
-        match api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await {
-            // A CRD older than this proxy would silently prune the field: spend nothing then.
-            Ok(patched) if patched.status.as_ref().and_then(|s| s.claimed_requests) == Some(claimed + block) => {
-                return Ok(block);
-            }
-            Ok(_) => {
-                tracing::error!("status.claimedRequests was not stored: update the CRDs (crds/llmproxy.io.yaml)");
-                return Err(ProxyError::QuotaUnavailable);
-            }
-            Err(kube::Error::Api(status)) if status.code == 409 => continue,
-            Err(error) => {
-                tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming budget failed");
-                return Err(ProxyError::QuotaUnavailable);
-            }
+        let patched = api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await?;
+        // A CRD older than this proxy would silently prune the field: spend nothing then.
+        if patched.status.as_ref().and_then(|s| s.claimed_requests) != Some(claimed + block) {
+            tracing::error!("status.claimedRequests was not stored: update the CRDs (crds/llmproxy.io.yaml)");
+            return Ok(Err(ProxyError::QuotaUnavailable));
+        }
+        Ok(Ok(block))
+    })
+    .await;
+    claimed.unwrap_or_else(|error| {
+        tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming budget failed");
+        Err(ProxyError::QuotaUnavailable)
+    })
+}
+
+/// Runs `attempt`, a read-modify-write with a resourceVersion precondition, again while
+/// the API server refuses it with 409 Conflict (another replica wrote in between), at
+/// most [`MAX_ATTEMPTS`] times in all; then that conflict is the error.
+async fn retry_on_conflict<T, F, Fut>(mut attempt: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match attempt().await {
+            Err(kube::Error::Api(status)) if status.code == 409 && tries < MAX_ATTEMPTS => continue,
+            other => return other,
         }
     }
-    Err(ProxyError::QuotaUnavailable)
 }
 
 fn params() -> PatchParams {
@@ -226,8 +237,7 @@ pub fn block_size(max: i64) -> i64 {
 async fn add_usage(client: &Client, counter: &Counter, delta: i64, last_used_us: i64) -> Result<(), kube::Error> {
     let api = Api::<ProxyToken>::namespaced(client.clone(), &counter.namespace);
     let last_used = jiff::Timestamp::from_microsecond(last_used_us).map(crate::api::micros).ok();
-    let mut attempt = 0;
-    loop {
+    retry_on_conflict(|| async {
         let token = api.get_status(&counter.name).await?;
         let status = token.status.clone().unwrap_or_default();
         let newer = match (&status.last_used_at, &last_used) {
@@ -241,16 +251,14 @@ async fn add_usage(client: &Client, counter: &Counter, delta: i64, last_used_us:
                 "lastUsedAt": if newer { last_used.clone() } else { status.last_used_at.clone() },
             },
         });
-        match api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await {
-            Err(kube::Error::Api(status)) if status.code == 409 && attempt < MAX_ATTEMPTS => attempt += 1,
-            other => return other.map(drop),
-        }
-    }
+        api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await.map(drop)
+    })
+    .await
 }
 
 async fn give_back(client: &Client, counter: &Counter, unused: i64) -> Result<(), kube::Error> {
     let api = Api::<ProxyToken>::namespaced(client.clone(), &counter.namespace);
-    for _ in 0..MAX_ATTEMPTS {
+    retry_on_conflict(|| async {
         let token = api.get_status(&counter.name).await?;
         let status = token.status.clone().unwrap_or_default();
         let used = status.request_count.unwrap_or(0);
@@ -259,12 +267,9 @@ async fn give_back(client: &Client, counter: &Counter, unused: i64) -> Result<()
             "metadata": { "resourceVersion": token.resource_version() },
             "status": { "claimedRequests": claimed },
         });
-        match api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await {
-            Err(kube::Error::Api(status)) if status.code == 409 => continue,
-            other => return other.map(drop),
-        }
-    }
-    Ok(())
+        api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await.map(drop)
+    })
+    .await
 }
 
 /// Flushes `usage` every `interval` until the process ends.
@@ -282,6 +287,71 @@ pub fn spawn_flusher(usage: Arc<Usage>, interval: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client whose API server answers every read of the token and refuses every
+    /// write with 409 Conflict; returns it and how many writes it refused.
+    fn always_conflicting() -> (Client, Arc<std::sync::atomic::AtomicUsize>) {
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<hyper::Request<Body>, hyper::Response<Body>>();
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = refused.clone();
+        tokio::spawn(async move {
+            while let Some((request, respond)) = handle.next_request().await {
+                let (code, body) = if request.method() == hyper::Method::PATCH {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    (
+                        409,
+                        json!({
+                            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                            "message": "Operation cannot be fulfilled: the object has been modified",
+                        }),
+                    )
+                } else {
+                    (
+                        200,
+                        json!({
+                            "apiVersion": "llmproxy.io/v1alpha1", "kind": "ProxyToken",
+                            "metadata": { "name": "web", "namespace": "apps", "resourceVersion": "7" },
+                            "spec": { "projectRef": { "name": "p" }, "duration": "1h", "maxRequests": 100 },
+                            "status": { "claimedRequests": 10, "requestCount": 4 },
+                        }),
+                    )
+                };
+                let response = hyper::Response::builder().status(code).body(Body::from(body.to_string().into_bytes()));
+                respond.send_response(response.unwrap());
+            }
+        });
+        (Client::new(service, "apps"), refused)
+    }
+
+    fn counter() -> Counter {
+        Counter {
+            namespace: "apps".into(),
+            name: "web".into(),
+            unflushed: AtomicU64::new(0),
+            last_used_us: AtomicI64::new(0),
+            block: tokio::sync::Mutex::new(6),
+        }
+    }
+
+    #[tokio::test]
+    async fn giving_a_block_back_reports_failure_when_every_attempt_conflicts() {
+        let (client, refused) = always_conflicting();
+        let result = give_back(&client, &counter(), 6).await;
+        // It used to report success after its last refused attempt, and the block was
+        // forgotten as if returned.
+        assert!(matches!(&result, Err(kube::Error::Api(status)) if status.code == 409), "{result:?}");
+        assert_eq!(refused.load(Ordering::SeqCst), MAX_ATTEMPTS);
+    }
+
+    #[tokio::test]
+    async fn claims_and_flushes_give_up_after_the_same_number_of_conflicts() {
+        let (client, refused) = always_conflicting();
+        assert_eq!(claim_block(client.clone(), &counter(), 100).await, Err(ProxyError::QuotaUnavailable));
+        assert_eq!(refused.load(Ordering::SeqCst), MAX_ATTEMPTS);
+        assert!(add_usage(&client, &counter(), 1, 0).await.is_err());
+        assert_eq!(refused.load(Ordering::SeqCst), 2 * MAX_ATTEMPTS);
+    }
 
     #[test]
     fn blocks_scale_with_the_cap_and_never_exceed_it() {
