@@ -109,13 +109,13 @@ struct ProxyArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No usable kubeconfig or in-cluster config.
-    #[error("connecting to the Kubernetes API (set KUBECONFIG or run in a pod): {0}")]
+    #[error("connecting to the Kubernetes API (set KUBECONFIG or run in a pod)")]
     KubeClient(#[source] kube::Error),
     /// A listener could not bind.
-    #[error("listening on {addr}: {source}")]
+    #[error("listening on {addr}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     /// The serving threads could not start.
-    #[error("starting the serving threads: {source}")]
+    #[error("starting the serving threads")]
     Serve { source: std::io::Error },
 }
 
@@ -261,7 +261,9 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
     // A clean stop (a rolling update): hand the lease over now, not after it lapses.
     match elector.release().await {
         Ok(()) => tracing::info!(%identity, "released the leader lease"),
-        Err(error) => tracing::warn!(%error, "could not release the leader lease; it lapses on its own"),
+        Err(error) => {
+            tracing::warn!(error = %crate::telemetry::Chain(&error), "could not release the leader lease; it lapses on its own")
+        }
     }
     Ok(())
 }

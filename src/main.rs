@@ -10,7 +10,7 @@ async fn main() -> std::process::ExitCode {
     let code = match llm_proxy::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(%error, "llm-proxy failed");
+            tracing::error!(error = %llm_proxy::telemetry::Chain(&error), "llm-proxy failed");
             std::process::ExitCode::FAILURE
         }
     };

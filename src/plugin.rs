@@ -110,10 +110,10 @@ enum Command {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No kubeconfig.
-    #[error("connecting to Kubernetes (set KUBECONFIG or use kubectl's current context): {0}")]
+    #[error("connecting to Kubernetes (set KUBECONFIG or use kubectl's current context)")]
     Connect(#[source] kube::Error),
     /// An API call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Api { what: String, source: kube::Error },
     /// The controller did not mint the token in time.
     #[error("ProxyToken {0} was not minted in time: {1}")]

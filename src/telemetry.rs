@@ -8,6 +8,9 @@
 //! proxy's CPU time, and the general-purpose JSON formatter a fifth of its
 //! instructions; [`JsonLines`] writes the same shape directly.
 //! [`flush`] writes what is pending; `main` calls it before the process exits.
+//! Fields of the spans an event happens in are written too (kube-runtime's
+//! `reconciling object` span gives every reconcile's line its `object.ref`), and
+//! [`Chain`] writes an error with each of its causes once.
 
 use std::fmt::{self, Write as _};
 use std::io::{self, Write};
@@ -17,8 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
 /// Pending bytes are written once there are this many.
@@ -33,7 +37,12 @@ static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 /// Installs the global JSON subscriber and the flushing thread. Call once, from `main`.
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().event_format(JsonLines).with_env_filter(filter).with_writer(Batched).init();
+    tracing_subscriber::fmt()
+        .event_format(JsonLines)
+        .fmt_fields(JsonSpanFields)
+        .with_env_filter(filter)
+        .with_writer(Batched)
+        .init();
     // A plain thread, not a task: it must run whatever the runtimes are doing.
     let _ = std::thread::Builder::new().name("log-flush".into()).spawn(|| {
         loop {
@@ -91,15 +100,44 @@ impl<'a> MakeWriter<'a> for Batched {
 }
 
 /// Formats each event as one JSON object: `timestamp` (RFC 3339, UTC, microseconds),
-/// `level`, the event's fields in order, `target`. Spans are not logged.
+/// `level`, the event's fields in order, the fields of the spans it is in (outermost
+/// first), `target`.
 pub struct JsonLines;
+
+/// Formats a span's fields once, when it is created, as `,"name":value` pairs that
+/// [`JsonLines`] appends to every event inside it.
+pub struct JsonSpanFields;
+
+impl<'w> FormatFields<'w> for JsonSpanFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = JsonFields { writer: &mut writer, result: Ok(()) };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+/// An error and each of its causes, `outer: inner: innermost`: error types here name
+/// the operation that failed and leave the cause to `source()`, so it is printed once.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
+    }
+}
 
 impl<S, N> FormatEvent<S, N> for JsonLines
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, _context: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(&self, context: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let metadata = event.metadata();
         writer.write_str("{\"timestamp\":\"")?;
         write_timestamp(&mut writer, SystemTime::now())?;
@@ -107,6 +145,13 @@ where
         let mut fields = JsonFields { writer: &mut writer, result: Ok(()) };
         event.record(&mut fields);
         fields.result?;
+        if let Some(scope) = context.event_scope() {
+            for span in scope.from_root() {
+                if let Some(formatted) = span.extensions().get::<FormattedFields<N>>() {
+                    writer.write_str(formatted.as_str())?;
+                }
+            }
+        }
         writer.write_str(",\"target\":")?;
         write_json_str(&mut writer, metadata.target())?;
         writer.write_str("}\n")
@@ -257,7 +302,11 @@ mod tests {
     fn lines_of(log: impl FnOnce()) -> Vec<serde_json::Value> {
         let captured = Captured::default();
         let sink = captured.clone();
-        let subscriber = tracing_subscriber::fmt().event_format(JsonLines).with_writer(move || sink.clone()).finish();
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(JsonLines)
+            .fmt_fields(JsonSpanFields)
+            .with_writer(move || sink.clone())
+            .finish();
         tracing::subscriber::with_default(subscriber, log);
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         text.lines().map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))).collect()
@@ -283,6 +332,25 @@ mod tests {
         assert_eq!(timestamp.len(), "2026-11-26T23:18:17.554230Z".len(), "{timestamp}");
         assert_eq!(lines[1]["level"], "WARN");
         assert_eq!(lines[1]["error"], "upstream \"x\" failed\nbadly\u{1}", "quotes and control characters survive");
+    }
+
+    #[test]
+    fn lines_carry_the_fields_of_their_spans_and_errors_their_causes_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("writing the status of ProxyToken apps/web")]
+        struct PatchStatus {
+            source: std::io::Error,
+        }
+        let error = PatchStatus { source: std::io::Error::other("connection refused") };
+        let lines = lines_of(|| {
+            let span =
+                tracing::info_span!("reconciling object", object.r#ref = "ProxyToken.v1alpha1.llmproxy.io/web.apps");
+            let _entered = span.enter();
+            tracing::warn!(error = %Chain(&error), "reconcile failed");
+        });
+        assert_eq!(lines[0]["object.ref"], "ProxyToken.v1alpha1.llmproxy.io/web.apps", "{:?}", lines[0]);
+        assert_eq!(lines[0]["error"], "writing the status of ProxyToken apps/web: connection refused");
+        assert_eq!(lines[0]["message"], "reconcile failed");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub enum FormatError {
 
 /// Minting failed.
 #[derive(Debug, thiserror::Error)]
-#[error("reading the OS random number generator failed: {0}")]
+#[error("reading the OS random number generator failed")]
 pub struct MintError(#[from] getrandom::Error);
 
 /// A plaintext token. Zeroised on drop; `Debug` shows only the prefix.

@@ -13,7 +13,7 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("error: {error}");
+            eprintln!("error: {}", llm_proxy::telemetry::Chain(&error));
             std::process::ExitCode::FAILURE
         }
     }

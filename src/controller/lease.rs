@@ -30,7 +30,7 @@ pub struct LeaseSettings {
 
 /// Failed to talk to the API server about the Lease.
 #[derive(Debug, thiserror::Error)]
-#[error("reading or writing Lease {namespace}/{name}: {source}")]
+#[error("reading or writing Lease {namespace}/{name}")]
 pub struct LeaseError {
     namespace: String,
     name: String,
@@ -122,7 +122,9 @@ impl Elector {
             match self.try_acquire_or_renew().await {
                 Ok(true) => return,
                 Ok(false) => {}
-                Err(error) => tracing::warn!(%error, "leader election attempt failed"),
+                Err(error) => {
+                    tracing::warn!(error = %crate::telemetry::Chain(&error), "leader election attempt failed")
+                }
             }
             tokio::time::sleep(self.settings.retry_period).await;
         }
@@ -163,7 +165,7 @@ impl Elector {
                 Ok(true) => last_renewed = Instant::now(),
                 Ok(false) => return,
                 Err(error) => {
-                    tracing::warn!(%error, "lease renewal failed");
+                    tracing::warn!(error = %crate::telemetry::Chain(&error), "lease renewal failed");
                     // Give up before another replica may legitimately take over.
                     if last_renewed.elapsed() + self.settings.retry_period >= self.settings.lease_duration {
                         return;

@@ -178,25 +178,25 @@ impl Audit {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading the Secret that holds a project's key.
-    #[error("reading Secret {namespace}/{name}: {source}")]
+    #[error("reading Secret {namespace}/{name}")]
     GetKeySecret { namespace: String, name: String, source: kube::Error },
     /// Reading the project of a token.
-    #[error("reading Project {name}: {source}")]
+    #[error("reading Project {name}")]
     GetProject { name: String, source: kube::Error },
     /// Reading a namespace's labels for `allowedNamespaces`.
-    #[error("reading Namespace {name}: {source}")]
+    #[error("reading Namespace {name}")]
     GetNamespace { name: String, source: kube::Error },
     /// Adding the protection finalizer.
-    #[error("adding the finalizer to Project {name}: {source}")]
+    #[error("adding the finalizer to Project {name}")]
     AddFinalizer { name: String, source: kube::Error },
     /// Writing status.
-    #[error("writing the status of {kind} {name}: {source}")]
+    #[error("writing the status of {kind} {name}")]
     PatchStatus { kind: &'static str, name: String, source: kube::Error },
     /// Creating or reading the token Secret.
-    #[error("writing token Secret {namespace}/{name}: {source}")]
+    #[error("writing token Secret {namespace}/{name}")]
     TokenSecret { namespace: String, name: String, source: kube::Error },
     /// The OS random number generator failed.
-    #[error("minting a token: {0}")]
+    #[error("minting a token")]
     Mint(#[from] crate::token::MintError),
 }
 
@@ -218,7 +218,7 @@ impl Error {
 /// Retries a failed reconcile with a short delay: these are API hiccups, and the
 /// controller's own backoff on top keeps a persistent failure from spinning.
 fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %error, kind = error.metric_label(), "reconcile failed; retrying");
+    tracing::warn!(error = %crate::telemetry::Chain(error), kind = error.metric_label(), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 

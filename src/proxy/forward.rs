@@ -89,7 +89,7 @@ impl Upstream {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(error)) if caused_by::<LengthLimitError>(&error) => return Err(ProxyError::PayloadTooLarge),
             Ok(Err(error)) => {
-                tracing::warn!(project = %route.project.name, error = %error_chain(&error), "upstream request failed");
+                tracing::warn!(project = %route.project.name, error = %crate::telemetry::Chain(&error), "upstream request failed");
                 return Err(ProxyError::UpstreamError);
             }
             Ok(Ok(response)) => response,
@@ -153,18 +153,6 @@ fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
         current = e.source();
     }
     false
-}
-
-/// The error and its sources on one line, for logs (no request data in them).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
