@@ -54,7 +54,7 @@ kubectl *args:
 # helm lint and render the chart (helm is built by hack/setup.sh).
 chart-lint:
     {{helm}} lint charts/llm-proxy
-    {{helm}} template llm-proxy charts/llm-proxy --namespace llm-proxy --kube-version 1.34.4 > /dev/null
+    {{helm}} template llm-proxy charts/llm-proxy --namespace llm-proxy --kube-version $(tests/cluster/cluster.sh version) > /dev/null
 
 # Build the release image (needs a Docker engine, which this machine does not have).
 image tag="llm-proxy:dev":

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use crate::controller::{self, lease};
 use crate::index::watch::{self, WatchConfig};
 use crate::metrics::Metrics;
-use crate::proxy::usage::{self, Usage};
+use crate::proxy::quota::{self, Quota};
 use crate::proxy::{Proxy, ProxySettings, server};
 
 /// Kubernetes-native credential proxy for OpenAI-style APIs.
@@ -145,8 +145,8 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         .map_err(|source| Error::Bind { addr: args.listen_addr, source })?;
     let admin = bind(args.common.admin_addr).await?;
     let metrics = Arc::new(Metrics::new());
-    let usage = Arc::new(Usage::new(client.clone(), metrics.clone()));
-    usage::spawn_flusher(usage.clone(), Duration::from_millis(args.usage_flush_millis));
+    let quota = Arc::new(Quota::new(client.clone(), metrics.clone()));
+    quota::spawn_flusher(quota.clone(), Duration::from_millis(args.usage_flush_millis));
     let table = watch::spawn(
         client.clone(),
         metrics.clone(),
@@ -195,10 +195,10 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         Duration::from_secs(1),
     ));
     let make_handler =
-        || server::api_handler(Arc::new(Proxy::new(table.clone(), usage.clone(), metrics.clone(), &settings)));
+        || server::api_handler(Arc::new(Proxy::new(table.clone(), quota.clone(), metrics.clone(), &settings)));
     let served = server::serve_threads(api, threads, make_handler, stopped, drain).await;
     // Counted requests reach the status, unused budget goes back to the other replicas.
-    usage.shutdown().await;
+    quota.shutdown().await;
     let _ = reporter.await;
     let _ = stop_admin.send(());
     let _ = admin_task.await;

@@ -67,7 +67,7 @@ async fn the_chart_lints_renders_applies_and_grants_least_privilege() {
     let rendered = std::process::Command::new(helm())
         .args(["template", &release])
         .arg(&chart)
-        .args(["--namespace", &env.ops, "--kube-version", "1.34.4"])
+        .args(["--namespace", &env.ops, "--kube-version", &support::kubernetes_version()])
         .args(["--set", &format!("projectDeletionPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}", env.id)])
         .output()
         .unwrap();
@@ -188,7 +188,7 @@ fn values_are_validated_by_the_schema() {
         std::process::Command::new(helm())
             .args(["template", "t"])
             .arg(&chart)
-            .args(["--kube-version", "1.34.4", "--set", set])
+            .args(["--kube-version", &support::kubernetes_version(), "--set", set])
             .output()
             .unwrap()
     };

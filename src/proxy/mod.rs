@@ -6,11 +6,11 @@
 
 mod error;
 mod forward;
+pub mod llm_usage;
 pub mod paths;
+pub mod quota;
 pub mod server;
 pub mod stream;
-pub mod tokens;
-pub mod usage;
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,7 +25,7 @@ pub use forward::{Upstream, strip_hop_by_hop};
 
 use crate::index::{Route, watch::SharedTable};
 use crate::metrics::{Metrics, Name, TokenUsageLabels};
-use crate::proxy::usage::Usage;
+use crate::proxy::quota::Quota;
 use crate::token::{self, TokenHash};
 
 /// Response body: streamed from upstream or a small JSON error.
@@ -73,7 +73,7 @@ pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 pub struct Proxy {
     table: SharedTable,
     upstream: Upstream,
-    usage: std::sync::Arc<Usage>,
+    quota: std::sync::Arc<Quota>,
     metrics: std::sync::Arc<Metrics>,
     idle_timeout: Duration,
 }
@@ -82,11 +82,11 @@ impl Proxy {
     /// A proxy over `table`.
     pub fn new(
         table: SharedTable,
-        usage: std::sync::Arc<Usage>,
+        quota: std::sync::Arc<Quota>,
         metrics: std::sync::Arc<Metrics>,
         settings: &ProxySettings,
     ) -> Self {
-        Self { table, upstream: Upstream::new(settings), usage, metrics, idle_timeout: settings.idle_timeout }
+        Self { table, upstream: Upstream::new(settings), quota, metrics, idle_timeout: settings.idle_timeout }
     }
 
     /// The routing table this proxy reads.
@@ -130,7 +130,7 @@ impl Proxy {
         let idle = self.idle_timeout;
         response.map(move |body| {
             let guarded = stream::Guarded::new(body, idle, event_stream);
-            tokens::UsageTap::new(guarded, move |usage: tokens::TokenUsage| {
+            llm_usage::UsageTap::new(guarded, move |usage: llm_usage::TokenUsage| {
                 for (kind, count) in [("prompt", usage.prompt), ("completion", usage.completion)] {
                     let labels = TokenUsageLabels {
                         project: Name(token.project.clone()),
@@ -159,7 +159,7 @@ impl Proxy {
         let now = now_us();
         let route = table.authorize(&hash, now).map_err(|d| (d.into(), None))?;
         drop(table);
-        if let Err(error) = self.usage.admit(hash, &route, now).await {
+        if let Err(error) = self.quota.admit(hash, &route, now).await {
             return Err((error, Some(route)));
         }
         let sent = Instant::now();

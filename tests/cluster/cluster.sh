@@ -6,6 +6,7 @@
 #   cluster.sh up      start in the background unless running; prints the kubeconfig path
 #   cluster.sh down    stop it
 #   cluster.sh status  exit 0 when it is running
+#   cluster.sh version the Kubernetes release it builds (from go.mod: defined there only)
 #
 # Paths (all overridable):
 #   LLMPROXY_CACHE        built binaries, outside the clone (default ~/.cache/llm-proxy);
@@ -19,7 +20,8 @@ repo=$(cd "$here/../.." && pwd)
 cache=${LLMPROXY_CACHE:-$HOME/.cache/llm-proxy}
 state=${LLMPROXY_CLUSTER_DIR:-$repo/.cluster}
 bin=$cache/bin/llmproxy-cluster
-k8s_version=v1.34.4
+# The one place the Kubernetes release is named is go.mod; everything else asks here.
+k8s_version=$(awk '$1 == "k8s.io/kubernetes" { print $2 }' "$here/go.mod")
 
 export GOFLAGS=${GOFLAGS:--buildvcs=false}
 
@@ -32,10 +34,11 @@ build() {
   fi
   mkdir -p "$cache/bin"
   echo "building the control plane (kube-apiserver $k8s_version from Go modules; ~5 min cold)..." >&2
-  local v=k8s.io/component-base/version cv=k8s.io/client-go/pkg/version
+  local v=k8s.io/component-base/version cv=k8s.io/client-go/pkg/version minor
+  minor=$(echo "$k8s_version" | cut -d. -f2)
   (cd "$here" && go build -trimpath -o "$bin.tmp" -ldflags "-s -w \
-      -X $v.gitVersion=$k8s_version -X $v.gitMajor=1 -X $v.gitMinor=34 \
-      -X $cv.gitVersion=$k8s_version -X $cv.gitMajor=1 -X $cv.gitMinor=34" .)
+      -X $v.gitVersion=$k8s_version -X $v.gitMajor=1 -X $v.gitMinor=$minor \
+      -X $cv.gitVersion=$k8s_version -X $cv.gitMajor=1 -X $cv.gitMinor=$minor" .)
   mv "$bin.tmp" "$bin"
   ln -sf llmproxy-cluster "$cache/bin/kubectl"
   echo "$sum" > "$bin.src"
@@ -87,8 +90,9 @@ down() {
 
 case ${1:-} in
   build) build ;;
+  version) echo "${k8s_version#v}" ;;
   up) up ;;
   down) down ;;
   status) running ;;
-  *) echo "usage: $0 build|up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 build|up|down|status|version" >&2; exit 2 ;;
 esac

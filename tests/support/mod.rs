@@ -71,6 +71,18 @@ fn find_or_start_cluster() -> Cluster {
     Cluster { kubeconfig: line.trim().into(), _private: Some(child) }
 }
 
+/// The Kubernetes release of the local control plane, e.g. `1.34.4` (named only in
+/// tests/cluster/go.mod; `cluster.sh version` reads it from there).
+pub fn kubernetes_version() -> String {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            let out = Command::new(repo().join("tests/cluster/cluster.sh")).arg("version").output().unwrap();
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        })
+        .clone()
+}
+
 /// The kubectl built with the control plane (same Kubernetes release).
 pub fn kubectl() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
@@ -507,7 +519,7 @@ impl Env {
             .join("bin/helm");
         let mut command = Command::new(&helm);
         command.args(["template", release]).arg(repo().join("charts/llm-proxy"));
-        command.args(["--namespace", &self.ops, "--kube-version", "1.34.4", "--show-only", template]);
+        command.args(["--namespace", &self.ops, "--kube-version", &kubernetes_version(), "--show-only", template]);
         for value in set {
             command.args(["--set", value]);
         }

@@ -46,10 +46,10 @@ struct Counter {
     block: tokio::sync::Mutex<i64>,
 }
 
-/// Usage accounting shared by every connection of a proxy replica.
-pub struct Usage {
+/// Request counting and budget claims shared by every connection of a proxy replica.
+pub struct Quota {
     client: Option<Client>,
-    /// The runtime every API call runs on (see [`Usage::claim`]).
+    /// The runtime every API call runs on (see [`Quota::claim`]).
     runtime: Option<tokio::runtime::Handle>,
     metrics: Arc<Metrics>,
     counters: RwLock<HashMap<TokenHash, Arc<Counter>, BuildHasherDefault<DigestHasher>>>,
@@ -58,7 +58,7 @@ pub struct Usage {
     flushing: tokio::sync::Mutex<()>,
 }
 
-impl Usage {
+impl Quota {
     /// Accounting that writes to the API server through `client`, from the runtime it
     /// is created on (the process's main runtime, which outlives the serving threads).
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
@@ -273,13 +273,13 @@ async fn give_back(client: &Client, counter: &Counter, unused: i64) -> Result<()
 }
 
 /// Flushes `usage` every `interval` until the process ends.
-pub fn spawn_flusher(usage: Arc<Usage>, interval: Duration) {
+pub fn spawn_flusher(quota: Arc<Quota>, interval: Duration) {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            usage.flush().await;
+            quota.flush().await;
         }
     });
 }
