@@ -188,7 +188,13 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_task = tokio::spawn(server::serve(
         admin,
-        server::admin_handler(table.clone(), metrics.clone()),
+        server::admin_handler(
+            {
+                let table = table.clone();
+                move || if table.load().ready { Ok(()) } else { Err("routing table not synced yet") }
+            },
+            metrics.clone(),
+        ),
         async move {
             let _ = admin_stopped.await;
         },
@@ -214,10 +220,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
     // The controller's readiness does not depend on leadership: followers are healthy standbys.
     tokio::spawn(server::serve(
         admin,
-        server::admin_handler(
-            crate::index::watch::SharedTable::fixed(crate::index::RouteTable { ready: true, ..Default::default() }),
-            metrics.clone(),
-        ),
+        server::admin_handler(|| Ok(()), metrics.clone()),
         std::future::pending(),
         Duration::from_secs(1),
     ));

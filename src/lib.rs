@@ -18,6 +18,8 @@ pub mod duration;
 pub mod enforcement;
 pub mod fake_upstream;
 pub mod fate;
+#[cfg(test)]
+mod fixtures;
 pub mod index;
 pub mod metrics;
 pub mod plugin;

@@ -12,9 +12,6 @@ pub use condition::{ConditionStatus, Conditions, is_true};
 pub use project::*;
 pub use proxytoken::*;
 
-/// API group of every custom resource here.
-pub const GROUP: &str = "llmproxy.io";
-
 /// Field manager for everything the controller writes.
 pub const CONTROLLER_MANAGER: &str = "llm-proxy-controller";
 
@@ -27,6 +24,3 @@ pub fn micros(t: jiff::Timestamp) -> k8s_openapi::apimachinery::pkg::apis::meta:
     let truncated = jiff::Timestamp::from_microsecond(t.as_microsecond()).unwrap_or(t);
     k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(truncated)
 }
-
-/// Label the controller keeps in step with `status.phase`, for clients that filter by label.
-pub const PHASE_LABEL: &str = "llmproxy.io/phase";

@@ -7,9 +7,6 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Longest lifetime a token may have.
-pub const MAX_TOKEN_DURATION: &str = "8760h";
-
 /// Desired state of a ProxyToken.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(

@@ -396,20 +396,9 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ProjectSpec, SecretKeyRef, Upstream};
 
     fn project(uid: &str) -> Project {
-        let mut p = Project::new(
-            "prod",
-            ProjectSpec {
-                display_name: None,
-                active: true,
-                api_key_secret_ref: SecretKeyRef { name: "k".into(), key: "apiKey".into() },
-                upstream: Upstream { url: "https://api.openai.com".into() },
-                allowed_namespaces: None,
-                tokens_not_before: None,
-            },
-        );
+        let mut p = crate::fixtures::project("prod");
         p.metadata.uid = Some(uid.into());
         p.metadata.finalizers = Some(vec![crate::api::PROJECT_FINALIZER.into()]);
         p

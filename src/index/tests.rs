@@ -7,7 +7,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::ObjectMeta;
 
 use super::*;
-use crate::api::{ProjectRef, ProjectSpec, ProxyTokenSpec, ProxyTokenStatus, SecretKeyRef, Upstream};
 use crate::token::Token;
 
 const KEY: &str = "sk-test-0123456789abcdefghijAb12";
@@ -15,18 +14,8 @@ const HOUR_US: i64 = 3_600_000_000;
 const ISSUED_US: i64 = 1_700_000_000_000_000;
 
 fn project(name: &str, active: bool) -> Project {
-    let mut p = Project::new(
-        name,
-        ProjectSpec {
-            display_name: None,
-            active,
-            api_key_secret_ref: SecretKeyRef { name: format!("{name}-key"), key: "apiKey".into() },
-            upstream: Upstream { url: "http://127.0.0.1:9/".into() },
-            allowed_namespaces: None,
-            tokens_not_before: None,
-        },
-    );
-    p.metadata.resource_version = Some("1".into());
+    let mut p = crate::fixtures::project(name);
+    p.spec.active = active;
     p
 }
 
@@ -47,24 +36,8 @@ fn micro(us: i64) -> MicroTime {
 }
 
 fn token(name: &str, project: &str, minted: &Token) -> ProxyToken {
-    let mut t = ProxyToken::new(
-        name,
-        ProxyTokenSpec {
-            project_ref: ProjectRef { name: project.into() },
-            duration: "1h".into(),
-            max_requests: None,
-            revoked: false,
-            secret_name: None,
-        },
-    );
-    t.metadata.namespace = Some("apps".into());
-    t.status = Some(ProxyTokenStatus {
-        phase: Some(TokenPhase::Active),
-        token_hash: Some(minted.hash().to_string()),
-        issued_at: Some(micro(ISSUED_US)),
-        ..Default::default()
-    });
-    t
+    let issued = jiff::Timestamp::from_microsecond(ISSUED_US).unwrap();
+    crate::fixtures::minted(crate::fixtures::token(name, "apps", project), &minted.hash().to_string(), issued)
 }
 
 /// An index that has listed one project, its key Secret and one token.

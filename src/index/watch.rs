@@ -49,13 +49,6 @@ pub struct SharedTable {
 }
 
 impl SharedTable {
-    /// A table that never changes: for tests and benchmarks that build one by hand.
-    pub fn fixed(table: RouteTable) -> Self {
-        let (_tx, generations) = watch::channel(table.generation);
-        let (_tx, applied) = watch::channel(Applied::default());
-        Self { table: Arc::new(ArcSwap::from_pointee(table)), generations, applied }
-    }
-
     /// The current snapshot: a lock-free load.
     pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
         self.table.load()

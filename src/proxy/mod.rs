@@ -89,11 +89,6 @@ impl Proxy {
         Self { table, upstream: Upstream::new(settings), quota, metrics, idle_timeout: settings.idle_timeout }
     }
 
-    /// The routing table this proxy reads.
-    pub fn table(&self) -> &SharedTable {
-        &self.table
-    }
-
     /// Handles one request; never fails (errors become JSON responses).
     pub async fn handle(&self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();

@@ -48,9 +48,9 @@ struct Counter {
 
 /// Request counting and budget claims shared by every connection of a proxy replica.
 pub struct Quota {
-    client: Option<Client>,
+    client: Client,
     /// The runtime every API call runs on (see [`Quota::claim`]).
-    runtime: Option<tokio::runtime::Handle>,
+    runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
     counters: RwLock<HashMap<TokenHash, Arc<Counter>, BuildHasherDefault<DigestHasher>>>,
     /// One flush at a time: the final flush at shutdown must not return while a
@@ -63,21 +63,9 @@ impl Quota {
     /// is created on (the process's main runtime, which outlives the serving threads).
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         Self {
-            client: Some(client),
-            runtime: Some(tokio::runtime::Handle::current()),
+            client,
+            runtime: tokio::runtime::Handle::current(),
             metrics,
-            counters: RwLock::default(),
-            flushing: tokio::sync::Mutex::default(),
-        }
-    }
-
-    /// Accounting with no API server: counts nothing durable and refuses capped tokens.
-    /// For benchmarks and tests that build a routing table by hand.
-    pub fn disabled() -> Self {
-        Self {
-            client: None,
-            runtime: None,
-            metrics: Arc::default(),
             counters: RwLock::default(),
             flushing: tokio::sync::Mutex::default(),
         }
@@ -131,11 +119,8 @@ impl Quota {
     /// shutdown — possibly in the middle of a usage flush, whose count would then be
     /// written again by the final flush.
     async fn claim(&self, counter: &Arc<Counter>, max_hint: u64) -> Result<i64, ProxyError> {
-        let (Some(client), Some(runtime)) = (self.client.clone(), self.runtime.clone()) else {
-            return Err(ProxyError::QuotaUnavailable);
-        };
-        let counter = counter.clone();
-        runtime
+        let (client, counter) = (self.client.clone(), counter.clone());
+        self.runtime
             .spawn(async move { claim_block(client, &counter, max_hint).await })
             .await
             .unwrap_or(Err(ProxyError::QuotaUnavailable))
@@ -143,7 +128,7 @@ impl Quota {
 
     /// Writes every token's unflushed count and last use into its status.
     pub async fn flush(&self) {
-        let Some(client) = self.client.clone() else { return };
+        let client = &self.client;
         let _one_at_a_time = self.flushing.lock().await;
         let counters: Vec<Arc<Counter>> = self.counters.read().expect("usage map poisoned").values().cloned().collect();
         for counter in counters {
@@ -152,7 +137,7 @@ impl Quota {
                 continue;
             }
             let last_used = counter.last_used_us.load(Ordering::Relaxed);
-            if let Err(error) = add_usage(&client, &counter, delta as i64, last_used).await {
+            if let Err(error) = add_usage(client, &counter, delta as i64, last_used).await {
                 // Keep the count for the next flush; nothing is lost.
                 counter.unflushed.fetch_add(delta, Ordering::Relaxed);
                 tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "writing usage failed; will retry");
@@ -163,11 +148,11 @@ impl Quota {
     /// Flushes, then gives unused blocks back so other replicas can spend them.
     pub async fn shutdown(&self) {
         self.flush().await;
-        let Some(client) = self.client.clone() else { return };
+        let client = &self.client;
         let counters: Vec<Arc<Counter>> = self.counters.read().expect("usage map poisoned").values().cloned().collect();
         for counter in counters {
             let mut block = counter.block.lock().await;
-            if *block > 0 && give_back(&client, &counter, *block).await.is_ok() {
+            if *block > 0 && give_back(client, &counter, *block).await.is_ok() {
                 *block = 0;
             }
         }

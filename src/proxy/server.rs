@@ -22,7 +22,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use super::{Body, Proxy, full};
-use crate::index::watch::SharedTable;
 use crate::metrics::Metrics;
 
 /// Headers hyper parses per HTTP/1 request before it answers a bare 431 itself. Well
@@ -137,17 +136,20 @@ pub fn api_handler(proxy: Arc<Proxy>) -> impl Fn(Request<Incoming>) -> HandlerFu
     }
 }
 
-/// The admin handler for [`serve`]: liveness, and readiness once the table has synced.
+/// The admin handler for [`serve`]: liveness, readiness as `ready` says (`Err` carries
+/// the reason), and metrics.
 pub fn admin_handler(
-    table: SharedTable,
+    ready: impl Fn() -> Result<(), &'static str> + Clone + Send + Sync + 'static,
     metrics: Arc<Metrics>,
 ) -> impl Fn(Request<Incoming>) -> std::future::Ready<Result<Response<Body>, Infallible>> + Clone + Send + Sync + 'static
 {
     move |request| {
         let (status, text) = match request.uri().path() {
             "/healthz" | "/livez" => (StatusCode::OK, "ok\n".to_string()),
-            "/readyz" if table.load().ready => (StatusCode::OK, "ok\n".to_string()),
-            "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "routing table not synced yet\n".to_string()),
+            "/readyz" => match ready() {
+                Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+            },
             "/metrics" => (StatusCode::OK, metrics.encode()),
             _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
         };

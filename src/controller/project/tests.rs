@@ -3,7 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::*;
-use crate::api::{ProjectSpec, ProjectStatus, ProxyTokenSpec, ProxyTokenStatus, SecretKeyRef, Upstream};
+use crate::api::ProjectStatus;
 
 const KEY: &str = "sk-test-0123456789abcdefghijAb12";
 
@@ -12,38 +12,15 @@ fn at(secs: i64) -> Time {
 }
 
 fn project(active: bool) -> Project {
-    let mut p = Project::new(
-        "prod",
-        ProjectSpec {
-            display_name: None,
-            active,
-            api_key_secret_ref: SecretKeyRef { name: "prod-key".into(), key: "apiKey".into() },
-            upstream: Upstream { url: "https://api.openai.com".into() },
-            allowed_namespaces: None,
-            tokens_not_before: None,
-        },
-    );
-    p.metadata.generation = Some(1);
+    let mut p = crate::fixtures::project("prod");
+    p.spec.active = active;
     p
 }
 
 fn token(name: &str, phase: TokenPhase, issued: i64) -> ProxyToken {
-    let mut t = ProxyToken::new(
-        name,
-        ProxyTokenSpec {
-            project_ref: crate::api::ProjectRef { name: "prod".into() },
-            duration: "1h".into(),
-            max_requests: None,
-            revoked: false,
-            secret_name: None,
-        },
-    );
-    t.metadata.namespace = Some("apps".into());
-    t.status = Some(ProxyTokenStatus {
-        phase: Some(phase),
-        issued_at: Some(crate::api::micros(at(issued).0)),
-        ..Default::default()
-    });
+    let mut t = crate::fixtures::minted(crate::fixtures::token(name, "apps", "prod"), "", at(issued).0);
+    let status = t.status.as_mut().unwrap();
+    (status.phase, status.token_hash, status.secret_name) = (Some(phase), None, None);
     t
 }
 

@@ -3,57 +3,31 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 
 use super::*;
-use crate::api::{AllowedNamespaces, ProjectRef, ProjectSpec, ProxyTokenSpec, SecretKeyRef, Upstream};
+use crate::api::AllowedNamespaces;
 
 fn at(secs: i64) -> jiff::Timestamp {
     jiff::Timestamp::from_second(secs).unwrap()
 }
 
 fn project(active: bool, from: Option<NamespacesFrom>) -> Project {
-    Project::new(
-        "prod",
-        ProjectSpec {
-            display_name: None,
-            active,
-            api_key_secret_ref: SecretKeyRef { name: "k".into(), key: "apiKey".into() },
-            upstream: Upstream { url: "https://api.openai.com".into() },
-            allowed_namespaces: from.map(|from| AllowedNamespaces {
-                from,
-                selector: Some(LabelSelector {
-                    match_labels: Some([("team".to_string(), "ml".to_string())].into()),
-                    match_expressions: None,
-                }),
-            }),
-            tokens_not_before: None,
-        },
-    )
+    let mut p = crate::fixtures::project("prod");
+    p.spec.active = active;
+    p.spec.allowed_namespaces = from.map(|from| AllowedNamespaces {
+        from,
+        selector: Some(LabelSelector {
+            match_labels: Some([("team".to_string(), "ml".to_string())].into()),
+            match_expressions: None,
+        }),
+    });
+    p
 }
 
 fn token() -> ProxyToken {
-    let mut t = ProxyToken::new(
-        "web",
-        ProxyTokenSpec {
-            project_ref: ProjectRef { name: "prod".into() },
-            duration: "1h".into(),
-            max_requests: None,
-            revoked: false,
-            secret_name: None,
-        },
-    );
-    t.metadata.namespace = Some("apps".into());
-    t
+    crate::fixtures::token("web", "apps", "prod")
 }
 
 fn issued(issued_at: i64) -> ProxyToken {
-    let mut t = token();
-    t.status = Some(ProxyTokenStatus {
-        phase: Some(TokenPhase::Active),
-        token_hash: Some(crate::token::Token::mint().unwrap().hash().to_string()),
-        secret_name: Some("web".into()),
-        issued_at: Some(crate::api::micros(at(issued_at))),
-        ..Default::default()
-    });
-    t
+    crate::fixtures::minted(token(), &crate::token::Token::mint().unwrap().hash().to_string(), at(issued_at))
 }
 
 #[test]
