@@ -21,6 +21,7 @@ mod relay;
 use std::future::Future;
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use llm_proxy::api::{ProjectRef, ProxyTokenSpec};
@@ -53,9 +54,23 @@ where
     }
 }
 
-/// A free loopback port (bound, then released for a child process to take).
+/// A free loopback port for a child process to bind. Picked below Linux's ephemeral
+/// range (32768–60999): a port the kernel hands out for `:0` is also where outgoing
+/// connections take their source ports, and with dozens of processes talking to the API
+/// server one of them took a port between our check and the child's bind (a proxy then
+/// failed with "Address already in use"). Never the same port twice in one test binary.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let mut random = [0u8; 2];
+        getrandom::fill(&mut random).unwrap();
+        let port = 20_000 + u16::from_le_bytes(random) % 12_000;
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) && StdListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn short_id() -> String {
