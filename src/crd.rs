@@ -5,7 +5,7 @@ use kube::CustomResourceExt;
 use crate::api::{Project, ProxyToken};
 
 /// Both CRDs as one multi-document YAML stream.
-pub fn all_yaml() -> String {
+pub(crate) fn all_yaml() -> String {
     let docs =
         [Project::crd(), ProxyToken::crd()].map(|crd| serde_yaml::to_string(&crd).expect("CRDs serialize to YAML"));
     format!("---\n{}---\n{}", docs[0], docs[1])

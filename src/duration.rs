@@ -8,10 +8,10 @@ use std::time::Duration;
 /// The text is not a Go duration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid duration {0:?}: use a Go duration such as 720h or 90m")]
-pub struct ParseDurationError(String);
+pub(crate) struct ParseDurationError(String);
 
 /// Parses a Go duration string of non-negative terms.
-pub fn parse_go_duration(text: &str) -> Result<Duration, ParseDurationError> {
+pub(crate) fn parse_go_duration(text: &str) -> Result<Duration, ParseDurationError> {
     let err = || ParseDurationError(text.to_string());
     let mut rest = text;
     let mut total = 0f64;

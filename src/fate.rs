@@ -12,7 +12,7 @@
 
 /// What decides a minted token's fate, as one side observed it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Facts {
+pub(crate) struct Facts {
     /// Its Project exists and is the object it was minted for ([`is_bound`]).
     pub bound: bool,
     /// Revoked directly (`spec.revoked`, or already `Revoked` in status).
@@ -29,7 +29,7 @@ pub struct Facts {
 
 /// A minted token's fate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fate {
+pub(crate) enum Fate {
     /// Its Project is gone (or replaced by another object of the same name). Final.
     ProjectDeleted,
     /// Revoked directly. Final.
@@ -48,7 +48,7 @@ pub enum Fate {
 
 impl Facts {
     /// The fate these facts decide, the most lasting reason first. Pure.
-    pub fn fate(&self) -> Fate {
+    pub(crate) fn fate(&self) -> Fate {
         if !self.bound {
             Fate::ProjectDeleted
         } else if self.revoked {
@@ -71,7 +71,7 @@ impl Facts {
 /// tokens recorded it) at `issued_at_us` belongs to the Project that now carries its
 /// `projectRef.name`, whose uid is `uid` and which was created at `created_at_us`
 /// (Unix microseconds).
-pub fn is_bound(minted_for: Option<&str>, issued_at_us: i64, uid: &str, created_at_us: i64) -> bool {
+pub(crate) fn is_bound(minted_for: Option<&str>, issued_at_us: i64, uid: &str, created_at_us: i64) -> bool {
     match minted_for {
         Some(minted_for) => minted_for == uid,
         // Tokens minted before `status.projectUid` existed: the Project must already have

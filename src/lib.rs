@@ -3,26 +3,33 @@
 //! `[ Project ] <- [ ProxyToken ] -> [ Secret ]`
 //!
 //! - [`api`]: the custom resources (plain data).
-//! - [`controller`]: reconciles them (finalizers, status, Events, token minting).
+//! - `controller`: reconciles them (finalizers, status, Events, token minting).
 //! - [`index`]: watch events → an immutable routing table.
-//! - [`proxy`]: the HTTP data plane (auth, key swap, streaming forward).
-//! - [`token`], [`apikey`]: the two secrets, with redacting `Debug`.
+//! - `proxy`: the HTTP data plane (auth, key swap, streaming forward).
+//! - `fate`: a minted token's fate, the one rule controller and proxy share.
+//! - [`enforcement`]: what each proxy replica enforces, reported and checked.
+//! - [`token`], `apikey`: the two secrets, with redacting `Debug`.
+//!
+//! Public: what the binaries, the integration tests and the benches use. The rest is
+//! crate-private, and `unreachable_pub` keeps it so: the compiler reports what nothing
+//! uses.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod api;
-pub mod apikey;
+mod apikey;
 pub mod cli;
-pub mod controller;
-pub mod crd;
-pub mod duration;
+mod controller;
+mod crd;
+mod duration;
 pub mod enforcement;
 pub mod fake_upstream;
-pub mod fate;
+mod fate;
 #[cfg(test)]
 mod fixtures;
 pub mod index;
-pub mod metrics;
+mod metrics;
 pub mod plugin;
-pub mod proxy;
+mod proxy;
 pub mod telemetry;
 pub mod token;

@@ -1,6 +1,8 @@
 //! The namespaced `ProxyToken`: a credential the controller mints for a workload.
 // Repeated `printcolumn`/`selectable` keys are how kube-derive lists columns, not mistakes.
 #![allow(clippy::duplicated_attributes)]
+// The schema derives generate items at these spans that the lint takes for unreachable.
+#![allow(unreachable_pub)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::{CustomResource, KubeSchema};

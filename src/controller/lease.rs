@@ -15,7 +15,7 @@ use kube::{Api, Client};
 
 /// Timing of the election.
 #[derive(Clone, Debug)]
-pub struct LeaseSettings {
+pub(crate) struct LeaseSettings {
     /// Lease object name.
     pub name: String,
     /// Its namespace.
@@ -31,14 +31,14 @@ pub struct LeaseSettings {
 /// Failed to talk to the API server about the Lease.
 #[derive(Debug, thiserror::Error)]
 #[error("reading or writing Lease {namespace}/{name}")]
-pub struct LeaseError {
+pub(crate) struct LeaseError {
     namespace: String,
     name: String,
     source: kube::Error,
 }
 
 /// One replica's view of the election.
-pub struct Elector {
+pub(crate) struct Elector {
     api: Api<Lease>,
     settings: LeaseSettings,
     /// The last record seen (holder, resourceVersion) and when this replica saw it change.
@@ -47,12 +47,12 @@ pub struct Elector {
 
 impl Elector {
     /// An elector for `settings`.
-    pub fn new(client: Client, settings: LeaseSettings) -> Self {
+    pub(crate) fn new(client: Client, settings: LeaseSettings) -> Self {
         Self { api: Api::namespaced(client, &settings.namespace), settings, observed: None }
     }
 
     /// Tries once to acquire or renew; `Ok(true)` while this replica leads.
-    pub async fn try_acquire_or_renew(&mut self) -> Result<bool, LeaseError> {
+    pub(crate) async fn try_acquire_or_renew(&mut self) -> Result<bool, LeaseError> {
         let err = |source| LeaseError {
             namespace: self.settings.namespace.clone(),
             name: self.settings.name.clone(),
@@ -117,7 +117,7 @@ impl Elector {
     }
 
     /// Waits until this replica leads.
-    pub async fn acquire(&mut self) {
+    pub(crate) async fn acquire(&mut self) {
         loop {
             match self.try_acquire_or_renew().await {
                 Ok(true) => return,
@@ -132,7 +132,7 @@ impl Elector {
 
     /// Gives the lease up if this replica holds it (on a clean stop), so that another
     /// replica takes over on its next try instead of waiting a whole lease duration.
-    pub async fn release(&mut self) -> Result<(), LeaseError> {
+    pub(crate) async fn release(&mut self) -> Result<(), LeaseError> {
         let err = |source| LeaseError {
             namespace: self.settings.namespace.clone(),
             name: self.settings.name.clone(),
@@ -157,7 +157,7 @@ impl Elector {
 
     /// Renews until the lease is lost (or cannot be renewed within the lease duration),
     /// then returns: the caller must stop writing at once.
-    pub async fn hold(&mut self) {
+    pub(crate) async fn hold(&mut self) {
         let mut last_renewed = Instant::now();
         loop {
             tokio::time::sleep(self.settings.retry_period).await;

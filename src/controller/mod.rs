@@ -5,10 +5,10 @@
 //! manager), token Secrets, and Events as the audit trail. Decisions are pure functions
 //! ([`project::decide`], [`proxytoken::decide`]); the reconcilers only fetch and write.
 
-pub mod lease;
-pub mod project;
-pub mod proxytoken;
-pub mod selector;
+pub(crate) mod lease;
+pub(crate) mod project;
+pub(crate) mod proxytoken;
+pub(crate) mod selector;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -29,7 +29,7 @@ use crate::metrics::{Metrics, ReconcileLabels};
 
 /// Settings of the controller.
 #[derive(Clone, Debug)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Namespace of the API-key Secrets (the operator's namespace).
     pub namespace: String,
     /// The proxy's base URL as workloads reach it; `/v1` is appended for `OPENAI_BASE_URL`.
@@ -39,7 +39,7 @@ pub struct Settings {
 }
 
 /// Shared by every reconcile.
-pub struct Context {
+pub(crate) struct Context {
     /// API client.
     pub client: Client,
     /// Event recorder (the audit trail).
@@ -63,7 +63,7 @@ pub struct Context {
 
 /// Objects waiting for the proxy replicas, by kind.
 #[derive(Default)]
-pub struct Awaiting {
+pub(crate) struct Awaiting {
     /// ProxyTokens.
     pub tokens: Mutex<HashSet<ObjectRef<ProxyToken>>>,
     /// Projects.
@@ -71,7 +71,7 @@ pub struct Awaiting {
 }
 
 /// Adds or removes `object` from `set`.
-pub fn mark<K: Resource<DynamicType = ()>>(set: &Mutex<HashSet<ObjectRef<K>>>, object: &K, waiting: bool) {
+pub(crate) fn mark<K: Resource<DynamicType = ()>>(set: &Mutex<HashSet<ObjectRef<K>>>, object: &K, waiting: bool) {
     let key = ObjectRef::from_obj(object);
     let mut set = set.lock().expect("awaiting set poisoned");
     if waiting {
@@ -85,7 +85,7 @@ pub fn mark<K: Resource<DynamicType = ()>>(set: &Mutex<HashSet<ObjectRef<K>>>, o
 /// change the proxies route by and replicas are running, since none can have applied a
 /// write that has not happened yet; otherwise `True` once `check` passes. Returns
 /// whether it is still waiting. Pure.
-pub fn set_enforced(conditions: &mut Conditions, type_: &str, changed: bool, check: &Check) -> bool {
+pub(crate) fn set_enforced(conditions: &mut Conditions, type_: &str, changed: bool, check: &Check) -> bool {
     // With no replica running there is nobody to wait for, now or after this write.
     if changed && check.live > 0 {
         conditions.set(
@@ -122,11 +122,11 @@ const NAME_LAGGARDS_AFTER: jiff::SignedDuration = jiff::SignedDuration::from_sec
 
 /// How long a token waits for every replica before its Secret is written anyway (with
 /// `Enforced=False` naming the replicas that lag).
-pub const MINT_PROPAGATION_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const MINT_PROPAGATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Context {
     /// Checks `changes` against the replicas' latest reports.
-    pub fn check(&self, changes: &[(crate::index::Kind, u64)]) -> Check {
+    pub(crate) fn check(&self, changes: &[(crate::index::Kind, u64)]) -> Check {
         let now = jiff::Timestamp::now();
         let reports: Vec<_> = self.replicas.state().iter().map(|lease| crate::enforcement::read(lease, now)).collect();
         Check::of(&reports, changes)
@@ -134,7 +134,7 @@ impl Context {
 
     /// Publishes an Event about `object`. A failed Event is logged, never fatal: the
     /// status already says what happened.
-    pub async fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, event: Audit) {
+    pub(crate) async fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, event: Audit) {
         let reason = event.reason.clone();
         let event = Event {
             type_: if event.warning { EventType::Warning } else { EventType::Normal },
@@ -151,7 +151,7 @@ impl Context {
 
 /// One entry of the audit trail, recorded as a Kubernetes Event on the object.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Audit {
+pub(crate) struct Audit {
     /// `Warning` rather than `Normal`.
     pub warning: bool,
     /// Short CamelCase reason (`Issued`, `Deactivated`, …).
@@ -166,19 +166,19 @@ pub struct Audit {
 
 impl Audit {
     /// A `Normal` entry.
-    pub fn normal(reason: &str, action: &'static str, note: impl Into<String>) -> Self {
+    pub(crate) fn normal(reason: &str, action: &'static str, note: impl Into<String>) -> Self {
         Self { warning: false, reason: reason.into(), action, note: note.into(), related: None }
     }
 
     /// A `Warning` entry.
-    pub fn warning(reason: &str, action: &'static str, note: impl Into<String>) -> Self {
+    pub(crate) fn warning(reason: &str, action: &'static str, note: impl Into<String>) -> Self {
         Self { warning: true, reason: reason.into(), action, note: note.into(), related: None }
     }
 }
 
 /// Everything a reconcile can fail on, named for the operation.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// Reading the Secret that holds a project's key.
     #[error("reading Secret {namespace}/{name}")]
     GetKeySecret { namespace: String, name: String, source: kube::Error },
@@ -204,7 +204,7 @@ pub enum Error {
 
 impl Error {
     /// Fixed label for metrics and logs.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::GetKeySecret { .. } => "get_key_secret",
             Error::GetProject { .. } => "get_project",
@@ -229,13 +229,13 @@ fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action
 /// re-reconcile every token of a project on each of its status writes, O(n²) work for n
 /// tokens. Remembers one hash per Project and forgets it when the Project goes.
 #[derive(Default)]
-pub struct ProjectChanges {
+pub(crate) struct ProjectChanges {
     seen: HashMap<String, u64>,
 }
 
 impl ProjectChanges {
     /// Whether `project`, as a watch event shows it, changed what its tokens depend on.
-    pub fn changed(&mut self, project: &Project) -> bool {
+    pub(crate) fn changed(&mut self, project: &Project) -> bool {
         let name = project.name_any();
         // Deleted (the update that removes the last finalizer deletes the object, and
         // the delete event follows): always a change, and nothing left to remember.
@@ -247,12 +247,14 @@ impl ProjectChanges {
     }
 
     /// Projects remembered.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.seen.len()
     }
 
     /// Whether none is remembered.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.seen.is_empty()
     }
 
@@ -286,7 +288,7 @@ fn count<T, Q: std::error::Error + 'static>(
 }
 
 /// Runs both controllers until `shutdown` resolves.
-pub async fn run(
+pub(crate) async fn run(
     client: Client,
     settings: Settings,
     metrics: Arc<Metrics>,

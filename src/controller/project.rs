@@ -22,10 +22,10 @@ use crate::enforcement::Check;
 use crate::index::Kind;
 
 /// How many tokens `status.recentTokens` lists.
-pub const RECENT_TOKENS: usize = 5;
+pub(crate) const RECENT_TOKENS: usize = 5;
 
 /// What the reconciler saw.
-pub struct Observed<'a> {
+pub(crate) struct Observed<'a> {
     /// The Project.
     pub project: &'a Project,
     /// Its key, or why it has none.
@@ -42,7 +42,7 @@ pub struct Observed<'a> {
 
 /// What the reconciler should write.
 #[derive(Debug)]
-pub struct Decision {
+pub(crate) struct Decision {
     /// The new status.
     pub status: ProjectStatus,
     /// Events to record.
@@ -52,7 +52,7 @@ pub struct Decision {
 }
 
 /// Computes status and Events from what was observed. Pure.
-pub fn decide(o: &Observed) -> Decision {
+pub(crate) fn decide(o: &Observed) -> Decision {
     let p = o.project;
     let old = p.status.clone().unwrap_or_default();
     let first_time = p.status.is_none();
@@ -202,7 +202,7 @@ fn token_phase(t: &ProxyToken) -> Option<TokenPhase> {
 }
 
 /// Reconciles one Project: fetch, [`decide`], write.
-pub async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Result<Action, Error> {
     let client = &ctx.client;
     let name = project.name_any();
     let projects = Api::<Project>::all(client.clone());

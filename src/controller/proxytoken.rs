@@ -28,14 +28,14 @@ use crate::index::Kind;
 use crate::token::{Token, TokenHash};
 
 /// How often a token that cannot be minted yet is looked at again.
-pub const RETRY_BLOCKED: Duration = Duration::from_secs(10);
+pub(crate) const RETRY_BLOCKED: Duration = Duration::from_secs(10);
 
 /// Label on a token Secret naming its ProxyToken.
-pub const TOKEN_LABEL: &str = "llmproxy.io/proxytoken";
+pub(crate) const TOKEN_LABEL: &str = "llmproxy.io/proxytoken";
 
 /// Why a token is not (or no longer) usable, and what to tell the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     /// The phase.
     pub phase: TokenPhase,
     /// Condition and Event reason.
@@ -51,10 +51,10 @@ impl Verdict {
 }
 
 /// The message the product shows when a token is requested for an inactive project.
-pub const INACTIVE_PROJECT_MESSAGE: &str = "Cannot generate tokens for inactive project";
+pub(crate) const INACTIVE_PROJECT_MESSAGE: &str = "Cannot generate tokens for inactive project";
 
 /// Decides whether a token that has not been minted may be. Pure.
-pub fn admit(token: &ProxyToken, project: Option<&Project>, namespace_allowed: bool) -> Result<(), Verdict> {
+pub(crate) fn admit(token: &ProxyToken, project: Option<&Project>, namespace_allowed: bool) -> Result<(), Verdict> {
     let project_name = &token.spec.project_ref.name;
     let namespace = token.namespace().unwrap_or_default();
     if token.spec.revoked {
@@ -83,7 +83,7 @@ pub fn admit(token: &ProxyToken, project: Option<&Project>, namespace_allowed: b
 }
 
 /// Whether `namespace` (with `labels`) may hold tokens of `project`. Pure.
-pub fn namespace_allowed(project: &Project, labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn namespace_allowed(project: &Project, labels: &BTreeMap<String, String>) -> bool {
     match &project.spec.allowed_namespaces {
         None => false,
         Some(grant) => match grant.from {
@@ -94,7 +94,7 @@ pub fn namespace_allowed(project: &Project, labels: &BTreeMap<String, String>) -
 }
 
 /// `project` if it is the very object `token` was minted for ([`crate::binding`]).
-pub fn bound_project<'a>(token: &ProxyToken, project: Option<&'a Project>) -> Option<&'a Project> {
+pub(crate) fn bound_project<'a>(token: &ProxyToken, project: Option<&'a Project>) -> Option<&'a Project> {
     let status = token.status.as_ref()?;
     let issued_us = status.issued_at.as_ref()?.0.as_microsecond();
     project.filter(|p| {
@@ -106,7 +106,7 @@ pub fn bound_project<'a>(token: &ProxyToken, project: Option<&'a Project>) -> Op
 
 /// The phase of a minted token at `now`: its [`Fate`](crate::fate::Fate), the rule the
 /// proxy applies too, with the words for status and Events. Pure; final phases stay final.
-pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Timestamp) -> Verdict {
+pub(crate) fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Timestamp) -> Verdict {
     let status = token.status.clone().unwrap_or_default();
     let issued_at = status.issued_at.as_ref().map(|t| t.0);
     let project_name = &token.spec.project_ref.name;
@@ -163,21 +163,21 @@ pub fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Times
 }
 
 /// `issuedAt + duration`.
-pub fn expires_at(token: &ProxyToken) -> Option<jiff::Timestamp> {
+pub(crate) fn expires_at(token: &ProxyToken) -> Option<jiff::Timestamp> {
     let issued = token.status.as_ref()?.issued_at.as_ref()?.0;
     let lifetime = parse_go_duration(&token.spec.duration).ok()?;
     issued.checked_add(jiff::SignedDuration::try_from(lifetime).ok()?).ok()
 }
 
 /// Whether the token's Secret has been written (`Issued=True`).
-pub fn issued(token: &ProxyToken) -> bool {
+pub(crate) fn issued(token: &ProxyToken) -> bool {
     token.status.as_ref().is_some_and(|s| crate::api::is_true(&s.conditions, cond::ISSUED))
 }
 
 /// Minted (its hash is in status) but its Secret not written yet: it waits until every
 /// proxy replica accepts the hash, so that a workload never reads a token some replica
 /// would still refuse.
-pub fn awaiting_secret(token: &ProxyToken) -> bool {
+pub(crate) fn awaiting_secret(token: &ProxyToken) -> bool {
     token.status.as_ref().is_some_and(|s| s.token_hash.is_some()) && !issued(token)
 }
 
@@ -204,7 +204,7 @@ fn routing_changed(token: &ProxyToken, old: &ProxyTokenStatus, new: &ProxyTokenS
 /// The status for `verdict`, keeping what minting recorded; `issued`: the Secret is
 /// written; `check`: what the replicas enforce of the token as observed. Returns the
 /// status and whether it still waits for the replicas. Pure.
-pub fn status_for(
+pub(crate) fn status_for(
     token: &ProxyToken,
     verdict: &Verdict,
     now: Time,
@@ -251,7 +251,7 @@ pub fn status_for(
 }
 
 /// The Events for a phase change from `old` to `verdict`. Pure.
-pub fn transition_events(
+pub(crate) fn transition_events(
     old: Option<TokenPhase>,
     verdict: &Verdict,
     secret_name: &str,
@@ -278,7 +278,7 @@ const RETRY_PROPAGATION: Duration = Duration::from_secs(1);
 
 /// Reconciles one ProxyToken: fetch, decide, mint if admitted, publish the Secret once
 /// every replica accepts the token, write.
-pub async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = token.name_any();
     let namespace = token.namespace().unwrap_or_default();
     let project_name = &token.spec.project_ref.name;

@@ -11,7 +11,7 @@ use crate::proxy::paths::PathError;
 
 /// Why the proxy answered instead of the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// No `Authorization: Bearer`, or a token of the wrong shape or checksum.
     #[error("missing or malformed token")]
     InvalidToken,
@@ -64,7 +64,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// HTTP status.
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             Self::InvalidToken
             | Self::TokenNotFound
@@ -84,7 +84,7 @@ impl ProxyError {
     }
 
     /// The `error.code` field; also the metric label.
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             Self::InvalidToken => "invalid_token",
             Self::TokenNotFound => "token_not_found",
@@ -171,7 +171,7 @@ impl ProxyError {
     }
 
     /// The JSON response.
-    pub fn into_response(self) -> Response<Body> {
+    pub(crate) fn into_response(self) -> Response<Body> {
         let body = serde_json::json!({
             "error": { "message": self.message(), "type": self.kind(), "code": self.code(), "param": null }
         });

@@ -25,7 +25,7 @@ const STRIPPED_REQUEST_HEADERS: &[&str] = &["openai-organization", "openai-proje
 
 /// The pooled upstream client, built once.
 #[derive(Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Limited<Incoming>>,
     response_timeout: Duration,
     max_request_body: u64,
@@ -33,7 +33,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds the client: TLS (webpki roots) or plain HTTP, HTTP/2 where ALPN offers it.
-    pub fn new(settings: &ProxySettings) -> Self {
+    pub(crate) fn new(settings: &ProxySettings) -> Self {
         let (connect_timeout, response_timeout) = (settings.connect_timeout, settings.response_timeout);
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -55,7 +55,7 @@ impl Upstream {
     }
 
     /// Forwards `request` to the route's upstream. The response body is not read here.
-    pub async fn forward(
+    pub(crate) async fn forward(
         &self,
         mut request: Request<Incoming>,
         route: &Route,
@@ -101,7 +101,7 @@ impl Upstream {
 
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including those the
 /// `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names, no removals.
     if !headers.keys().any(is_hop_by_hop) {
         return;

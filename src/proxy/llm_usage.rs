@@ -19,7 +19,7 @@ const TAIL: usize = 16 * 1024;
 
 /// Prompt and completion tokens of one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TokenUsage {
+pub(crate) struct TokenUsage {
     /// `usage.prompt_tokens`.
     pub prompt: u64,
     /// `usage.completion_tokens`.
@@ -27,7 +27,7 @@ pub struct TokenUsage {
 }
 
 /// A body that passes frames through and reports usage at its end.
-pub struct UsageTap<B, F: FnOnce(TokenUsage)> {
+pub(crate) struct UsageTap<B, F: FnOnce(TokenUsage)> {
     inner: B,
     /// The last frames; all but the oldest fit in [`TAIL`] bytes.
     tail: VecDeque<Bytes>,
@@ -38,7 +38,7 @@ pub struct UsageTap<B, F: FnOnce(TokenUsage)> {
 
 impl<B, F: FnOnce(TokenUsage)> UsageTap<B, F> {
     /// Wraps `inner`; `on_usage` runs once, when the body ends with a usage object.
-    pub fn new(inner: B, on_usage: F) -> Self {
+    pub(crate) fn new(inner: B, on_usage: F) -> Self {
         Self { inner, tail: VecDeque::new(), newer_len: 0, on_usage: Some(on_usage) }
     }
 
@@ -109,7 +109,7 @@ where
 
 /// The last `"usage": {…}` object in the tail of a JSON body or an SSE stream. Text
 /// inside JSON strings cannot match: its quotes are escaped.
-pub fn find_usage(tail: &[u8]) -> Option<TokenUsage> {
+pub(crate) fn find_usage(tail: &[u8]) -> Option<TokenUsage> {
     const KEY: &[u8] = b"\"usage\"";
     let mut end = tail.len();
     while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {

@@ -6,11 +6,11 @@
 
 mod error;
 mod forward;
-pub mod llm_usage;
-pub mod paths;
-pub mod quota;
-pub mod server;
-pub mod stream;
+pub(crate) mod llm_usage;
+pub(crate) mod paths;
+pub(crate) mod quota;
+pub(crate) mod server;
+pub(crate) mod stream;
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,8 +20,8 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response, header};
 
-pub use error::ProxyError;
-pub use forward::{Upstream, strip_hop_by_hop};
+pub(crate) use error::ProxyError;
+pub(crate) use forward::Upstream;
 
 use crate::index::{Route, watch::SharedTable};
 use crate::metrics::{Metrics, Name, TokenUsageLabels};
@@ -29,19 +29,19 @@ use crate::proxy::quota::Quota;
 use crate::token::{self, TokenHash};
 
 /// Response body: streamed from upstream or a small JSON error.
-pub type Body = BoxBody<Bytes, BoxError>;
+pub(crate) type Body = BoxBody<Bytes, BoxError>;
 
 /// Any body or handler error.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A complete body from bytes.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed()
 }
 
 /// Settings of the data plane.
 #[derive(Clone, Debug)]
-pub struct ProxySettings {
+pub(crate) struct ProxySettings {
     /// How long to wait for the upstream's TCP/TLS connection.
     pub connect_timeout: Duration,
     /// How long to wait for the upstream's response headers.
@@ -64,13 +64,13 @@ impl Default for ProxySettings {
 }
 
 /// Most request headers the proxy accepts (each value of a repeated header counts).
-pub const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 
 /// Most bytes of header names and values the proxy accepts.
-pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 32 * 1024;
 
 /// The request handler shared by every connection.
-pub struct Proxy {
+pub(crate) struct Proxy {
     table: SharedTable,
     upstream: Upstream,
     quota: std::sync::Arc<Quota>,
@@ -80,7 +80,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// A proxy over `table`.
-    pub fn new(
+    pub(crate) fn new(
         table: SharedTable,
         quota: std::sync::Arc<Quota>,
         metrics: std::sync::Arc<Metrics>,
@@ -90,7 +90,7 @@ impl Proxy {
     }
 
     /// Handles one request; never fails (errors become JSON responses).
-    pub async fn handle(&self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub(crate) async fn handle(&self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_owned();

@@ -9,7 +9,7 @@ use hyper::Method;
 
 /// Why a path/method pair is not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathError {
+pub(crate) enum PathError {
     /// Not an endpoint of the API surface.
     NotFound,
     /// An endpoint, but not with that method.
@@ -62,7 +62,7 @@ const ENDPOINTS: &[(&str, &[Method])] = &[
 ];
 
 /// Checks that `method path` is an endpoint of the API surface.
-pub fn check(method: &Method, path: &str) -> Result<(), PathError> {
+pub(crate) fn check(method: &Method, path: &str) -> Result<(), PathError> {
     let mut found = false;
     for (pattern, methods) in ENDPOINTS {
         if matches(pattern, path) {

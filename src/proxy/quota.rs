@@ -29,7 +29,7 @@ use crate::metrics::{Metrics, ResultLabels};
 use crate::token::TokenHash;
 
 /// Field manager of the proxies' status writes.
-pub const PROXY_MANAGER: &str = "llm-proxy-proxy";
+pub(crate) const PROXY_MANAGER: &str = "llm-proxy-proxy";
 
 /// How many optimistic-concurrency retries a claim or flush gets before giving up.
 const MAX_ATTEMPTS: usize = 20;
@@ -47,7 +47,7 @@ struct Counter {
 }
 
 /// Request counting and budget claims shared by every connection of a proxy replica.
-pub struct Quota {
+pub(crate) struct Quota {
     client: Client,
     /// The runtime every API call runs on (see [`Quota::claim`]).
     runtime: tokio::runtime::Handle,
@@ -61,7 +61,7 @@ pub struct Quota {
 impl Quota {
     /// Accounting that writes to the API server through `client`, from the runtime it
     /// is created on (the process's main runtime, which outlives the serving threads).
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         Self {
             client,
             runtime: tokio::runtime::Handle::current(),
@@ -73,7 +73,7 @@ impl Quota {
 
     /// Admits one request with `route`'s token: always for unlimited tokens, from the
     /// replica's block (claiming a new one when empty) for capped ones.
-    pub async fn admit(&self, hash: TokenHash, route: &Route, now_us: i64) -> Result<(), ProxyError> {
+    pub(crate) async fn admit(&self, hash: TokenHash, route: &Route, now_us: i64) -> Result<(), ProxyError> {
         let counter = self.counter(hash, route);
         if let Some(max) = route.token.max_requests {
             let mut block = counter.block.lock().await;
@@ -127,7 +127,7 @@ impl Quota {
     }
 
     /// Writes every token's unflushed count and last use into its status.
-    pub async fn flush(&self) {
+    pub(crate) async fn flush(&self) {
         let client = &self.client;
         let _one_at_a_time = self.flushing.lock().await;
         let counters: Vec<Arc<Counter>> = self.counters.read().expect("usage map poisoned").values().cloned().collect();
@@ -146,7 +146,7 @@ impl Quota {
     }
 
     /// Flushes, then gives unused blocks back so other replicas can spend them.
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         self.flush().await;
         let client = &self.client;
         let counters: Vec<Arc<Counter>> = self.counters.read().expect("usage map poisoned").values().cloned().collect();
@@ -215,7 +215,7 @@ fn params() -> PatchParams {
 
 /// Block size for a cap of `max`: small enough that one replica cannot starve the
 /// others of a small budget, large enough that big budgets cost few writes.
-pub fn block_size(max: i64) -> i64 {
+pub(crate) fn block_size(max: i64) -> i64 {
     (max / 16).clamp(1, 1000)
 }
 
@@ -258,7 +258,7 @@ async fn give_back(client: &Client, counter: &Counter, unused: i64) -> Result<()
 }
 
 /// Flushes `usage` every `interval` until the process ends.
-pub fn spawn_flusher(quota: Arc<Quota>, interval: Duration) {
+pub(crate) fn spawn_flusher(quota: Arc<Quota>, interval: Duration) {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

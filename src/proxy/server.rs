@@ -33,7 +33,7 @@ const HTTP1_HEADER_SLOTS: usize = 512;
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then drains open
 /// connections for at most `drain`.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>, drain: Duration)
+pub(crate) async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>, drain: Duration)
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
@@ -79,7 +79,7 @@ where
 
 /// Serves on `threads` threads a handler made per thread by `make_handler`, until
 /// `shutdown` turns `true`; returns once every thread has drained (at most `drain`).
-pub async fn serve_threads<M, H, F>(
+pub(crate) async fn serve_threads<M, H, F>(
     listener: std::net::TcpListener,
     threads: usize,
     make_handler: M,
@@ -126,10 +126,12 @@ where
 }
 
 /// What a boxed request handler returns.
-pub type HandlerFuture = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+pub(crate) type HandlerFuture = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
 /// The API handler for [`serve`].
-pub fn api_handler(proxy: Arc<Proxy>) -> impl Fn(Request<Incoming>) -> HandlerFuture + Clone + Send + Sync + 'static {
+pub(crate) fn api_handler(
+    proxy: Arc<Proxy>,
+) -> impl Fn(Request<Incoming>) -> HandlerFuture + Clone + Send + Sync + 'static {
     move |request| {
         let proxy = proxy.clone();
         Box::pin(async move { proxy.handle(request).await })
@@ -138,7 +140,7 @@ pub fn api_handler(proxy: Arc<Proxy>) -> impl Fn(Request<Incoming>) -> HandlerFu
 
 /// The admin handler for [`serve`]: liveness, readiness as `ready` says (`Err` carries
 /// the reason), and metrics.
-pub fn admin_handler(
+pub(crate) fn admin_handler(
     ready: impl Fn() -> Result<(), &'static str> + Clone + Send + Sync + 'static,
     metrics: Arc<Metrics>,
 ) -> impl Fn(Request<Incoming>) -> std::future::Ready<Result<Response<Body>, Infallible>> + Clone + Send + Sync + 'static

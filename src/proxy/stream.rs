@@ -22,10 +22,10 @@ const BROKEN_STREAM_EVENT: &str = "event: error\ndata: {\"error\":{\"message\":\
 /// The upstream stalled for longer than the idle timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream sent nothing for {0:?}")]
-pub struct IdleTimeout(Duration);
+pub(crate) struct IdleTimeout(Duration);
 
 /// An upstream body with an idle timeout and a clean end on upstream failure.
-pub struct Guarded<B> {
+pub(crate) struct Guarded<B> {
     inner: B,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
@@ -35,7 +35,7 @@ pub struct Guarded<B> {
 
 impl<B> Guarded<B> {
     /// Guards `inner`; `event_stream` when the response is `text/event-stream`.
-    pub fn new(inner: B, idle: Duration, event_stream: bool) -> Self {
+    pub(crate) fn new(inner: B, idle: Duration, event_stream: bool) -> Self {
         Self { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)), event_stream, done: false }
     }
 
