@@ -13,9 +13,9 @@ default:
 setup:
     bash hack/setup.sh
 
-# Build the binaries (debug).
+# Build the binaries (debug), with the demo's fake upstream.
 build:
-    cargo build --locked --bins
+    cargo build --locked --bins --features fake-upstream
 
 # Format check, clippy, CRD drift check (part of the unit tests), and every test.
 test: lint cluster-up

@@ -40,7 +40,7 @@ if ! "$litellm_venv/bin/litellm" --version >/dev/null 2>&1; then
   (python3 -m venv "$litellm_venv" &&
     "$litellm_venv/bin/pip" install --quiet --disable-pip-version-check "litellm[proxy]==1.106.12") & installs+=($!)
 fi
-cargo build --release --locked --bin llm-proxy --bin fake-upstream --bench propagation --bench scale --quiet
+cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fake-upstream --bench propagation --bench scale --quiet
 for p in "${installs[@]}"; do wait "$p"; done
 tests/cluster/cluster.sh up >/dev/null
 mkdir -p "$state"

@@ -23,6 +23,7 @@ mod controller;
 mod crd;
 mod duration;
 pub mod enforcement;
+#[cfg(feature = "fake-upstream")]
 pub mod fake_upstream;
 mod fate;
 #[cfg(test)]
