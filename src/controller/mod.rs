@@ -48,8 +48,6 @@ pub(crate) struct Context {
     pub settings: Settings,
     /// Every ProxyToken the controller follows, from the token controller's cache.
     pub tokens: kube::runtime::reflector::Store<ProxyToken>,
-    /// Every Project the controller follows, from the project controller's cache.
-    pub projects: kube::runtime::reflector::Store<Project>,
     /// The proxy replicas' reports (Leases in the operator namespace).
     pub replicas: kube::runtime::reflector::Store<Lease>,
     /// Objects whose latest change some live replica does not enforce yet: a new
@@ -327,7 +325,6 @@ pub(crate) async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         settings,
         tokens: token_store.clone(),
-        projects: project_store.clone(),
         replicas,
         awaiting: awaiting.clone(),
         mints: Mutex::new(HashMap::new()),

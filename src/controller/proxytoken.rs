@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -289,16 +288,13 @@ pub(crate) async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Resu
         super::mark(&ctx.awaiting.tokens, &*token, true);
         return Ok(Action::requeue(RETRY_PROPAGATION));
     }
-    // From the project controller's cache; a Project it has not seen yet (created a
-    // moment ago) is asked for, so a new pair of objects mints at once.
-    let cached = ctx.projects.get(&ObjectRef::new(project_name)).map(|p| (*p).clone());
-    let project = match cached {
-        Some(project) => Some(project),
-        None => Api::<Project>::all(ctx.client.clone())
-            .get_opt(project_name)
-            .await
-            .map_err(|source| Error::GetProject { name: project_name.clone(), source })?,
-    };
+    // Read, not taken from the project controller's cache: a Project change triggers
+    // this reconcile through another watch, and the cache may not hold that change yet
+    // (a bulk revocation was then missed until the next requeue).
+    let project = Api::<Project>::all(ctx.client.clone())
+        .get_opt(project_name)
+        .await
+        .map_err(|source| Error::GetProject { name: project_name.clone(), source })?;
 
     let mut current = (*token).clone();
     let mut minted_now = false;
