@@ -8,8 +8,8 @@ FROM rust:1.95.0-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && echo 'fn main() {}' > src/bin/fake-upstream.rs && echo 'fn main() {}' > src/bin/kubectl-llmproxy.rs \
+RUN mkdir -p src/bin/kubectl-llmproxy && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > src/bin/fake-upstream.rs && echo 'fn main() {}' > src/bin/kubectl-llmproxy/main.rs \
     && cargo build --release --locked \
     && rm -rf src
 COPY src ./src

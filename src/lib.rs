@@ -30,7 +30,6 @@ mod fate;
 mod fixtures;
 pub mod index;
 mod metrics;
-pub mod plugin;
 mod proxy;
 pub mod telemetry;
 pub mod token;

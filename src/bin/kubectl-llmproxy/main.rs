@@ -1,13 +1,16 @@
-//! `kubectl-llmproxy`: the kubectl plugin (`kubectl llmproxy …`); wires the command line
-//! to [`llm_proxy::plugin`].
+//! `kubectl-llmproxy`: the kubectl plugin (`kubectl llmproxy …`). The binary owns its
+//! command line and commands (`plugin`); it talks to the cluster only through the API
+//! types and the replica reports of the `llm_proxy` library.
 #![forbid(unsafe_code)]
+
+mod plugin;
 
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = llm_proxy::plugin::Cli::parse();
-    match llm_proxy::plugin::run(cli).await {
+    let cli = plugin::Cli::parse();
+    match plugin::run(cli).await {
         Ok(text) => {
             print!("{text}");
             std::process::ExitCode::SUCCESS

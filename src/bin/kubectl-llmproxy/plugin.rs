@@ -14,8 +14,8 @@ use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use crate::api::{Project, ProjectRef, ProxyToken, ProxyTokenSpec, TokenPhase, token_secret_keys as keys};
-use crate::index::Kind;
+use llm_proxy::api::{Project, ProjectRef, ProxyToken, ProxyTokenSpec, TokenPhase, token_secret_keys as keys};
+use llm_proxy::index::Kind;
 
 /// Manage llm-proxy Projects and ProxyTokens.
 #[derive(Parser, Debug)]
@@ -154,7 +154,7 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
         Command::Deactivate { project, wait } => set_active(&projects, &project, false, &enforced, wait).await,
         Command::RevokeAll { project, wait } => {
             let now = jiff::Timestamp::now();
-            let patch = json!({ "spec": { "tokensNotBefore": crate::api::micros(now) } });
+            let patch = json!({ "spec": { "tokensNotBefore": llm_proxy::api::micros(now) } });
             let changed = projects
                 .patch(&project, &patch_params(), &Patch::Merge(&patch))
                 .await
@@ -225,7 +225,7 @@ fn ready_condition(project: &Project) -> (&str, &str) {
     project
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == crate::api::project_conditions::READY))
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == llm_proxy::api::project_conditions::READY))
         .map_or(("-", "-"), |c| (c.status.as_str(), c.reason.as_str()))
 }
 
@@ -237,7 +237,7 @@ async fn show(client: &Client, name: &str) -> Result<String, Error> {
     let _ = writeln!(out, "Name:          {name}");
     let _ = writeln!(out, "Display name:  {}", project.spec.display_name.as_deref().unwrap_or("-"));
     let _ = writeln!(out, "Status:        {}", status.phase.map_or("-", |p| p.as_str()));
-    let serving = status.conditions.iter().find(|c| c.type_ == crate::api::project_conditions::READY);
+    let serving = status.conditions.iter().find(|c| c.type_ == llm_proxy::api::project_conditions::READY);
     let serving = serving.map_or("unknown (the controller has not reported yet)".to_string(), |c| {
         let verdict = if c.status == "True" { "yes" } else { "no" };
         format!("{verdict} ({}: {})", c.reason, c.message)
@@ -300,11 +300,11 @@ impl Enforcement {
         if !wait.wait {
             return Ok(format!("{said}\n"));
         }
-        let version = crate::index::resource_version(meta);
+        let version = llm_proxy::index::resource_version(meta);
         let started = std::time::Instant::now();
         let timeout = Duration::from_secs(wait.wait_timeout);
         loop {
-            let reports = crate::enforcement::list(&self.client, &self.namespace)
+            let reports = llm_proxy::enforcement::list(&self.client, &self.namespace)
                 .await
                 .map_err(api_err(format!("reading the proxy replicas' reports in namespace {}", self.namespace)))?;
             let live: Vec<_> = reports.into_iter().filter(|r| r.live).collect();
@@ -338,7 +338,7 @@ impl Enforcement {
 }
 
 async fn replicas(enforced: &Enforcement) -> Result<String, Error> {
-    let mut reports = crate::enforcement::list(&enforced.client, &enforced.namespace)
+    let mut reports = llm_proxy::enforcement::list(&enforced.client, &enforced.namespace)
         .await
         .map_err(api_err(format!("reading the proxy replicas' reports in namespace {}", enforced.namespace)))?;
     reports.sort_by(|a, b| a.identity.cmp(&b.identity));
