@@ -396,9 +396,7 @@ fn condition(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condi
 #[tokio::test]
 async fn a_token_secret_exists_only_once_every_replica_accepts_the_token() {
     let mut env = Env::running("enforced").await;
-    let second = (support::free_port(), support::free_port());
-    env.start_proxy_as("proxy-2", second.0, second.1, &[]).await;
-    let ports = [env.proxy_port, second.0];
+    let ports = env.start_second_proxy().await;
     env.create_project("p").await;
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.apps);
 

@@ -144,9 +144,7 @@ async fn every_plugin_command_does_what_it_says() {
 #[tokio::test]
 async fn wait_returns_once_every_live_replica_enforces_the_change() {
     let mut env = Env::running("wait").await;
-    let second = (support::free_port(), support::free_port());
-    env.start_proxy_as("proxy-2", second.0, second.1, &[]).await;
-    let ports = [env.proxy_port, second.0];
+    let ports = env.start_second_proxy().await;
     env.create_project("p").await;
     let project = env.scoped("p");
     let ops = env.ops.clone();

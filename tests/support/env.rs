@@ -150,6 +150,14 @@ impl Env {
         self.start_proxy_as("proxy", port, admin, &[]).await;
     }
 
+    /// Starts a second proxy (`proxy-2`) for this test's objects; returns both proxies'
+    /// API ports.
+    pub async fn start_second_proxy(&mut self) -> [u16; 2] {
+        let (port, admin) = (free_port(), free_port());
+        self.start_proxy_as("proxy-2", port, admin, &[]).await;
+        [self.proxy_port, port]
+    }
+
     /// Starts another proxy process named `role` on `port` (admin on `admin`) with
     /// `extra` flags, and waits until it is ready.
     pub async fn start_proxy_as(&mut self, role: &str, port: u16, admin: u16, extra: &[&str]) {
