@@ -149,19 +149,23 @@ async fn main() {
         settle().await;
     }
 
+    // One request through replica A; whether the upstream received it with `expected`.
+    let upstream_got = |expected: &str| {
+        let expected = expected.to_string();
+        let (request, upstream) = (status_of(probe), upstream.clone());
+        async move {
+            assert_eq!(request.await, 200);
+            upstream.last_request().and_then(|r| r.header("authorization")).as_deref() == Some(expected.as_str())
+        }
+    };
     let (mut rotate, mut rotate_all) = (Vec::new(), Vec::new());
     for i in 1..=TRIALS {
         let expected = format!("Bearer {}", key(i));
         let t0 = Instant::now();
         let changed = put_key(key(i)).await;
         let first = async {
-            loop {
-                assert_eq!(status_of(probe).await, 200);
-                if upstream.last_request().and_then(|r| r.header("authorization")).as_deref() == Some(expected.as_str())
-                {
-                    break t0.elapsed();
-                }
-            }
+            while !upstream_got(&expected).await {}
+            t0.elapsed()
         };
         let (first, all) = tokio::join!(first, until_enforced(&client, Kind::Secret, &changed.metadata, t0));
         rotate.push(first);
@@ -183,13 +187,8 @@ async fn main() {
         let to = json!({ "spec": { "apiKeySecretRef": { "name": format!("key-{i}") } } });
         let changed = projects.patch("bench-propagation", &PatchParams::default(), &Patch::Merge(&to)).await.unwrap();
         let first = async {
-            loop {
-                assert_eq!(status_of(probe).await, 200);
-                if upstream.last_request().and_then(|r| r.header("authorization")).as_deref() == Some(expected.as_str())
-                {
-                    break t0.elapsed();
-                }
-            }
+            while !upstream_got(&expected).await {}
+            t0.elapsed()
         };
         let (first, all) = tokio::join!(first, until_enforced(&client, Kind::Project, &changed.metadata, t0));
         repoint.push(first);
