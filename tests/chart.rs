@@ -5,9 +5,12 @@
 mod support;
 
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
+use llm_proxy::api::ProxyToken;
+use serde_json::json;
+use std::time::Duration;
 use support::Env;
 
 fn helm() -> std::path::PathBuf {
@@ -131,8 +134,13 @@ async fn the_chart_lints_renders_applies_and_grants_least_privilege() {
 async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
     let mut env = Env::new("identity").await;
     let release = format!("r-{}", env.id);
+    // The status policy too, kept to this test's objects so parallel tests (whose
+    // processes run as the cluster admin) can still write theirs.
+    let only_ours = format!("statusPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}", env.id);
     let mut docs = env.render_chart(&release, "templates/serviceaccounts.yaml", &[]);
     docs.extend(env.render_chart(&release, "templates/rbac.yaml", &[]));
+    docs.extend(env.render_chart(&release, "templates/status-policy.yaml", &[only_ours]));
+    docs.extend(env.render_chart(&release, "templates/tenant-roles.yaml", &[]));
     let manifest = support::repo().join(format!("target/test-logs/{}-rbac.yaml", env.id));
     std::fs::write(
         &manifest,
@@ -151,7 +159,9 @@ async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
     let (port, admin) = (env.proxy_port, env.proxy_admin_port);
     env.start_proxy_with("proxy", port, admin, &["--usage-flush-millis", "200"], &proxy_kubeconfig).await;
 
-    // The whole job: finalizer, status, minting, Events, routing, budget claims, usage.
+    // The whole job: finalizer, status, minting, Events, routing, budget claims, usage,
+    // all through the status policy.
+    wait_for_status_policy(&env).await;
     env.create_project("p").await;
     let mut spec = support::token_spec(&env.scoped("p"));
     spec.max_requests = Some(3);
@@ -176,9 +186,117 @@ async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
         .await
         .unwrap_err();
     assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied}");
-    let denied =
-        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(proxy, &env.apps).get("capped").await.unwrap_err();
+    let denied = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(proxy.clone(), &env.apps)
+        .get("capped")
+        .await
+        .unwrap_err();
     assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied}");
+
+    // The proxy's identity writes usage, never a token's binding.
+    let denied = Api::<ProxyToken>::namespaced(proxy, &env.apps)
+        .patch_status("capped", &PatchParams::default(), &Patch::Merge(json!({ "status": { "tokenHash": FORGED } })))
+        .await
+        .unwrap_err();
+    assert_refused(&denied, "The proxy may write only a token's usage");
+
+    tenants_manage_tokens_but_cannot_forge_their_status(&env, &format!("{release}-llm-proxy")).await;
+}
+
+/// A hash no token has.
+const FORGED: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+fn assert_refused(error: &kube::Error, message: &str) {
+    assert!(
+        matches!(error, kube::Error::Api(s) if s.code == 403 && s.message.contains(message)),
+        "expected a refusal saying {message:?}, got {error}"
+    );
+}
+
+/// Waits until the status policy is in force: it refuses (in a server-side dry run, so
+/// nothing is written) the cluster admin's write to the status of a probe token.
+async fn wait_for_status_policy(env: &Env) {
+    let mut probe = ProxyToken::new("policy-probe", support::token_spec("no-such-project"));
+    probe.metadata.labels = Some([(support::TEST_LABEL.to_string(), env.id.clone())].into());
+    let tokens = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps);
+    tokens.create(&PostParams::default(), &probe).await.unwrap();
+    let dry_run = PatchParams { dry_run: true, ..Default::default() };
+    let write = json!({ "status": { "requestCount": 0 } });
+    support::eventually(Duration::from_secs(30), || async {
+        tokens.patch_status("policy-probe", &dry_run, &Patch::Merge(&write)).await.is_err().then_some(())
+    })
+    .await;
+}
+
+/// Namespace admins (wildcard roles, as many GitOps service accounts have) and editors
+/// manage their ProxyTokens; none of them can write the status that binds a token to
+/// its project, counts its use and decides when it expires.
+async fn tenants_manage_tokens_but_cannot_forge_their_status(env: &Env, name: &str) {
+    let rbac = json!([
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+          "metadata": { "name": "namespace-admin", "namespace": env.apps },
+          "rules": [{ "apiGroups": ["*"], "resources": ["*"], "verbs": ["*"] }] },
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": { "name": "alice-admin", "namespace": env.apps },
+          "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "namespace-admin" },
+          "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice" }] },
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": { "name": "bob-edit", "namespace": env.apps },
+          "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit" },
+          "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bob" }] },
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": { "name": "carol-tokens", "namespace": env.apps },
+          "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("{name}-token-editor") },
+          "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "carol" }] },
+    ]);
+    let manifest = support::repo().join(format!("target/test-logs/{}-tenants.json", env.id));
+    std::fs::write(&manifest, json!({ "apiVersion": "v1", "kind": "List", "items": rbac }).to_string()).unwrap();
+    let applied = support::run_kubectl(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+
+    // Alice may do anything in her namespace, status included, as far as RBAC goes.
+    let alice = client_as("alice").await;
+    let apps = Some(env.apps.as_str());
+    assert!(can(&alice, "patch", "llmproxy.io", "proxytokens", Some("status"), apps).await);
+    let mut own = ProxyToken::new("alices", support::token_spec(&env.scoped("p")));
+    own.metadata.labels = Some([(support::TEST_LABEL.to_string(), env.id.clone())].into());
+    let tokens = Api::<ProxyToken>::namespaced(alice, &env.apps);
+    tokens.create(&PostParams::default(), &own).await.unwrap();
+    env.wait_token("alices", llm_proxy::api::TokenPhase::Active).await;
+    let other = env.wait_token("capped", llm_proxy::api::TokenPhase::Exhausted).await.status.unwrap();
+    // Every forgery the review listed: reset a count, copy another token's hash, un-expire.
+    for (token, forged) in [
+        ("capped", json!({ "status": { "requestCount": 0, "claimedRequests": 0 } })),
+        ("alices", json!({ "status": { "tokenHash": other.token_hash } })),
+        (
+            "alices",
+            json!({ "status": { "issuedAt": "2099-01-01T00:00:00.000000Z", "expiresAt": "2100-01-01T00:00:00.000000Z" } }),
+        ),
+        ("alices", json!({ "status": { "projectUid": "another-project" } })),
+    ] {
+        let denied = tokens.patch_status(token, &PatchParams::default(), &Patch::Merge(&forged)).await.unwrap_err();
+        assert_refused(&denied, "alice may not write the status of proxytokens");
+    }
+    let capped = env.wait_token("capped", llm_proxy::api::TokenPhase::Exhausted).await.status.unwrap();
+    assert_eq!(capped.request_count, Some(3), "the count stays");
+    // Revoking is hers to do, in spec.
+    tokens
+        .patch("alices", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "revoked": true } })))
+        .await
+        .unwrap();
+    env.wait_token("alices", llm_proxy::api::TokenPhase::Revoked).await;
+
+    // Editors (the default `edit` role, through aggregation) and holders of the chart's
+    // token role manage ProxyTokens and nothing of their status.
+    for user in ["bob", "carol"] {
+        let client = client_as(user).await;
+        support::eventually(Duration::from_secs(30), || async {
+            can(&client, "create", "llmproxy.io", "proxytokens", None, apps).await.then_some(())
+        })
+        .await;
+        assert!(can(&client, "delete", "llmproxy.io", "proxytokens", None, apps).await, "{user}");
+        assert!(!can(&client, "patch", "llmproxy.io", "proxytokens", Some("status"), apps).await, "{user}");
+        assert!(!can(&client, "create", "llmproxy.io", "projects", None, None).await, "{user}");
+    }
 }
 
 #[test]

@@ -176,7 +176,7 @@ func up(args []string) error {
 	if *withKCM {
 		kcm := exec.Command(os.Args[0], "kube-controller-manager",
 			"--kubeconfig="+kubeconfig,
-			"--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token",
+			"--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation",
 			"--leader-elect=false",
 			"--use-service-account-credentials=false",
 			"--service-account-private-key-file="+certs.saKey,
