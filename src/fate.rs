@@ -23,6 +23,8 @@ pub(crate) struct Facts {
     pub expired: bool,
     /// `maxRequests` used up.
     pub exhausted: bool,
+    /// Its namespace is (still) granted by its project's `allowedNamespaces`.
+    pub namespace_allowed: bool,
     /// Its project is active and not being deleted.
     pub project_active: bool,
 }
@@ -40,6 +42,9 @@ pub(crate) enum Fate {
     Expired,
     /// `maxRequests` used up.
     Exhausted,
+    /// Refused while its project no longer grants its namespace; usable again if the
+    /// grant returns (not a revocation).
+    NamespaceNotAllowed,
     /// Refused while its project is inactive; usable again when it is reactivated.
     ProjectInactive,
     /// Usable.
@@ -59,6 +64,8 @@ impl Facts {
             Fate::Expired
         } else if self.exhausted {
             Fate::Exhausted
+        } else if !self.namespace_allowed {
+            Fate::NamespaceNotAllowed
         } else if !self.project_active {
             Fate::ProjectInactive
         } else {
@@ -88,17 +95,22 @@ mod tests {
 
     #[test]
     fn the_most_lasting_reason_decides() {
-        let usable = Facts { bound: true, project_active: true, ..Facts::default() };
+        let usable = Facts { bound: true, namespace_allowed: true, project_active: true, ..Facts::default() };
         assert_eq!(usable.fate(), Fate::Usable);
         let exhausted_and_inactive = Facts { exhausted: true, project_active: false, ..usable };
         assert_eq!(exhausted_and_inactive.fate(), Fate::Exhausted);
         assert_eq!(Facts { project_active: false, ..usable }.fate(), Fate::ProjectInactive);
+        // A namespace without its grant, of an inactive project: the token's own reason first.
+        let ungranted = Facts { namespace_allowed: false, project_active: false, ..usable };
+        assert_eq!(ungranted.fate(), Fate::NamespaceNotAllowed);
+        assert_eq!(Facts { exhausted: true, ..ungranted }.fate(), Fate::Exhausted);
         let everything = Facts {
             bound: false,
             revoked: true,
             bulk_revoked: true,
             expired: true,
             exhausted: true,
+            namespace_allowed: false,
             project_active: false,
         };
         assert_eq!(everything.fate(), Fate::ProjectDeleted);

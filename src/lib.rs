@@ -6,7 +6,8 @@
 //! - `controller`: reconciles them (finalizers, status, Events, token minting).
 //! - [`index`]: watch events → an immutable routing table.
 //! - `proxy`: the HTTP data plane (auth, key swap, streaming forward).
-//! - `fate`: a minted token's fate, the one rule controller and proxy share.
+//! - `fate`, `grant`: a minted token's fate and which namespaces may use a project, the
+//!   rules controller and proxy share.
 //! - [`enforcement`]: what each proxy replica enforces, reported and checked.
 //! - [`token`], `apikey`: the two secrets, with redacting `Debug`.
 //!
@@ -28,6 +29,7 @@ pub mod fake_upstream;
 mod fate;
 #[cfg(test)]
 mod fixtures;
+mod grant;
 pub mod index;
 mod metrics;
 mod proxy;

@@ -64,14 +64,15 @@ async fn the_chart_lints_renders_applies_and_grants_least_privilege() {
     let lint = std::process::Command::new(helm()).arg("lint").arg(&chart).output().expect("helm (run hack/setup.sh)");
     assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stdout));
 
-    // The deletion policy is cluster-wide: keep it to this test's (absent) objects so
-    // parallel tests can still delete their Projects.
+    // The admission policies are cluster-wide: keep them to this test's (absent) objects
+    // so parallel tests can still delete their Projects and write status.
     let release = format!("r-{}", env.id);
     let rendered = std::process::Command::new(helm())
         .args(["template", &release])
         .arg(&chart)
         .args(["--namespace", &env.ops, "--kube-version", &support::kubernetes_version()])
         .args(["--set", &format!("projectDeletionPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}", env.id)])
+        .args(["--set", &format!("statusPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}", env.id)])
         .output()
         .unwrap();
     assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
@@ -109,6 +110,8 @@ async fn the_chart_lints_renders_applies_and_grants_least_privilege() {
     // The proxy reads what it routes by and writes only usage.
     assert!(can(&proxy, "watch", "llmproxy.io", "projects", None, None).await);
     assert!(can(&proxy, "watch", "llmproxy.io", "proxytokens", None, None).await);
+    assert!(can(&proxy, "watch", "", "namespaces", None, None).await);
+    assert!(can(&controller, "watch", "", "namespaces", None, None).await);
     assert!(can(&proxy, "patch", "llmproxy.io", "proxytokens", Some("status"), apps).await);
     assert!(can(&proxy, "watch", "", "secrets", None, ops).await);
     assert!(
@@ -200,6 +203,10 @@ async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
     assert_refused(&denied, "The proxy may write only a token's usage");
 
     tenants_manage_tokens_but_cannot_forge_their_status(&env, &format!("{release}-llm-proxy")).await;
+
+    // Cluster-scoped objects outlive the test's namespaces: remove them.
+    let deleted = support::run_kubectl(&["delete", "--wait=false", "-f", manifest.to_str().unwrap()]);
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
 }
 
 /// A hash no token has.

@@ -237,6 +237,57 @@ async fn deactivation_refuses_and_stops_minting_without_revoking() {
     wait_event(&env, &env.scoped("p"), "Activated").await;
 }
 
+/// A grant is checked for the token's whole life, not only when it is minted: the
+/// namespace that loses it (its labels change, or the Project narrows its selector) is
+/// refused on its next request and its tokens say why in status; the grant coming back
+/// makes them usable again (it is not a revocation).
+#[tokio::test]
+async fn a_namespace_that_loses_its_grant_loses_its_tokens_until_the_grant_returns() {
+    let env = Env::running("grant").await;
+    let label = |value: Option<&'static str>| {
+        let apps = Api::<k8s_openapi::api::core::v1::Namespace>::all(env.client.clone());
+        let name = env.apps.clone();
+        async move {
+            let patch = json!({ "metadata": { "labels": { "team": value } } });
+            apps.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+        }
+    };
+    label(Some("ml")).await;
+    env.create_project("p").await;
+    let by_team = |team: &str| {
+        json!({ "spec": { "allowedNamespaces": {
+        "from": "Selector", "selector": { "matchLabels": { "team": team } } } } })
+    };
+    merge(&env, "p", by_team("ml")).await.unwrap();
+    let token = env.minted("p", "web").await;
+    until_chat(&env, &token, "").await;
+
+    // The namespace loses its label.
+    label(None).await;
+    let refused = until_chat(&env, &token, "namespace_not_allowed").await;
+    assert_eq!(refused.status, 403);
+    assert!(refused.body.contains("spec.allowedNamespaces"), "{}", refused.body);
+    let web = env.wait_token("web", TokenPhase::Rejected).await;
+    let ready = web.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Ready").unwrap().clone();
+    assert_eq!(ready.reason, "NamespaceNotAllowed");
+    assert!(ready.message.contains(&env.apps) && ready.message.contains("the token is kept"), "{}", ready.message);
+    assert!(!web.spec.revoked);
+    wait_event(&env, "web", "NamespaceNotAllowed").await;
+
+    // It comes back: the same token works again.
+    label(Some("ml")).await;
+    until_chat(&env, &token, "").await;
+    env.wait_token("web", TokenPhase::Active).await;
+
+    // The Project narrows its grant, then restores it.
+    merge(&env, "p", by_team("web")).await.unwrap();
+    until_chat(&env, &token, "namespace_not_allowed").await;
+    env.wait_token("web", TokenPhase::Rejected).await;
+    merge(&env, "p", by_team("ml")).await.unwrap();
+    until_chat(&env, &token, "").await;
+    env.wait_token("web", TokenPhase::Active).await;
+}
+
 #[tokio::test]
 async fn an_invalid_or_missing_key_is_reported_and_never_forwarded() {
     let env = Env::running("badkey").await;

@@ -144,7 +144,8 @@ pub enum TokenPhase {
     Exhausted,
     /// Its project is inactive: refused (or not minted) until it is active again.
     ProjectInactive,
-    /// Cannot be minted as written (namespace not allowed, Secret name taken, …).
+    /// Refused as written: its namespace is not (or no longer) allowed by the project,
+    /// its Secret name is taken, …
     Rejected,
 }
 

@@ -8,7 +8,6 @@
 pub(crate) mod lease;
 pub(crate) mod project;
 pub(crate) mod proxytoken;
-pub(crate) mod selector;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -16,7 +15,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -356,6 +355,18 @@ pub(crate) async fn run(
     let token_controller = token_controller.watches(leases, reports, move |_| {
         awaiting.tokens.lock().expect("awaiting set poisoned").iter().cloned().collect::<Vec<_>>()
     });
+    // A namespace's labels decide selector grants: its tokens follow a label change.
+    let tokens_of_namespace = token_store.clone();
+    let token_controller =
+        token_controller.watches(Api::<Namespace>::all(client.clone()), watcher::Config::default(), move |ns| {
+            let name = ns.name_any();
+            tokens_of_namespace
+                .state()
+                .into_iter()
+                .filter(|t| t.metadata.namespace.as_deref() == Some(name.as_str()))
+                .map(|t| ObjectRef::from_obj(&*t))
+                .collect::<Vec<_>>()
+        });
     let token_controller = token_controller.watches(projects, labelled, move |p| {
         let name = p.name_any();
         if !changes.lock().expect("project changes poisoned").changed(&p) {

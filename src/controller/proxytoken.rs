@@ -15,14 +15,15 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{Audit, Context, Error, MINT_PROPAGATION_TIMEOUT, selector};
+use super::{Audit, Context, Error, MINT_PROPAGATION_TIMEOUT};
 use crate::api::{
-    CONTROLLER_MANAGER, ConditionStatus, Conditions, MANAGED_BY_LABEL, NamespacesFrom, Project, ProxyToken,
-    ProxyTokenStatus, TOKEN_HASH_ANNOTATION, TokenPhase, token_conditions as cond, token_secret_keys as keys,
+    CONTROLLER_MANAGER, ConditionStatus, Conditions, MANAGED_BY_LABEL, Project, ProxyToken, ProxyTokenStatus,
+    TOKEN_HASH_ANNOTATION, TokenPhase, token_conditions as cond, token_secret_keys as keys,
 };
 use crate::duration::parse_go_duration;
 use crate::enforcement::Check;
 use crate::fate::{Facts, Fate};
+use crate::grant;
 use crate::index::Kind;
 use crate::token::{Token, TokenHash};
 
@@ -81,17 +82,6 @@ pub(crate) fn admit(token: &ProxyToken, project: Option<&Project>, namespace_all
     Ok(())
 }
 
-/// Whether `namespace` (with `labels`) may hold tokens of `project`. Pure.
-pub(crate) fn namespace_allowed(project: &Project, labels: &BTreeMap<String, String>) -> bool {
-    match &project.spec.allowed_namespaces {
-        None => false,
-        Some(grant) => match grant.from {
-            NamespacesFrom::All => true,
-            NamespacesFrom::Selector => grant.selector.as_ref().is_some_and(|s| selector::matches(s, labels)),
-        },
-    }
-}
-
 /// `project` if it is the very object `token` was minted for ([`crate::binding`]).
 pub(crate) fn bound_project<'a>(token: &ProxyToken, project: Option<&'a Project>) -> Option<&'a Project> {
     let status = token.status.as_ref()?;
@@ -105,7 +95,13 @@ pub(crate) fn bound_project<'a>(token: &ProxyToken, project: Option<&'a Project>
 
 /// The phase of a minted token at `now`: its [`Fate`](crate::fate::Fate), the rule the
 /// proxy applies too, with the words for status and Events. Pure; final phases stay final.
-pub(crate) fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff::Timestamp) -> Verdict {
+/// `namespace_allowed`: the project's `allowedNamespaces` grants the token's namespace now.
+pub(crate) fn lifecycle(
+    token: &ProxyToken,
+    project: Option<&Project>,
+    namespace_allowed: bool,
+    now: jiff::Timestamp,
+) -> Verdict {
     let status = token.status.clone().unwrap_or_default();
     let issued_at = status.issued_at.as_ref().map(|t| t.0);
     let project_name = &token.spec.project_ref.name;
@@ -121,6 +117,7 @@ pub(crate) fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff
         },
         expired: status.phase == Some(TokenPhase::Expired) || expires_at(token).is_some_and(|at| now >= at),
         exhausted: token.spec.max_requests.is_some_and(|max| status.request_count.unwrap_or(0) >= max),
+        namespace_allowed,
         project_active: bound.is_some_and(|p| p.spec.active && p.metadata.deletion_timestamp.is_none()),
     };
     match facts.fate() {
@@ -151,6 +148,14 @@ pub(crate) fn lifecycle(token: &ProxyToken, project: Option<&Project>, now: jiff
             TokenPhase::Exhausted,
             "Exhausted",
             format!("All {} requests allowed by maxRequests are used", token.spec.max_requests.unwrap_or_default()),
+        ),
+        Fate::NamespaceNotAllowed => Verdict::new(
+            TokenPhase::Rejected,
+            "NamespaceNotAllowed",
+            format!(
+                "Project {project_name} no longer allows ProxyTokens from namespace {}: requests are refused until a cluster admin grants it again in spec.allowedNamespaces (the token is kept)",
+                token.namespace().unwrap_or_default()
+            ),
         ),
         Fate::ProjectInactive => Verdict::new(
             TokenPhase::ProjectInactive,
@@ -296,13 +301,15 @@ pub(crate) async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Resu
         .await
         .map_err(|source| Error::GetProject { name: project_name.clone(), source })?;
 
+    // Checked on every reconcile, not only before minting: a namespace that loses its
+    // grant loses its tokens' use (and gets it back with the grant).
+    let allowed = match &project {
+        Some(p) => grant::admits(p.spec.allowed_namespaces.as_ref(), &namespace_labels(&ctx, p, &namespace).await?),
+        None => false,
+    };
     let mut current = (*token).clone();
     let mut minted_now = false;
     if current.status.as_ref().and_then(|s| s.token_hash.as_ref()).is_none() {
-        let allowed = match &project {
-            Some(p) => namespace_allowed(p, &namespace_labels(&ctx, p, &namespace).await?),
-            None => false,
-        };
         if let Err(verdict) = admit(&current, project.as_ref(), allowed) {
             return write(&ctx, &current, &verdict, project.as_ref(), false, &check).await;
         }
@@ -312,7 +319,7 @@ pub(crate) async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Resu
                 record(&mut current, hash, secret_name, issued_at, project.as_ref());
                 minted_now = true;
             }
-            Mint::New(plaintext) => return mint(&ctx, current, plaintext, project.as_ref(), &check).await,
+            Mint::New(plaintext) => return mint(&ctx, current, plaintext, project.as_ref(), allowed, &check).await,
         }
     } else if !issued(&current) {
         match publish(&ctx, &current).await? {
@@ -321,7 +328,9 @@ pub(crate) async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Resu
                 return write(&ctx, &current, &verdict, project.as_ref(), false, &check).await;
             }
             // The plaintext died with an earlier leader: nobody has seen it, mint afresh.
-            Published::Lost => return mint(&ctx, current, Token::mint()?, project.as_ref(), &check).await,
+            Published::Lost => {
+                return mint(&ctx, current, Token::mint()?, project.as_ref(), allowed, &check).await;
+            }
         }
     }
     // Tokens minted before `projectUid` was recorded: bind them to their Project once.
@@ -331,7 +340,7 @@ pub(crate) async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Resu
     {
         status.project_uid = bound.metadata.uid.clone();
     }
-    let verdict = lifecycle(&current, project.as_ref(), now);
+    let verdict = lifecycle(&current, project.as_ref(), allowed, now);
     let action = write(&ctx, &current, &verdict, project.as_ref(), minted_now, &check).await?;
     if minted_now {
         tracing::info!(namespace, name, project = %project_name, "token minted");
@@ -361,13 +370,14 @@ async fn mint(
     mut token: ProxyToken,
     plaintext: Token,
     project: Option<&Project>,
+    namespace_allowed: bool,
     check: &Check,
 ) -> Result<Action, Error> {
     let secret_name = token.spec.secret_name.clone().unwrap_or_else(|| token.name_any());
     record(&mut token, plaintext.hash(), secret_name, jiff::Timestamp::now(), project);
     let uid = token.uid().unwrap_or_default();
     ctx.mints.lock().expect("mints poisoned").insert(uid.clone(), plaintext);
-    let verdict = lifecycle(&token, project, jiff::Timestamp::now());
+    let verdict = lifecycle(&token, project, namespace_allowed, jiff::Timestamp::now());
     match write(ctx, &token, &verdict, project, false, check).await {
         Ok(_) => Ok(Action::requeue(RETRY_PROPAGATION)),
         Err(error) => {
@@ -382,8 +392,7 @@ async fn namespace_labels(
     project: &Project,
     namespace: &str,
 ) -> Result<BTreeMap<String, String>, Error> {
-    let needs_labels = project.spec.allowed_namespaces.as_ref().is_some_and(|g| g.from == NamespacesFrom::Selector);
-    if !needs_labels {
+    if !grant::needs_labels(project.spec.allowed_namespaces.as_ref()) {
         return Ok(BTreeMap::new());
     }
     let ns = Api::<Namespace>::all(ctx.client.clone())

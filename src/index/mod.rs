@@ -1,9 +1,10 @@
 //! Watch events in, routing table out.
 //!
-//! `[ Project ] <- [ ProxyToken ] -> [ Secret ]`
+//! `[ Project ] <- [ ProxyToken ] -> [ Secret ]`, and the labels of Namespaces (for
+//! projects that grant namespaces by selector).
 //!
 //! [`Index`] is plain and synchronous: [`Index::apply`] takes one watch event of any of
-//! the three kinds, [`Index::snapshot`] builds an immutable [`RouteTable`]. Relists
+//! the four kinds, [`Index::snapshot`] builds an immutable [`RouteTable`]. Relists
 //! (`Init` … `InitDone`) replace a kind's state whole, so objects deleted while the
 //! watch was down disappear. [`watch`] wires it to the API server.
 
@@ -13,14 +14,17 @@ pub mod watch;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 use zeroize::Zeroizing;
 
-pub use table::{Denial, DigestHasher, NameHasher, ProjectMap, ProjectRoute, Route, RouteTable, TokenMap, TokenRoute};
+pub use table::{
+    Denial, DigestHasher, NameHasher, NamespaceLabels, ProjectMap, ProjectRoute, Route, RouteTable, TokenMap,
+    TokenRoute,
+};
 
-use crate::api::{Project, ProxyToken, TokenPhase};
+use crate::api::{AllowedNamespaces, Project, ProxyToken, TokenPhase};
 use crate::apikey::{ApiKey, KeyProblem};
 use crate::duration::parse_go_duration;
 use crate::token::TokenHash;
@@ -34,9 +38,12 @@ pub enum Change {
     Token(Event<ProxyToken>),
     /// A Secret event (operator namespace only).
     Secret(Event<Secret>),
+    /// A Namespace event (its labels decide `allowedNamespaces` selectors).
+    Namespace(Event<Namespace>),
 }
 
-/// Which of the three watches a state or relist belongs to.
+/// Which watch a resource version belongs to (namespaces are not reported: a label
+/// change reaches every replica like any other event, but nothing waits on it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// Projects.
@@ -56,6 +63,7 @@ struct ProjectEntry {
     upstream: Arc<str>,
     secret_name: String,
     secret_key: String,
+    grant: Option<AllowedNamespaces>,
 }
 
 type SecretData = BTreeMap<String, Zeroizing<Vec<u8>>>;
@@ -123,11 +131,14 @@ pub struct Index {
     token_keys: HashMap<(String, String), TokenHash>,
     tokens: Arc<TokenMap>,
     secrets: HashMap<String, SecretData>,
+    /// Namespace labels, shared with the snapshots until the next change.
+    namespaces: Arc<NamespaceLabels>,
     relisting: Relists,
     applied: Applied,
     /// Highest version seen in each kind's relist in progress, applied at its end.
     relist_versions: Applied,
     synced: [bool; 3],
+    namespaces_synced: bool,
     generation: u64,
     /// Something a snapshot shows changed since the last [`Index::take_changed`].
     changed: bool,
@@ -141,6 +152,7 @@ struct Relists {
     /// objects (managedFields and all) would otherwise sit in memory until `InitDone`.
     tokens: Option<Vec<(TokenKey, Option<MintedRoute>)>>,
     secrets: Option<Vec<Secret>>,
+    namespaces: Option<NamespaceLabels>,
 }
 
 impl Index {
@@ -168,6 +180,7 @@ impl Index {
             Change::Project(Event::Init | Event::InitApply(_))
                 | Change::Token(Event::Init | Event::InitApply(_))
                 | Change::Secret(Event::Init | Event::InitApply(_))
+                | Change::Namespace(Event::Init | Event::InitApply(_))
         );
         self.changed |= !relist_item;
         self.track_version(&change);
@@ -175,12 +188,13 @@ impl Index {
             Change::Project(event) => self.apply_project(event),
             Change::Token(event) => self.apply_token(event),
             Change::Secret(event) => self.apply_secret(event),
+            Change::Namespace(event) => self.apply_namespace(event),
         }
     }
 
     /// Whether every kind has been listed at least once.
     pub fn is_synced(&self) -> bool {
-        self.synced.iter().all(|s| *s)
+        self.synced.iter().all(|s| *s) && self.namespaces_synced
     }
 
     /// Builds the routing table for the current state.
@@ -198,11 +212,18 @@ impl Index {
                     tokens_not_before_us: p.tokens_not_before_us,
                     upstream: p.upstream.clone(),
                     key: self.resolve_key(&p.secret_name, &p.secret_key).map(Arc::new),
+                    grant: p.grant.clone(),
                 };
                 (name.clone(), Arc::new(route))
             })
             .collect();
-        RouteTable { generation: self.generation, ready: self.is_synced(), tokens: self.tokens.clone(), projects }
+        RouteTable {
+            generation: self.generation,
+            ready: self.is_synced(),
+            tokens: self.tokens.clone(),
+            projects,
+            namespaces: self.namespaces.clone(),
+        }
     }
 
     fn track_version(&mut self, change: &Change) {
@@ -224,6 +245,7 @@ impl Index {
             Change::Project(e) => (Kind::Project, step(e)),
             Change::Token(e) => (Kind::Token, step(e)),
             Change::Secret(e) => (Kind::Secret, step(e)),
+            Change::Namespace(_) => return,
         };
         match step {
             Step::Applied(version) => self.applied.raise(kind, version),
@@ -266,6 +288,7 @@ impl Index {
             upstream: Arc::from(p.spec.upstream.url.trim_end_matches('/')),
             secret_name: p.spec.api_key_secret_ref.name.clone(),
             secret_key: p.spec.api_key_secret_ref.key.clone(),
+            grant: p.spec.allowed_namespaces.clone(),
         };
         self.projects.insert(Arc::from(p.name_any()), entry);
     }
@@ -334,6 +357,28 @@ impl Index {
         let name = s.name_any();
         let data = s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, Zeroizing::new(v.0))).collect();
         self.secrets.insert(name, data);
+    }
+
+    fn apply_namespace(&mut self, event: Event<Namespace>) {
+        let labels = |ns: Namespace| (ns.name_any(), ns.metadata.labels.unwrap_or_default());
+        match event {
+            Event::Apply(ns) => {
+                let (name, labels) = labels(ns);
+                Arc::make_mut(&mut self.namespaces).insert(name, labels);
+            }
+            Event::Delete(ns) => {
+                Arc::make_mut(&mut self.namespaces).remove(&ns.name_any());
+            }
+            Event::Init => self.relisting.namespaces = Some(NamespaceLabels::new()),
+            Event::InitApply(ns) => {
+                let (name, labels) = labels(ns);
+                self.relisting.namespaces.get_or_insert_with(NamespaceLabels::new).insert(name, labels);
+            }
+            Event::InitDone => {
+                self.namespaces = Arc::new(self.relisting.namespaces.take().unwrap_or_default());
+                self.namespaces_synced = true;
+            }
+        }
     }
 
     fn mark_synced(&mut self, kind: Kind) {

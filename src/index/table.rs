@@ -3,10 +3,11 @@
 //! Plain data, no kube or hyper types. `authorize` is the whole hot-path decision:
 //! token hash in, a [`Route`] (owned `Arc`s, no copies) or a [`Denial`] out.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
+use crate::api::AllowedNamespaces;
 use crate::apikey::{ApiKey, KeyProblem};
 use crate::fate::{Facts, Fate};
 use crate::token::TokenHash;
@@ -52,6 +53,8 @@ pub struct ProjectRoute {
     pub upstream: Arc<str>,
     /// The upstream key, or why there is none.
     pub key: Result<Arc<ApiKey>, KeyProblem>,
+    /// `spec.allowedNamespaces`: which namespaces' tokens it serves ([`crate::grant`]).
+    pub grant: Option<AllowedNamespaces>,
 }
 
 /// Why a request is refused before it goes upstream.
@@ -65,6 +68,8 @@ pub enum Denial {
     TokenExpired,
     /// `maxRequests` used up.
     TokenExhausted,
+    /// The project no longer grants the token's namespace (`allowedNamespaces`).
+    NamespaceNotAllowed,
     /// The Project it was minted for no longer exists (deleted, or replaced by a new
     /// Project of the same name).
     ProjectDeleted,
@@ -130,6 +135,9 @@ impl Hasher for NameHasher {
 /// Projects by name.
 pub type ProjectMap = HashMap<Arc<str>, Arc<ProjectRoute>, BuildHasherDefault<NameHasher>>;
 
+/// Namespace labels by namespace name.
+pub type NamespaceLabels = HashMap<String, BTreeMap<String, String>>;
+
 /// One consistent view of every project and token.
 #[derive(Debug, Default, Clone)]
 pub struct RouteTable {
@@ -139,6 +147,7 @@ pub struct RouteTable {
     pub ready: bool,
     pub(crate) tokens: Arc<TokenMap>,
     pub(crate) projects: ProjectMap,
+    pub(crate) namespaces: Arc<NamespaceLabels>,
 }
 
 impl RouteTable {
@@ -156,6 +165,7 @@ impl RouteTable {
                 .is_some_and(|not_before| token.issued_at_us < not_before),
             expired: now_us >= token.expires_at_us,
             exhausted: token.max_requests.is_some_and(|max| token.request_count >= max),
+            namespace_allowed: project.is_some_and(|p| self.grants(p, &token.namespace)),
             project_active: project.is_some_and(|p| p.active),
         };
         let denial = match facts.fate() {
@@ -164,6 +174,7 @@ impl RouteTable {
             Fate::Revoked | Fate::BulkRevoked => Some(Denial::TokenRevoked),
             Fate::Expired => Some(Denial::TokenExpired),
             Fate::Exhausted => Some(Denial::TokenExhausted),
+            Fate::NamespaceNotAllowed => Some(Denial::NamespaceNotAllowed),
             Fate::ProjectInactive => Some(Denial::ProjectInactive),
         };
         match (denial, project) {
@@ -174,6 +185,16 @@ impl RouteTable {
             }
             (None, None) => Err(Denial::ProjectDeleted),
         }
+    }
+
+    /// Whether `project` grants `namespace` now; labels are looked up only for selectors.
+    fn grants(&self, project: &ProjectRoute, namespace: &str) -> bool {
+        let grant = project.grant.as_ref();
+        if !crate::grant::needs_labels(grant) {
+            return crate::grant::admits(grant, &BTreeMap::new());
+        }
+        // A namespace the watch does not know (yet, or any more) has no labels.
+        self.namespaces.get(namespace).is_some_and(|labels| crate::grant::admits(grant, labels))
     }
 
     /// Number of tokens in the table.

@@ -3,19 +3,22 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, MicroTime, Time};
 use kube::api::ObjectMeta;
 
 use super::*;
+use crate::api::{AllowedNamespaces, NamespacesFrom};
 use crate::token::Token;
 
 const KEY: &str = "sk-test-0123456789abcdefghijAb12";
 const HOUR_US: i64 = 3_600_000_000;
 const ISSUED_US: i64 = 1_700_000_000_000_000;
 
+/// A project open to every namespace.
 fn project(name: &str, active: bool) -> Project {
     let mut p = crate::fixtures::project(name);
     p.spec.active = active;
+    p.spec.allowed_namespaces = Some(AllowedNamespaces { from: NamespacesFrom::All, selector: None });
     p
 }
 
@@ -23,6 +26,17 @@ fn secret(name: &str, value: &str) -> Secret {
     Secret {
         metadata: ObjectMeta { name: Some(name.into()), namespace: Some("ops".into()), ..Default::default() },
         data: Some(BTreeMap::from([("apiKey".to_string(), ByteString(value.as_bytes().to_vec()))])),
+        ..Default::default()
+    }
+}
+
+fn namespace(name: &str, labels: &[(&str, &str)]) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
@@ -53,6 +67,9 @@ fn synced(minted: &Token) -> Index {
         Change::Token(Event::Init),
         Change::Token(Event::InitApply(token("web", "prod", minted))),
         Change::Token(Event::InitDone),
+        Change::Namespace(Event::Init),
+        Change::Namespace(Event::InitApply(namespace("apps", &[("team", "ml")]))),
+        Change::Namespace(Event::InitDone),
     ] {
         index.apply(change);
     }
@@ -69,7 +86,48 @@ fn not_ready_until_every_kind_has_listed() {
     assert!(!index.snapshot().ready);
     index.apply(Change::Token(Event::Init));
     index.apply(Change::Token(Event::InitDone));
+    assert!(!index.snapshot().ready, "namespace labels decide selector grants");
+    index.apply(Change::Namespace(Event::Init));
+    index.apply(Change::Namespace(Event::InitDone));
     assert!(index.snapshot().ready);
+}
+
+#[test]
+fn a_namespace_that_loses_its_grant_loses_its_tokens_until_the_grant_returns() {
+    let minted = Token::mint().unwrap();
+    let mut index = synced(&minted);
+    let by_team = |team: &str| {
+        let mut p = project("prod", true);
+        p.spec.allowed_namespaces = Some(AllowedNamespaces {
+            from: NamespacesFrom::Selector,
+            selector: Some(LabelSelector {
+                match_labels: Some([("team".to_string(), team.to_string())].into()),
+                match_expressions: None,
+            }),
+        });
+        p
+    };
+    let authorize = |index: &mut Index| index.snapshot().authorize(&minted.hash(), ISSUED_US).map(drop);
+    index.apply(Change::Project(Event::Apply(by_team("ml"))));
+    assert_eq!(authorize(&mut index), Ok(()));
+    // The namespace's labels change: refused on the next request.
+    index.apply(Change::Namespace(Event::Apply(namespace("apps", &[("team", "web")]))));
+    assert_eq!(authorize(&mut index), Err(Denial::NamespaceNotAllowed));
+    index.apply(Change::Namespace(Event::Apply(namespace("apps", &[("team", "ml")]))));
+    assert_eq!(authorize(&mut index), Ok(()), "a lost grant is not a revocation");
+    // The project narrows its grant: the same.
+    index.apply(Change::Project(Event::Apply(by_team("web"))));
+    assert_eq!(authorize(&mut index), Err(Denial::NamespaceNotAllowed));
+    let mut closed = project("prod", true);
+    closed.spec.allowed_namespaces = None;
+    index.apply(Change::Project(Event::Apply(closed)));
+    assert_eq!(authorize(&mut index), Err(Denial::NamespaceNotAllowed));
+    index.apply(Change::Project(Event::Apply(project("prod", true))));
+    assert_eq!(authorize(&mut index), Ok(()));
+    // A namespace the watch does not know has no labels: a selector grant refuses it.
+    index.apply(Change::Project(Event::Apply(by_team("ml"))));
+    index.apply(Change::Namespace(Event::Delete(namespace("apps", &[("team", "ml")]))));
+    assert_eq!(authorize(&mut index), Err(Denial::NamespaceNotAllowed));
 }
 
 #[test]
@@ -275,6 +333,7 @@ fn an_exhausted_token_of_an_inactive_project_is_exhausted_as_its_status_says() {
     // The controller's lifecycle says Exhausted for the same objects; so must the proxy
     // (it used to answer 403 project_inactive).
     assert_eq!(index.snapshot().authorize(&minted.hash(), ISSUED_US).unwrap_err(), Denial::TokenExhausted);
-    let verdict = crate::controller::proxytoken::lifecycle(&capped, Some(&project("prod", false)), at(ISSUED_US).0);
+    let verdict =
+        crate::controller::proxytoken::lifecycle(&capped, Some(&project("prod", false)), true, at(ISSUED_US).0);
     assert_eq!(verdict.phase, TokenPhase::Exhausted);
 }

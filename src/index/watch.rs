@@ -1,4 +1,4 @@
-//! Wires the [`Index`] to the API server: three watches in, a published
+//! Wires the [`Index`] to the API server: four watches in, a published
 //! [`RouteTable`] out.
 //!
 //! Readers load the current table from an [`ArcSwap`] (no lock a writer holds); a
@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -90,9 +90,15 @@ async fn run(
     let projects = watch_kind(Api::<Project>::all(client.clone()), labelled.clone()).map(|r| r.map(Change::Project));
     let tokens = watch_kind(Api::<WatchedToken>::all(client.clone()), labelled)
         .map(|r| r.map(|event| Change::Token(into_proxy_token(event))));
-    let secrets = watch_kind(Api::<Secret>::namespaced(client, &config.secrets_namespace), watcher::Config::default())
-        .map(|r| r.map(Change::Secret));
-    let mut changes = futures::stream::select_all([projects.boxed(), tokens.boxed(), secrets.boxed()]);
+    let secrets =
+        watch_kind(Api::<Secret>::namespaced(client.clone(), &config.secrets_namespace), watcher::Config::default())
+            .map(|r| r.map(Change::Secret));
+    // Every namespace, whatever the shard: a token's namespace labels decide whether a
+    // project that grants namespaces by selector still serves it.
+    let namespaces =
+        watch_kind(Api::<Namespace>::all(client), watcher::Config::default()).map(|r| r.map(Change::Namespace));
+    let mut changes =
+        futures::stream::select_all([projects.boxed(), tokens.boxed(), secrets.boxed(), namespaces.boxed()]);
 
     let mut index = Index::new();
     while let Some(first) = changes.next().await {
@@ -125,6 +131,7 @@ fn apply(index: &mut Index, change: Result<Change, watcher::Error>, metrics: &Me
                 Change::Project(watcher::Event::Init) => Some("Project"),
                 Change::Token(watcher::Event::Init) => Some("ProxyToken"),
                 Change::Secret(watcher::Event::Init) => Some("Secret"),
+                Change::Namespace(watcher::Event::Init) => Some("Namespace"),
                 _ => None,
             };
             if let Some(kind) = relisting {

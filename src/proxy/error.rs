@@ -30,6 +30,9 @@ pub(crate) enum ProxyError {
     /// The Project the token was minted for no longer exists.
     #[error("project deleted")]
     ProjectDeleted,
+    /// The project no longer grants the token's namespace.
+    #[error("namespace not allowed")]
+    NamespaceNotAllowed,
     /// The project is inactive or being deleted.
     #[error("project inactive")]
     ProjectInactive,
@@ -72,7 +75,7 @@ impl ProxyError {
             | Self::TokenExpired
             | Self::ProjectDeleted => StatusCode::UNAUTHORIZED,
             Self::TokenExhausted => StatusCode::TOO_MANY_REQUESTS,
-            Self::ProjectInactive => StatusCode::FORBIDDEN,
+            Self::ProjectInactive | Self::NamespaceNotAllowed => StatusCode::FORBIDDEN,
             Self::ProjectKeyInvalid | Self::NotReady | Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::EndpointNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -93,6 +96,7 @@ impl ProxyError {
             Self::TokenExhausted => "token_exhausted",
             Self::ProjectDeleted => "project_deleted",
             Self::ProjectInactive => "project_inactive",
+            Self::NamespaceNotAllowed => "namespace_not_allowed",
             Self::ProjectKeyInvalid => "project_key_invalid",
             Self::EndpointNotFound => "endpoint_not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -113,7 +117,7 @@ impl ProxyError {
             | Self::TokenRevoked
             | Self::TokenExpired
             | Self::ProjectDeleted => "authentication_error",
-            Self::ProjectInactive => "permission_error",
+            Self::ProjectInactive | Self::NamespaceNotAllowed => "permission_error",
             Self::TokenExhausted => "rate_limit_error",
             Self::EndpointNotFound | Self::MethodNotAllowed | Self::PayloadTooLarge | Self::HeadersTooLarge => {
                 "invalid_request_error"
@@ -145,6 +149,9 @@ impl ProxyError {
             }
             Self::ProjectInactive => {
                 "The project of this token is deactivated: ask a cluster admin to reactivate it (kubectl llmproxy activate <project>, or spec.active: true). The token itself is kept and works again then."
+            }
+            Self::NamespaceNotAllowed => {
+                "The project of this token no longer allows tokens from this namespace: ask a cluster admin to grant the namespace again in the Project's spec.allowedNamespaces. The token itself is kept and works again then."
             }
             Self::ProjectKeyInvalid => {
                 "The project's upstream API key is missing or malformed: a cluster admin must fix the Secret named in the Project's spec.apiKeySecretRef."
@@ -191,6 +198,7 @@ impl From<Denial> for ProxyError {
             Denial::TokenExhausted => Self::TokenExhausted,
             Denial::ProjectDeleted => Self::ProjectDeleted,
             Denial::ProjectInactive => Self::ProjectInactive,
+            Denial::NamespaceNotAllowed => Self::NamespaceNotAllowed,
             Denial::ProjectKeyInvalid => Self::ProjectKeyInvalid,
         }
     }

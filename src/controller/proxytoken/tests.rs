@@ -3,7 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 
 use super::*;
-use crate::api::AllowedNamespaces;
+use crate::api::{AllowedNamespaces, NamespacesFrom};
 
 fn at(secs: i64) -> jiff::Timestamp {
     jiff::Timestamp::from_second(secs).unwrap()
@@ -46,33 +46,30 @@ fn admission_needs_a_project_a_grant_and_an_active_project() {
 }
 
 #[test]
-fn namespace_grants() {
-    let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    assert!(!namespace_allowed(&project(true, None), &labels(&[])));
-    assert!(namespace_allowed(&project(true, Some(NamespacesFrom::All)), &labels(&[])));
-    let by_label = project(true, Some(NamespacesFrom::Selector));
-    assert!(namespace_allowed(&by_label, &labels(&[("team", "ml")])));
-    assert!(!namespace_allowed(&by_label, &labels(&[("team", "web")])));
-}
-
-#[test]
 fn lifecycle_phases_in_order_of_precedence() {
     let open = project(true, Some(NamespacesFrom::All));
-    assert_eq!(lifecycle(&issued(0), Some(&open), at(10)).phase, TokenPhase::Active);
-    assert_eq!(lifecycle(&issued(0), Some(&open), at(3600)).phase, TokenPhase::Expired);
-    assert_eq!(lifecycle(&issued(0), Some(&project(false, None)), at(10)).phase, TokenPhase::ProjectInactive);
+    assert_eq!(lifecycle(&issued(0), Some(&open), true, at(10)).phase, TokenPhase::Active);
+    assert_eq!(lifecycle(&issued(0), Some(&open), true, at(3600)).phase, TokenPhase::Expired);
+    assert_eq!(lifecycle(&issued(0), Some(&project(false, None)), true, at(10)).phase, TokenPhase::ProjectInactive);
     // A minted token whose Project is gone can never work again (see the binding test).
-    let orphaned = lifecycle(&issued(0), None, at(10));
+    let orphaned = lifecycle(&issued(0), None, true, at(10));
     assert_eq!((orphaned.phase, orphaned.reason), (TokenPhase::Revoked, "ProjectDeleted"));
 
     let mut capped = issued(0);
     capped.spec.max_requests = Some(5);
     capped.status.as_mut().unwrap().request_count = Some(5);
-    assert_eq!(lifecycle(&capped, Some(&open), at(10)).phase, TokenPhase::Exhausted);
+    assert_eq!(lifecycle(&capped, Some(&open), true, at(10)).phase, TokenPhase::Exhausted);
 
     let mut revoked = issued(0);
     revoked.spec.revoked = true;
-    assert_eq!(lifecycle(&revoked, Some(&open), at(3600)).phase, TokenPhase::Revoked);
+    assert_eq!(lifecycle(&revoked, Some(&open), true, at(3600)).phase, TokenPhase::Revoked);
+
+    // A namespace that lost its grant: refused, kept, and usable again with the grant.
+    let ungranted = lifecycle(&issued(0), Some(&open), false, at(10));
+    assert_eq!((ungranted.phase, ungranted.reason), (TokenPhase::Rejected, "NamespaceNotAllowed"));
+    assert!(ungranted.message.contains("spec.allowedNamespaces"), "{}", ungranted.message);
+    assert_eq!(lifecycle(&capped, Some(&open), false, at(10)).phase, TokenPhase::Exhausted);
+    assert_eq!(lifecycle(&issued(0), Some(&open), false, at(3600)).phase, TokenPhase::Expired);
 }
 
 #[test]
@@ -82,13 +79,13 @@ fn a_token_is_bound_to_the_project_object_it_was_minted_for() {
     original.metadata.creation_timestamp = Some(Time(at(0)));
     let mut t = issued(10);
     t.status.as_mut().unwrap().project_uid = Some("uid-1".into());
-    assert_eq!(lifecycle(&t, Some(&original), at(20)).phase, TokenPhase::Active);
+    assert_eq!(lifecycle(&t, Some(&original), true, at(20)).phase, TokenPhase::Active);
 
     // Force-deleted and created again under the same name: another object.
     let mut replacement = original.clone();
     replacement.metadata.uid = Some("uid-2".into());
     replacement.metadata.creation_timestamp = Some(Time(at(15)));
-    let verdict = lifecycle(&t, Some(&replacement), at(20));
+    let verdict = lifecycle(&t, Some(&replacement), true, at(20));
     assert_eq!((verdict.phase, verdict.reason), (TokenPhase::Revoked, "ProjectDeleted"));
     assert!(verdict.message.contains("create a new ProxyToken"), "{}", verdict.message);
 
@@ -102,9 +99,9 @@ fn a_token_is_bound_to_the_project_object_it_was_minted_for() {
 fn bulk_revocation_catches_tokens_issued_before_the_cut_off_only() {
     let mut cut = project(true, Some(NamespacesFrom::All));
     cut.spec.tokens_not_before = Some(Time(at(100)));
-    let old = lifecycle(&issued(99), Some(&cut), at(150));
+    let old = lifecycle(&issued(99), Some(&cut), true, at(150));
     assert_eq!((old.phase, old.reason), (TokenPhase::Revoked, "BulkRevoked"));
-    assert_eq!(lifecycle(&issued(100), Some(&cut), at(150)).phase, TokenPhase::Active);
+    assert_eq!(lifecycle(&issued(100), Some(&cut), true, at(150)).phase, TokenPhase::Active);
 }
 
 #[test]
@@ -113,7 +110,7 @@ fn final_phases_stay_final() {
     for phase in [TokenPhase::Revoked, TokenPhase::Expired] {
         let mut t = issued(0);
         t.status.as_mut().unwrap().phase = Some(phase);
-        assert_eq!(lifecycle(&t, Some(&open), at(10)).phase, phase);
+        assert_eq!(lifecycle(&t, Some(&open), true, at(10)).phase, phase);
     }
 }
 
@@ -121,7 +118,7 @@ fn final_phases_stay_final() {
 fn status_keeps_the_mint_and_leaves_usage_to_the_proxy() {
     let mut t = issued(0);
     t.status.as_mut().unwrap().request_count = Some(7);
-    let verdict = lifecycle(&t, None, at(10));
+    let verdict = lifecycle(&t, None, true, at(10));
     let (status, _) = status_for(&t, &verdict, Time(at(10)), true, &no_replicas());
     assert_eq!(status.token_hash, t.status.as_ref().unwrap().token_hash);
     assert_eq!(status.expires_at, Some(crate::api::micros(at(3600))));
@@ -140,7 +137,7 @@ fn a_minted_token_stays_pending_until_its_secret_is_written_and_enforced_follows
     let mut t = issued(0);
     t.metadata.generation = Some(1);
     t.status.as_mut().unwrap().phase = None;
-    let verdict = lifecycle(&t, Some(&open), at(10));
+    let verdict = lifecycle(&t, Some(&open), true, at(10));
     assert_eq!(verdict.phase, TokenPhase::Active);
     let lagging = crate::enforcement::Check { live: 2, behind: vec!["proxy-b".into()] };
     let caught_up = crate::enforcement::Check { live: 2, behind: Vec::new() };
@@ -175,7 +172,7 @@ fn a_minted_token_stays_pending_until_its_secret_is_written_and_enforced_follows
     t.status = Some(done);
     t.spec.revoked = true;
     t.metadata.generation = Some(2);
-    let revoked = lifecycle(&t, Some(&open), at(13));
+    let revoked = lifecycle(&t, Some(&open), true, at(13));
     let (after, waiting) = status_for(&t, &revoked, Time(at(13)), true, &caught_up);
     assert_eq!((after.phase, waiting), (Some(TokenPhase::Revoked), true));
     assert_eq!(condition(&after, cond::ENFORCED).status, "False");
