@@ -39,7 +39,7 @@ async fn main() {
     let _ = Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await;
     let put_key = |value: String| {
         let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-        let secret = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "key" }, "stringData": { "apiKey": value } });
+        let secret = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": key_metadata("key"), "stringData": { "apiKey": value } });
         let apply = apply.clone();
         async move { secrets.patch("key", &apply, &Patch::Apply(&secret)).await.unwrap() }
     };
@@ -177,7 +177,7 @@ async fn main() {
     let key_secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
     for i in 1..=TRIALS {
         let name = format!("key-{i}");
-        let secret = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name }, "stringData": { "apiKey": key(TRIALS + i) } });
+        let secret = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": key_metadata(&name), "stringData": { "apiKey": key(TRIALS + i) } });
         key_secrets.patch(&name, &apply, &Patch::Apply(&secret)).await.unwrap();
     }
     let (mut repoint, mut repoint_all) = (Vec::new(), Vec::new());
@@ -244,4 +244,13 @@ fn summary(mut samples: Vec<Duration>) -> (f64, f64, f64) {
     samples.sort();
     let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).saturating_sub(1)].as_secs_f64() * 1000.0;
     (at(0.5), at(0.99), at(1.0))
+}
+
+/// Metadata of a key Secret bound to the bench's Project.
+fn key_metadata(name: &str) -> serde_json::Value {
+    json!({
+        "name": name,
+        "labels": { "llmproxy.io/api-key": "true" },
+        "annotations": { "llmproxy.io/projects": "bench-propagation" },
+    })
 }

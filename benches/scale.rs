@@ -54,7 +54,11 @@ fn token(name: &str, project: &str, hash: &TokenHash) -> ProxyToken {
 fn lookup_cost(n: usize) -> [f64; 3] {
     let mut index = Index::new();
     let key: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
-        "metadata": { "name": "key", "namespace": NS }, "data": { "apiKey": "c2stYmVuY2gtMDEyMzQ1Njc4OWFiY2RlZmdoaWo=" }
+        "metadata": {
+            "name": "key", "namespace": NS,
+            "labels": { "llmproxy.io/api-key": "true" }, "annotations": { "llmproxy.io/projects": "*" },
+        },
+        "data": { "apiKey": "c2stYmVuY2gtMDEyMzQ1Njc4OWFiY2RlZmdoaWo=" }
     }))
     .unwrap();
     let plaintexts: Vec<[u8; llm_proxy::token::TOKEN_LEN]> =

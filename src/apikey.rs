@@ -3,6 +3,7 @@
 //! In: the bytes of a Secret's key. Out: an [`ApiKey`] (zeroised on drop, never
 //! printed) or a [`KeyProblem`] a human can act on.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use sha2::{Digest, Sha256};
@@ -22,6 +23,8 @@ pub struct ApiKey(Zeroizing<String>);
 pub enum KeyProblem {
     /// The referenced Secret does not exist.
     SecretNotFound,
+    /// The Secret is not marked as a key for this Project ([`bound_to`]).
+    NotBound,
     /// The Secret exists but lacks the key.
     KeyNotFound,
     /// The value does not look like an OpenAI-style key.
@@ -33,17 +36,23 @@ impl KeyProblem {
     pub fn reason(self) -> &'static str {
         match self {
             KeyProblem::SecretNotFound => "SecretNotFound",
+            KeyProblem::NotBound => "SecretNotBound",
             KeyProblem::KeyNotFound => "KeyNotFound",
             KeyProblem::InvalidFormat => "InvalidAPIKeyFormat",
         }
     }
 
-    /// What a human reads.
-    pub fn message(self, secret: &str, key: &str, namespace: &str) -> String {
+    /// What a human reads, about the key of `project` in `namespace`/`secret`.
+    pub fn message(self, project: &str, secret: &str, key: &str, namespace: &str) -> String {
+        let (label, value) = crate::api::API_KEY_LABEL;
+        let annotation = crate::api::KEY_PROJECTS_ANNOTATION;
         match self {
-            KeyProblem::SecretNotFound => {
-                format!("Secret {namespace}/{secret} not found: create it with the API key under '{key}'")
-            }
+            KeyProblem::SecretNotFound => format!(
+                "Secret {namespace}/{secret} not found: create it with the API key under '{key}', the label {label}={value} and the annotation {annotation}={project}"
+            ),
+            KeyProblem::NotBound => format!(
+                "Secret {namespace}/{secret} is not bound to Project {project}: whoever manages Secrets in {namespace} must label it {label}={value} and name the Project in its annotation {annotation} (kubectl annotate secret -n {namespace} {secret} {annotation}={project})"
+            ),
             KeyProblem::KeyNotFound => {
                 format!(
                     "Secret {namespace}/{secret} has no key '{key}': add the API key under that key or fix apiKeySecretRef.key"
@@ -52,6 +61,20 @@ impl KeyProblem {
             KeyProblem::InvalidFormat => "Invalid API key format".to_string(),
         }
     }
+}
+
+/// Whether a key Secret with `labels` and `annotations` may give its key to `project`:
+/// it carries [`crate::api::API_KEY_LABEL`] and names the project (or `*`) in
+/// [`crate::api::KEY_PROJECTS_ANNOTATION`]. The rule the controller and the proxy share.
+pub(crate) fn bound_to(
+    labels: Option<&BTreeMap<String, String>>,
+    annotations: Option<&BTreeMap<String, String>>,
+    project: &str,
+) -> bool {
+    let (label, value) = crate::api::API_KEY_LABEL;
+    let marked = labels.and_then(|l| l.get(label)).is_some_and(|v| v == value);
+    let projects = annotations.and_then(|a| a.get(crate::api::KEY_PROJECTS_ANNOTATION));
+    marked && projects.is_some_and(|list| list.split(',').map(str::trim).any(|p| p == project || p == "*"))
 }
 
 impl ApiKey {
@@ -112,6 +135,21 @@ mod tests {
         assert_eq!(format!("{key:?}"), "ApiKey(sk-…Ab12)");
         assert_eq!(key.to_string(), "sk-…Ab12");
         assert_eq!(ApiKey::parse(format!("{KEY}\n").as_bytes()).unwrap(), key);
+    }
+
+    #[test]
+    fn a_key_secret_gives_its_key_only_to_the_projects_it_names() {
+        let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let marked: BTreeMap<String, String> = map(&[("llmproxy.io/api-key", "true")]);
+        let naming = |list: &str| -> BTreeMap<String, String> { map(&[("llmproxy.io/projects", list)]) };
+        assert!(bound_to(Some(&marked), Some(&naming("prod")), "prod"));
+        assert!(bound_to(Some(&marked), Some(&naming("staging, prod")), "prod"));
+        assert!(bound_to(Some(&marked), Some(&naming("*")), "prod"));
+        assert!(!bound_to(Some(&marked), Some(&naming("production")), "prod"), "whole names only");
+        assert!(!bound_to(Some(&marked), Some(&naming("")), "prod"));
+        assert!(!bound_to(Some(&marked), None, "prod"), "no annotation: no project");
+        assert!(!bound_to(None, Some(&naming("prod")), "prod"), "not labelled a key");
+        assert!(!bound_to(Some(&map(&[("llmproxy.io/api-key", "false")])), Some(&naming("prod")), "prod"));
     }
 
     #[test]

@@ -321,7 +321,7 @@ async fn deleting_a_proxytoken_deletes_its_secret_and_the_proxy_forgets_it() {
 async fn a_namespace_without_a_grant_is_rejected_and_nothing_is_minted() {
     let mut env = Env::new("grant").await;
     env.start_controller();
-    env.put_key("p-key", TEST_KEY).await;
+    env.put_key("p-key", TEST_KEY, "p").await;
     let mut project = env.project("p");
     project.spec.allowed_namespaces = Some(AllowedNamespaces {
         from: NamespacesFrom::Selector,

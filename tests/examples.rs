@@ -70,7 +70,10 @@ fn quickstart(env: &Env, project: &str, tokens_namespace: &str) -> String {
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let mut value: Value = serde::Deserialize::deserialize(doc).unwrap();
             match value["kind"].as_str().unwrap() {
-                "Secret" => value["metadata"]["namespace"] = json!(env.ops),
+                "Secret" => {
+                    value["metadata"]["namespace"] = json!(env.ops);
+                    value["metadata"]["annotations"]["llmproxy.io/projects"] = json!(project);
+                }
                 "Project" => {
                     value["metadata"]["name"] = json!(project);
                     value["metadata"]["labels"] = json!({ TEST_LABEL: env.id });
@@ -103,7 +106,8 @@ fn scoped_example(env: &Env, relative: &str, project: &str) -> String {
     let text = std::fs::read_to_string(path(relative)).unwrap();
     let text = text
         .replace("namespace: llm-proxy", &format!("namespace: {}", env.ops))
-        .replace("name: demo\n", &format!("name: {project}\n"));
+        .replace("name: demo\n", &format!("name: {project}\n"))
+        .replace("llmproxy.io/projects: demo ", &format!("llmproxy.io/projects: {project} "));
     write(env, &format!("{project}-{}", relative.replace('/', "-")), &text)
 }
 

@@ -85,7 +85,7 @@ async fn workflow_rotate_the_api_key() {
     let token = env.minted("p", "app").await;
     until_chat(&env, &token, "").await;
 
-    env.put_key("p-key", ROTATED_KEY).await;
+    env.put_key("p-key", ROTATED_KEY, "p").await;
     // The next requests carry the new key; the token did not change.
     eventually(WAIT, || async {
         assert_eq!(env.chat(&token).await.status, 200);
@@ -100,7 +100,7 @@ async fn workflow_rotate_the_api_key() {
     wait_event(&env, &env.scoped("p"), "APIKeyRotated").await;
 
     // Pointing the Project at another Secret works the same way.
-    env.put_key("other-key", TEST_KEY).await;
+    env.put_key("other-key", TEST_KEY, "p").await;
     merge(&env, "p", json!({ "spec": { "apiKeySecretRef": { "name": "other-key" } } })).await.unwrap();
     eventually(WAIT, || async {
         assert_eq!(env.chat(&token).await.status, 200);
@@ -143,7 +143,7 @@ async fn workflow_respond_to_a_security_incident() {
     until_chat(&env, &old, "project_inactive").await;
     tokio::time::sleep(Duration::from_millis(1100)).await; // tokensNotBefore has second precision
     merge(&env, "p", json!({ "spec": { "tokensNotBefore": now_rfc3339() } })).await.unwrap();
-    env.put_key("p-key", ROTATED_KEY).await;
+    env.put_key("p-key", ROTATED_KEY, "p").await;
     merge(&env, "p", json!({ "spec": { "active": true } })).await.unwrap();
 
     // The old token stays refused; a new one works with the new key.
@@ -288,6 +288,53 @@ async fn a_namespace_that_loses_its_grant_loses_its_tokens_until_the_grant_retur
     env.wait_token("web", TokenPhase::Active).await;
 }
 
+/// Whoever may write Projects cannot send a key anywhere: a key goes only to the Projects
+/// its Secret names, and the Secret is written by whoever manages the operator's namespace.
+#[tokio::test]
+async fn a_project_gets_only_a_key_whose_secret_names_it() {
+    let env = Env::running("keybind").await;
+    env.create_project("p").await;
+    let token = env.minted("p", "app").await;
+    until_chat(&env, &token, "").await;
+
+    // Another Project names p's Secret: refused, and nothing is forwarded with that key.
+    env.create_project("q").await;
+    let q_token = env.minted("q", "q-app").await;
+    until_chat(&env, &q_token, "").await;
+    merge(&env, "q", json!({ "spec": { "apiKeySecretRef": { "name": "p-key" } } })).await.unwrap();
+    let refused = until_chat(&env, &q_token, "project_key_invalid").await;
+    assert_eq!(refused.status, 503);
+    let ready = eventually(WAIT, || async {
+        let status = project(&env, "q").await.status?;
+        let ready = status.conditions.iter().find(|c| c.type_ == cond::READY)?.clone();
+        (ready.reason == "SecretNotBound").then_some(ready)
+    })
+    .await;
+    assert!(
+        ready.message.contains("kubectl annotate secret") && ready.message.contains("llmproxy.io/projects"),
+        "{}",
+        ready.message
+    );
+    wait_event(&env, &env.scoped("q"), "SecretNotBound").await;
+    let forwarded = env.upstream.requests().len();
+    assert_eq!(env.chat(&q_token).await.error_code(), "project_key_invalid");
+    assert_eq!(env.upstream.requests().len(), forwarded, "nothing went upstream with p's key for q");
+    until_chat(&env, &token, "").await;
+
+    // The Secret's manager names q too: q is served with it.
+    env.put_key("p-key", TEST_KEY, "p").await;
+    let secrets = Api::<Secret>::namespaced(env.client.clone(), &env.ops);
+    let both = format!("{}, {}", env.scoped("p"), env.scoped("q"));
+    let patch = json!({ "metadata": { "annotations": { "llmproxy.io/projects": both } } });
+    secrets.patch("p-key", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    until_chat(&env, &q_token, "").await;
+
+    // A Secret without the key label is not a key Secret, whatever it names.
+    let patch = json!({ "metadata": { "labels": { "llmproxy.io/api-key": null } } });
+    secrets.patch("p-key", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    until_chat(&env, &token, "project_key_invalid").await;
+}
+
 #[tokio::test]
 async fn an_invalid_or_missing_key_is_reported_and_never_forwarded() {
     let env = Env::running("badkey").await;
@@ -296,7 +343,7 @@ async fn an_invalid_or_missing_key_is_reported_and_never_forwarded() {
     until_chat(&env, &token, "").await;
     let before = env.upstream.requests().len();
 
-    env.put_key("p-key", "sk-short").await;
+    env.put_key("p-key", "sk-short", "p").await;
     let refused = until_chat(&env, &token, "project_key_invalid").await;
     assert_eq!(refused.status, 503);
     let status = eventually(WAIT, || async {

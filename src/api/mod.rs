@@ -15,6 +15,15 @@ pub use proxytoken::*;
 /// Field manager for everything the controller writes.
 pub const CONTROLLER_MANAGER: &str = "llm-proxy-controller";
 
+/// Label that marks a Secret of the operator's namespace as an upstream API key: the
+/// controller and the proxies watch only Secrets that carry it.
+pub const API_KEY_LABEL: (&str, &str) = ("llmproxy.io/api-key", "true");
+
+/// Annotation on a key Secret naming the Projects that may use its key (comma-separated
+/// names, or `*` for every Project). Whoever may write Secrets in the operator's
+/// namespace decides where a key may go, not whoever may write Projects.
+pub const KEY_PROJECTS_ANNOTATION: &str = "llmproxy.io/projects";
+
 /// Label on every object the controller creates.
 pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "llm-proxy");
 

@@ -22,7 +22,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::api::{CONTROLLER_MANAGER, ConditionStatus, Conditions, Project, ProxyToken};
+use crate::api::{API_KEY_LABEL, CONTROLLER_MANAGER, ConditionStatus, Conditions, Project, ProxyToken};
 use crate::enforcement::{Check, ROLE_LABEL};
 use crate::metrics::{Metrics, ReconcileLabels};
 
@@ -332,7 +332,7 @@ pub(crate) async fn run(
     let project_controller = project_controller
         .watches(
             Api::<Secret>::namespaced(client.clone(), &ctx.settings.namespace),
-            watcher::Config::default(),
+            watcher::Config::default().labels(&format!("{}={}", API_KEY_LABEL.0, API_KEY_LABEL.1)),
             move |secret| {
                 let name = secret.name_any();
                 project_store

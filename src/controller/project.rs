@@ -16,7 +16,7 @@ use crate::api::{
     CONTROLLER_MANAGER, ConditionStatus, Conditions, PROJECT_FINALIZER, Project, ProjectPhase, ProjectStatus,
     ProxyToken, TokenCounts, TokenPhase, TokenSummary, project_conditions as cond,
 };
-use crate::apikey::{ApiKey, KeyProblem};
+use crate::apikey::{self, ApiKey, KeyProblem};
 use crate::controller::proxytoken::bound_project;
 use crate::enforcement::Check;
 use crate::index::Kind;
@@ -67,7 +67,7 @@ pub(crate) fn decide(o: &Observed) -> Decision {
             cond::API_KEY_VALID,
             ConditionStatus::False,
             problem.reason(),
-            problem.message(&secret.name, &secret.key, o.namespace),
+            problem.message(&p.name_any(), &secret.name, &secret.key, o.namespace),
         ),
     }
     let (ready, ready_reason, ready_message) = match (phase, &o.key) {
@@ -79,7 +79,7 @@ pub(crate) fn decide(o: &Observed) -> Decision {
             problem.reason(),
             format!(
                 "{}: requests with this project's tokens get 503 project_key_invalid until it is fixed",
-                problem.message(&secret.name, &secret.key, o.namespace)
+                problem.message(&p.name_any(), &secret.name, &secret.key, o.namespace)
             ),
         ),
         (ProjectPhase::Inactive, _) if deleting => {
@@ -175,7 +175,7 @@ fn events(old: &ProjectStatus, new: &ProjectStatus, first_time: bool, o: &Observ
         events.push(Audit::warning(
             problem.reason(),
             "CheckKey",
-            problem.message(&secret.name, &secret.key, o.namespace),
+            problem.message(&o.project.name_any(), &secret.name, &secret.key, o.namespace),
         ));
     }
     if new.tokens_not_before.is_some() && old.tokens_not_before != new.tokens_not_before {
@@ -229,7 +229,11 @@ pub(crate) async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Resul
         Ok(None) => Err(KeyProblem::SecretNotFound),
         Ok(Some(secret)) => {
             changes.push((Kind::Secret, crate::index::resource_version(&secret.metadata)));
+            let meta = &secret.metadata;
             match secret.data.as_ref().and_then(|d| d.get(&secret_ref.key)) {
+                _ if !apikey::bound_to(meta.labels.as_ref(), meta.annotations.as_ref(), &name) => {
+                    Err(KeyProblem::NotBound)
+                }
                 None => Err(KeyProblem::KeyNotFound),
                 Some(raw) => ApiKey::parse(&raw.0),
             }

@@ -66,7 +66,12 @@ struct ProjectEntry {
     grant: Option<AllowedNamespaces>,
 }
 
-type SecretData = BTreeMap<String, Zeroizing<Vec<u8>>>;
+/// A key Secret as the index keeps it: which projects it is bound to, and its data.
+struct KeySecret {
+    labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
+    data: BTreeMap<String, Zeroizing<Vec<u8>>>,
+}
 
 /// A ProxyToken's (namespace, name).
 type TokenKey = (String, String);
@@ -130,7 +135,7 @@ pub struct Index {
     /// ProxyToken (namespace, name) → the hash it was indexed under.
     token_keys: HashMap<(String, String), TokenHash>,
     tokens: Arc<TokenMap>,
-    secrets: HashMap<String, SecretData>,
+    secrets: HashMap<String, KeySecret>,
     /// Namespace labels, shared with the snapshots until the next change.
     namespaces: Arc<NamespaceLabels>,
     relisting: Relists,
@@ -204,6 +209,7 @@ impl Index {
             .projects
             .iter()
             .map(|(name, p)| {
+                let key = self.resolve_key(name, &p.secret_name, &p.secret_key).map(Arc::new);
                 let route = ProjectRoute {
                     name: name.clone(),
                     uid: p.uid.clone(),
@@ -211,7 +217,7 @@ impl Index {
                     active: p.active,
                     tokens_not_before_us: p.tokens_not_before_us,
                     upstream: p.upstream.clone(),
-                    key: self.resolve_key(&p.secret_name, &p.secret_key).map(Arc::new),
+                    key,
                     grant: p.grant.clone(),
                 };
                 (name.clone(), Arc::new(route))
@@ -256,9 +262,12 @@ impl Index {
         }
     }
 
-    fn resolve_key(&self, secret: &str, key: &str) -> Result<ApiKey, KeyProblem> {
-        let data = self.secrets.get(secret).ok_or(KeyProblem::SecretNotFound)?;
-        let raw = data.get(key).ok_or(KeyProblem::KeyNotFound)?;
+    fn resolve_key(&self, project: &str, secret: &str, key: &str) -> Result<ApiKey, KeyProblem> {
+        let secret = self.secrets.get(secret).ok_or(KeyProblem::SecretNotFound)?;
+        if !crate::apikey::bound_to(secret.labels.as_ref(), secret.annotations.as_ref(), project) {
+            return Err(KeyProblem::NotBound);
+        }
+        let raw = secret.data.get(key).ok_or(KeyProblem::KeyNotFound)?;
         ApiKey::parse(raw)
     }
 
@@ -356,7 +365,8 @@ impl Index {
     fn upsert_secret(&mut self, s: Secret) {
         let name = s.name_any();
         let data = s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, Zeroizing::new(v.0))).collect();
-        self.secrets.insert(name, data);
+        let secret = KeySecret { labels: s.metadata.labels, annotations: s.metadata.annotations, data };
+        self.secrets.insert(name, secret);
     }
 
     fn apply_namespace(&mut self, event: Event<Namespace>) {

@@ -22,9 +22,17 @@ fn project(name: &str, active: bool) -> Project {
     p
 }
 
+/// A key Secret bound to the project `prod`.
 fn secret(name: &str, value: &str) -> Secret {
+    let (label, marked) = crate::api::API_KEY_LABEL;
     Secret {
-        metadata: ObjectMeta { name: Some(name.into()), namespace: Some("ops".into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ops".into()),
+            labels: Some([(label.to_string(), marked.to_string())].into()),
+            annotations: Some([(crate::api::KEY_PROJECTS_ANNOTATION.to_string(), "prod".to_string())].into()),
+            ..Default::default()
+        },
         data: Some(BTreeMap::from([("apiKey".to_string(), ByteString(value.as_bytes().to_vec()))])),
         ..Default::default()
     }

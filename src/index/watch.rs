@@ -90,9 +90,12 @@ async fn run(
     let projects = watch_kind(Api::<Project>::all(client.clone()), labelled.clone()).map(|r| r.map(Change::Project));
     let tokens = watch_kind(Api::<WatchedToken>::all(client.clone()), labelled)
         .map(|r| r.map(|event| Change::Token(into_proxy_token(event))));
-    let secrets =
-        watch_kind(Api::<Secret>::namespaced(client.clone(), &config.secrets_namespace), watcher::Config::default())
-            .map(|r| r.map(Change::Secret));
+    // Only Secrets labelled as API keys: the proxy never sees (let alone keeps) the
+    // other Secrets of its namespace.
+    let (label, value) = crate::api::API_KEY_LABEL;
+    let keys = watcher::Config::default().labels(&format!("{label}={value}"));
+    let secrets = watch_kind(Api::<Secret>::namespaced(client.clone(), &config.secrets_namespace), keys)
+        .map(|r| r.map(Change::Secret));
     // Every namespace, whatever the shard: a token's namespace labels decide whether a
     // project that grants namespaces by selector still serves it.
     let namespaces =

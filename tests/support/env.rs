@@ -222,12 +222,18 @@ impl Env {
         format!("{}-{name}", self.id)
     }
 
-    /// Creates (or replaces the data of) the key Secret `name` in the operator namespace.
-    pub async fn put_key(&self, name: &str, key: &str) {
+    /// Creates (or replaces the data of) the key Secret `name` in the operator namespace,
+    /// labelled as an API key and bound to this test's Project `project`.
+    pub async fn put_key(&self, name: &str, key: &str, project: &str) {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ops);
+        let (label, value) = llm_proxy::api::API_KEY_LABEL;
         let secret: Secret = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Secret",
-            "metadata": { "name": name, "namespace": self.ops },
+            "metadata": {
+                "name": name, "namespace": self.ops,
+                "labels": { label: value },
+                "annotations": { llm_proxy::api::KEY_PROJECTS_ANNOTATION: self.scoped(project) },
+            },
             "stringData": { "apiKey": key }
         }))
         .unwrap();
@@ -252,7 +258,7 @@ impl Drop for Env {
 /// Object helpers.
 impl Env {
     pub async fn create_project(&self, name: &str) -> Project {
-        self.put_key(&format!("{name}-key"), TEST_KEY).await;
+        self.put_key(&format!("{name}-key"), TEST_KEY, name).await;
         let project = self.project(name);
         Api::<Project>::all(self.client.clone()).create(&PostParams::default(), &project).await.unwrap()
     }
