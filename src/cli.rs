@@ -90,6 +90,17 @@ struct ProxyArgs {
     /// Milliseconds between writes of usage (requestCount, lastUsedAt) to token status.
     #[arg(long, env = "LLMPROXY_USAGE_FLUSH_MILLIS", default_value_t = 2000)]
     usage_flush_millis: u64,
+    /// Most client connections open at once (over every serving thread); more wait in
+    /// the kernel's accept queue until one ends. Each may buffer a 64 KiB request head:
+    /// the default bounds that to 256 MiB.
+    #[arg(long, env = "LLMPROXY_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Seconds a new client connection gets to send its first request's headers.
+    #[arg(long, env = "LLMPROXY_CLIENT_HEADER_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    client_header_timeout_seconds: u64,
+    /// Seconds a client connection may wait for its next request after a response.
+    #[arg(long, env = "LLMPROXY_CLIENT_IDLE_TIMEOUT_SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    client_idle_timeout_seconds: u64,
     /// Threads serving the API (unset or 0: one per CPU the process may use).
     #[arg(long, env = "LLMPROXY_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -199,10 +210,17 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
             let _ = admin_stopped.await;
         },
         Duration::from_secs(1),
+        server::Connections::new(server::ConnectionLimits::admin()),
     ));
     let make_handler =
         || server::api_handler(Arc::new(Proxy::new(table.clone(), quota.clone(), metrics.clone(), &settings)));
-    let served = server::serve_threads(api, threads, make_handler, stopped, drain).await;
+    let limits = server::ConnectionLimits {
+        max_connections: args.max_connections as usize,
+        header_timeout: Duration::from_secs(args.client_header_timeout_seconds),
+        idle_timeout: Duration::from_secs(args.client_idle_timeout_seconds),
+    };
+    let connections = server::Connections::counted(limits, &metrics);
+    let served = server::serve_threads(api, threads, make_handler, stopped, drain, connections).await;
     // Counted requests reach the status, unused budget goes back to the other replicas.
     quota.shutdown().await;
     let _ = reporter.await;
@@ -223,6 +241,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
         server::admin_handler(|| Ok(()), metrics.clone()),
         std::future::pending(),
         Duration::from_secs(1),
+        server::Connections::new(server::ConnectionLimits::admin()),
     ));
     let settings = controller::Settings {
         namespace: args.common.namespace.clone(),

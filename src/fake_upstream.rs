@@ -71,7 +71,8 @@ impl FakeUpstream {
             Box::pin(async move { Ok::<_, Infallible>(answer(request, record.then_some(log)).await) })
                 as std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>
         };
-        tokio::spawn(server::serve(listener, handler, std::future::pending(), Duration::ZERO));
+        let connections = server::Connections::new(server::ConnectionLimits::default());
+        tokio::spawn(server::serve(listener, handler, std::future::pending(), Duration::ZERO, connections));
         Self { url, requests }
     }
 

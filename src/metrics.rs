@@ -98,6 +98,10 @@ pub struct Metrics {
     pub quota_claims: Family<ResultLabels, Counter>,
     /// Reconciles by kind and result.
     pub reconciles: Family<ReconcileLabels, Counter>,
+    /// Open connections of the API listener.
+    pub connections_open: Gauge,
+    /// API connections closed for waiting too long for a request.
+    pub connections_timed_out: Counter,
 }
 
 impl Metrics {
@@ -118,6 +122,8 @@ impl Metrics {
             relists: Family::default(),
             quota_claims: Family::default(),
             reconciles: Family::default(),
+            connections_open: Gauge::default(),
+            connections_timed_out: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by project and outcome", metrics.requests.clone());
@@ -156,6 +162,12 @@ impl Metrics {
         registry.register("watch_relists", "Full relists by kind", metrics.relists.clone());
         registry.register("quota_claims", "Budget claims for capped tokens, by result", metrics.quota_claims.clone());
         registry.register("controller_reconciles", "Reconciles by kind and result", metrics.reconciles.clone());
+        registry.register("connections_open", "Open connections of the API listener", metrics.connections_open.clone());
+        registry.register(
+            "connections_timed_out",
+            "API connections closed for sending no request in time",
+            metrics.connections_timed_out.clone(),
+        );
         Self { registry, ..metrics }
     }
 

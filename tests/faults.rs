@@ -1,5 +1,6 @@
-//! Keep serving, lose nothing, let no one in (issue 8): bad requests, upstream faults
-//! and a graceful stop, against real processes.
+//! Keep serving, lose nothing, let no one in (issue 8): bad requests, upstream faults,
+//! a graceful stop, and floods of connections without a token (issue 14), against real
+//! processes.
 
 mod support;
 
@@ -7,6 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::Env;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Runs curl with raw `args` against the proxy; returns (status, body).
 async fn raw_curl(args: &[&str]) -> (u16, String) {
@@ -99,6 +101,9 @@ async fn bad_requests_get_the_documented_error_and_the_proxy_stays_healthy() {
     args.push(&models);
     let (status, body) = raw_curl(&args).await;
     assert_eq!((status, code(&body).as_str()), (431, "headers_too_large"), "header flood: {body}");
+    // A head past what a connection may buffer (64 KiB) gets hyper's bare 431.
+    let huge = format!("X-Huge: {}", "v".repeat(80 * 1024));
+    assert_eq!(raw_curl(&["-H", &huge, &models]).await, (431, String::new()), "header buffer");
 
     // Still healthy and serving.
     assert_eq!(
@@ -229,4 +234,143 @@ async fn the_proxy_keeps_serving_while_the_api_server_is_away() {
     })
     .await;
     assert_eq!(env.chat(&kept).await.status, 200);
+}
+
+/// The value of the unlabelled metric `name` on the admin port `admin`.
+async fn metric(admin: u16, name: &str) -> f64 {
+    let text = support::curl("GET", &format!("http://127.0.0.1:{admin}/metrics"), &[], None).await.body;
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// A connection that sends `opening`, then one byte of `trickle` every 200 ms, never a
+/// whole request; returns once the proxy has closed it (EOF or a reset).
+async fn flood_connection(port: u16, opening: &'static [u8], trickle: &'static [u8]) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(opening).await.unwrap();
+    let mut trickle = trickle.iter().cycle();
+    let mut buffer = [0u8; 1024];
+    loop {
+        tokio::select! {
+            read = stream.read(&mut buffer) => if matches!(read, Ok(0) | Err(_)) {
+                return;
+            },
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Some(byte) = trickle.next() && stream.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_flood_is_capped_and_closed_and_a_client_with_a_token_is_still_served() {
+    let (env, token, port) =
+        started("flood", &["--max-connections", "50", "--client-header-timeout-seconds", "2", "--worker-threads", "2"])
+            .await;
+    let admin = env.proxy_admin_port;
+    // 70 connections without a token, 20 more than the cap: silent, stuck in the HTTP/2
+    // preface, and slowloris (request headers a byte at a time, never finished).
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..70 {
+        let (opening, trickle): (&[u8], &[u8]) = match i % 3 {
+            0 => (b"", b""),
+            1 => (b"PRI * HTTP/2.0\r\n", b""),
+            _ => (b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n", b"X-Slow: 1\r\n"),
+        };
+        flood.spawn(flood_connection(port, opening, trickle));
+    }
+    // The proxy holds exactly its cap, never more.
+    support::eventually(Duration::from_secs(30), || async {
+        let open = metric(admin, "llmproxy_connections_open").await;
+        assert!(open <= 50.0, "{open} connections open, over the cap of 50");
+        (open == 50.0).then_some(())
+    })
+    .await;
+
+    // A real client is served: it waits in the accept queue until flood connections time out.
+    let waited = Instant::now();
+    support::eventually(Duration::from_secs(30), || async { (env.chat(&token).await.status == 200).then_some(()) })
+        .await;
+    eprintln!("the client was served after {:?}", waited.elapsed());
+
+    // Every flood connection is closed by the proxy, and counted.
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(ended) = flood.join_next().await {
+            ended.unwrap();
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "{} flood connections still open after 30 s", flood.len());
+    assert!(metric(admin, "llmproxy_connections_timed_out_total").await >= 70.0);
+    support::eventually(Duration::from_secs(30), || async {
+        (metric(admin, "llmproxy_connections_open").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(env.chat(&token).await.status, 200);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_but_slow_answers_and_streams_are_not_cut() {
+    let (_env, token, port) =
+        started("idle", &["--client-header-timeout-seconds", "1", "--client-idle-timeout-seconds", "1"]).await;
+    let chat = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let bearer = format!("Authorization: Bearer {token}");
+    let body = r#"{"model":"m","messages":[]}"#;
+
+    // No byte for 3 s while the upstream thinks, over HTTP/1.1 and HTTP/2: not cut.
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let (status, answer) =
+            raw_curl(&[version, "-H", &bearer, "-H", "x-fake-delay-ms: 3000", "--data-binary", body, &chat]).await;
+        assert_eq!(status, 200, "{version}: {answer}");
+    }
+    // A stream with 2.5 s between chunks: not cut.
+    let (status, stream) = raw_curl(&[
+        "-N",
+        "-H",
+        &bearer,
+        "-H",
+        "x-fake-chunks: 3",
+        "-H",
+        "x-fake-chunk-delay-ms: 2500",
+        "--data-binary",
+        r#"{"model":"m","messages":[],"stream":true}"#,
+        &chat,
+    ])
+    .await;
+    assert_eq!(status, 200);
+    assert!(stream.contains("chunk2") && stream.contains("[DONE]"), "{stream}");
+
+    // An HTTP/1.1 keep-alive connection is closed once idle after its response.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "HTTP/1.1 connection still open after 15 s");
+    assert!(answer.starts_with(b"HTTP/1.1 401"), "{}", String::from_utf8_lossy(&answer));
+
+    // So is an HTTP/2 connection.
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get(format!("http://127.0.0.1:{port}/v1/models"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(15), connection).await.is_ok(),
+        "HTTP/2 connection still open after 15 s"
+    );
 }

@@ -7,69 +7,286 @@
 //! thread that accepted the connection: no task hops threads, no worker is woken to
 //! steal work. On a work-stealing runtime those wake-ups cost a third of the proxy's
 //! CPU per request.
+//!
+//! Any pod can connect without a token, so what a connection may hold is bounded
+//! ([`ConnectionLimits`]): how many are open at once (over every thread), how long one
+//! may wait for a request (while none is in flight), how much of a request head is
+//! buffered, how many HTTP/2 streams run at once, and dead HTTP/2 peers are found by
+//! pings. A request in flight, however long its answer or stream, is never cut here.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::{Body, Proxy, full};
+use super::{Body, BoxError, Proxy, full};
 use crate::metrics::Metrics;
 
 /// Headers hyper parses per HTTP/1 request before it answers a bare 431 itself. Well
 /// above [`super::MAX_HEADERS`], so that a header flood up to this size gets the proxy's
-/// own OpenAI-shaped 431; only floods past it (or past hyper's ~400 KiB read buffer)
-/// get hyper's empty one. (Setting it moves hyper's header slots from the stack to one
+/// own OpenAI-shaped 431; only floods past it (or past [`MAX_REQUEST_HEAD`]) get
+/// hyper's empty one. (Setting it moves hyper's header slots from the stack to one
 /// small heap allocation per request.)
 const HTTP1_HEADER_SLOTS: usize = 512;
 
+/// Bytes of one request head a connection may buffer (HTTP/1 read buffer, HTTP/2
+/// header list). Twice [`super::MAX_HEADER_BYTES`], so that every head the proxy could
+/// accept, and a flood a little past it, reach the proxy's own 431; hyper's default
+/// HTTP/1 buffer is ~400 KiB per connection.
+const MAX_REQUEST_HEAD: usize = 2 * super::MAX_HEADER_BYTES;
+
+/// Streams one HTTP/2 connection may run at once (hyper's default is 200).
+const HTTP2_MAX_STREAMS: u32 = 100;
+
+/// How often an HTTP/2 connection is pinged, and how long the answer may take before
+/// the peer counts as dead and the connection is closed (in flight or not).
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Connections of the admin listener: probes and scrapers need few, and an API flood
+/// never takes them, since each listener has its own cap.
+const ADMIN_MAX_CONNECTIONS: usize = 128;
+
+/// How many connections a listener holds, and how long one may wait for a request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnectionLimits {
+    /// Most connections open at once, over every serving thread of the listener.
+    pub max_connections: usize,
+    /// How long a new connection may take to deliver its first request's headers.
+    pub header_timeout: Duration,
+    /// How long a connection may wait for its next request after the last response.
+    pub idle_timeout: Duration,
+}
+
+/// The `proxy` command's defaults (its flags say the same).
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self { max_connections: 4096, header_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(120) }
+    }
+}
+
+impl ConnectionLimits {
+    /// The limits of an admin listener: the default timeouts, a cap of its own.
+    pub(crate) fn admin() -> Self {
+        Self { max_connections: ADMIN_MAX_CONNECTIONS, ..Self::default() }
+    }
+}
+
+/// The connections of one listener: its limits, the places under its cap (shared by
+/// every thread serving it) and their metrics.
+#[derive(Clone, Debug)]
+pub(crate) struct Connections {
+    limits: ConnectionLimits,
+    places: Arc<Semaphore>,
+    open: Gauge,
+    timed_out: Counter,
+}
+
+impl Connections {
+    /// Connections counted in `metrics` (the API listener).
+    pub(crate) fn counted(limits: ConnectionLimits, metrics: &Metrics) -> Self {
+        Self {
+            open: metrics.connections_open.clone(),
+            timed_out: metrics.connections_timed_out.clone(),
+            ..Self::new(limits)
+        }
+    }
+
+    /// Connections counted nowhere (admin listeners, the fake upstream).
+    pub(crate) fn new(limits: ConnectionLimits) -> Self {
+        Self {
+            limits,
+            places: Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS))),
+            open: Gauge::default(),
+            timed_out: Counter::default(),
+        }
+    }
+}
+
+/// One connection's place under the cap; given back (and uncounted) on drop.
+struct Place {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Place {
+    fn new(permit: OwnedSemaphorePermit, open: &Gauge) -> Self {
+        open.inc();
+        Self { _permit: permit, open: open.clone() }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// Requests in flight on one connection, from their headers to the end of their
+/// response body, and a wake-up whenever that number changes.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    changed: Notify,
+}
+
+impl Activity {
+    /// Counts a request in flight until the returned guard is dropped.
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
+        Busy(self.clone())
+    }
+
+    /// Resolves once the connection has waited longer than allowed for a request with
+    /// none in flight: `first` for its first request, `idle` for each later one. Waiting
+    /// for a request covers a peer that sends nothing, a partial HTTP/2 preface, partial
+    /// request headers and an idle keep-alive connection alike, whatever the protocol.
+    async fn waited_too_long(&self, first: Duration, idle: Duration) {
+        let mut allowed = first;
+        loop {
+            if self.in_flight.load(Ordering::Relaxed) == 0 {
+                if tokio::time::timeout(allowed, self.changed.notified()).await.is_err() {
+                    return;
+                }
+            } else {
+                self.changed.notified().await;
+            }
+            // Something changed, so a request has come.
+            allowed = idle;
+        }
+    }
+}
+
+/// A request in flight (see [`Activity::busy`]).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.changed.notify_one();
+    }
+}
+
+/// A response body that keeps its request in flight until it is done (or dropped).
+struct BusyBody {
+    body: Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for BusyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Serves `handler` on `listener` until `shutdown` resolves, then drains open
 /// connections for at most `drain`.
-pub(crate) async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>, drain: Duration)
-where
+pub(crate) async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+    connections: Connections,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No HTTP/1 header timer of hyper's own: it would also end keep-alive at the header
+    // timeout, and `Activity::waited_too_long` bounds the wait for both protocols.
+    builder.http1().header_read_timeout(None).max_headers(HTTP1_HEADER_SLOTS).max_buf_size(MAX_REQUEST_HEAD);
     builder
-        .http1()
+        .http2()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_headers(HTTP1_HEADER_SLOTS);
+        .max_concurrent_streams(HTTP2_MAX_STREAMS)
+        .max_header_list_size(MAX_REQUEST_HEAD as u32)
+        .keep_alive_interval(HTTP2_PING_INTERVAL)
+        .keep_alive_timeout(HTTP2_PING_TIMEOUT);
+    let ConnectionLimits { header_timeout, idle_timeout, .. } = connections.limits;
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handler));
-                let connection = graceful.watch(connection.into_owned());
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(error = %error, "connection ended with an error");
-                    }
-                });
-            }
+        // At the cap, stop accepting until a connection ends, rather than accept and
+        // close: the connections beyond it wait in the kernel's accept queue at no cost
+        // here, and a real client among them is served as soon as a place frees (flood
+        // connections free theirs after the header timeout), with no retry of its own.
+        // Past the kernel's backlog, new connections wait in SYN retries.
+        let permit = tokio::select! {
+            permit = connections.places.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => break,
+            },
             () = &mut shutdown => break,
-        }
+        };
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let place = Place::new(permit, &connections.open);
+        let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::default());
+        let service = service_fn({
+            let (handler, activity) = (handler.clone(), activity.clone());
+            move |request| {
+                let busy = activity.busy();
+                let response = handler(request);
+                async move {
+                    let response = response.await?;
+                    Ok::<_, Infallible>(response.map(|body| BusyBody { body, _busy: busy }))
+                }
+            }
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection.into_owned());
+        let timed_out = connections.timed_out.clone();
+        tokio::spawn(async move {
+            let _place = place;
+            tokio::select! {
+                ended = connection => if let Err(error) = ended {
+                    tracing::debug!(error = %error, "connection ended with an error");
+                },
+                // Nothing in flight, so closing loses nothing.
+                () = activity.waited_too_long(header_timeout, idle_timeout) => {
+                    timed_out.inc();
+                    tracing::debug!("closed a connection that sent no request in time");
+                }
+            }
+        });
     }
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
@@ -79,12 +296,14 @@ where
 
 /// Serves on `threads` threads a handler made per thread by `make_handler`, until
 /// `shutdown` turns `true`; returns once every thread has drained (at most `drain`).
+/// The threads share `connections`: its cap is the process's, not each thread's.
 pub(crate) async fn serve_threads<M, H, F>(
     listener: std::net::TcpListener,
     threads: usize,
     make_handler: M,
     shutdown: tokio::sync::watch::Receiver<bool>,
     drain: Duration,
+    connections: Connections,
 ) -> std::io::Result<()>
 where
     M: Fn() -> H,
@@ -97,6 +316,7 @@ where
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let listener = listener.try_clone()?;
         let handler = make_handler();
+        let connections = connections.clone();
         let mut shutdown = shutdown.clone();
         let (done, thread_done) = tokio::sync::oneshot::channel::<()>();
         finished.push(thread_done);
@@ -112,7 +332,7 @@ where
                 let stop = async move {
                     let _ = shutdown.wait_for(|stop| *stop).await;
                 };
-                serve(listener, handler, stop, drain).await;
+                serve(listener, handler, stop, drain, connections).await;
             });
             let _ = done.send(());
         })?;
