@@ -8,7 +8,7 @@ use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessR
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
-use llm_proxy::api::ProxyToken;
+use llm_proxy::api::{Project, ProxyToken};
 use serde_json::json;
 use std::time::Duration;
 use support::Env;
@@ -73,6 +73,7 @@ async fn the_chart_lints_renders_applies_and_grants_least_privilege() {
         .args(["--namespace", &env.ops, "--kube-version", &support::kubernetes_version()])
         .args(["--set", &format!("projectDeletionPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}", env.id)])
         .args(["--set", &format!("statusPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}", env.id)])
+        .args(["--set", &format!("upstreamPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}", env.id)])
         .output()
         .unwrap();
     assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
@@ -349,4 +350,60 @@ fn the_dockerfile_is_pinned_non_root_and_ships_binaries_that_run() {
         let out = std::process::Command::new(binary).arg("--version").output().unwrap();
         assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("0.1.0"), "{name}");
     }
+}
+
+/// Whoever may write Projects chooses their upstream only among those the cluster admin
+/// allows (the chart's upstream policy): https, and the hosts listed.
+#[tokio::test]
+async fn project_upstreams_are_fenced_at_admission() {
+    let env = Env::new("upstreams").await;
+    let release = format!("r-{}", env.id);
+    let set = [
+        format!("upstreamPolicy.objectSelector.matchLabels.llmproxy\\.io/test={}", env.id),
+        "upstreamPolicy.hosts={api.openai.com,*.openai.azure.com}".to_string(),
+    ];
+    let docs = env.render_chart(&release, "templates/upstream-policy.yaml", &set);
+    let manifest = support::repo().join(format!("target/test-logs/{}-upstream-policy.json", env.id));
+    std::fs::write(&manifest, json!({ "apiVersion": "v1", "kind": "List", "items": docs }).to_string()).unwrap();
+    let applied = support::run_kubectl(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+
+    let projects = Api::<Project>::all(env.client.clone());
+    let with_url = |name: &str, url: &str| {
+        let mut project = env.project(name);
+        project.spec.upstream.url = url.to_string();
+        project
+    };
+    let create = |project: Project| {
+        let projects = projects.clone();
+        async move { projects.create(&PostParams::default(), &project).await }
+    };
+    // In force once it refuses a plain-http upstream (a server-side dry run writes nothing).
+    let dry_run = PostParams { dry_run: true, ..Default::default() };
+    support::eventually(Duration::from_secs(30), || async {
+        projects.create(&dry_run, &with_url("probe", "http://api.openai.com")).await.is_err().then_some(())
+    })
+    .await;
+
+    let refused = create(with_url("plain", "http://api.openai.com")).await.unwrap_err();
+    assert_refused(&refused, "uses http, which this cluster does not allow for upstreams (allowed: https)");
+    for url in ["https://evil.example.com", "https://api.openai.com.evil.example.com", "https://openai.azure.com"] {
+        let refused = create(with_url("elsewhere", url)).await.unwrap_err();
+        assert_refused(&refused, "is not an allowed upstream (allowed: api.openai.com, *.openai.azure.com)");
+    }
+    create(with_url("openai", "https://api.openai.com")).await.unwrap();
+    create(with_url("azure", "https://eastus.openai.azure.com/")).await.unwrap();
+
+    // Moving an existing Project's upstream is checked the same way; other edits are not.
+    let move_to = |url: &str| Patch::Merge(json!({ "spec": { "upstream": { "url": url } } }));
+    let name = env.scoped("openai");
+    let refused = projects.patch(&name, &PatchParams::default(), &move_to("https://evil.example.com")).await;
+    assert_refused(&refused.unwrap_err(), "is not an allowed upstream");
+    let deactivate = Patch::Merge(json!({ "spec": { "active": false } }));
+    projects.patch(&name, &PatchParams::default(), &deactivate).await.unwrap();
+    let unchanged = projects.get(&name).await.unwrap();
+    assert_eq!(unchanged.spec.upstream.url, "https://api.openai.com");
+
+    let deleted = support::run_kubectl(&["delete", "--wait=false", "-f", manifest.to_str().unwrap()]);
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
 }
