@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::HeaderMap;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
@@ -108,6 +108,22 @@ async fn answer(request: Request<Incoming>, log: Option<Arc<Mutex<Vec<Recorded>>
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
+    let mut response = respond(&parts, &body, chunks_sent_at);
+    // `x-fake-response-header: name: value`, repeatable: headers the answer carries.
+    for line in parts.headers.get_all("x-fake-response-header") {
+        let Some((name, value)) = line.to_str().ok().and_then(|l| l.split_once(':')) else { continue };
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.trim()), HeaderValue::try_from(value.trim())) {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
+}
+
+fn respond(
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    chunks_sent_at: Arc<Mutex<Vec<SystemTime>>>,
+) -> Response<Body> {
     let status = header_num(&parts.headers, "x-fake-status", 200);
     if status != 200 {
         let code = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -118,7 +134,7 @@ async fn answer(request: Request<Incoming>, log: Option<Arc<Mutex<Vec<Recorded>>
             StatusCode::OK,
             r#"{"object":"list","data":[{"id":"fake-model","object":"model","created":0,"owned_by":"fake"}]}"#,
         ),
-        _ if is_stream(&body) => stream(
+        _ if is_stream(body) => stream(
             header_num(&parts.headers, "x-fake-chunks", 5),
             Duration::from_millis(header_num(&parts.headers, "x-fake-chunk-delay-ms", 0)),
             header_num(&parts.headers, "x-fake-break-after", u64::MAX),

@@ -226,6 +226,35 @@ async fn refusals_follow_the_error_table() {
     }
 }
 
+/// The upstream account's identity and cookies stay between the proxy and the upstream:
+/// a tenant never learns which organization or project the real key belongs to.
+#[tokio::test]
+async fn upstream_account_headers_never_reach_clients() {
+    let env = Env::running("resp-headers").await;
+    env.create_project("p").await;
+    let token = env.minted("p", "app").await;
+    let auth = format!("Bearer {token}");
+    let (response, headers) = support::curl_with_headers(
+        "POST",
+        &format!("{}/v1/chat/completions", env.proxy_url()),
+        &[
+            ("authorization", &auth),
+            ("x-fake-response-header", "openai-organization: org-upstream-secret"),
+            ("x-fake-response-header", "openai-project: proj_upstream"),
+            ("x-fake-response-header", "set-cookie: __cf_bm=upstream; path=/"),
+            ("x-fake-response-header", "x-request-id: req_123"),
+        ],
+        Some(r#"{"model":"fake-model","messages":[]}"#),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let names: Vec<&str> = headers.iter().map(|(name, _)| name.as_str()).collect();
+    assert!(names.contains(&"x-request-id"), "the fake upstream sent its headers: {names:?}");
+    for stripped in ["openai-organization", "openai-project", "set-cookie"] {
+        assert!(!names.contains(&stripped), "{stripped} reached the client: {headers:?}");
+    }
+}
+
 #[tokio::test]
 async fn slow_upstreams_time_out_with_504() {
     let mut env = Env::new("timeout").await;

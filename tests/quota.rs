@@ -157,12 +157,22 @@ async fn metrics_count_requests_upstream_tokens_and_claims() {
     let results = burst(&[env.proxy_port], &capped_secret, 3).await;
     assert_eq!((count(&results, 200), count(&results, 429)), (2, 1));
     assert_eq!(env.chat("llmp_bogus").await.status, 401);
+    // A file's content that holds the bytes of a usage object (the fake upstream answers
+    // with a completion) is not an answer that reports usage: it counts nothing.
+    let download = support::curl(
+        "GET",
+        &format!("{}/v1/files/file-abc/content", env.proxy_url()),
+        &[("authorization", &format!("Bearer {unlimited}"))],
+        None,
+    )
+    .await;
+    assert!(download.status == 200 && download.body.contains(r#""usage""#), "{}", download.body);
 
     let text = reqwest_text(&format!("http://127.0.0.1:{}/metrics", env.proxy_admin_port)).await;
     let project = env.scoped("p");
     let ns = &env.apps;
     for expected in [
-        format!(r#"llmproxy_requests_total{{project="{project}",outcome="upstream_2xx"}} 5"#),
+        format!(r#"llmproxy_requests_total{{project="{project}",outcome="upstream_2xx"}} 6"#),
         format!(r#"llmproxy_requests_total{{project="{project}",outcome="token_exhausted"}} 1"#),
         r#"llmproxy_requests_total{project="",outcome="invalid_token"} 1"#.to_string(),
         // Two plain completions (9 + 7 each) and one stream (9 + 5 in its last chunk).
@@ -175,8 +185,8 @@ async fn metrics_count_requests_upstream_tokens_and_claims() {
         r#"llmproxy_quota_claims_total{result="exhausted"} 1"#.to_string(),
         "llmproxy_routing_table_tokens 2".to_string(),
         "llmproxy_routing_table_projects 1".to_string(),
-        "llmproxy_upstream_latency_seconds_count 5".to_string(),
-        "llmproxy_added_latency_seconds_count 5".to_string(),
+        "llmproxy_upstream_latency_seconds_count 6".to_string(),
+        "llmproxy_added_latency_seconds_count 6".to_string(),
     ] {
         assert!(text.contains(&expected), "missing {expected}\n{text}");
     }

@@ -23,6 +23,10 @@ use http_body_util::{LengthLimitError, Limited};
 /// upstream key alone decides which organisation and project pay.
 const STRIPPED_REQUEST_HEADERS: &[&str] = &["openai-organization", "openai-project"];
 
+/// Response headers that belong to the upstream account, not to the client: which
+/// organization and project the real key belongs to, and its cookies.
+const STRIPPED_RESPONSE_HEADERS: &[&str] = &["openai-organization", "openai-project", "set-cookie"];
+
 /// The pooled upstream client, built once.
 #[derive(Clone)]
 pub(crate) struct Upstream {
@@ -94,7 +98,11 @@ impl Upstream {
             }
             Ok(Ok(response)) => response,
         };
-        strip_hop_by_hop(response.headers_mut());
+        let headers = response.headers_mut();
+        strip_hop_by_hop(headers);
+        for name in STRIPPED_RESPONSE_HEADERS {
+            headers.remove(*name);
+        }
         Ok(response)
     }
 }

@@ -101,7 +101,8 @@ impl Proxy {
                     400..=499 => "upstream_4xx",
                     _ => "upstream_5xx",
                 };
-                (self.tap_usage(response, &route), Some(route), outcome, Some(upstream_time))
+                let counted = paths::reports_usage(&method, &path) && response.status().is_success();
+                (self.tap_usage(response, &route, counted), Some(route), outcome, Some(upstream_time))
             }
             Err((error, route)) => (error.into_response(), route, error.code(), None),
         };
@@ -114,17 +115,21 @@ impl Proxy {
         Ok(response)
     }
 
-    /// Streams the upstream body back while counting the tokens it reports.
-    fn tap_usage(&self, response: Response<Incoming>, route: &Route) -> Response<Body> {
+    /// Streams the upstream body back, counting the tokens it reports when `counted`
+    /// (a successful answer of an endpoint that reports usage) and it is JSON or an
+    /// event stream: a file download whose bytes contain `"usage"` counts nothing.
+    fn tap_usage(&self, response: Response<Incoming>, route: &Route, counted: bool) -> Response<Body> {
         let metrics = self.metrics.clone();
         let token = route.token.clone();
-        let event_stream = response
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let content_type = response.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes());
+        let event_stream = content_type.is_some_and(|v| v.starts_with(b"text/event-stream"));
+        let counted = counted && (event_stream || content_type.is_some_and(|v| v.starts_with(b"application/json")));
         let idle = self.idle_timeout;
         response.map(move |body| {
             let guarded = stream::Guarded::new(body, idle, event_stream);
+            if !counted {
+                return guarded.boxed();
+            }
             llm_usage::UsageTap::new(guarded, move |usage: llm_usage::TokenUsage| {
                 for (kind, count) in [("prompt", usage.prompt), ("completion", usage.completion)] {
                     let labels = TokenUsageLabels {

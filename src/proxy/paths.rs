@@ -61,6 +61,22 @@ const ENDPOINTS: &[(&str, &[Method])] = &[
     ("/v1/vector_stores/*", GET_POST_DELETE),
 ];
 
+/// Endpoints whose answers report the tokens they used (`usage`), with POST.
+const REPORTING_USAGE: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/v1/images/generations",
+    "/v1/images/edits",
+];
+
+/// Whether an answer to `method path` reports token usage the proxy should count. Other
+/// answers (a file's content, a list) may contain the bytes `"usage"` and count nothing.
+pub(crate) fn reports_usage(method: &Method, path: &str) -> bool {
+    method == Method::POST && REPORTING_USAGE.contains(&path)
+}
+
 /// Checks that `method path` is an endpoint of the API surface.
 pub(crate) fn check(method: &Method, path: &str) -> Result<(), PathError> {
     let mut found = false;
@@ -101,6 +117,15 @@ fn is_identifier(segment: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_answers_that_report_usage_are_counted() {
+        assert!(reports_usage(&Method::POST, "/v1/chat/completions"));
+        assert!(reports_usage(&Method::POST, "/v1/responses"));
+        assert!(!reports_usage(&Method::GET, "/v1/chat/completions"), "a listing of stored completions");
+        assert!(!reports_usage(&Method::GET, "/v1/files/file-abc/content"));
+        assert!(!reports_usage(&Method::POST, "/v1/files"));
+    }
 
     #[test]
     fn the_api_surface_is_forwarded() {

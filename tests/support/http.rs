@@ -46,6 +46,32 @@ pub async fn curl(method: &str, url: &str, headers: &[(&str, &str)], body: Optio
     CurlResponse { status: status.trim().parse().unwrap_or(0), body: body.to_string() }
 }
 
+/// Like [`curl`], and the response's headers (names lowercased), as curl received them.
+pub async fn curl_with_headers(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (CurlResponse, Vec<(String, String)>) {
+    let mut command = tokio::process::Command::new("curl");
+    command.args(["-s", "-D", "/dev/stderr", "-X", method, "-w", "\n%{http_code}", "--max-time", "10", url]);
+    for (name, value) in headers {
+        command.arg("-H").arg(format!("{name}: {value}"));
+    }
+    if let Some(body) = body {
+        command.args(["-H", "content-type: application/json", "--data-binary", body]);
+    }
+    let output = command.output().await.expect("running curl");
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let received = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+        .collect();
+    (CurlResponse { status: status.trim().parse().unwrap_or(0), body: body.to_string() }, received)
+}
+
 /// The Python with the official `openai` SDK, from `just setup` (or `LLMPROXY_PYTHON`).
 pub fn sdk_python() -> PathBuf {
     if let Ok(path) = std::env::var("LLMPROXY_PYTHON") {
