@@ -51,6 +51,18 @@ async fn crds_show_useful_columns_and_reject_invalid_objects() {
     let error = tokens.patch("revoked", &PatchParams::default(), &undo).await.unwrap_err().to_string();
     assert!(error.contains("revocation cannot be undone"), "{error}");
 
+    // A cap can be lowered by whoever may edit the token, never raised or removed.
+    let mut capped = ProxyToken::new("capped", token_spec(&env.scoped("p")));
+    capped.spec.max_requests = Some(10);
+    tokens.create(&PostParams::default(), &capped).await.unwrap();
+    let cap = |max: serde_json::Value| Patch::Merge(json!({ "spec": { "maxRequests": max } }));
+    for (change, max) in [("raise", json!(11)), ("remove", serde_json::Value::Null)] {
+        let error = tokens.patch("capped", &PatchParams::default(), &cap(max)).await.unwrap_err().to_string();
+        assert!(error.contains("maxRequests can be lowered, never raised or removed"), "{change}: {error}");
+    }
+    tokens.patch("capped", &PatchParams::default(), &cap(json!(5))).await.unwrap();
+    tokens.patch("revoked", &PatchParams::default(), &cap(json!(3))).await.unwrap();
+
     let moved = Patch::Merge(json!({ "spec": { "projectRef": { "name": "elsewhere" } } }));
     let error = tokens.patch("revoked", &PatchParams::default(), &moved).await.unwrap_err().to_string();
     assert!(error.contains("projectRef is immutable"), "{error}");
@@ -385,6 +397,39 @@ async fn the_proxy_speaks_h2c_as_well_as_http1() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&output.stdout), "2 200");
     assert_eq!(env.upstream.requests().last().unwrap().method, "GET");
+}
+
+/// A tenant who creates the token's Secret first, shaped exactly like a minted one
+/// (owned by the ProxyToken, with a well-formed token and its hash), does not get to
+/// choose the token's value: the controller never adopts a Secret it did not write.
+#[tokio::test]
+async fn a_secret_written_before_the_mint_is_never_adopted() {
+    let mut env = Env::new("no-adopt").await;
+    env.create_project("p").await;
+    let token = env.create_token("chosen", token_spec(&env.scoped("p"))).await;
+    let chosen = llm_proxy::token::Token::mint().unwrap();
+    let planted: Secret = serde_json::from_value(json!({
+        "metadata": {
+            "name": "chosen",
+            "annotations": { llm_proxy::api::TOKEN_HASH_ANNOTATION: chosen.hash().to_string() },
+            "ownerReferences": [{
+                "apiVersion": "llmproxy.io/v1alpha1", "kind": "ProxyToken", "name": "chosen",
+                "uid": token.metadata.uid.clone().unwrap(), "controller": true,
+            }],
+        },
+        "stringData": { "token": chosen.expose(), "OPENAI_API_KEY": chosen.expose() },
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), &env.apps).create(&PostParams::default(), &planted).await.unwrap();
+
+    env.start_controller();
+    env.start_proxy().await;
+    let rejected = env.wait_token("chosen", TokenPhase::Rejected).await;
+    let status = rejected.status.unwrap();
+    assert_eq!(status.token_hash, None, "nothing was minted, nothing adopted");
+    let issued = status.conditions.into_iter().find(|c| c.type_ == token_conditions::ISSUED).unwrap();
+    assert_eq!(issued.reason, "SecretConflict");
+    assert_eq!(env.chat(chosen.expose()).await.error_code(), "token_not_found");
 }
 
 #[tokio::test]

@@ -46,6 +46,9 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new(
     "has(self.secretName) == has(oldSelf.secretName) && (!has(self.secretName) || self.secretName == oldSelf.secretName)"
 ).message("secretName is immutable: create a new ProxyToken to use another Secret"))]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.maxRequests) || (has(self.maxRequests) && self.maxRequests <= oldSelf.maxRequests)"
+).message("maxRequests can be lowered, never raised or removed: create a new ProxyToken for a larger cap"))]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyTokenSpec {
     /// The Project whose upstream key this token uses. Immutable.
@@ -61,7 +64,8 @@ pub struct ProxyTokenSpec {
     )]
     pub duration: String,
 
-    /// Lifetime cap on forwarded requests. Absent: unlimited.
+    /// Lifetime cap on forwarded requests. Absent: unlimited. Once set it can be lowered,
+    /// never raised or removed (whoever may edit the token may not undo its cap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_requests: Option<i64>,

@@ -1,8 +1,10 @@
 //! ProxyToken reconciliation: admission (project, namespace grant, Secret name),
 //! minting into the token Secret, and the lifecycle phase with its Events.
 //!
-//! A token is minted at most once: once `status.tokenHash` is set nothing mints again,
-//! and a Secret left by a mint whose status write failed is adopted, not replaced.
+//! A token is minted at most once: once `status.tokenHash` is set nothing mints again.
+//! The hash is written to status before the Secret, so a Secret found before the hash
+//! is never this token's: it is not adopted (a tenant could otherwise choose the token
+//! value by creating the Secret first), the name is refused as taken.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -313,12 +315,8 @@ pub(crate) async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Resu
         if let Err(verdict) = admit(&current, project.as_ref(), allowed) {
             return write(&ctx, &current, &verdict, project.as_ref(), false, &check).await;
         }
-        match adopt_or_mint(&ctx, &current).await? {
+        match mint_if_free(&ctx, &current).await? {
             Mint::Conflict(verdict) => return write(&ctx, &current, &verdict, project.as_ref(), false, &check).await,
-            Mint::Adopted { hash, secret_name, issued_at } => {
-                record(&mut current, hash, secret_name, issued_at, project.as_ref());
-                minted_now = true;
-            }
             Mint::New(plaintext) => return mint(&ctx, current, plaintext, project.as_ref(), allowed, &check).await,
         }
     } else if !issued(&current) {
@@ -403,9 +401,7 @@ async fn namespace_labels(
 }
 
 enum Mint {
-    /// A Secret an interrupted mint of an earlier version left (Secret first, status after).
-    Adopted { hash: TokenHash, secret_name: String, issued_at: jiff::Timestamp },
-    /// The Secret name belongs to something else.
+    /// The Secret name is taken.
     Conflict(Verdict),
     /// A new token, not written anywhere yet.
     New(Token),
@@ -427,8 +423,9 @@ fn secret_conflict(namespace: &str, secret_name: &str) -> Verdict {
     )
 }
 
-/// Adopts the Secret an interrupted earlier mint left, or mints a new token.
-async fn adopt_or_mint(ctx: &Context, token: &ProxyToken) -> Result<Mint, Error> {
+/// Mints a new token if the Secret name is free. A Secret that exists before the hash is
+/// in status was not written by a mint of this token, whatever it holds or claims.
+async fn mint_if_free(ctx: &Context, token: &ProxyToken) -> Result<Mint, Error> {
     let namespace = token.namespace().unwrap_or_default();
     let secret_name = token.spec.secret_name.clone().unwrap_or_else(|| token.name_any());
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
@@ -437,15 +434,9 @@ async fn adopt_or_mint(ctx: &Context, token: &ProxyToken) -> Result<Mint, Error>
         name: secret_name.clone(),
         source,
     })?;
-    let Some(existing) = existing else { return Ok(Mint::New(Token::mint()?)) };
-    let ours = existing.owner_references().iter().any(|o| Some(&o.uid) == token.uid().as_ref());
-    Ok(match ours.then(|| adoptable(&existing)).flatten() {
-        Some(hash) => Mint::Adopted {
-            hash,
-            secret_name,
-            issued_at: existing.metadata.creation_timestamp.map_or_else(jiff::Timestamp::now, |t| t.0),
-        },
-        None => Mint::Conflict(secret_conflict(&namespace, &secret_name)),
+    Ok(match existing {
+        None => Mint::New(Token::mint()?),
+        Some(_) => Mint::Conflict(secret_conflict(&namespace, &secret_name)),
     })
 }
 

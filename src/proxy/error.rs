@@ -142,7 +142,7 @@ impl ProxyError {
             Self::TokenRevoked => "This proxy token has been revoked: create a new ProxyToken.",
             Self::TokenExpired => "This proxy token has expired: create a new ProxyToken.",
             Self::TokenExhausted => {
-                "This proxy token has used all requests allowed by its maxRequests: create a new ProxyToken or raise the cap."
+                "This proxy token has used all requests allowed by its maxRequests: create a new ProxyToken (a cap can be lowered, never raised)."
             }
             Self::ProjectDeleted => {
                 "The Project this proxy token was issued for has been deleted (a Project created again under the same name is a new Project and does not accept old tokens): this token can never be used again. Create a new ProxyToken for an existing Project."
