@@ -407,3 +407,42 @@ async fn project_upstreams_are_fenced_at_admission() {
     let deleted = support::run_kubectl(&["delete", "--wait=false", "-f", manifest.to_str().unwrap()]);
     assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
 }
+
+/// Metrics name every tenant's tokens and their usage: by default only pods of the
+/// release's namespace reach the admin ports; the API port stays open to the cluster.
+#[test]
+fn metrics_are_closed_to_other_namespaces_unless_selected() {
+    let render = |set: &[&str]| -> Vec<serde_json::Value> {
+        let mut command = std::process::Command::new(helm());
+        command.args(["template", "t"]).arg(support::repo().join("charts/llm-proxy"));
+        command.args(["--kube-version", &support::kubernetes_version()]);
+        command.args(["--show-only", "templates/networkpolicy.yaml"]);
+        for value in set {
+            command.args(["--set", value]);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8(output.stdout).unwrap();
+        serde_yaml::Deserializer::from_str(&text).map(|doc| serde::Deserialize::deserialize(doc).unwrap()).collect()
+    };
+    let admin_sources = |policies: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        policies
+            .iter()
+            .flat_map(|p| p["spec"]["ingress"].as_array().unwrap().clone())
+            .filter(|rule| rule["ports"][0]["port"] == 9090)
+            .flat_map(|rule| rule["from"].as_array().unwrap().clone())
+            .collect()
+    };
+    let default = render(&[]);
+    assert_eq!(default.len(), 2, "proxy and controller");
+    assert!(admin_sources(&default).iter().all(|from| *from == json!({ "podSelector": {} })), "{default:?}");
+    let api = &default[0]["spec"]["ingress"][0];
+    assert_eq!(
+        (api["ports"][0]["port"].clone(), api["from"][0].clone()),
+        (json!(8080), json!({ "namespaceSelector": {} }))
+    );
+
+    let monitored = render(&["networkPolicy.metricsNamespaceSelector.matchLabels.team=monitoring"]);
+    let selected = json!({ "namespaceSelector": { "matchLabels": { "team": "monitoring" } } });
+    assert_eq!(admin_sources(&monitored).iter().filter(|from| **from == selected).count(), 2);
+}

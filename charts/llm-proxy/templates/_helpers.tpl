@@ -40,3 +40,11 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+
+{{/* Who may reach the admin ports: this namespace, and the selected monitoring namespaces. */}}
+{{- define "llm-proxy.metricsFrom" -}}
+- podSelector: {}
+{{- with .Values.networkPolicy.metricsNamespaceSelector }}
+- namespaceSelector: {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- end -}}
