@@ -236,6 +236,51 @@ async fn the_proxy_keeps_serving_while_the_api_server_is_away() {
     assert_eq!(env.chat(&kept).await.status, 200);
 }
 
+/// While the API server is away a capped token is served only from the budget block
+/// its replica already claimed, then refused with 503 `quota_unavailable` (never
+/// overspent on trust); an uncapped token is served throughout.
+#[tokio::test]
+async fn a_capped_token_is_refused_not_overspent_while_the_api_server_is_away() {
+    let mut env = Env::new("quota-away").await;
+    env.start_controller();
+    let relay = support::Relay::start(support::api_server_address()).await;
+    let (port, admin) = (env.proxy_port, env.proxy_admin_port);
+    let via_relay = env.kubeconfig_via(&relay);
+    env.start_proxy_with("proxy", port, admin, &["--usage-flush-millis", "200"], &via_relay).await;
+    env.create_project("p").await;
+    let free = env.minted("p", "free").await;
+    // A cap of 32 is claimed in blocks of 2 (maxRequests / 16).
+    let mut spec = support::token_spec(&env.scoped("p"));
+    spec.max_requests = Some(32);
+    env.create_token("capped", spec).await;
+    env.wait_token("capped", llm_proxy::api::TokenPhase::Active).await;
+    let capped = env.token_secret("capped").await["token"].clone();
+    assert_eq!(env.chat(&capped).await.status, 200, "claims a block of 2, spends 1");
+
+    relay.cut();
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let response = env.chat(&capped).await;
+        codes.push(if response.status == 200 { "ok".to_string() } else { response.error_code() });
+    }
+    assert_eq!(codes, ["ok", "quota_unavailable", "quota_unavailable", "quota_unavailable"]);
+    let refused = env.chat(&capped).await;
+    assert_eq!(refused.status, 503);
+    assert!(refused.body.contains("retry"), "{}", refused.body);
+    assert_eq!(env.chat(&free).await.status, 200, "uncapped tokens need no budget");
+
+    relay.restore();
+    support::eventually(Duration::from_secs(60), || async { (env.chat(&capped).await.status == 200).then_some(()) })
+        .await;
+    // Every request served was counted once the proxy could write again: 1 + 1 + 1.
+    let tokens: kube::Api<llm_proxy::api::ProxyToken> = kube::Api::namespaced(env.client.clone(), &env.apps);
+    support::eventually(Duration::from_secs(30), || async {
+        let count = tokens.get("capped").await.ok()?.status?.request_count?;
+        (count == 3).then_some(())
+    })
+    .await;
+}
+
 /// The value of the unlabelled metric `name` on the admin port `admin`.
 async fn metric(admin: u16, name: &str) -> f64 {
     let text = support::curl("GET", &format!("http://127.0.0.1:{admin}/metrics"), &[], None).await.body;

@@ -84,25 +84,47 @@ async fn a_replica_killed_mid_burst_never_makes_the_proxies_overspend() {
     assert!(status.request_count.unwrap() <= forwarded as i64);
 }
 
+/// A token works until its expiry and is refused from then on, by the proxy on its own
+/// clock: the controller is stopped before the token expires and has no part in it.
 #[tokio::test]
 async fn expiry_is_enforced_by_the_proxy_on_time() {
-    let env = Env::running("expiry").await;
+    let mut env = Env::new("expiry").await;
+    env.start_controller();
+    env.start_proxy().await;
     env.create_project("p").await;
     let mut spec = token_spec(&env.scoped("p"));
-    spec.duration = "2s".into();
+    spec.duration = "4s".into();
     env.create_token("brief", spec).await;
     let issued = env.wait_token("brief", TokenPhase::Active).await;
     let expires_at = issued.status.unwrap().expires_at.unwrap().0;
     let secret = env.token_secret("brief").await["token"].clone();
+    // Stopped (it releases its Lease, so the restart below leads at once).
+    env.signal("controller", "TERM");
 
-    let refused_at = eventually(Duration::from_secs(5), || async {
+    // Ask every 100 ms: the last answer served and the first refused bracket the expiry.
+    let mut last_served = None;
+    let refused_at = loop {
         let response = env.chat(&secret).await;
-        (response.error_code() == "token_expired").then(jiff::Timestamp::now)
-    })
-    .await;
+        let at = jiff::Timestamp::now();
+        match (response.status, response.error_code().as_str()) {
+            (200, _) => last_served = Some(at),
+            (401, "token_expired") => break at,
+            other => panic!("unexpected answer {other:?}: {}", response.body),
+        }
+        assert!(at < expires_at + jiff::SignedDuration::from_secs(10), "still served 10 s after expiresAt");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let last_served = last_served.expect("never served");
+    assert!(last_served < expires_at, "served at {last_served} after expiresAt {expires_at}");
+    let early = expires_at.duration_since(last_served);
+    assert!(early < jiff::SignedDuration::from_secs(2), "last served {early:?} before expiresAt: refused early");
+    assert!(refused_at >= expires_at, "refused at {refused_at}, before expiresAt {expires_at}");
     let late = refused_at.duration_since(expires_at);
-    assert!(late < jiff::SignedDuration::from_secs(1), "refused {late:?} after expiresAt");
+    assert!(late < jiff::SignedDuration::from_secs(2), "refused {late:?} after expiresAt");
     assert_eq!(env.chat(&secret).await.status, 401);
+
+    // The controller, back, records what the proxy already enforced.
+    env.start_controller();
     env.wait_token("brief", TokenPhase::Expired).await;
 }
 
