@@ -228,13 +228,34 @@ mod fuzz {
     use super::*;
 
     proptest! {
-        /// The parser never panics, and accepts only exact-shape strings.
+        /// The parser never panics on any input, and refuses everything that is not
+        /// token-shaped with the reason that applies. (Random strings are never tokens,
+        /// so this property checks refusals; the next one checks acceptance.)
         #[test]
-        fn check_never_panics_and_accepts_only_the_shape(s in ".{0,80}") {
-            if check(&s).is_ok() {
-                prop_assert_eq!(s.len(), TOKEN_LEN);
-                prop_assert!(s.starts_with(PREFIX));
+        fn check_never_panics_and_names_what_is_wrong(s in ".{0,80}") {
+            let shaped = s.len() == TOKEN_LEN && s.starts_with(PREFIX);
+            let base62 = s.bytes().skip(PREFIX.len()).all(|b| b.is_ascii_alphanumeric());
+            match check(&s) {
+                Err(FormatError::Shape) => prop_assert!(!shaped),
+                Err(FormatError::Alphabet) => prop_assert!(shaped && !base62),
+                Err(FormatError::Checksum) | Ok(()) => prop_assert!(shaped && base62),
             }
+        }
+
+        /// Any token-shaped string is accepted exactly when its last six characters are
+        /// the checksum of the rest: every such string is a test of both branches.
+        #[test]
+        fn a_shaped_string_is_accepted_exactly_with_its_checksum(
+            body in "[0-9A-Za-z]{43}",
+            suffix in "[0-9A-Za-z]{6}",
+        ) {
+            let signed = format!("{PREFIX}{body}");
+            let mut checksum = [0u8; CHECKSUM_LEN];
+            base62_into(&crc32fast::hash(signed.as_bytes()).to_be_bytes(), &mut checksum);
+            let checksum = std::str::from_utf8(&checksum).unwrap();
+            prop_assert_eq!(check(&format!("{signed}{checksum}")), Ok(()));
+            let other = format!("{signed}{suffix}");
+            prop_assert_eq!(check(&other), if suffix == checksum { Ok(()) } else { Err(FormatError::Checksum) });
         }
 
         /// Any single-character change of a real token is caught by the checksum.

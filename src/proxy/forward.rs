@@ -188,6 +188,29 @@ mod fuzz {
     use super::*;
 
     proptest! {
+        /// Every header the Connection header names is removed, whatever the spacing
+        /// and case; headers it does not name stay.
+        #[test]
+        fn headers_named_in_connection_are_removed(
+            names in prop::collection::vec("[a-z][a-z0-9-]{0,15}", 1..6),
+            spaces in prop::collection::vec(" {0,2}", 6),
+        ) {
+            prop_assume!(!names.iter().any(|n| n == "x-kept"));
+            let mut headers = HeaderMap::new();
+            for name in &names {
+                headers.insert(HeaderName::try_from(name.as_str()).unwrap(), HeaderValue::from_static("v"));
+            }
+            headers.insert("x-kept", HeaderValue::from_static("v"));
+            let listed: Vec<String> =
+                names.iter().zip(&spaces).map(|(n, s)| format!("{s}{}{s}", n.to_ascii_uppercase())).collect();
+            headers.insert(header::CONNECTION, HeaderValue::from_str(&listed.join(",")).unwrap());
+            strip_hop_by_hop(&mut headers);
+            for name in &names {
+                prop_assert!(!headers.contains_key(name.as_str()), "{} named in Connection was kept", name);
+            }
+            prop_assert!(headers.contains_key("x-kept"));
+        }
+
         /// Arbitrary Connection header values never panic the hop-by-hop stripper, and
         /// the hop-by-hop headers themselves are always gone.
         #[test]

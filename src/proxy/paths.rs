@@ -171,16 +171,26 @@ mod fuzz {
     use super::*;
 
     proptest! {
-        /// Whatever the path, the check never panics, and nothing it lets through can
-        /// mean a different path to a server that normalises dot segments or decodes
-        /// percent-escapes.
+        /// Whatever the path, the check never panics and refuses what is not under /v1/.
         #[test]
-        fn accepted_paths_are_plain(path in "(/[a-z0-9._:%-]{0,12}){0,6}/?", method in prop::sample::select(vec![Method::GET, Method::POST, Method::DELETE, Method::PUT])) {
+        fn any_path_is_checked_without_panicking(path in "(/[a-z0-9._:%-]{0,12}){0,6}/?", method in prop::sample::select(vec![Method::GET, Method::POST, Method::DELETE, Method::PUT])) {
             if check(&method, &path).is_ok() {
                 prop_assert!(path.starts_with("/v1/"));
-                prop_assert!(!path.contains("//") && !path.contains('%') && !path.ends_with('/'));
-                prop_assert!(path.split('/').all(|s| s != "." && s != ".."));
             }
+        }
+
+        /// An endpoint whose identifier is a plain segment is accepted; one whose
+        /// identifier could mean another path to a server that normalises dot segments or
+        /// decodes percent-escapes (`.`, `..`, `%2e`, empty, a `/`, a trailing `/`) is not.
+        /// Every case exercises the decision, accepted or refused.
+        #[test]
+        fn endpoint_identifiers_are_accepted_exactly_when_plain(
+            id in prop_oneof!["[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,12}", "[a-z0-9._%/-]{0,6}", Just(".".to_string()), Just("..".to_string()), Just("%2e%2e".to_string())],
+            trailing_slash in any::<bool>(),
+        ) {
+            let plain = !id.is_empty() && id != "." && id != ".." && !id.contains('%') && !id.contains('/');
+            let path = format!("/v1/files/{id}/content{}", if trailing_slash { "/" } else { "" });
+            prop_assert_eq!(check(&Method::GET, &path).is_ok(), plain && !trailing_slash, "{}", path);
         }
 
         /// Real endpoints with any identifier are accepted.
