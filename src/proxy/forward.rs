@@ -82,8 +82,9 @@ impl Upstream {
         for name in STRIPPED_REQUEST_HEADERS {
             headers.remove(*name);
         }
-        let mut authorization = HeaderValue::try_from(format!("Bearer {}", route.key.expose()))
-            .map_err(|_| ProxyError::ProjectKeyInvalid)?;
+        // The header value itself is hyper's (not wiped); this copy is.
+        let bearer = zeroize::Zeroizing::new(format!("Bearer {}", route.key.expose()));
+        let mut authorization = HeaderValue::from_str(&bearer).map_err(|_| ProxyError::ProjectKeyInvalid)?;
         authorization.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, authorization);
 
