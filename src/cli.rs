@@ -128,6 +128,9 @@ pub enum Error {
     /// The serving threads could not start.
     #[error("starting the serving threads")]
     Serve { source: std::io::Error },
+    /// The OS random number generator failed.
+    #[error("reading the OS random number generator")]
+    Random(#[from] getrandom::Error),
 }
 
 /// Entry point of the `llm-proxy` binary.
@@ -156,7 +159,10 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         .map_err(|source| Error::Bind { addr: args.listen_addr, source })?;
     let admin = bind(args.common.admin_addr).await?;
     let metrics = Arc::new(Metrics::new());
-    let quota = Arc::new(Quota::new(client.clone(), metrics.clone()));
+    // This process in the usage-flush records: its identity and a suffix per start, since
+    // a restarted process numbers its flushes from 1 again.
+    let process = format!("{}-{:08x}", args.identity.clone().unwrap_or_else(default_identity), getrandom::u32()?);
+    let quota = Arc::new(Quota::new(client.clone(), metrics.clone(), process));
     quota::spawn_flusher(quota.clone(), Duration::from_millis(args.usage_flush_millis));
     let table = watch::spawn(
         client.clone(),

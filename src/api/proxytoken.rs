@@ -125,6 +125,11 @@ pub struct ProxyTokenStatus {
     /// Last time a request was forwarded with this token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<MicroTime>,
+    /// The last usage flush each proxy process wrote into `requestCount` (written by the
+    /// proxies, with the count): a flush whose answer was lost is retried with the same
+    /// sequence number and found here instead of being counted twice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage_flushes: Vec<UsageFlush>,
     /// `Issued`, `Ready`, `Enforced`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -151,6 +156,18 @@ pub enum TokenPhase {
     /// Refused as written: its namespace is not (or no longer) allowed by the project,
     /// its Secret name is taken, …
     Rejected,
+}
+
+/// One proxy process's last usage flush into a token's `requestCount`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageFlush {
+    /// The proxy process (its pod, and a random suffix per start).
+    pub replica: String,
+    /// Its flushes are numbered from 1; this one is included in `requestCount`.
+    pub sequence: i64,
+    /// When it was written; entries older than a day are dropped by the next flush.
+    pub at: MicroTime,
 }
 
 impl TokenPhase {
@@ -189,5 +206,6 @@ pub mod token_secret_keys {
     pub const TOKEN: &str = "token";
 }
 
-/// Annotation on the token Secret with the token's hash, so a half-finished mint can be adopted.
+/// Annotation on the token Secret with the token's hash: a Secret left by a mint whose
+/// status write was lost is recognised as that mint's.
 pub const TOKEN_HASH_ANNOTATION: &str = "llmproxy.io/token-hash";

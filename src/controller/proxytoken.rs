@@ -245,6 +245,7 @@ pub(crate) fn status_for(
         request_count: None,
         claimed_requests: None,
         last_used_at: None,
+        usage_flushes: Vec::new(),
         ..old.clone()
     };
     let waiting = if status.token_hash.is_some() {
@@ -524,6 +525,7 @@ async fn write(
     comparable.request_count = None;
     comparable.claimed_requests = None;
     comparable.last_used_at = None;
+    comparable.usage_flushes = Vec::new();
     if comparable != status || token.status.is_none() {
         let patch = json!({
             "apiVersion": ProxyToken::api_version(&()),

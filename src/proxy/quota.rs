@@ -10,6 +10,11 @@
 //! exceeds `maxRequests`. A replica that dies loses its unused block (under-use, never
 //! over-spend); one that shuts down cleanly gives it back. Unlimited tokens cost no
 //! write per request: counts are flushed per token every `flush_interval`.
+//!
+//! Flushes are exact: each carries this process's next sequence number, written with
+//! the count into `status.usageFlushes`. A flush whose answer is lost (the write may or
+//! may not have happened) is retried with the same number, and the retry finds it there
+//! when it did: counted once, never twice, never lost.
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
@@ -22,7 +27,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use super::ProxyError;
-use crate::api::ProxyToken;
+use crate::api::{ProxyToken, UsageFlush};
 use crate::index::DigestHasher;
 use crate::index::Route;
 use crate::metrics::{Metrics, ResultLabels};
@@ -34,6 +39,17 @@ pub(crate) const PROXY_MANAGER: &str = "llm-proxy-proxy";
 /// How many optimistic-concurrency retries a claim or flush gets before giving up.
 const MAX_ATTEMPTS: usize = 20;
 
+/// How long a process's last flush stays in `status.usageFlushes` (a retry comes
+/// within seconds; a stopped process's entry goes with the next flush after this).
+const FLUSH_RECORD_TTL: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
+
+/// A flush of one token's count: what is written, under which sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Flush {
+    sequence: i64,
+    delta: i64,
+}
+
 /// One token's counters on this replica.
 struct Counter {
     namespace: String,
@@ -44,6 +60,8 @@ struct Counter {
     last_used_us: AtomicI64,
     /// Requests left in this replica's claimed block; the lock serialises claims.
     block: tokio::sync::Mutex<i64>,
+    /// A flush that failed without saying whether it was written: retried as it is.
+    in_doubt: std::sync::Mutex<Option<Flush>>,
 }
 
 /// Request counting and budget claims shared by every connection of a proxy replica.
@@ -56,18 +74,26 @@ pub(crate) struct Quota {
     /// One flush at a time: the final flush at shutdown must not return while a
     /// periodic one still holds counts it took.
     flushing: tokio::sync::Mutex<()>,
+    /// This process in `status.usageFlushes`.
+    replica: String,
+    /// The last flush sequence number used.
+    sequence: AtomicI64,
 }
 
 impl Quota {
     /// Accounting that writes to the API server through `client`, from the runtime it
     /// is created on (the process's main runtime, which outlives the serving threads).
-    pub(crate) fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    /// `replica` names this process in `status.usageFlushes`: unique per process start
+    /// (a restarted process numbers its flushes from 1 again).
+    pub(crate) fn new(client: Client, metrics: Arc<Metrics>, replica: String) -> Self {
         Self {
             client,
             runtime: tokio::runtime::Handle::current(),
             metrics,
             counters: RwLock::default(),
             flushing: tokio::sync::Mutex::default(),
+            replica,
+            sequence: AtomicI64::new(0),
         }
     }
 
@@ -108,6 +134,7 @@ impl Quota {
                     unflushed: AtomicU64::new(0),
                     last_used_us: AtomicI64::new(0),
                     block: tokio::sync::Mutex::new(0),
+                    in_doubt: std::sync::Mutex::new(None),
                 })
             })
             .clone()
@@ -132,14 +159,19 @@ impl Quota {
         let _one_at_a_time = self.flushing.lock().await;
         let counters: Vec<Arc<Counter>> = self.counters.read().expect("usage map poisoned").values().cloned().collect();
         for counter in counters {
-            let delta = counter.unflushed.swap(0, Ordering::Relaxed);
-            if delta == 0 {
-                continue;
-            }
+            // A flush in doubt goes again as it was; new counts wait for the next one.
+            let in_doubt = counter.in_doubt.lock().expect("flush state poisoned").take();
+            let flush = match in_doubt {
+                Some(flush) => flush,
+                None => match counter.unflushed.swap(0, Ordering::Relaxed) {
+                    0 => continue,
+                    delta => Flush { sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1, delta: delta as i64 },
+                },
+            };
             let last_used = counter.last_used_us.load(Ordering::Relaxed);
-            if let Err(error) = add_usage(client, &counter, delta as i64, last_used).await {
-                // Keep the count for the next flush; nothing is lost.
-                counter.unflushed.fetch_add(delta, Ordering::Relaxed);
+            if let Err(error) = add_usage(client, &counter, &self.replica, flush, last_used).await {
+                // Written or not, nobody can tell yet: the retry finds out.
+                *counter.in_doubt.lock().expect("flush state poisoned") = Some(flush);
                 tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "writing usage failed; will retry");
             }
         }
@@ -219,21 +251,44 @@ pub(crate) fn block_size(max: i64) -> i64 {
     (max / 16).clamp(1, 1000)
 }
 
-async fn add_usage(client: &Client, counter: &Counter, delta: i64, last_used_us: i64) -> Result<(), kube::Error> {
+/// Writes `flush` into `requestCount` unless `status.usageFlushes` shows it already
+/// was (its answer was lost), recording it there in the same write.
+async fn add_usage(
+    client: &Client,
+    counter: &Counter,
+    replica: &str,
+    flush: Flush,
+    last_used_us: i64,
+) -> Result<(), kube::Error> {
     let api = Api::<ProxyToken>::namespaced(client.clone(), &counter.namespace);
     let last_used = jiff::Timestamp::from_microsecond(last_used_us).map(crate::api::micros).ok();
     retry_on_conflict(|| async {
         let token = api.get_status(&counter.name).await?;
         let status = token.status.clone().unwrap_or_default();
+        if status.usage_flushes.iter().any(|f| f.replica == replica && f.sequence >= flush.sequence) {
+            return Ok(());
+        }
         let newer = match (&status.last_used_at, &last_used) {
             (Some(old), Some(new)) => new.0 > old.0,
             _ => true,
         };
+        let now = jiff::Timestamp::now();
+        let mut flushes: Vec<UsageFlush> = status
+            .usage_flushes
+            .into_iter()
+            .filter(|f| f.replica != replica && now.duration_since(f.at.0) < FLUSH_RECORD_TTL)
+            .collect();
+        flushes.push(UsageFlush {
+            replica: replica.to_string(),
+            sequence: flush.sequence,
+            at: crate::api::micros(now),
+        });
         let patch = json!({
             "metadata": { "resourceVersion": token.resource_version() },
             "status": {
-                "requestCount": status.request_count.unwrap_or(0) + delta,
+                "requestCount": status.request_count.unwrap_or(0) + flush.delta,
                 "lastUsedAt": if newer { last_used.clone() } else { status.last_used_at.clone() },
+                "usageFlushes": flushes,
             },
         });
         api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await.map(drop)
@@ -316,6 +371,7 @@ mod tests {
             unflushed: AtomicU64::new(0),
             last_used_us: AtomicI64::new(0),
             block: tokio::sync::Mutex::new(6),
+            in_doubt: std::sync::Mutex::new(None),
         }
     }
 
@@ -334,8 +390,76 @@ mod tests {
         let (client, refused) = always_conflicting();
         assert_eq!(claim_block(client.clone(), &counter(), 100).await, Err(ProxyError::QuotaUnavailable));
         assert_eq!(refused.load(Ordering::SeqCst), MAX_ATTEMPTS);
-        assert!(add_usage(&client, &counter(), 1, 0).await.is_err());
+        assert!(add_usage(&client, &counter(), "r", Flush { sequence: 1, delta: 1 }, 0).await.is_err());
         assert_eq!(refused.load(Ordering::SeqCst), 2 * MAX_ATTEMPTS);
+    }
+
+    /// An API server holding one token in memory: every write is applied (merge patch
+    /// of its status, with the resourceVersion precondition), and the answers to the
+    /// first `lose` writes are lost, as when the connection breaks after the write is
+    /// sent. Returns the client and the token's status as the server holds it.
+    fn losing_answers(lose: usize) -> (Client, Arc<std::sync::Mutex<serde_json::Value>>) {
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<hyper::Request<Body>, hyper::Response<Body>>();
+        let status = Arc::new(std::sync::Mutex::new(json!({})));
+        let state = status.clone();
+        tokio::spawn(async move {
+            let (mut version, mut lost) = (1, 0);
+            while let Some((request, respond)) = handle.next_request().await {
+                let is_write = request.method() == hyper::Method::PATCH;
+                if is_write {
+                    let body = request.into_body().collect_bytes().await.unwrap();
+                    let patch: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    if patch["metadata"]["resourceVersion"] != json!(version.to_string()) {
+                        let conflict = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 409,
+                                               "reason": "Conflict", "message": "the object has been modified" });
+                        let response =
+                            hyper::Response::builder().status(409).body(Body::from(conflict.to_string().into_bytes()));
+                        respond.send_response(response.unwrap());
+                        continue;
+                    }
+                    let mut held = state.lock().unwrap();
+                    for (field, value) in patch["status"].as_object().unwrap() {
+                        held[field] = value.clone();
+                    }
+                    version += 1;
+                    if lost < lose {
+                        lost += 1;
+                        respond.send_error(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "answer lost"));
+                        continue;
+                    }
+                }
+                let token = json!({
+                    "apiVersion": "llmproxy.io/v1alpha1", "kind": "ProxyToken",
+                    "metadata": { "name": "web", "namespace": "apps", "resourceVersion": version.to_string() },
+                    "spec": { "projectRef": { "name": "p" }, "duration": "1h" },
+                    "status": state.lock().unwrap().clone(),
+                });
+                let response = hyper::Response::builder().status(200).body(Body::from(token.to_string().into_bytes()));
+                respond.send_response(response.unwrap());
+            }
+        });
+        (Client::new(service, "apps"), status)
+    }
+
+    #[tokio::test]
+    async fn a_flush_whose_answer_is_lost_is_counted_once() {
+        let (client, status) = losing_answers(1);
+        let quota = Quota::new(client, Arc::new(Metrics::new()), "proxy-a-1f2e3d4c".into());
+        let web = Arc::new(counter());
+        quota.counters.write().unwrap().insert(TokenHash([7; 32]), web.clone());
+        web.unflushed.store(5, Ordering::SeqCst);
+        quota.flush().await;
+        // Written, but the proxy could not know: the flush is in doubt.
+        assert_eq!(status.lock().unwrap()["requestCount"], json!(5));
+        assert!(web.in_doubt.lock().unwrap().is_some());
+        web.unflushed.fetch_add(2, Ordering::SeqCst);
+        quota.flush().await; // the retry finds itself written
+        quota.flush().await; // then the two new requests
+        let held = status.lock().unwrap().clone();
+        assert_eq!(held["requestCount"], json!(7), "{held}");
+        assert_eq!(held["usageFlushes"][0]["sequence"], json!(2));
+        assert!(web.in_doubt.lock().unwrap().is_none());
     }
 
     #[test]
