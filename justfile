@@ -29,10 +29,12 @@ unit:
 e2e: cluster-up
     cargo test --locked --tests --test '*'
 
-# cargo fmt --check and clippy with warnings as errors.
+# cargo fmt --check, clippy with warnings as errors, and cargo-deny (licenses, bans,
+# sources: deny.toml; advisories need GitHub, unreachable here).
 lint:
     cargo fmt --all -- --check
     cargo clippy --locked --all-targets -- -D warnings
+    cargo deny --offline --log-level error check licenses bans sources
 
 # Regenerate crds/ and the chart's copy from the Rust types.
 crds:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need on a fresh machine, idempotently:
-# just (from crates.io), the official openai Python SDK in a venv, helm and the local
+# just and cargo-deny (from crates.io), the official openai Python SDK in a venv, helm and the local
 # control plane (both built from Go modules). Everything lands under $LLMPROXY_CACHE
 # (default ~/.cache/llm-proxy) or ~/.cargo/bin, outside the clone, so reruns are fast.
 set -euo pipefail
@@ -13,6 +13,14 @@ mkdir -p "$cache"
 if ! command -v just >/dev/null 2>&1; then
   echo "setup: installing just (cargo install just --locked)..."
   cargo install just --locked --quiet
+fi
+
+# cargo-deny checks licenses, duplicate crates and sources (deny.toml) in `just lint`.
+# Pinned: newer releases need a newer rustc than this machine's.
+deny_version=0.18.3
+if ! cargo deny --version 2>/dev/null | grep -qx "cargo-deny $deny_version"; then
+  echo "setup: installing cargo-deny $deny_version (cargo install --locked; ~6 min once)..."
+  cargo install cargo-deny --locked --version "$deny_version" --quiet
 fi
 
 if ! command -v curl >/dev/null 2>&1; then
