@@ -432,6 +432,32 @@ async fn a_secret_written_before_the_mint_is_never_adopted() {
     assert_eq!(env.chat(chosen.expose()).await.error_code(), "token_not_found");
 }
 
+/// A mint whose last status write was lost (the Secret is written, status still says
+/// it is not): the controller recognises its own Secret by the hash in status and keeps
+/// it, so the workload's token never changes.
+#[tokio::test]
+async fn a_mint_whose_status_write_was_lost_keeps_its_secret() {
+    let env = Env::running("lost-write").await;
+    env.create_project("p").await;
+    let value = env.minted("p", "app").await;
+    let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
+    let minted = tokens.get("app").await.unwrap();
+    let hash = minted.status.as_ref().unwrap().token_hash.clone().unwrap();
+    // Undo the write that recorded the Secret: Issued and the phase back to before it.
+    let mut status = minted.status.unwrap();
+    status.phase = Some(TokenPhase::Pending);
+    status.conditions.retain(|c| c.type_ != token_conditions::ISSUED && c.type_ != token_conditions::READY);
+    let undone = json!({ "status": { "phase": "Pending", "conditions": status.conditions } });
+    tokens.patch_status("app", &PatchParams::default(), &Patch::Merge(undone)).await.unwrap();
+
+    let again = env.wait_token("app", TokenPhase::Active).await;
+    let issued = again.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == token_conditions::ISSUED);
+    assert_eq!(issued.map(|c| c.status.as_str()), Some("True"));
+    assert_eq!(again.status.unwrap().token_hash.unwrap(), hash, "the same mint");
+    assert_eq!(env.token_secret("app").await["token"], value, "the same Secret");
+    assert_eq!(env.chat(&value).await.status, 200);
+}
+
 #[tokio::test]
 async fn a_token_blocked_by_a_foreign_secret_is_minted_once_the_secret_is_gone() {
     let mut env = Env::new("conflict").await;

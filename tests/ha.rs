@@ -1,6 +1,7 @@
 //! Two controller replicas: exactly one holds the Lease and writes; killing it hands
-//! over within the lease duration, and nothing is minted twice; stopping it cleanly
-//! hands over at once (the Lease is released).
+//! over within the lease duration, and nothing is minted twice (also when it dies in
+//! the middle of a batch of mints); stopping it cleanly hands over at once (the Lease
+//! is released); a leader cut off from the API server stops before another can lead.
 
 mod support;
 
@@ -83,4 +84,84 @@ async fn one_leader_writes_and_a_killed_leader_is_replaced() {
     println!("clean stop handed over in {handover:?} (lease 3 s, followers retry every 1 s)");
     env.create_token("third", token_spec(&env.scoped("p"))).await;
     env.wait_token("third", TokenPhase::Active).await;
+}
+
+/// The timestamp of the first JSON log line of `role` whose message is `message`.
+fn logged_at(env: &Env, role: &str, message: &str) -> Option<jiff::Timestamp> {
+    let log = std::fs::read_to_string(env.log_path(role)).ok()?;
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|line| (line["message"] == message).then(|| line["timestamp"].as_str()?.parse().ok()).flatten())
+}
+
+/// A leader cut off from the API server stops before its Lease can lapse, so another
+/// replica never leads while it still writes; the other then takes over and mints.
+#[tokio::test]
+async fn a_leader_that_cannot_renew_stops_before_another_can_lead() {
+    let mut env = Env::new("no-renew").await;
+    let relay = support::Relay::start(support::api_server_address()).await;
+    let via_relay = env.kubeconfig_via(&relay);
+    env.start_controller_as("cut-off", LEASE, &via_relay);
+    eventually(Duration::from_secs(20), || async { logged_at(&env, "cut-off", "leading: reconciling") }).await;
+    env.start_controller_as("standby", LEASE, &support::kubeconfig());
+    env.create_project("p").await;
+    env.create_token("before", token_spec(&env.scoped("p"))).await;
+    env.wait_token("before", TokenPhase::Active).await;
+
+    relay.cut();
+    let cut = Instant::now();
+    let status = env.wait_for_exit("cut-off", Duration::from_secs(10)).await;
+    let stopped_after = cut.elapsed();
+    println!("a leader cut off stopped {stopped_after:?} after the cut (lease 3 s)");
+    assert!(!status.success(), "it exits with an error so its pod restarts: {status}");
+    let exited = logged_at(&env, "cut-off", "lost the leader lease; exiting").expect("no exit line");
+    env.create_token("after", token_spec(&env.scoped("p"))).await;
+    env.wait_token("after", TokenPhase::Active).await;
+    let led = logged_at(&env, "standby", "leading: reconciling").expect("the standby never led");
+    assert!(exited < led, "the standby led at {led} while the cut-off leader ran until {exited}");
+}
+
+/// A leader killed in the middle of minting a batch of tokens: every token is minted,
+/// and no token whose Secret was already written gets another value.
+#[tokio::test]
+async fn a_leader_killed_while_minting_loses_no_token_and_changes_no_secret() {
+    let mut env = Env::new("busy-leader").await;
+    let admin = support::kubeconfig();
+    env.start_controller_as("controller-a", LEASE, &admin);
+    env.start_controller_as("controller-b", LEASE, &admin);
+    env.create_project("p").await;
+    let names: Vec<String> = (0..30).map(|i| format!("t{i}")).collect();
+    for name in &names {
+        env.create_token(name, token_spec(&env.scoped("p"))).await;
+    }
+    // Kill whichever leads as soon as some, not all, Secrets exist.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.client.clone(), &env.apps);
+    let written = eventually(Duration::from_secs(20), || async {
+        let list = secrets.list(&Default::default()).await.ok()?;
+        let minted: Vec<(String, String)> = list
+            .items
+            .into_iter()
+            .filter_map(|s| {
+                let token = String::from_utf8(s.data?.get("token")?.0.clone()).ok()?;
+                Some((s.metadata.name?, token))
+            })
+            .collect();
+        (!minted.is_empty()).then_some(minted)
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ops);
+    let lease = leases.get(&format!("llm-proxy-{}", env.id)).await.unwrap();
+    let leader = lease.spec.and_then(|s| s.holder_identity).unwrap();
+    env.signal(&leader, "KILL");
+    println!("killed {leader} with {} of {} Secrets written", written.len(), names.len());
+
+    for name in &names {
+        let token = env.wait_token(name, TokenPhase::Active).await;
+        let value = env.token_secret(name).await["token"].clone();
+        let hash = token.status.unwrap().token_hash.unwrap();
+        assert_eq!(llm_proxy::token::TokenHash::of(&value).to_string(), hash, "{name}: Secret and status disagree");
+    }
+    for (name, value) in written {
+        assert_eq!(env.token_secret(&name).await["token"], value, "{name}'s Secret changed after the kill");
+    }
 }

@@ -191,6 +191,21 @@ impl Env {
         .await;
     }
 
+    /// Waits until the process `role` exits on its own (at most `timeout`); its status.
+    /// Async: the test's runtime keeps running (a relay the process talks through, say).
+    pub async fn wait_for_exit(&mut self, role: &str, timeout: Duration) -> std::process::ExitStatus {
+        let index = self.children.iter().position(|(r, _)| r == role).unwrap_or_else(|| panic!("no process {role}"));
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.children[index].1.try_wait().unwrap() {
+                self.children.remove(index);
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "{role} still runs after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends `signal` (e.g. "KILL", "TERM") to the process `role` and waits for it to exit.
     pub fn signal(&mut self, role: &str, signal: &str) {
         let index = self.children.iter().position(|(r, _)| r == role).unwrap_or_else(|| panic!("no process {role}"));

@@ -100,6 +100,12 @@ pub async fn chat_on(port: u16, token: &str) -> String {
 /// Sends `count` chat requests with `token` at once, round-robin over `ports`, with a
 /// real HTTP client; returns each response's status and `error.code`.
 pub async fn burst(ports: &[u16], token: &str, count: usize) -> Vec<(u16, String)> {
+    slow_burst(ports, token, count, 0).await
+}
+
+/// Like [`burst`], with the fake upstream taking `upstream_ms` to answer each request,
+/// so that requests are still in flight a while after they were forwarded.
+pub async fn slow_burst(ports: &[u16], token: &str, count: usize, upstream_ms: u64) -> Vec<(u16, String)> {
     use http_body_util::BodyExt;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -109,6 +115,7 @@ pub async fn burst(ports: &[u16], token: &str, count: usize) -> Vec<(u16, String
         let request = hyper::Request::post(format!("http://127.0.0.1:{}/v1/chat/completions", ports[i % ports.len()]))
             .header("authorization", format!("Bearer {token}"))
             .header("content-type", "application/json")
+            .header("x-fake-delay-ms", upstream_ms.to_string())
             .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"model":"m","messages":[]}"#)))
             .unwrap();
         async move {
