@@ -68,7 +68,7 @@ async fn a_replica_killed_mid_burst_never_makes_the_proxies_overspend() {
     // 60 requests at once, each taking the upstream 300 ms: proxy-b is killed while
     // requests it forwarded are still waiting for their answers.
     let first = tokio::spawn({
-        let (ports, secret) = (ports.clone(), secret.clone());
+        let (ports, secret) = (ports, secret.clone());
         async move { support::slow_burst(&ports, &secret, 60, 300).await }
     });
     eventually(WAIT, || async { (env.upstream.requests().len() >= 10).then_some(()) }).await;
