@@ -29,6 +29,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -86,6 +87,8 @@ func up(args []string) error {
 	port := fs.Int("secure-port", 0, "API server port on 127.0.0.1 (0: a free one)")
 	withKCM := fs.Bool("controller-manager", true, "also run kube-controller-manager (garbage collector, namespace and service-account controllers)")
 	exitWithParent := fs.Bool("exit-with-parent", false, "stop when the process that started this one exits (test harnesses)")
+	var extra repeated
+	fs.Var(&extra, "apiserver-arg", "one more kube-apiserver flag, e.g. --apiserver-arg=--watch-cache=false (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -137,7 +140,7 @@ func up(args []string) error {
 	server := "https://127.0.0.1:" + strconv.Itoa(*port)
 
 	cmd := apiserver.NewAPIServerCommand()
-	cmd.SetArgs([]string{
+	cmd.SetArgs(append([]string{
 		"--advertise-address=127.0.0.1",
 		"--bind-address=127.0.0.1",
 		"--secure-port=" + strconv.Itoa(*port),
@@ -158,7 +161,7 @@ func up(args []string) error {
 		"--profiling=false",
 		"--cert-dir=" + filepath.Join(abs, "pki", "generated"),
 		"--v=0",
-	})
+	}, extra...))
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- cmd.Execute() }()
 
@@ -204,6 +207,12 @@ func up(args []string) error {
 	_ = os.Remove(kubeconfig)
 	return err
 }
+
+// repeated collects a flag given several times.
+type repeated []string
+
+func (r *repeated) String() string     { return strings.Join(*r, " ") }
+func (r *repeated) Set(v string) error { *r = append(*r, v); return nil }
 
 // controllerManager is the kube-controller-manager child, once started.
 var controllerManager atomic.Pointer[os.Process]

@@ -35,6 +35,20 @@ fn find_or_start_cluster() -> Cluster {
     if shared.exists() && Command::new(&script).arg("status").status().is_ok_and(|s| s.success()) {
         return Cluster { kubeconfig: shared, _private: None };
     }
+    start_private(&[])
+}
+
+/// Makes this test binary use a control plane of its own, whose API server runs with
+/// `apiserver_args` besides its usual flags, instead of the shared one. Call it before
+/// anything else of the support module, in a binary of one test.
+pub fn use_private_cluster(apiserver_args: &[&str]) {
+    let chosen = CLUSTER.set(Mutex::new(start_private(apiserver_args)));
+    assert!(chosen.is_ok(), "the control plane was already chosen");
+}
+
+/// Starts a control plane that stops with this process.
+fn start_private(apiserver_args: &[&str]) -> Cluster {
+    let script = repo().join("tests/cluster/cluster.sh");
     let built = Command::new(&script).arg("build").output().expect("running tests/cluster/cluster.sh build");
     assert!(built.status.success(), "building the control plane failed:\n{}", String::from_utf8_lossy(&built.stderr));
     let binary = String::from_utf8(built.stdout).unwrap().trim().to_string();
@@ -42,6 +56,7 @@ fn find_or_start_cluster() -> Cluster {
     let mut child = Command::new(binary)
         .args(["up", "--exit-with-parent", "--dir"])
         .arg(&dir)
+        .args(apiserver_args.iter().map(|arg| format!("--apiserver-arg={arg}")))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
         .spawn()
