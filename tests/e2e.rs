@@ -63,6 +63,38 @@ async fn crds_show_useful_columns_and_reject_invalid_objects() {
     tokens.patch("capped", &PatchParams::default(), &cap(json!(5))).await.unwrap();
     tokens.patch("revoked", &PatchParams::default(), &cap(json!(3))).await.unwrap();
 
+    // The columns people read: ProxyTokens, and both kinds with -o wide.
+    let header = |args: &[&str]| -> Vec<String> {
+        let (out, err) = kubectl(args);
+        let first = out.lines().next().unwrap_or_else(|| panic!("{err}")).to_string();
+        first.split("  ").map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    };
+    assert_eq!(
+        header(&["get", "proxytokens", "-n", &env.apps]),
+        ["NAME", "PROJECT", "STATUS", "REQUESTS", "MAX", "EXPIRES", "AGE"]
+    );
+    assert_eq!(
+        header(&["get", "proxytokens", "-n", &env.apps, "-o", "wide"]),
+        ["NAME", "PROJECT", "STATUS", "REQUESTS", "MAX", "EXPIRES", "REASON", "LAST USED", "ENFORCED", "SECRET", "AGE"]
+    );
+    assert_eq!(
+        header(&["get", "projects", &env.scoped("p"), "-o", "wide"]),
+        [
+            "NAME",
+            "DISPLAY NAME",
+            "STATUS",
+            "READY",
+            "REASON",
+            "TOKENS",
+            "ACTIVE TOKENS",
+            "KEY",
+            "UPSTREAM",
+            "ENFORCED",
+            "MESSAGE",
+            "AGE"
+        ]
+    );
+
     let moved = Patch::Merge(json!({ "spec": { "projectRef": { "name": "elsewhere" } } }));
     let error = tokens.patch("revoked", &PatchParams::default(), &moved).await.unwrap_err().to_string();
     assert!(error.contains("projectRef is immutable"), "{error}");

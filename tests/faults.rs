@@ -183,6 +183,47 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
     assert_eq!(refused, 0, "no new connection is accepted while draining");
 }
 
+/// `--drain-seconds` is a cut-off: a stream that outlasts it is ended when it runs out
+/// and the process exits, not kept open for the stream's whole length. On the way out
+/// the proxy gives its unused budget block back.
+#[tokio::test]
+async fn the_drain_ends_at_its_cut_off_and_unused_budget_goes_back() {
+    let (mut env, token, port) = started("drain-cut", &["--drain-seconds", "1"]).await;
+    let mut spec = support::token_spec(&env.scoped("p"));
+    spec.max_requests = Some(64);
+    env.create_token("capped", spec).await;
+    env.wait_token("capped", llm_proxy::api::TokenPhase::Active).await;
+    let capped = env.token_secret("capped").await["token"].clone();
+    assert_eq!(support::chat_on(port, &capped).await, "", "claims a block of 4, spends 1");
+
+    // A stream of 30 chunks 300 ms apart (9 s), stopped 0.5 s in with a 1 s drain.
+    let chat = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let stream = tokio::process::Command::new("curl")
+        .args(["-sN", "--max-time", "20", "-H", &format!("Authorization: Bearer {token}")])
+        .args(["-H", "x-fake-chunks: 30", "-H", "x-fake-chunk-delay-ms: 300"])
+        .args(["--data-binary", r#"{"model":"m","messages":[],"stream":true}"#, &chat])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || {
+        env.signal("proxy", "TERM");
+        env
+    });
+    let output = stream.wait_with_output().await.unwrap();
+    let env = stopping.await.unwrap();
+    let stopped = started.elapsed();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("chunk0") && !text.contains("[DONE]"), "the stream was cut, not finished: {text}");
+    println!("stopped {stopped:?} after SIGTERM with --drain-seconds 1 and a 9 s stream");
+    assert!(stopped < Duration::from_secs(8), "the process waited for the stream ({stopped:?}), not the cut-off");
+
+    let tokens: kube::Api<llm_proxy::api::ProxyToken> = kube::Api::namespaced(env.client.clone(), &env.apps);
+    let status = tokens.get("capped").await.unwrap().status.unwrap();
+    assert_eq!((status.request_count, status.claimed_requests), (Some(1), Some(1)), "the 3 unused went back");
+}
+
 #[tokio::test]
 async fn the_proxy_keeps_serving_while_the_api_server_is_away() {
     let mut env = Env::new("apidown").await;

@@ -171,7 +171,9 @@ async fn counts_survive_a_restart_of_every_proxy() {
 
 #[tokio::test]
 async fn metrics_count_requests_upstream_tokens_and_claims() {
-    let env = Env::running("metrics").await;
+    let mut env = Env::new("metrics").await;
+    let controller_admin = env.start_controller();
+    env.start_proxy().await;
     env.create_project("p").await;
     let unlimited = env.minted("p", "free").await;
     let capped_secret = capped(&env, "capped", 2).await;
@@ -223,6 +225,27 @@ async fn metrics_count_requests_upstream_tokens_and_claims() {
         assert!(text.contains(&expected), "missing {expected}\n{text}");
     }
     assert!(text.contains(r#"llmproxy_quota_claims_total{result="claimed"}"#));
+    let value = |name: &str| -> f64 {
+        let prefix = format!("{name} ");
+        let line = text.lines().find_map(|l| l.strip_prefix(&prefix));
+        line.and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert!(value("llmproxy_routing_table_generation") >= 1.0);
+    let updated = value("llmproxy_routing_table_updated_timestamp_seconds");
+    let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+    assert!(updated <= now && now - updated < 600.0, "updated at {updated}, now {now}");
+    for kind in ["Project", "ProxyToken", "Secret", "Namespace"] {
+        assert!(value(&format!(r#"llmproxy_watch_relists_total{{kind="{kind}"}}"#)) >= 1.0, "the first list of {kind}");
+    }
+
+    // The controller's own: reconciles by kind and result.
+    let text = reqwest_text(&format!("http://127.0.0.1:{controller_admin}/metrics")).await;
+    for kind in ["Project", "ProxyToken"] {
+        let ok = format!(r#"llmproxy_controller_reconciles_total{{kind="{kind}",result="ok"}} "#);
+        let count: f64 =
+            text.lines().find_map(|l| l.strip_prefix(&ok)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0);
+        assert!(count >= 1.0, "no successful {kind} reconcile counted:\n{text}");
+    }
 }
 
 /// A GET's body, with curl.

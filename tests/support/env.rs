@@ -84,13 +84,19 @@ impl Env {
     }
 
     fn spawn_with(&mut self, role: &str, args: &[&str], kubeconfig: &Path) {
+        self.spawn_with_env(role, args, &[("RUST_LOG", "info")], kubeconfig);
+    }
+
+    /// Starts `llm-proxy ARGS` as the process `role`, with exactly the environment
+    /// variables `vars` (and KUBECONFIG), its output in the test's log.
+    pub fn spawn_with_env(&mut self, role: &str, args: &[&str], vars: &[(&str, &str)], kubeconfig: &Path) {
         let log = self.log_path(role);
         // A restarted role appends to its log, so nothing it said before is lost.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_llm-proxy"))
             .args(args)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info")
+            .envs(vars.iter().copied())
             .stdout(log)
             .stderr(Stdio::inherit())
             .spawn()
@@ -114,16 +120,18 @@ impl Env {
         self.log_dir.join(format!("{}-{role}.log", self.id))
     }
 
-    /// Starts the controller for this test's objects.
-    pub fn start_controller(&mut self) {
-        self.start_controller_as("controller", &[], &kubeconfig());
+    /// Starts the controller for this test's objects; returns its admin port.
+    pub fn start_controller(&mut self) -> u16 {
+        self.start_controller_as("controller", &[], &kubeconfig())
     }
 
     /// Starts a controller process named `role` with `extra` flags, as the identity of
     /// `kubeconfig`. Every controller of a test competes for the same Lease.
-    pub fn start_controller_as(&mut self, role: &str, extra: &[&str], kubeconfig: &Path) {
+    /// Returns its admin port (`/metrics`).
+    pub fn start_controller_as(&mut self, role: &str, extra: &[&str], kubeconfig: &Path) -> u16 {
         let selector = format!("{TEST_LABEL}={}", self.id);
-        let admin = format!("127.0.0.1:{}", free_port());
+        let admin_port = free_port();
+        let admin = format!("127.0.0.1:{admin_port}");
         let (ops, proxy_url, lease) = (self.ops.clone(), self.proxy_url(), format!("llm-proxy-{}", self.id));
         let mut args = vec![
             "controller",
@@ -142,6 +150,7 @@ impl Env {
         ];
         args.extend_from_slice(extra);
         self.spawn_with(role, &args, kubeconfig);
+        admin_port
     }
 
     /// Starts a proxy for this test's objects and waits until it is ready.
