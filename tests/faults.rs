@@ -169,13 +169,18 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // In flight once the upstream has it.
+    support::eventually(support::WAIT, || async { (!env.upstream.requests().is_empty()).then_some(()) }).await;
     let stopping = tokio::task::spawn_blocking(move || {
         env.signal("proxy", "TERM");
         env
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (refused, _) = raw_curl(&["-H", "Authorization: Bearer x", &chat]).await;
+    // Draining (the stream has ~2 s to go): new connections are refused.
+    let refused = support::eventually(Duration::from_secs(5), || async {
+        let (status, _) = raw_curl(&["-H", "Authorization: Bearer x", &chat]).await;
+        (status == 0).then_some(status)
+    })
+    .await;
     let output = stream.wait_with_output().await.unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("chunk9") && text.contains("[DONE]"), "the in-flight stream finished: {text}");
@@ -205,7 +210,7 @@ async fn the_drain_ends_at_its_cut_off_and_unused_budget_goes_back() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    support::eventually(support::WAIT, || async { (env.upstream.requests().len() >= 2).then_some(()) }).await;
     let started = std::time::Instant::now();
     let stopping = tokio::task::spawn_blocking(move || {
         env.signal("proxy", "TERM");
@@ -252,18 +257,19 @@ async fn the_proxy_keeps_serving_while_the_api_server_is_away() {
     // Changes the proxy cannot see while it is cut off.
     tokens.patch("doomed", &Default::default(), &revoke).await.unwrap();
     tokens.delete("deleted", &Default::default()).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The outage shows in the metrics once the watches notice it.
+    support::eventually(Duration::from_secs(30), || async {
+        (metric(admin, "llmproxy_watch_errors_total").await > 0.0).then_some(())
+    })
+    .await;
     // It keeps serving with the last table it had, and keeps refusing what it knew was revoked.
     assert_eq!(env.chat(&kept).await.status, 200);
     assert_eq!(env.chat(&revoked_before).await.error_code(), "token_revoked");
-    let metrics = support::curl("GET", &format!("http://127.0.0.1:{admin}/metrics"), &[], None).await.body;
-    let errors: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("llmproxy_watch_errors_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
-    assert!(errors > 0.0, "the outage shows in the metrics:\n{metrics}");
-    assert!(env.logs().contains("serving the last known routing table"));
+    // Logs are written in batches (at most 100 ms apart).
+    support::eventually(support::WAIT, || async {
+        env.logs().contains("serving the last known routing table").then_some(())
+    })
+    .await;
     assert_eq!(support::http_get_status(&format!("http://127.0.0.1:{admin}/readyz")).await, Some(200));
 
     relay.restore();

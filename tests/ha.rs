@@ -66,8 +66,13 @@ async fn one_leader_writes_and_a_killed_leader_is_replaced() {
 
     // A clean stop (SIGTERM, as in a rolling update) hands the Lease over at once
     // instead of letting it lapse.
-    env.start_controller_as("controller-c", LEASE, &admin);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c_admin = env.start_controller_as("controller-c", LEASE, &admin);
+    // Running (and so looking for the Lease) before the leader stops.
+    let healthz = format!("http://127.0.0.1:{c_admin}/healthz");
+    eventually(Duration::from_secs(20), || async {
+        (support::http_get_status(&healthz).await == Some(200)).then_some(())
+    })
+    .await;
     env.signal(follower, "TERM");
     let stopped = Instant::now();
     let released = leases.get(&lease_name).await.unwrap();

@@ -276,6 +276,36 @@ impl Drop for Env {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A long-lived local cluster would otherwise collect every test's objects.
+        // LLMPROXY_KEEP_OBJECTS=1 keeps them to look at after a failure.
+        if std::env::var_os("LLMPROXY_KEEP_OBJECTS").is_none() {
+            let (id, namespaces) = (self.id.clone(), [self.ops.clone(), self.apps.clone()]);
+            // On a thread with a runtime and a client of its own: the test's runtime is
+            // the one dropping this, so nothing spawned on it would run.
+            let cleaned = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(remove_objects(&id, &namespaces));
+            });
+            let _ = cleaned.join();
+        }
+    }
+}
+
+/// Deletes the Projects labelled with test `id` (their finalizer removed first: no
+/// controller is left to do it) and the test's namespaces, without waiting.
+async fn remove_objects(id: &str, namespaces: &[String]) {
+    let client = super::client().await;
+    let projects: Api<Project> = Api::all(client.clone());
+    let labelled = kube::api::ListParams::default().labels(&format!("{TEST_LABEL}={id}"));
+    let no_finalizers = Patch::Merge(serde_json::json!({ "metadata": { "finalizers": null } }));
+    for project in projects.list(&labelled).await.map(|l| l.items).unwrap_or_default() {
+        let name = kube::ResourceExt::name_any(&project);
+        let _ = projects.patch(&name, &PatchParams::default(), &no_finalizers).await;
+        let _ = projects.delete(&name, &Default::default()).await;
+    }
+    let all: Api<Namespace> = Api::all(client);
+    for namespace in namespaces {
+        let _ = all.delete(namespace, &Default::default()).await;
     }
 }
 
