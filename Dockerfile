@@ -6,10 +6,12 @@
 
 FROM rust:1.95.0-slim-bookworm AS build
 WORKDIR /src
-# Dependencies first, so source edits do not rebuild them.
+# Dependencies first, so source edits do not rebuild them. Every target Cargo.toml
+# names must exist for cargo to read it: empty stand-ins for the binaries and benches.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin/kubectl-llmproxy && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && echo 'fn main() {}' > src/bin/fake-upstream.rs && echo 'fn main() {}' > src/bin/kubectl-llmproxy/main.rs \
+RUN mkdir -p src/bin/kubectl-llmproxy benches && touch src/lib.rs \
+    && for main in src/main.rs src/bin/fake-upstream.rs src/bin/kubectl-llmproxy/main.rs benches/propagation.rs benches/scale.rs; do \
+         echo 'fn main() {}' > "$main"; done \
     && cargo build --release --locked \
     && rm -rf src
 COPY src ./src

@@ -62,6 +62,11 @@ chart-lint:
 image tag="llm-proxy:dev":
     docker build -t {{tag}} .
 
+# Build the image here, without Docker or a registry: the same Dockerfile with buildah,
+# its two base images made locally from Debian packages (hack/image.sh says how).
+image-local tag="llm-proxy:dev":
+    bash hack/image.sh {{tag}}
+
 # Benchmarks: direct vs nginx vs llm-proxy, minting throughput; writes BENCHMARKS.md.
 bench: cluster-up
     bash benches/harness.sh
