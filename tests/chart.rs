@@ -196,9 +196,9 @@ async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
         .unwrap_err();
     assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied}");
 
-    // The proxy's identity writes usage, never a token's binding.
+    // The proxy's identity writes usage, never a token's binding or verdict.
     let denied = Api::<ProxyToken>::namespaced(proxy, &env.apps)
-        .patch_status("capped", &PatchParams::default(), &Patch::Merge(json!({ "status": { "tokenHash": FORGED } })))
+        .patch_status("capped", &PatchParams::default(), &Patch::Merge(json!({ "status": { "phase": "Active" } })))
         .await
         .unwrap_err();
     assert_refused(&denied, "The proxy may write only a token's usage");
@@ -271,18 +271,39 @@ async fn tenants_manage_tokens_but_cannot_forge_their_status(env: &Env, name: &s
     tokens.create(&PostParams::default(), &own).await.unwrap();
     env.wait_token("alices", llm_proxy::api::TokenPhase::Active).await;
     let other = env.wait_token("capped", llm_proxy::api::TokenPhase::Exhausted).await.status.unwrap();
-    // Every forgery the review listed: reset a count, copy another token's hash, un-expire.
+    // A token of hers that was never minted (its Project does not exist).
+    let unminted = ProxyToken::new("unminted", support::token_spec("no-such-project"));
+    let unminted = ProxyToken {
+        metadata: kube::api::ObjectMeta { labels: own.metadata.labels.clone(), ..unminted.metadata },
+        ..unminted
+    };
+    tokens.create(&PostParams::default(), &unminted).await.unwrap();
+    env.wait_token("unminted", llm_proxy::api::TokenPhase::Pending).await;
+    let project_uid = Api::<Project>::all(env.client.clone()).get(&env.scoped("p")).await.unwrap().metadata.uid;
+    // What only the policy stops (the API server's own rules allow these writes): reset
+    // the budget claimed, declare an exhausted token active, bind an unminted token to a
+    // hash and a Project of her choosing.
     for (token, forged) in [
-        ("capped", json!({ "status": { "requestCount": 0, "claimedRequests": 0 } })),
-        ("alices", json!({ "status": { "tokenHash": other.token_hash } })),
+        ("capped", json!({ "status": { "claimedRequests": 0 } })),
+        ("capped", json!({ "status": { "phase": "Active" } })),
         (
-            "alices",
-            json!({ "status": { "issuedAt": "2099-01-01T00:00:00.000000Z", "expiresAt": "2100-01-01T00:00:00.000000Z" } }),
+            "unminted",
+            json!({ "status": { "tokenHash": FORGED, "issuedAt": "2026-01-01T00:00:00.000000Z", "projectUid": project_uid } }),
         ),
-        ("alices", json!({ "status": { "projectUid": "another-project" } })),
     ] {
         let denied = tokens.patch_status(token, &PatchParams::default(), &Patch::Merge(&forged)).await.unwrap_err();
         assert_refused(&denied, "alice may not write the status of proxytokens");
+    }
+    // What the CRD's rules refuse first, for every writer: lower the count, copy another
+    // token's hash, move the issue time, rebind the Project.
+    for (token, forged) in [
+        ("capped", json!({ "status": { "requestCount": 0 } })),
+        ("alices", json!({ "status": { "tokenHash": other.token_hash } })),
+        ("alices", json!({ "status": { "issuedAt": "2099-01-01T00:00:00.000000Z" } })),
+        ("alices", json!({ "status": { "projectUid": "another-project" } })),
+    ] {
+        let denied = tokens.patch_status(token, &PatchParams::default(), &Patch::Merge(&forged)).await.unwrap_err();
+        assert!(matches!(&denied, kube::Error::Api(s) if s.code == 422 || s.code == 403), "{forged}: {denied}");
     }
     let capped = env.wait_token("capped", llm_proxy::api::TokenPhase::Exhausted).await.status.unwrap();
     assert_eq!(capped.request_count, Some(3), "the count stays");

@@ -431,6 +431,36 @@ async fn the_proxy_speaks_h2c_as_well_as_http1() {
     assert_eq!(env.upstream.requests().last().unwrap().method, "GET");
 }
 
+/// The binding in status holds for every writer, cluster admins included and with no
+/// admission policy installed: the API server itself refuses to move a minted token's
+/// hash or issue time, to rebind it, or to lower its count.
+#[tokio::test]
+async fn a_minted_tokens_binding_cannot_be_rewritten_even_without_the_policy() {
+    let env = Env::running("binding").await;
+    env.create_project("p").await;
+    let value = env.minted("p", "app").await;
+    for _ in 0..2 {
+        assert_eq!(env.chat(&value).await.status, 200);
+    }
+    let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
+    eventually(Duration::from_secs(30), || async {
+        (tokens.get("app").await.ok()?.status?.request_count? == 2).then_some(())
+    })
+    .await;
+    let forged = llm_proxy::token::Token::mint().unwrap().hash().to_string();
+    for (forgery, message) in [
+        (json!({ "tokenHash": forged }), "cannot change once the token's Secret is written"),
+        (json!({ "issuedAt": "2099-01-01T00:00:00.000000Z" }), "cannot change once the token's Secret is written"),
+        (json!({ "projectUid": "another-project" }), "status.projectUid is set once"),
+        (json!({ "requestCount": 0 }), "status.requestCount never goes down"),
+    ] {
+        let patch = Patch::Merge(json!({ "status": forgery }));
+        let error = tokens.patch_status("app", &PatchParams::default(), &patch).await.unwrap_err().to_string();
+        assert!(error.contains(message), "{forgery}: {error}");
+    }
+    assert_eq!(env.chat(&value).await.status, 200, "the token is untouched");
+}
+
 /// A tenant who creates the token's Secret first, shaped exactly like a minted one
 /// (owned by the ProxyToken, with a well-formed token and its hash), does not get to
 /// choose the token's value: the controller never adopts a Secret it did not write.

@@ -90,8 +90,23 @@ pub struct ProjectRef {
 }
 
 /// Observed state of a ProxyToken.
+///
+/// Its binding holds for whoever writes status, with or without the chart's status
+/// policy: once a token's Secret is written (`Issued=True`) its hash and issue time never
+/// change, its Project uid is set once, and its request count never goes down.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.conditions) || !oldSelf.conditions.exists(c, c.type == 'Issued' && c.status == 'True') || \
+     (has(self.tokenHash) == has(oldSelf.tokenHash) && (!has(self.tokenHash) || self.tokenHash == oldSelf.tokenHash) && \
+      has(self.issuedAt) == has(oldSelf.issuedAt) && (!has(self.issuedAt) || self.issuedAt == oldSelf.issuedAt))"
+).message("status.tokenHash and status.issuedAt cannot change once the token's Secret is written: create a new ProxyToken"))]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.projectUid) || (has(self.projectUid) && self.projectUid == oldSelf.projectUid)"
+).message("status.projectUid is set once: a token stays bound to the Project it was minted for"))]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.requestCount) || (has(self.requestCount) && self.requestCount >= oldSelf.requestCount)"
+).message("status.requestCount never goes down: it counts requests already forwarded"))]
 pub struct ProxyTokenStatus {
     /// Where the token is in its life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
