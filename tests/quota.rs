@@ -112,16 +112,19 @@ async fn expiry_is_enforced_by_the_proxy_on_time() {
     env.signal("controller", "TERM");
 
     // Ask every 100 ms: the last answer served and the first refused bracket the expiry.
+    // The proxy decides between sending and receiving: a request served was decided at
+    // or after it was sent, one refused at or before its answer arrived.
     let mut last_served = None;
     let refused_at = loop {
+        let sent = jiff::Timestamp::now();
         let response = env.chat(&secret).await;
-        let at = jiff::Timestamp::now();
+        let received = jiff::Timestamp::now();
         match (response.status, response.error_code().as_str()) {
-            (200, _) => last_served = Some(at),
-            (401, "token_expired") => break at,
+            (200, _) => last_served = Some(sent),
+            (401, "token_expired") => break received,
             other => panic!("unexpected answer {other:?}: {}", response.body),
         }
-        assert!(at < expires_at + jiff::SignedDuration::from_secs(10), "still served 10 s after expiresAt");
+        assert!(sent < expires_at + jiff::SignedDuration::from_secs(10), "still served 10 s after expiresAt");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let last_served = last_served.expect("never served");
