@@ -95,6 +95,10 @@ struct ProxyArgs {
     /// the default bounds that to 256 MiB.
     #[arg(long, env = "LLMPROXY_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Most of those one client address may hold; its further connections are closed at
+    /// once, so that no single client fills the proxy and others wait.
+    #[arg(long, env = "LLMPROXY_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_client: u32,
     /// Seconds a new client connection gets to send its first request's headers.
     #[arg(long, env = "LLMPROXY_CLIENT_HEADER_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     client_header_timeout_seconds: u64,
@@ -222,6 +226,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         || server::api_handler(Arc::new(Proxy::new(table.clone(), quota.clone(), metrics.clone(), &settings)));
     let limits = server::ConnectionLimits {
         max_connections: args.max_connections as usize,
+        max_per_client: args.max_connections_per_client as usize,
         header_timeout: Duration::from_secs(args.client_header_timeout_seconds),
         idle_timeout: Duration::from_secs(args.client_idle_timeout_seconds),
     };

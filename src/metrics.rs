@@ -102,6 +102,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// API connections closed for waiting too long for a request.
     pub connections_timed_out: Counter,
+    /// API connections closed at once: their client already held its share.
+    pub connections_refused: Counter,
 }
 
 impl Metrics {
@@ -124,6 +126,7 @@ impl Metrics {
             reconciles: Family::default(),
             connections_open: Gauge::default(),
             connections_timed_out: Counter::default(),
+            connections_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by project and outcome", metrics.requests.clone());
@@ -167,6 +170,11 @@ impl Metrics {
             "connections_timed_out",
             "API connections closed for sending no request in time",
             metrics.connections_timed_out.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "API connections closed at once because their client address held its share already",
+            metrics.connections_refused.clone(),
         );
         Self { registry, ..metrics }
     }

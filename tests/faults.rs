@@ -406,6 +406,37 @@ async fn a_connection_flood_is_capped_and_closed_and_a_client_with_a_token_is_st
     assert_eq!(env.chat(&token).await.status, 200);
 }
 
+/// One client address cannot fill the proxy: past its share its connections are closed
+/// at once, and a client from another address is served without waiting for any timeout.
+#[tokio::test]
+async fn one_client_address_holds_at_most_its_share_of_connections() {
+    let args =
+        ["--max-connections", "50", "--max-connections-per-client", "10", "--client-header-timeout-seconds", "60"];
+    let (env, token, port) = started("share", &args).await;
+    let admin = env.proxy_admin_port;
+    // 40 silent connections from 127.0.0.2 (loopback too, another address).
+    let mut held = Vec::new();
+    let mut closed = 0;
+    for _ in 0..40 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        // Closed at once, or held (the proxy answers nothing to a silent connection).
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => closed += 1,
+            Ok(Ok(_)) => panic!("a silent connection got an answer"),
+            Err(_still_open) => held.push(stream),
+        }
+    }
+    assert_eq!((held.len(), closed), (10, 30), "10 held, the other 30 closed at once");
+    assert_eq!(metric(admin, "llmproxy_connections_open").await, 10.0);
+    assert!(metric(admin, "llmproxy_connections_refused_total").await >= 30.0);
+    // Another address is served at once: no timeout had to free a place.
+    assert_eq!(env.chat(&token).await.status, 200);
+    drop(held);
+}
+
 #[tokio::test]
 async fn idle_connections_are_closed_but_slow_answers_and_streams_are_not_cut() {
     let (_env, token, port) =

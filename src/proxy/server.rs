@@ -14,8 +14,10 @@
 //! buffered, how many HTTP/2 streams run at once, and dead HTTP/2 peers are found by
 //! pings. A request in flight, however long its answer or stream, is never cut here.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,6 +69,8 @@ const ADMIN_MAX_CONNECTIONS: usize = 128;
 pub(crate) struct ConnectionLimits {
     /// Most connections open at once, over every serving thread of the listener.
     pub max_connections: usize,
+    /// Most of those from one client address (further ones are closed at once).
+    pub max_per_client: usize,
     /// How long a new connection may take to deliver its first request's headers.
     pub header_timeout: Duration,
     /// How long a connection may wait for its next request after the last response.
@@ -76,14 +80,19 @@ pub(crate) struct ConnectionLimits {
 /// The `proxy` command's defaults (its flags say the same).
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        Self { max_connections: 4096, header_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(120) }
+        Self {
+            max_connections: 4096,
+            max_per_client: 1024,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+        }
     }
 }
 
 impl ConnectionLimits {
     /// The limits of an admin listener: the default timeouts, a cap of its own.
     pub(crate) fn admin() -> Self {
-        Self { max_connections: ADMIN_MAX_CONNECTIONS, ..Self::default() }
+        Self { max_connections: ADMIN_MAX_CONNECTIONS, max_per_client: ADMIN_MAX_CONNECTIONS, ..Self::default() }
     }
 }
 
@@ -93,8 +102,11 @@ impl ConnectionLimits {
 pub(crate) struct Connections {
     limits: ConnectionLimits,
     places: Arc<Semaphore>,
+    /// Open connections by client address (addresses with none are removed).
+    per_client: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
     open: Gauge,
     timed_out: Counter,
+    refused: Counter,
 }
 
 impl Connections {
@@ -103,6 +115,7 @@ impl Connections {
         Self {
             open: metrics.connections_open.clone(),
             timed_out: metrics.connections_timed_out.clone(),
+            refused: metrics.connections_refused.clone(),
             ..Self::new(limits)
         }
     }
@@ -112,22 +125,55 @@ impl Connections {
         Self {
             limits,
             places: Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS))),
+            per_client: Arc::default(),
             open: Gauge::default(),
             timed_out: Counter::default(),
+            refused: Counter::default(),
+        }
+    }
+
+    /// Counts a connection from `client`, unless that client holds its share already.
+    fn admit(&self, client: IpAddr) -> Option<ClientShare> {
+        let mut per_client = self.per_client.lock().expect("connection counts poisoned");
+        let held = per_client.entry(client).or_insert(0);
+        if *held >= self.limits.max_per_client {
+            return None;
+        }
+        *held += 1;
+        Some(ClientShare { client, counts: self.per_client.clone() })
+    }
+}
+
+/// One connection of a client address; uncounted on drop.
+struct ClientShare {
+    client: IpAddr,
+    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for ClientShare {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("connection counts poisoned");
+        if let Some(held) = counts.get_mut(&self.client) {
+            *held -= 1;
+            if *held == 0 {
+                counts.remove(&self.client);
+            }
         }
     }
 }
 
-/// One connection's place under the cap; given back (and uncounted) on drop.
+/// One connection's place under the cap and in its client's share; given back (and
+/// uncounted) on drop.
 struct Place {
     _permit: OwnedSemaphorePermit,
+    _share: ClientShare,
     open: Gauge,
 }
 
 impl Place {
-    fn new(permit: OwnedSemaphorePermit, open: &Gauge) -> Self {
+    fn new(permit: OwnedSemaphorePermit, share: ClientShare, open: &Gauge) -> Self {
         open.inc();
-        Self { _permit: permit, open: open.clone() }
+        Self { _permit: permit, _share: share, open: open.clone() }
     }
 }
 
@@ -245,7 +291,7 @@ pub(crate) async fn serve<H, F>(
             },
             () = &mut shutdown => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(error) => {
@@ -257,7 +303,14 @@ pub(crate) async fn serve<H, F>(
             },
             () = &mut shutdown => break,
         };
-        let place = Place::new(permit, &connections.open);
+        // A client that holds its share already is closed at once (its place under the
+        // cap goes back): one address cannot fill the proxy while others wait.
+        let Some(share) = connections.admit(peer.ip()) else {
+            connections.refused.inc();
+            drop((stream, permit));
+            continue;
+        };
+        let place = Place::new(permit, share, &connections.open);
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::default());
         let service = service_fn({
