@@ -6,8 +6,8 @@
 #
 # The Dockerfile is used as it is. Only its two base images are made here, under the
 # names it pulls, since no registry is reachable:
-#   - gcr.io/distroless/cc-debian12:nonroot: glibc and libgcc from Debian 12's packages
-#     (apt-get download), the Mozilla CA bundle from Debian's ca-certificates package,
+#   - gcr.io/distroless/cc-debian12:nonroot: glibc and libgcc from this machine's apt
+#     sources (apt-get download; Debian 12 here, as the name says), the Mozilla CA bundle from Debian's ca-certificates package,
 #     the nonroot user (65532) — what the distroless image carries that our binaries
 #     use; no shell.
 #   - rust:1.95.0-slim-bookworm: a Debian 12 minbase (debootstrap) with gcc, libc6-dev

@@ -63,18 +63,37 @@ impl KeyProblem {
     }
 }
 
-/// Whether a key Secret with `labels` and `annotations` may give its key to `project`:
-/// it carries [`crate::api::API_KEY_LABEL`] and names the project (or `*`) in
-/// [`crate::api::KEY_PROJECTS_ANNOTATION`]. The rule the controller and the proxy share.
-pub(crate) fn bound_to(
-    labels: Option<&BTreeMap<String, String>>,
-    annotations: Option<&BTreeMap<String, String>>,
-    project: &str,
-) -> bool {
-    let (label, value) = crate::api::API_KEY_LABEL;
-    let marked = labels.and_then(|l| l.get(label)).is_some_and(|v| v == value);
-    let projects = annotations.and_then(|a| a.get(crate::api::KEY_PROJECTS_ANNOTATION));
-    marked && projects.is_some_and(|list| list.split(',').map(str::trim).any(|p| p == project || p == "*"))
+/// Which Projects a key Secret gives its key to: the rule the controller and the proxy
+/// share. Only what the rule reads is kept (never the other annotations: one written by
+/// `kubectl apply` holds the whole Secret, key included).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct KeyBinding {
+    /// It carries [`crate::api::API_KEY_LABEL`].
+    marked: bool,
+    /// [`crate::api::KEY_PROJECTS_ANNOTATION`], as written.
+    projects: Option<String>,
+}
+
+impl KeyBinding {
+    /// The binding a Secret's metadata declares.
+    pub(crate) fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        Self::from_parts(meta.labels.as_ref(), meta.annotations.as_ref())
+    }
+
+    fn from_parts(labels: Option<&BTreeMap<String, String>>, annotations: Option<&BTreeMap<String, String>>) -> Self {
+        let (label, value) = crate::api::API_KEY_LABEL;
+        Self {
+            marked: labels.and_then(|l| l.get(label)).is_some_and(|v| v == value),
+            projects: annotations.and_then(|a| a.get(crate::api::KEY_PROJECTS_ANNOTATION)).cloned(),
+        }
+    }
+
+    /// Whether the key may go to `project`: the Secret is labelled a key and names the
+    /// project (or `*`) in its annotation, as whole comma-separated names.
+    pub(crate) fn admits(&self, project: &str) -> bool {
+        let named = |list: &String| list.split(',').map(str::trim).any(|p| p == project || p == "*");
+        self.marked && self.projects.as_ref().is_some_and(named)
+    }
 }
 
 impl ApiKey {
@@ -139,6 +158,9 @@ mod tests {
 
     #[test]
     fn a_key_secret_gives_its_key_only_to_the_projects_it_names() {
+        let bound_to = |labels: Option<&BTreeMap<String, String>>,
+                        annotations: Option<&BTreeMap<String, String>>,
+                        project| { KeyBinding::from_parts(labels, annotations).admits(project) };
         let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let marked: BTreeMap<String, String> = map(&[("llmproxy.io/api-key", "true")]);
         let naming = |list: &str| -> BTreeMap<String, String> { map(&[("llmproxy.io/projects", list)]) };

@@ -97,7 +97,7 @@ struct ProxyArgs {
     max_connections: u32,
     /// Most of those one client address may hold; its further connections are closed at
     /// once, so that no single client fills the proxy and others wait.
-    #[arg(long, env = "LLMPROXY_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "LLMPROXY_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_client: u32,
     /// Seconds a new client connection gets to send its first request's headers.
     #[arg(long, env = "LLMPROXY_CLIENT_HEADER_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]

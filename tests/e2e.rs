@@ -448,11 +448,19 @@ async fn a_minted_tokens_binding_cannot_be_rewritten_even_without_the_policy() {
     })
     .await;
     let forged = llm_proxy::token::Token::mint().unwrap().hash().to_string();
+    let issued_only = tokens.get("app").await.unwrap().status.unwrap().conditions;
+    let without_issued: Vec<_> = issued_only.iter().filter(|c| c.type_ != token_conditions::ISSUED).collect();
     for (forgery, message) in [
-        (json!({ "tokenHash": forged }), "cannot change once the token's Secret is written"),
-        (json!({ "issuedAt": "2099-01-01T00:00:00.000000Z" }), "cannot change once the token's Secret is written"),
+        (json!({ "tokenHash": forged }), "keeps Issued=True, its status.tokenHash and its status.issuedAt"),
+        (
+            json!({ "issuedAt": "2099-01-01T00:00:00.000000Z" }),
+            "keeps Issued=True, its status.tokenHash and its status.issuedAt",
+        ),
         (json!({ "projectUid": "another-project" }), "status.projectUid is set once"),
         (json!({ "requestCount": 0 }), "status.requestCount never goes down"),
+        // The two-step ways around: forget the Secret was written, or drop status whole.
+        (json!({ "conditions": without_issued }), "keeps Issued=True"),
+        (serde_json::Value::Null, "keeps Issued=True"),
     ] {
         let patch = Patch::Merge(json!({ "status": forgery }));
         let error = tokens.patch_status("app", &PatchParams::default(), &patch).await.unwrap_err().to_string();
@@ -499,25 +507,41 @@ async fn a_secret_written_before_the_mint_is_never_adopted() {
 /// it, so the workload's token never changes.
 #[tokio::test]
 async fn a_mint_whose_status_write_was_lost_keeps_its_secret() {
-    let env = Env::running("lost-write").await;
-    env.create_project("p").await;
-    let value = env.minted("p", "app").await;
+    // The state a lost write leaves, made by hand with no controller running: the hash in
+    // status (written first), the Secret written, `Issued` never recorded.
+    let mut env = Env::new("lost-write").await;
+    let project = env.create_project("p").await;
+    let token = env.create_token("app", token_spec(&env.scoped("p"))).await;
+    let value = llm_proxy::token::Token::mint().unwrap();
+    let hash = value.hash().to_string();
     let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
-    let minted = tokens.get("app").await.unwrap();
-    let hash = minted.status.as_ref().unwrap().token_hash.clone().unwrap();
-    // Undo the write that recorded the Secret: Issued and the phase back to before it.
-    let mut status = minted.status.unwrap();
-    status.phase = Some(TokenPhase::Pending);
-    status.conditions.retain(|c| c.type_ != token_conditions::ISSUED && c.type_ != token_conditions::READY);
-    let undone = json!({ "status": { "phase": "Pending", "conditions": status.conditions } });
-    tokens.patch_status("app", &PatchParams::default(), &Patch::Merge(undone)).await.unwrap();
+    let recorded = json!({ "status": {
+        "phase": "Pending", "tokenHash": hash, "secretName": "app",
+        "issuedAt": llm_proxy::api::micros(jiff::Timestamp::now()), "projectUid": project.metadata.uid,
+    } });
+    tokens.patch_status("app", &PatchParams::default(), &Patch::Merge(recorded)).await.unwrap();
+    let written: Secret = serde_json::from_value(json!({
+        "metadata": {
+            "name": "app",
+            "annotations": { llm_proxy::api::TOKEN_HASH_ANNOTATION: hash },
+            "ownerReferences": [{
+                "apiVersion": "llmproxy.io/v1alpha1", "kind": "ProxyToken", "name": "app",
+                "uid": token.metadata.uid.clone().unwrap(), "controller": true,
+            }],
+        },
+        "stringData": { "token": value.expose(), "OPENAI_API_KEY": value.expose() },
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), &env.apps).create(&PostParams::default(), &written).await.unwrap();
 
+    env.start_controller();
+    env.start_proxy().await;
     let again = env.wait_token("app", TokenPhase::Active).await;
     let issued = again.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == token_conditions::ISSUED);
     assert_eq!(issued.map(|c| c.status.as_str()), Some("True"));
     assert_eq!(again.status.unwrap().token_hash.unwrap(), hash, "the same mint");
-    assert_eq!(env.token_secret("app").await["token"], value, "the same Secret");
-    assert_eq!(env.chat(&value).await.status, 200);
+    assert_eq!(env.token_secret("app").await["token"], value.expose(), "the same Secret");
+    assert_eq!(env.chat(value.expose()).await.status, 200);
 }
 
 #[tokio::test]

@@ -41,7 +41,24 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     selectable = ".spec.projectRef.name",
-    selectable = ".status.phase"
+    selectable = ".status.phase",
+    // The binding in status, for every writer (rules on the whole object, so that
+    // removing status or a field in one write and setting it in the next gets nowhere):
+    // once the token's Secret is written, Issued=True stays and the hash and issue time
+    // are fixed (before that a lost mint may be minted again); projectUid is set once;
+    // requestCount never goes down.
+    validation = Rule::new(
+        "!has(oldSelf.status) || !has(oldSelf.status.conditions) || !oldSelf.status.conditions.exists(c, c.type == 'Issued' && c.status == 'True') || \
+         (has(self.status) && has(self.status.conditions) && self.status.conditions.exists(c, c.type == 'Issued' && c.status == 'True') && \
+          has(self.status.tokenHash) && has(oldSelf.status.tokenHash) && self.status.tokenHash == oldSelf.status.tokenHash && \
+          has(self.status.issuedAt) && has(oldSelf.status.issuedAt) && self.status.issuedAt == oldSelf.status.issuedAt)"
+    ).message("a token whose Secret is written keeps Issued=True, its status.tokenHash and its status.issuedAt: create a new ProxyToken"),
+    validation = Rule::new(
+        "!has(oldSelf.status) || !has(oldSelf.status.projectUid) || (has(self.status) && has(self.status.projectUid) && self.status.projectUid == oldSelf.status.projectUid)"
+    ).message("status.projectUid is set once: a token stays bound to the Project it was minted for"),
+    validation = Rule::new(
+        "!has(oldSelf.status) || !has(oldSelf.status.requestCount) || (has(self.status) && has(self.status.requestCount) && self.status.requestCount >= oldSelf.status.requestCount)"
+    ).message("status.requestCount never goes down: it counts requests already forwarded")
 )]
 #[x_kube(validation = Rule::new(
     "has(self.secretName) == has(oldSelf.secretName) && (!has(self.secretName) || self.secretName == oldSelf.secretName)"
@@ -65,7 +82,7 @@ pub struct ProxyTokenSpec {
     pub duration: String,
 
     /// Lifetime cap on forwarded requests. Absent: unlimited. Once set it can be lowered,
-    /// never raised or removed (whoever may edit the token may not undo its cap).
+    /// never raised or removed: a larger cap takes a new ProxyToken (a new value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_requests: Option<i64>,
@@ -89,24 +106,10 @@ pub struct ProjectRef {
     pub name: String,
 }
 
-/// Observed state of a ProxyToken.
-///
-/// Its binding holds for whoever writes status, with or without the chart's status
-/// policy: once a token's Secret is written (`Issued=True`) its hash and issue time never
-/// change, its Project uid is set once, and its request count never goes down.
+/// Observed state of a ProxyToken. Its binding holds for whoever writes status, with or
+/// without the chart's status policy: see the rules on [`ProxyToken`].
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new(
-    "!has(oldSelf.conditions) || !oldSelf.conditions.exists(c, c.type == 'Issued' && c.status == 'True') || \
-     (has(self.tokenHash) == has(oldSelf.tokenHash) && (!has(self.tokenHash) || self.tokenHash == oldSelf.tokenHash) && \
-      has(self.issuedAt) == has(oldSelf.issuedAt) && (!has(self.issuedAt) || self.issuedAt == oldSelf.issuedAt))"
-).message("status.tokenHash and status.issuedAt cannot change once the token's Secret is written: create a new ProxyToken"))]
-#[x_kube(validation = Rule::new(
-    "!has(oldSelf.projectUid) || (has(self.projectUid) && self.projectUid == oldSelf.projectUid)"
-).message("status.projectUid is set once: a token stays bound to the Project it was minted for"))]
-#[x_kube(validation = Rule::new(
-    "!has(oldSelf.requestCount) || (has(self.requestCount) && self.requestCount >= oldSelf.requestCount)"
-).message("status.requestCount never goes down: it counts requests already forwarded"))]
 pub struct ProxyTokenStatus {
     /// Where the token is in its life.
     #[serde(default, skip_serializing_if = "Option::is_none")]

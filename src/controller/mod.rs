@@ -182,6 +182,9 @@ pub(crate) enum Error {
     /// Reading the project of a token.
     #[error("reading Project {name}")]
     GetProject { name: String, source: kube::Error },
+    /// Reading a token before minting it.
+    #[error("reading ProxyToken {name}")]
+    GetToken { name: String, source: kube::Error },
     /// Reading a namespace's labels for `allowedNamespaces`.
     #[error("reading Namespace {name}")]
     GetNamespace { name: String, source: kube::Error },
@@ -205,6 +208,7 @@ impl Error {
         match self {
             Error::GetKeySecret { .. } => "get_key_secret",
             Error::GetProject { .. } => "get_project",
+            Error::GetToken { .. } => "get_token",
             Error::GetNamespace { .. } => "get_namespace",
             Error::AddFinalizer { .. } => "add_finalizer",
             Error::PatchStatus { .. } => "patch_status",

@@ -231,9 +231,7 @@ pub(crate) async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Resul
             changes.push((Kind::Secret, crate::index::resource_version(&secret.metadata)));
             let meta = &secret.metadata;
             match secret.data.as_ref().and_then(|d| d.get(&secret_ref.key)) {
-                _ if !apikey::bound_to(meta.labels.as_ref(), meta.annotations.as_ref(), &name) => {
-                    Err(KeyProblem::NotBound)
-                }
+                _ if !apikey::KeyBinding::of(meta).admits(&name) => Err(KeyProblem::NotBound),
                 None => Err(KeyProblem::KeyNotFound),
                 Some(raw) => ApiKey::parse(&raw.0),
             }

@@ -316,6 +316,15 @@ pub(crate) async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Resu
         if let Err(verdict) = admit(&current, project.as_ref(), allowed) {
             return write(&ctx, &current, &verdict, project.as_ref(), false, &check).await;
         }
+        // The cache may not show a mint written moments ago (by this replica, or by the
+        // leader before it): read the token itself before minting, never mint twice.
+        let fresh = Api::<ProxyToken>::namespaced(ctx.client.clone(), &namespace)
+            .get(&name)
+            .await
+            .map_err(|source| Error::GetToken { name: format!("{namespace}/{name}"), source })?;
+        if fresh.status.as_ref().is_some_and(|s| s.token_hash.is_some()) {
+            return Ok(Action::requeue(RETRY_PROPAGATION));
+        }
         match mint_if_free(&ctx, &current).await? {
             Mint::Conflict(verdict) => return write(&ctx, &current, &verdict, project.as_ref(), false, &check).await,
             Mint::New(plaintext) => return mint(&ctx, current, plaintext, project.as_ref(), allowed, &check).await,
@@ -347,7 +356,9 @@ pub(crate) async fn reconcile(token: Arc<ProxyToken>, ctx: Arc<Context>) -> Resu
     Ok(action)
 }
 
-/// Records a mint in `token`'s status.
+/// Records a mint in `token`'s status. A re-mint (the plaintext of an earlier one died
+/// with its leader before the Secret was written) keeps the Project uid, which the API
+/// server holds fixed once set: the token stays bound to the Project it was minted for.
 fn record(
     token: &mut ProxyToken,
     hash: TokenHash,
@@ -359,7 +370,9 @@ fn record(
     status.token_hash = Some(hash.to_string());
     status.secret_name = Some(secret_name);
     status.issued_at = Some(crate::api::micros(issued_at));
-    status.project_uid = project.and_then(|p| p.metadata.uid.clone());
+    if status.project_uid.is_none() {
+        status.project_uid = project.and_then(|p| p.metadata.uid.clone());
+    }
 }
 
 /// Writes a fresh token's hash to status and keeps the plaintext until every replica

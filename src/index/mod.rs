@@ -68,8 +68,7 @@ struct ProjectEntry {
 
 /// A key Secret as the index keeps it: which projects it is bound to, and its data.
 struct KeySecret {
-    labels: Option<BTreeMap<String, String>>,
-    annotations: Option<BTreeMap<String, String>>,
+    binding: crate::apikey::KeyBinding,
     data: BTreeMap<String, Zeroizing<Vec<u8>>>,
 }
 
@@ -264,7 +263,7 @@ impl Index {
 
     fn resolve_key(&self, project: &str, secret: &str, key: &str) -> Result<ApiKey, KeyProblem> {
         let secret = self.secrets.get(secret).ok_or(KeyProblem::SecretNotFound)?;
-        if !crate::apikey::bound_to(secret.labels.as_ref(), secret.annotations.as_ref(), project) {
+        if !secret.binding.admits(project) {
             return Err(KeyProblem::NotBound);
         }
         let raw = secret.data.get(key).ok_or(KeyProblem::KeyNotFound)?;
@@ -365,7 +364,7 @@ impl Index {
     fn upsert_secret(&mut self, s: Secret) {
         let name = s.name_any();
         let data = s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, Zeroizing::new(v.0))).collect();
-        let secret = KeySecret { labels: s.metadata.labels, annotations: s.metadata.annotations, data };
+        let secret = KeySecret { binding: crate::apikey::KeyBinding::of(&s.metadata), data };
         self.secrets.insert(name, secret);
     }
 

@@ -82,7 +82,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_connections: 4096,
-            max_per_client: 1024,
+            max_per_client: 256,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
         }
