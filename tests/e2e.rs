@@ -469,6 +469,25 @@ async fn a_minted_tokens_binding_cannot_be_rewritten_even_without_the_policy() {
     assert_eq!(env.chat(&value).await.status, 200, "the token is untouched");
 }
 
+/// Creates the Secret a mint of `token` with `value` writes: owned by the token, named
+/// after it, with the value and its hash annotation.
+async fn create_minted_looking_secret(env: &Env, token: &ProxyToken, value: &llm_proxy::token::Token) {
+    let name = token.metadata.name.clone().unwrap();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {
+            "name": name,
+            "annotations": { llm_proxy::api::TOKEN_HASH_ANNOTATION: value.hash().to_string() },
+            "ownerReferences": [{
+                "apiVersion": "llmproxy.io/v1alpha1", "kind": "ProxyToken", "name": name,
+                "uid": token.metadata.uid.clone().unwrap(), "controller": true,
+            }],
+        },
+        "stringData": { "token": value.expose(), "OPENAI_API_KEY": value.expose() },
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), &env.apps).create(&PostParams::default(), &secret).await.unwrap();
+}
+
 /// A tenant who creates the token's Secret first, shaped exactly like a minted one
 /// (owned by the ProxyToken, with a well-formed token and its hash), does not get to
 /// choose the token's value: the controller never adopts a Secret it did not write.
@@ -478,19 +497,7 @@ async fn a_secret_written_before_the_mint_is_never_adopted() {
     env.create_project("p").await;
     let token = env.create_token("chosen", token_spec(&env.scoped("p"))).await;
     let chosen = llm_proxy::token::Token::mint().unwrap();
-    let planted: Secret = serde_json::from_value(json!({
-        "metadata": {
-            "name": "chosen",
-            "annotations": { llm_proxy::api::TOKEN_HASH_ANNOTATION: chosen.hash().to_string() },
-            "ownerReferences": [{
-                "apiVersion": "llmproxy.io/v1alpha1", "kind": "ProxyToken", "name": "chosen",
-                "uid": token.metadata.uid.clone().unwrap(), "controller": true,
-            }],
-        },
-        "stringData": { "token": chosen.expose(), "OPENAI_API_KEY": chosen.expose() },
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(env.client.clone(), &env.apps).create(&PostParams::default(), &planted).await.unwrap();
+    create_minted_looking_secret(&env, &token, &chosen).await;
 
     env.start_controller();
     env.start_proxy().await;
@@ -520,19 +527,7 @@ async fn a_mint_whose_status_write_was_lost_keeps_its_secret() {
         "issuedAt": llm_proxy::api::micros(jiff::Timestamp::now()), "projectUid": project.metadata.uid,
     } });
     tokens.patch_status("app", &PatchParams::default(), &Patch::Merge(recorded)).await.unwrap();
-    let written: Secret = serde_json::from_value(json!({
-        "metadata": {
-            "name": "app",
-            "annotations": { llm_proxy::api::TOKEN_HASH_ANNOTATION: hash },
-            "ownerReferences": [{
-                "apiVersion": "llmproxy.io/v1alpha1", "kind": "ProxyToken", "name": "app",
-                "uid": token.metadata.uid.clone().unwrap(), "controller": true,
-            }],
-        },
-        "stringData": { "token": value.expose(), "OPENAI_API_KEY": value.expose() },
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(env.client.clone(), &env.apps).create(&PostParams::default(), &written).await.unwrap();
+    create_minted_looking_secret(&env, &token, &value).await;
 
     env.start_controller();
     env.start_proxy().await;

@@ -233,10 +233,8 @@ async fn the_drain_ends_at_its_cut_off_and_unused_budget_goes_back() {
 async fn the_proxy_keeps_serving_while_the_api_server_is_away() {
     let mut env = Env::new("apidown").await;
     env.start_controller();
-    let relay = support::Relay::start(support::api_server_address()).await;
-    let (port, admin) = (env.proxy_port, env.proxy_admin_port);
-    let via_relay = env.kubeconfig_via(&relay);
-    env.start_proxy_with("proxy", port, admin, &[], &via_relay).await;
+    let relay = env.start_proxy_behind_relay(&[]).await;
+    let admin = env.proxy_admin_port;
     env.create_project("p").await;
     let kept = env.minted("p", "kept").await;
     let doomed = env.minted("p", "doomed").await;
@@ -290,10 +288,7 @@ async fn the_proxy_keeps_serving_while_the_api_server_is_away() {
 async fn a_capped_token_is_refused_not_overspent_while_the_api_server_is_away() {
     let mut env = Env::new("quota-away").await;
     env.start_controller();
-    let relay = support::Relay::start(support::api_server_address()).await;
-    let (port, admin) = (env.proxy_port, env.proxy_admin_port);
-    let via_relay = env.kubeconfig_via(&relay);
-    env.start_proxy_with("proxy", port, admin, &["--usage-flush-millis", "200"], &via_relay).await;
+    let relay = env.start_proxy_behind_relay(&["--usage-flush-millis", "200"]).await;
     env.create_project("p").await;
     let free = env.minted("p", "free").await;
     // A cap of 32 is claimed in blocks of 2 (maxRequests / 16).

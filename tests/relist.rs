@@ -18,10 +18,8 @@ async fn a_watch_resumed_after_compaction_gets_410_and_the_proxy_relists() {
     support::use_private_cluster(&["--watch-cache=false", "--etcd-compaction-interval=2s"]);
     let mut env = Env::new("relist").await;
     env.start_controller();
-    let relay = support::Relay::start(support::api_server_address()).await;
-    let (port, admin) = (env.proxy_port, env.proxy_admin_port);
-    let via_relay = env.kubeconfig_via(&relay);
-    env.start_proxy_with("proxy", port, admin, &[], &via_relay).await;
+    let relay = env.start_proxy_behind_relay(&[]).await;
+    let admin = env.proxy_admin_port;
     env.create_project("p").await;
     let kept = env.minted("p", "kept").await;
     let revoked = env.minted("p", "revoked").await;

@@ -215,6 +215,16 @@ impl Env {
         }
     }
 
+    /// Starts the proxy talking to the API server through a relay the test can cut (an
+    /// API-server outage for this proxy alone); returns the relay.
+    pub async fn start_proxy_behind_relay(&mut self, extra: &[&str]) -> Relay {
+        let relay = Relay::start(api_server_address()).await;
+        let (port, admin) = (self.proxy_port, self.proxy_admin_port);
+        let via_relay = self.kubeconfig_via(&relay);
+        self.start_proxy_with("proxy", port, admin, extra, &via_relay).await;
+        relay
+    }
+
     /// Sends `signal` (e.g. "KILL", "TERM") to the process `role` and waits for it to exit.
     pub fn signal(&mut self, role: &str, signal: &str) {
         let index = self.children.iter().position(|(r, _)| r == role).unwrap_or_else(|| panic!("no process {role}"));

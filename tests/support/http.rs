@@ -32,18 +32,7 @@ impl CurlResponse {
 
 /// Sends a request with curl (a real client over a real socket).
 pub async fn curl(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> CurlResponse {
-    let mut command = tokio::process::Command::new("curl");
-    command.args(["-s", "-X", method, "-w", "\n%{http_code}", "--max-time", "10", url]);
-    for (name, value) in headers {
-        command.arg("-H").arg(format!("{name}: {value}"));
-    }
-    if let Some(body) = body {
-        command.args(["-H", "content-type: application/json", "--data-binary", body]);
-    }
-    let output = command.output().await.expect("running curl");
-    let text = String::from_utf8_lossy(&output.stdout).to_string();
-    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    CurlResponse { status: status.trim().parse().unwrap_or(0), body: body.to_string() }
+    curl_with_headers(method, url, headers, body).await.0
 }
 
 /// Like [`curl`], and the response's headers (names lowercased), as curl received them.
