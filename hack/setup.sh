@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs what building, testing and the demo need on a fresh machine, idempotently:
-# just and cargo-deny (from crates.io), the official openai Python SDK in a venv, helm and the local
-# control plane (both built from Go modules). Everything lands under $LLMPROXY_CACHE
-# (default ~/.cache/llm-proxy) or ~/.cargo/bin, outside the clone, so reruns are fast.
+# Installs what building, testing and the demos need on a fresh machine, idempotently:
+# just and cargo-deny (from crates.io), the official openai Python SDK in a venv, helm and
+# the local control plane with its node (built from Go modules), and Debian packages for
+# the node and the image. Everything lands under $LLMPROXY_CACHE (default
+# ~/.cache/llm-proxy), ~/.cargo/bin or the system's packages, outside the clone, so
+# reruns are fast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,9 +25,16 @@ if ! cargo deny --version 2>/dev/null | grep -qx "cargo-deny $deny_version"; the
   cargo install cargo-deny --locked --version "$deny_version" --quiet
 fi
 
-if ! command -v curl >/dev/null 2>&1; then
-  echo "setup: installing curl..."
-  apt-get update -qq && apt-get install -y -qq curl >/dev/null
+# curl for the tests; for the node mode (tests/cluster/node): containerd, runc and the CNI
+# plugins, busybox for workload pods; buildah and debootstrap build the image (hack/image.sh).
+packages=(curl containerd runc containernetworking-plugins busybox-static buildah debootstrap iptables iproute2)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+if (( ${#missing[@]} )); then
+  echo "setup: installing ${missing[*]} (apt-get)..."
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 venv=$cache/venv
@@ -43,5 +52,5 @@ if ! "$cache/bin/helm" version --template '{{.Version}}' 2>/dev/null | grep -qx 
     "helm.sh/helm/v3/cmd/helm@$helm_version"
 fi
 
-tests/cluster/cluster.sh build >/dev/null
+tests/cluster/cluster.sh build --node >/dev/null
 echo "setup: done (cache: $cache)"

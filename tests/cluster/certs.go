@@ -26,8 +26,9 @@ type pki struct {
 
 // generatePKI writes a fresh CA, a serving certificate for the API server, an admin
 // client certificate (group system:masters) and a service-account key pair into dir.
+// The serving certificate also names extraIPs (the node mode's address).
 // Everything is regenerated on each start: the cluster is disposable.
-func generatePKI(dir string) (*pki, error) {
+func generatePKI(dir string, extraIPs ...net.IP) (*pki, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -73,7 +74,7 @@ func generatePKI(dir string) (*pki, error) {
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		DNSNames: []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
 			"kubernetes.default.svc.cluster.local"},
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("::1"), net.ParseIP("10.96.0.1")},
+		IPAddresses: append([]net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("::1"), net.ParseIP("10.96.0.1")}, extraIPs...),
 	}
 	if err := issue(p.servingCert, p.servingKey, serving, ca, caKey); err != nil {
 		return nil, err

@@ -7,6 +7,7 @@
 // Usage:
 //
 //	llmproxy-cluster up --dir DIR        start; writes DIR/kubeconfig once ready, runs until SIGTERM
+//	llmproxy-cluster up --node ...       the same with one real node (node/main.go): pods run
 //	llmproxy-cluster kubectl ARGS...     kubectl of the same Kubernetes release
 //	kubectl ARGS...                      the same, when invoked through a symlink named kubectl
 //
@@ -89,6 +90,10 @@ func up(args []string) error {
 	exitWithParent := fs.Bool("exit-with-parent", false, "stop when the process that started this one exits (test harnesses)")
 	var extra repeated
 	fs.Var(&extra, "apiserver-arg", "one more kube-apiserver flag, e.g. --apiserver-arg=--watch-cache=false (repeatable)")
+	node := fs.Bool("node", false, "also run a real node (kubelet, containerd, kube-proxy, scheduler, CoreDNS): see node/main.go")
+	nodeIP := fs.String("node-ip", "10.250.0.1", "with --node: the address the API server and kubelet serve on, added to lo so pods reach it")
+	var images repeated
+	fs.Var(&images, "image", "with --node: a docker-archive to import into the node before it starts (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -121,7 +126,20 @@ func up(args []string) error {
 	etcdDir := filepath.Join(abs, "etcd")
 	_ = os.RemoveAll(etcdDir)
 
-	certs, err := generatePKI(filepath.Join(abs, "pki"))
+	host := "127.0.0.1"
+	var extraIPs []net.IP
+	if *node {
+		// Pods reach the API server through the kubernetes Service, whose endpoint is the
+		// advertised address: a loopback one is not valid, so the node gets its own,
+		// local to this host and routed to from the pod bridge.
+		host = *nodeIP
+		extraIPs = append(extraIPs, net.ParseIP(host))
+		if err := addLocalAddress(host); err != nil {
+			return err
+		}
+		defer removeLocalAddress(host)
+	}
+	certs, err := generatePKI(filepath.Join(abs, "pki"), extraIPs...)
 	if err != nil {
 		return fmt.Errorf("generating certificates: %w", err)
 	}
@@ -137,12 +155,11 @@ func up(args []string) error {
 			return err
 		}
 	}
-	server := "https://127.0.0.1:" + strconv.Itoa(*port)
+	server := "https://" + host + ":" + strconv.Itoa(*port)
 
-	cmd := apiserver.NewAPIServerCommand()
-	cmd.SetArgs(append([]string{
-		"--advertise-address=127.0.0.1",
-		"--bind-address=127.0.0.1",
+	flags := []string{
+		"--advertise-address=" + host,
+		"--bind-address=" + host,
 		"--secure-port=" + strconv.Itoa(*port),
 		"--etcd-servers=" + etcdURL,
 		"--tls-cert-file=" + certs.servingCert,
@@ -156,12 +173,24 @@ func up(args []string) error {
 		"--authorization-mode=RBAC",
 		"--allow-privileged=true",
 		"--enable-priority-and-fairness=false",
-		// Loopback addresses are not valid endpoints; nothing here needs the kubernetes Service.
-		"--endpoint-reconciler-type=none",
 		"--profiling=false",
 		"--cert-dir=" + filepath.Join(abs, "pki", "generated"),
 		"--v=0",
-	}, extra...))
+	}
+	if *node {
+		flags = append(flags,
+			// For kubectl logs/exec: the API server is the kubelet's client, and reaches it
+			// by the node's address (its name resolves nowhere).
+			"--kubelet-client-certificate="+certs.adminCert,
+			"--kubelet-client-key="+certs.adminKey,
+			"--kubelet-preferred-address-types=InternalIP",
+		)
+	} else {
+		// Loopback addresses are not valid endpoints; nothing here needs the kubernetes Service.
+		flags = append(flags, "--endpoint-reconciler-type=none")
+	}
+	cmd := apiserver.NewAPIServerCommand()
+	cmd.SetArgs(append(flags, extra...))
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- cmd.Execute() }()
 
@@ -172,14 +201,23 @@ func up(args []string) error {
 	if err := waitReady(client, server, serveErr); err != nil {
 		return err
 	}
-	if err := writeKubeconfig(kubeconfig, server, certs); err != nil {
+	// Components get the kubeconfig under another name: the real one means "ready".
+	adminKubeconfig := filepath.Join(abs, "admin.kubeconfig")
+	if err := writeKubeconfig(adminKubeconfig, server, certs); err != nil {
 		return err
 	}
 
-	if *withKCM {
+	controllers := "garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation"
+	if *node {
+		// What workloads need: Deployments and their ReplicaSets, Service endpoints for
+		// kube-proxy and CoreDNS, the node's not-ready taint lifted, kube-root-ca.crt for
+		// service-account volumes, PodDisruptionBudget status.
+		controllers += ",deployment,replicaset,endpoint,endpointslice,nodelifecycle,root-ca-cert-publisher,disruption,podgc"
+	}
+	if *withKCM || *node {
 		kcm := exec.Command(os.Args[0], "kube-controller-manager",
-			"--kubeconfig="+kubeconfig,
-			"--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation",
+			"--kubeconfig="+adminKubeconfig,
+			"--controllers="+controllers,
 			"--leader-elect=false",
 			"--use-service-account-credentials=false",
 			"--service-account-private-key-file="+certs.saKey,
@@ -200,11 +238,21 @@ func up(args []string) error {
 		controllerManager.Store(kcm.Process)
 		defer func() { _ = kcm.Process.Kill(); _ = kcm.Wait() }()
 	}
+	if *node {
+		if err := startNode(abs, adminKubeconfig, certs.caCert, host, images, client, server); err != nil {
+			stopNode()
+			return err
+		}
+	}
+	if err := writeKubeconfig(kubeconfig, server, certs); err != nil {
+		return err
+	}
 
 	fmt.Println(kubeconfig)
 	// The API server stops on SIGTERM/SIGINT (its own signal context); then etcd stops.
 	err = <-serveErr
 	_ = os.Remove(kubeconfig)
+	stopNode()
 	return err
 }
 
@@ -221,8 +269,12 @@ var controllerManager atomic.Pointer[os.Process]
 // readiness signal), then the controller-manager, then this process.
 func stopNow(kubeconfig string) {
 	_ = os.Remove(kubeconfig)
+	stopNode()
 	if p := controllerManager.Load(); p != nil {
 		_ = p.Kill()
+	}
+	if ip := localAddress.Load(); ip != nil {
+		removeLocalAddress(*ip)
 	}
 	os.Exit(0)
 }
