@@ -84,9 +84,14 @@ struct ProxyArgs {
     /// Largest request body forwarded, in bytes; larger ones get 413.
     #[arg(long, env = "LLMPROXY_MAX_REQUEST_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_request_body_bytes: u64,
-    /// Seconds in-flight requests get to finish after SIGTERM.
+    /// Seconds in-flight requests get to finish after SIGTERM (after the shutdown delay).
     #[arg(long, env = "LLMPROXY_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
+    /// Seconds to keep accepting new connections after SIGTERM, reporting not-ready,
+    /// before the drain. In Kubernetes, a terminating pod leaves the Service's endpoints
+    /// a moment after it is told to stop; clients sent to it meanwhile are still served.
+    #[arg(long, env = "LLMPROXY_SHUTDOWN_DELAY_SECONDS", default_value_t = 0)]
+    shutdown_delay_seconds: u64,
     /// Milliseconds between writes of usage (requestCount, lastUsedAt) to token status.
     #[arg(long, env = "LLMPROXY_USAGE_FLUSH_MILLIS", default_value_t = 2000)]
     usage_flush_millis: u64,
@@ -189,9 +194,22 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     tracing::info!(listen = %api.local_addr().map_or(args.listen_addr, |a| a), admin = %args.common.admin_addr, threads, "proxy started");
     let drain = Duration::from_secs(args.drain_seconds);
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop.send(true);
+    let terminating = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn({
+        let terminating = terminating.clone();
+        let delay = Duration::from_secs(args.shutdown_delay_seconds);
+        async move {
+            shutdown_signal().await;
+            terminating.store(true, std::sync::atomic::Ordering::Relaxed);
+            if !delay.is_zero() {
+                tracing::info!(
+                    delay_secs = delay.as_secs(),
+                    "stopping: serving on, not ready, until endpoints drop this replica"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            let _ = stop.send(true);
+        }
     });
     let owner = args.identity.clone().zip(args.pod_uid.clone());
     let identity = args.identity.unwrap_or_else(default_identity);
@@ -212,7 +230,15 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         server::admin_handler(
             {
                 let table = table.clone();
-                move || if table.load().ready { Ok(()) } else { Err("routing table not synced yet") }
+                move || {
+                    if terminating.load(std::sync::atomic::Ordering::Relaxed) {
+                        Err("shutting down")
+                    } else if table.load().ready {
+                        Ok(())
+                    } else {
+                        Err("routing table not synced yet")
+                    }
+                }
             },
             metrics.clone(),
         ),

@@ -188,6 +188,35 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
     assert_eq!(refused, 0, "no new connection is accepted while draining");
 }
 
+/// `--shutdown-delay-seconds` (the chart sets 5): after SIGTERM the proxy reports not
+/// ready at once, so the Service drops it, yet serves new connections for the delay, so
+/// the clients kube-proxy still sends it meanwhile are answered; then it drains.
+#[tokio::test]
+async fn during_the_shutdown_delay_new_connections_are_served_while_not_ready() {
+    let (mut env, token, port) = started("delay", &["--shutdown-delay-seconds", "5"]).await;
+    let readyz = format!("http://127.0.0.1:{}/readyz", env.proxy_admin_port);
+    assert_eq!(support::http_get_status(&readyz).await, Some(200));
+    let stopping = tokio::task::spawn_blocking(move || {
+        env.signal("proxy", "TERM");
+        env
+    });
+    // The signal has arrived once readiness fails...
+    support::eventually(support::WAIT, || async {
+        (support::http_get_status(&readyz).await == Some(503)).then_some(())
+    })
+    .await;
+    // ...and a new connection after it is still answered by the upstream.
+    assert_eq!(support::chat_on(port, &token).await, "", "served during the delay");
+    // After the delay, the drain: new connections are refused.
+    let chat = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    support::eventually(Duration::from_secs(15), || async {
+        let (status, _) = raw_curl(&["-H", "Authorization: Bearer x", &chat]).await;
+        (status == 0).then_some(())
+    })
+    .await;
+    let _env = stopping.await.unwrap();
+}
+
 /// `--drain-seconds` is a cut-off: a stream that outlasts it is ended when it runs out
 /// and the process exits, not kept open for the stream's whole length. On the way out
 /// the proxy gives its unused budget block back.
