@@ -17,8 +17,9 @@ setup:
 build:
     cargo build --locked --bins --features fake-upstream
 
-# Format check, clippy, CRD drift check (part of the unit tests), and every test.
-test: lint cluster-up
+# Format check, clippy, CRD drift check (part of the unit tests), and every test: the
+# node test (tests/node.rs) installs the chart with the image built here on a real node.
+test: lint cluster-up image-local
     cargo test --locked --lib --bins --tests
 
 # Unit tests only: no cluster needed.
@@ -45,7 +46,11 @@ crds:
 cluster-up:
     @tests/cluster/cluster.sh up
 
-# Stop the local control plane.
+# The same with one real node (kubelet, containerd, kube-proxy, scheduler, CoreDNS; as root).
+cluster-up-node:
+    @tests/cluster/cluster.sh up --node
+
+# Stop the local control plane (and its node, removing what the node put on the host).
 cluster-down:
     @tests/cluster/cluster.sh down
 
@@ -78,3 +83,12 @@ demo: build cluster-up
 # Stop the demo's processes (the control plane keeps running; `just cluster-down` stops it).
 demo-down:
     bash hack/demo.sh down
+
+# The real thing: the image built here, `helm install` on the local node, the quickstart,
+# and a workload pod calling the proxy's Service with the token Secret in envFrom.
+demo-node: build image-local cluster-up-node
+    bash hack/demo-node.sh up
+
+# Uninstall the node demo (`just cluster-down` also stops the node and cleans the host).
+demo-node-down:
+    bash hack/demo-node.sh down

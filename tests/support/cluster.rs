@@ -42,21 +42,40 @@ fn find_or_start_cluster() -> Cluster {
 /// `apiserver_args` besides its usual flags, instead of the shared one. Call it before
 /// anything else of the support module, in a binary of one test.
 pub fn use_private_cluster(apiserver_args: &[&str]) {
-    let chosen = CLUSTER.set(Mutex::new(start_private(apiserver_args)));
+    let args: Vec<String> = apiserver_args.iter().map(|arg| format!("--apiserver-arg={arg}")).collect();
+    let chosen = CLUSTER.set(Mutex::new(start_private(&args)));
     assert!(chosen.is_ok(), "the control plane was already chosen");
 }
 
+/// Makes this test binary use a control plane of its own with one real node (kubelet,
+/// containerd, kube-proxy, CoreDNS: tests/cluster/node), removed when the test ends.
+/// One node runs per machine: a node already running (`just cluster-up-node`, the node
+/// demo) is not taken over, since the test installs the chart under fixed names.
+pub fn use_node_cluster() {
+    // A socket that answers is a live node; a stale file is what a killed one left,
+    // which the new node removes before it starts.
+    let live = std::os::unix::net::UnixStream::connect("/run/llmproxy-node/containerd.sock").is_ok();
+    assert!(!live, "a node runs already on this machine: stop it first (just cluster-down)");
+    let cluster = start_private(&["--node".to_string()]);
+    assert!(CLUSTER.set(Mutex::new(cluster)).is_ok(), "the control plane was already chosen");
+}
+
 /// Starts a control plane that stops with this process.
-fn start_private(apiserver_args: &[&str]) -> Cluster {
+fn start_private(flags: &[String]) -> Cluster {
     let script = repo().join("tests/cluster/cluster.sh");
-    let built = Command::new(&script).arg("build").output().expect("running tests/cluster/cluster.sh build");
+    let node = flags.iter().any(|flag| flag == "--node");
+    let built = Command::new(&script)
+        .arg("build")
+        .args(node.then_some("--node"))
+        .output()
+        .expect("running tests/cluster/cluster.sh build");
     assert!(built.status.success(), "building the control plane failed:\n{}", String::from_utf8_lossy(&built.stderr));
     let binary = String::from_utf8(built.stdout).unwrap().trim().to_string();
     let dir = std::env::temp_dir().join(format!("llmproxy-cluster-{}", std::process::id()));
     let mut child = Command::new(binary)
         .args(["up", "--exit-with-parent", "--dir"])
         .arg(&dir)
-        .args(apiserver_args.iter().map(|arg| format!("--apiserver-arg={arg}")))
+        .args(flags)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
         .spawn()

@@ -2,7 +2,6 @@ package main
 
 import (
 	"archive/tar"
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -66,10 +65,17 @@ func systemImages() ([]string, error) {
 }
 
 // write saves the image as a docker archive (what `docker save` writes), which
-// `ctr images import` reads with its name.
+// `ctr images import` reads with its name. The layer goes through a file, not memory:
+// CoreDNS alone is 75 MB, and this process lives as long as the node.
 func (img image) write(path string) error {
-	var layer bytes.Buffer
-	tw := tar.NewWriter(&layer)
+	layerFile, err := os.CreateTemp(filepath.Dir(path), "layer-*.tar")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(layerFile.Name())
+	defer layerFile.Close()
+	hash := sha256.New()
+	tw := tar.NewWriter(io.MultiWriter(layerFile, hash))
 	dirs := map[string]bool{}
 	addDirs := func(name string) error {
 		for d := filepath.Dir(name); d != "." && !dirs[d]; d = filepath.Dir(d) {
@@ -81,17 +87,10 @@ func (img image) write(path string) error {
 		return nil
 	}
 	for name, source := range img.files {
-		data, err := os.ReadFile(source)
-		if err != nil {
-			return err
-		}
 		if err := addDirs(name); err != nil {
 			return err
 		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o755, Size: int64(len(data))}); err != nil {
-			return err
-		}
-		if _, err := tw.Write(data); err != nil {
+		if err := copyFile(tw, name, source); err != nil {
 			return err
 		}
 	}
@@ -106,7 +105,7 @@ func (img image) write(path string) error {
 	if err := tw.Close(); err != nil {
 		return err
 	}
-	layerDigest := sha256.Sum256(layer.Bytes())
+	layerDigest := hex.EncodeToString(hash.Sum(nil))
 	config, err := json.Marshal(map[string]any{
 		"architecture": "amd64",
 		"os":           "linux",
@@ -115,14 +114,14 @@ func (img image) write(path string) error {
 			"Cmd":        img.cmd,
 			"Env":        []string{"PATH=/bin"},
 		},
-		"rootfs": map[string]any{"type": "layers", "diff_ids": []string{"sha256:" + hex.EncodeToString(layerDigest[:])}},
+		"rootfs": map[string]any{"type": "layers", "diff_ids": []string{"sha256:" + layerDigest}},
 	})
 	if err != nil {
 		return err
 	}
 	configDigest := sha256.Sum256(config)
 	configName := hex.EncodeToString(configDigest[:]) + ".json"
-	layerName := hex.EncodeToString(layerDigest[:]) + "/layer.tar"
+	layerName := layerDigest + "/layer.tar"
 	manifest, err := json.Marshal([]map[string]any{{"Config": configName, "RepoTags": []string{img.ref}, "Layers": []string{layerName}}})
 	if err != nil {
 		return err
@@ -134,16 +133,37 @@ func (img image) write(path string) error {
 	}
 	defer out.Close()
 	archive := tar.NewWriter(out)
+	if err := copyFile(archive, layerName, layerFile.Name()); err != nil {
+		return err
+	}
 	for _, entry := range []struct {
 		name string
 		data []byte
-	}{{layerName, layer.Bytes()}, {configName, config}, {"manifest.json", manifest}} {
+	}{{configName, config}, {"manifest.json", manifest}} {
 		if err := archive.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: entry.name, Mode: 0o644, Size: int64(len(entry.data))}); err != nil {
 			return err
 		}
-		if _, err := io.Copy(archive, bytes.NewReader(entry.data)); err != nil {
+		if _, err := archive.Write(entry.data); err != nil {
 			return err
 		}
 	}
 	return archive.Close()
+}
+
+// copyFile adds the file at source to the archive as name, executable.
+func copyFile(archive *tar.Writer, name, source string) error {
+	f, err := os.Open(source)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if err := archive.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o755, Size: info.Size()}); err != nil {
+		return err
+	}
+	_, err = io.Copy(archive, f)
+	return err
 }
