@@ -6,7 +6,8 @@
 //! what the proxies sent it.
 //!
 //! Needs root, the node's Debian packages (hack/setup.sh) and the image in buildah's
-//! store (`just image-local`; or LLMPROXY_IMAGE names another one).
+//! store (`just image-local`; or LLMPROXY_IMAGE names another one). The workload image
+//! (the official openai SDK on Python, hack/workload-image.sh) is built if missing.
 
 mod support;
 
@@ -95,14 +96,13 @@ fn is_ready(pod: &Pod) -> bool {
         && pod.metadata.deletion_timestamp.is_none()
 }
 
-/// Starts a busybox pod running `script` with the token Secret `secret` in `envFrom`.
-async fn start_pod(client: &Client, namespace: &str, pod: &str, secret: Option<&str>, script: &str) {
+/// Starts a pod running `command` in `image`, with the token Secret `secret` in `envFrom`.
+async fn start_pod(client: &Client, namespace: &str, pod: &str, image: &str, secret: Option<&str>, command: &[&str]) {
     let mut spec = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod, "namespace": namespace},
         "spec": {"restartPolicy": "Never", "containers": [{
-            "name": "main", "image": BUSYBOX, "imagePullPolicy": "Never",
-            "command": ["sh", "-c", script],
+            "name": "main", "image": image, "imagePullPolicy": "Never", "command": command,
         }]},
     });
     if let Some(secret) = secret {
@@ -136,11 +136,10 @@ async fn node_address(client: &Client) -> String {
     addresses.into_iter().find(|a| a.type_ == "InternalIP").unwrap().address
 }
 
-/// The image, copied from buildah's store into the node's containerd (`kind load`).
-fn load_image() {
-    let image = image();
+/// Copies an image from buildah's store into the node's containerd (`kind load`).
+fn load_image(image: &str) {
     let script = support::repo().join("tests/cluster/cluster.sh");
-    let out = std::process::Command::new(&script).args(["load", &image]).output().unwrap();
+    let out = std::process::Command::new(&script).args(["load", image]).output().unwrap();
     assert!(
         out.status.success(),
         "loading {image} into the node failed (build it first: `just image-local`): {}",
@@ -164,6 +163,27 @@ async fn create_token(client: &Client, token: &str, max_requests: Option<i64>) {
         (tokens.get(&name).await.ok()?.status?.phase? == TokenPhase::Active).then_some(())
     })
     .await;
+}
+
+/// The stand-in for the quickstart workload's python:3.12-slim: Python with the
+/// official openai SDK (hack/workload-image.sh builds it once).
+fn workload_image() -> String {
+    let script = support::repo().join("hack/workload-image.sh");
+    let out = std::process::Command::new("bash").arg(&script).output().unwrap();
+    assert!(out.status.success(), "hack/workload-image.sh: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn base64(text: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
 }
 
 /// Counts the lines of a client pod's output by their first word.
@@ -196,9 +216,15 @@ async fn the_chart_on_a_real_node_serves_workloads_and_survives_day_two_operatio
     support::use_node_cluster();
     let client = support::client().await;
     println!("node ready after {:.1}s", started.elapsed().as_secs_f64());
-    load_image();
+    let python = workload_image();
+    for image in [image().as_str(), python.as_str()] {
+        load_image(image);
+    }
     let listener = tokio::net::TcpListener::bind((node_address(&client).await, 0)).await.unwrap();
     let upstream = FakeUpstream::serve(listener, true);
+    // The quickstart's namespaces first: the chart goes into its llm-proxy namespace.
+    let examples = support::repo().join("examples/quickstart");
+    kubectl(&["apply", "-f", examples.join("00-namespaces.yaml").to_str().unwrap()]);
 
     // helm install: both Deployments Ready through their probes, under the chart's
     // security contexts and RBAC.
@@ -217,21 +243,21 @@ async fn the_chart_on_a_real_node_serves_workloads_and_survives_day_two_operatio
         assert_eq!(security.allow_privilege_escalation, Some(false));
         assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true), "the kubelet checked the image's user");
     }
-    quickstart(&client, &upstream).await;
+    quickstart(&client, &upstream, &python).await;
     logs_and_metrics(&client).await;
-    upgrade_under_load(&client).await;
+    upgrade_under_load(&client, &python).await;
     leader_deleted(&client).await;
     proxy_deleted_mid_burst(&client, &upstream).await;
     uninstall(&client).await;
     println!("whole test: {:.1}s", started.elapsed().as_secs_f64());
 }
 
-/// The quickstart as users apply it (the Project's upstream pointed at the fake one),
-/// then examples/quickstart/30-workload.yaml's Deployment: its `envFrom` and names as
-/// they are, its container swapped for busybox (no python:3.12-slim image here).
-async fn quickstart(client: &Client, upstream: &FakeUpstream) {
+/// The rest of the quickstart as users apply it (the Project's upstream pointed at the
+/// fake one), then examples/quickstart/30-workload.yaml as it is but for its image (no
+/// registry serves python:3.12-slim here): its command installs the openai SDK (found
+/// installed) and lists the models through the proxy, configured by `envFrom` alone.
+async fn quickstart(client: &Client, upstream: &FakeUpstream, python: &str) {
     let examples = support::repo().join("examples/quickstart");
-    kubectl(&["apply", "-f", examples.join("00-namespaces.yaml").to_str().unwrap()]);
     let project = std::fs::read_to_string(examples.join("10-project.yaml")).unwrap();
     assert!(project.contains("url: http://127.0.0.1:18080"));
     let project = project.replace("http://127.0.0.1:18080", &upstream.url);
@@ -247,36 +273,25 @@ async fn quickstart(client: &Client, upstream: &FakeUpstream) {
         (token.status?.phase? == TokenPhase::Active).then_some(())
     })
     .await;
-    let workload = std::fs::read_to_string(examples.join("30-workload.yaml")).unwrap();
-    let mut deployment: Value = serde_yaml::from_str(&workload).unwrap();
-    let container = &mut deployment["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(container["envFrom"], json!([{"secretRef": {"name": "chat-app"}}]), "the example's envFrom");
-    container["image"] = json!(BUSYBOX);
-    container["imagePullPolicy"] = json!("Never");
-    container["command"] = json!([
-        "sh",
-        "-c",
-        format!(
-            r#"{REQUEST}; echo "calling $OPENAI_BASE_URL"; req --post-data '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'; echo; sleep 3600"#
-        )
-    ]);
-    let deployment: Deployment = serde_json::from_value(deployment).unwrap();
-    Api::<Deployment>::namespaced(client.clone(), APPS).create(&PostParams::default(), &deployment).await.unwrap();
+    let secret = kubectl(&["get", "secret", "chat-app", "-n", APPS, "-o", "jsonpath={.data.OPENAI_BASE_URL}"]);
+    assert_eq!(base64(&secret), "http://llm-proxy-proxy.llm-proxy.svc:8080/v1", "the Service's DNS name");
 
+    let workload = std::fs::read_to_string(examples.join("30-workload.yaml")).unwrap();
+    assert!(workload.contains("image: python:3.12-slim"));
+    let path = support::repo().join("target/test-logs/node-30-workload.yaml");
+    std::fs::write(&path, workload.replace("image: python:3.12-slim", &format!("image: {python}"))).unwrap();
+    kubectl(&["apply", "-f", path.to_str().unwrap()]);
     let pods: Api<Pod> = Api::namespaced(client.clone(), APPS);
-    let output = support::eventually(Duration::from_secs(60), || async {
+    let output = support::eventually(Duration::from_secs(90), || async {
         let list = pods.list(&ListParams::default().labels("app=chat-app")).await.ok()?;
         let pod = name(list.items.first()?);
         let logs = pods.logs(&pod, &LogParams::default()).await.ok()?;
-        logs.contains(ANSWER).then_some(logs)
+        logs.contains("Model(id='fake-model'").then_some(logs)
     })
     .await;
-    assert!(
-        output.contains("calling http://llm-proxy-proxy.llm-proxy.svc:8080/v1"),
-        "the minted base URL is the Service's DNS name: {output}"
-    );
+    assert!(output.contains("Requirement already satisfied: openai"), "{output}");
     let forwarded = upstream.last_request().expect("the upstream got the request");
-    assert_eq!(forwarded.path, "/v1/chat/completions");
+    assert_eq!(forwarded.path, "/v1/models");
     assert_eq!(
         forwarded.header("authorization").as_deref(),
         Some("Bearer sk-demo-0123456789abcdefghijklmnopqrstuvwxyzDEMO"),
@@ -309,7 +324,7 @@ async fn logs_and_metrics(client: &Client) {
         assert!(logs.lines().all(|line| serde_json::from_str::<Value>(line).is_ok()), "{logs}");
     }
     let script = format!("wget -q -O- http://{RELEASE}-proxy.{NS}.svc:9090/metrics");
-    start_pod(client, NS, "scrape", None, &script).await;
+    start_pod(client, NS, "scrape", BUSYBOX, None, &["sh", "-c", &script]).await;
     let metrics = pod_output(client, NS, "scrape", Duration::from_secs(60)).await;
     // Either replica may answer: each has the quickstart's token in its routing table.
     for family in ["llmproxy_upstream_latency_seconds", "llmproxy_connections_open"] {
@@ -319,9 +334,11 @@ async fn logs_and_metrics(client: &Client) {
     assert_eq!(tokens, Some("1"), "{metrics}");
 }
 
-/// A client keeps requests and 2-second streams going through the Service while
-/// `helm upgrade` rolls the proxy: no request fails and every stream completes.
-async fn upgrade_under_load(client: &Client) {
+/// Two workloads keep requests and 2-second streams going through the Service while
+/// `helm upgrade` rolls the proxy: busybox's wget (a new connection each time, no
+/// retries) and the openai SDK (pooled keep-alive connections, its default retries).
+/// No request fails and every stream completes.
+async fn upgrade_under_load(client: &Client, python: &str) {
     let before: Vec<String> = component_pods(client, "proxy").await.iter().map(name).collect();
     create_token(client, "steady", None).await;
     let script = format!(
@@ -331,13 +348,17 @@ chat() {{ while [ "$(date +%s)" -lt "$end" ]; do out=$(req --post-data '{{"model
 stream() {{ while [ "$(date +%s)" -lt "$end" ]; do out=$(req --header 'x-fake-chunks: 20' --header 'x-fake-chunk-delay-ms: 100' --post-data '{{"model":"m","messages":[],"stream":true}}'); case "$out" in *chunk19*'[DONE]'*) echo "ok stream";; *) echo "FAIL stream $out";; esac; done; }}
 chat & chat & stream & stream & wait"#
     );
-    start_pod(client, APPS, "steady", Some("steady"), &script).await;
+    start_pod(client, APPS, "steady", BUSYBOX, Some("steady"), &["sh", "-c", &script]).await;
+    let sdk_load = SDK_LOAD.replace("ANSWER", ANSWER);
+    start_pod(client, APPS, "steady-sdk", python, Some("steady"), &["python3", "-c", &sdk_load]).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), APPS);
-    support::eventually(Duration::from_secs(60), || async {
-        let logs = pods.logs("steady", &LogParams::default()).await.ok()?;
-        (logs.contains("ok chat") && logs.contains("ok stream")).then_some(())
-    })
-    .await;
+    for (pod, wanted) in [("steady", ["ok chat", "ok stream"]), ("steady-sdk", ["ok sdk-chat", "ok sdk-stream"])] {
+        support::eventually(Duration::from_secs(60), || async {
+            let logs = pods.logs(pod, &LogParams::default()).await.ok()?;
+            wanted.iter().all(|w| logs.contains(w)).then_some(())
+        })
+        .await;
+    }
 
     let rolling = Instant::now();
     helm_deploy("upgrade", &["--reuse-values", "--set", "proxy.logLevel=debug"]);
@@ -348,14 +369,59 @@ chat & chat & stream & stream & wait"#
     })
     .await;
     let rolled = rolling.elapsed();
-    assert_eq!(pod_phase(client, APPS, "steady").await, "Running", "the rollout ended before the load did");
-    let output = pod_output(client, APPS, "steady", Duration::from_secs(90)).await;
+    for pod in ["steady", "steady-sdk"] {
+        assert_eq!(pod_phase(client, APPS, pod).await, "Running", "the rollout ended before {pod}'s load did");
+    }
+    let mut output = pod_output(client, APPS, "steady", Duration::from_secs(90)).await;
+    output += &pod_output(client, APPS, "steady-sdk", Duration::from_secs(90)).await;
     let counts = tally(&output);
     println!("rolled the proxy in {:.1}s under load: {counts:?}", rolled.as_secs_f64());
     assert_eq!(failures(&output), Vec::<String>::new(), "requests failed during the rollout: {counts:?}");
-    assert!(counts.get("ok stream").copied().unwrap_or(0) >= 20, "{counts:?}");
-    assert!(counts.get("ok chat").copied().unwrap_or(0) >= 50, "{counts:?}");
+    for (what, least) in [("ok chat", 50), ("ok stream", 20), ("ok sdk-chat", 50), ("ok sdk-stream", 20)] {
+        assert!(counts.get(what).copied().unwrap_or(0) >= least, "{counts:?}");
+    }
 }
+
+/// The SDK's side of the load: two threads of chat completions, two of streams, for 40 s.
+const SDK_LOAD: &str = r#"
+import threading, time
+import openai
+
+client = openai.OpenAI()  # OPENAI_API_KEY and OPENAI_BASE_URL from envFrom
+end = time.time() + 40
+lock = threading.Lock()
+
+def say(line):
+    with lock:
+        print(line, flush=True)
+
+def chat():
+    while time.time() < end:
+        try:
+            answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+            text = answer.choices[0].message.content
+            say("ok sdk-chat" if text == "ANSWER" else f"FAIL sdk-chat {text!r}")
+        except Exception as e:
+            say(f"FAIL sdk-chat {type(e).__name__}: {e}")
+        time.sleep(0.05)
+
+def stream():
+    while time.time() < end:
+        try:
+            chunks = client.chat.completions.create(
+                model="m", messages=[], stream=True,
+                extra_headers={"x-fake-chunks": "20", "x-fake-chunk-delay-ms": "100"})
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            say("ok sdk-stream" if "chunk19" in text else f"FAIL sdk-stream {text!r}")
+        except Exception as e:
+            say(f"FAIL sdk-stream {type(e).__name__}: {e}")
+
+threads = [threading.Thread(target=f) for f in (chat, chat, stream, stream)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"#;
 
 /// Deleting the leading controller pod: another takes the Lease and minting goes on.
 async fn leader_deleted(client: &Client) {
@@ -387,7 +453,7 @@ async fn proxy_deleted_mid_burst(client: &Client, upstream: &FakeUpstream) {
 one() {{ i=0; while [ $i -lt 12 ]; do i=$((i+1)); out=$(req --header 'x-burst: 1' --header 'x-fake-delay-ms: 1000' --post-data '{{"model":"m","messages":[]}}'); case "$out" in *'{ANSWER}'*) echo "ok";; *' 429 '*) echo "refused";; *) echo "FAIL $out";; esac; done; }}
 one & one & one & one & one & one & one & one & wait"#
     );
-    start_pod(client, APPS, "burst", Some("capped"), &script).await;
+    start_pod(client, APPS, "burst", BUSYBOX, Some("capped"), &["sh", "-c", &script]).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), APPS);
     support::eventually(Duration::from_secs(60), || async {
         let logs = pods.logs("burst", &LogParams::default()).await.ok()?;
