@@ -54,8 +54,11 @@ $kubectl apply --server-side -f crds/llmproxy.io.yaml >/dev/null
 $kubectl wait --for condition=established crd/proxytokens.llmproxy.io >/dev/null
 for ns in bench-ops bench-apps; do $kubectl create namespace "$ns" --dry-run=client -o yaml | $kubectl apply -f - >/dev/null; done
 $kubectl delete proxytokens -n bench-apps --all --wait=false >/dev/null 2>&1 || true
+# A key Secret must say it is one, and which Projects may use it.
 $kubectl -n bench-ops create secret generic bench-key --from-literal=apiKey=sk-bench-0123456789abcdefghijklmnop \
-  --dry-run=client -o yaml | $kubectl apply -f - >/dev/null
+  --dry-run=client -o yaml | $kubectl label -f - --local -o yaml llmproxy.io/api-key=true |
+  $kubectl annotate -f - --local -o yaml llmproxy.io/projects=bench,bench-models | $kubectl apply -f - >/dev/null
+# bench-models: the same with a model allowlist, for its cost per request.
 cat <<YAML | $kubectl apply -f - >/dev/null
 apiVersion: llmproxy.io/v1alpha1
 kind: Project
@@ -64,6 +67,15 @@ spec:
   apiKeySecretRef: {name: bench-key}
   upstream: {url: "http://127.0.0.1:$up_port"}
   allowedNamespaces: {from: All}
+---
+apiVersion: llmproxy.io/v1alpha1
+kind: Project
+metadata: {name: bench-models, labels: {llmproxy.io/bench: "1"}}
+spec:
+  apiKeySecretRef: {name: bench-key}
+  upstream: {url: "http://127.0.0.1:$up_port"}
+  allowedNamespaces: {from: All}
+  limits: {models: ["gpt-4o-mini", "gpt-4.1*", "m"]}
 YAML
 start upstream "$target/fake-upstream" "127.0.0.1:$up_port"
 start controller "$target/llm-proxy" controller --namespace bench-ops --label-selector llmproxy.io/bench=1 \
@@ -76,11 +88,13 @@ run_id=$(date +%s)
 for i in $(seq 1 "$TOKENS"); do
   printf -- '---\napiVersion: llmproxy.io/v1alpha1\nkind: ProxyToken\nmetadata: {name: r%s-t%s, namespace: bench-apps, labels: {llmproxy.io/bench: "1"}}\nspec: {projectRef: {name: bench}, duration: 720h}\n' "$run_id" "$i" >>"$manifest"
 done
+printf -- '---\napiVersion: llmproxy.io/v1alpha1\nkind: ProxyToken\nmetadata: {name: r%s-models, namespace: bench-apps, labels: {llmproxy.io/bench: "1"}}\nspec: {projectRef: {name: bench-models}, duration: 720h, limits: {models: ["m"]}}\n' "$run_id" >>"$manifest"
 mint_start=$(date +%s.%N)
 $kubectl apply --server-side -f "$manifest" >/dev/null
-until [ "$($kubectl get proxytokens -n bench-apps --field-selector status.phase=Active -o name | wc -l)" -ge "$TOKENS" ]; do sleep 0.5; done
+until [ "$($kubectl get proxytokens -n bench-apps --field-selector status.phase=Active -o name | wc -l)" -ge "$((TOKENS + 1))" ]; do sleep 0.5; done
 mint_secs=$(echo "$(date +%s.%N) - $mint_start" | bc)
 token=$($kubectl -n bench-apps get secret "r$run_id-t1" -o jsonpath='{.data.token}' | base64 -d)
+models_token=$($kubectl -n bench-apps get secret "r$run_id-models" -o jsonpath='{.data.token}' | base64 -d)
 
 # --- the data plane ------------------------------------------------------------------
 sync_start=$(date +%s.%N)
@@ -134,11 +148,13 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $token"
 LUA
 sed "s/Bearer $token/Bearer sk-bench-litellm-master/" "$state/post.lua" >"$state/post-litellm.lua"
+sed "s/Bearer $token/Bearer $models_token/" "$state/post.lua" >"$state/post-models.lua"
 
 # latency NAME URL RATE -> "p50_ms p99_ms p999_ms" (oha, open loop at RATE req/s)
 latency() {
   local bearer=$token
   [ "$1" = litellm ] && bearer=sk-bench-litellm-master
+  [ "$1" = ours_models ] && bearer=$models_token
   oha -z "$DURATION" -q "$3" -c 4 --latency-correction --no-tui --output-format json -m POST \
     -H "Authorization: Bearer $bearer" -H 'Content-Type: application/json' \
     -d '{"model":"m","messages":[{"role":"user","content":"hi"}]}' "$2/v1/chat/completions" >"$state/oha-$1.json"
@@ -147,20 +163,29 @@ d = json.load(open(sys.argv[1])); p = d["latencyPercentiles"]
 assert d["summary"]["successRate"] == 1, "requests failed: %s" % d.get("errorDistribution")
 print("%.3f %.3f %.3f" % (p["p50"] * 1000, p["p99"] * 1000, p["p99.9"] * 1000))' "$state/oha-$1.json"
 }
+# cpu_ticks PID -> user + system CPU time of PID, in clock ticks
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # throughput NAME URL -> req/s (wrk, closed loop, 16 connections)
 throughput() {
   local script=$state/post.lua out
   [ "$1" = litellm ] && script=$state/post-litellm.lua
+  [ "$1" = ours_models ] && script=$state/post-models.lua
+  local before
+  before=$(cpu_ticks "$proxy_pid")
   out=$(wrk -t2 -c16 -d"$DURATION" -s "$script" "$2/v1/chat/completions")
   echo "$out" >"$state/wrk-$1.txt"
+  # The one-thread proxy's CPU time per request, for the runs through it.
+  echo "scale=1; ($(cpu_ticks "$proxy_pid") - $before) * 1000000 / $(getconf CLK_TCK) / $(echo "$out" | awk '/requests in/ {print $1}')" |
+    bc >"$state/cpu-$1"
   if echo "$out" | grep -q 'Non-2xx'; then echo "wrk saw errors from $1: $out" >&2; exit 1; fi
   echo "$out" | awk '/Requests\/sec/ {printf "%.0f\n", $2}'
 }
 
 declare -A lat thr url
 url=([direct]=http://127.0.0.1:$up_port [nginx]=http://127.0.0.1:$nginx_port [ours]=http://127.0.0.1:$proxy_port
+  [ours_models]=http://127.0.0.1:$proxy_port
   [nginx_n]=http://127.0.0.1:$nginx_n_port [ours_n]=http://127.0.0.1:$proxy_n_port [litellm]=http://127.0.0.1:$litellm_port)
-for name in direct nginx ours nginx_n ours_n litellm; do
+for name in direct nginx ours ours_models nginx_n ours_n litellm; do
   rate=$RATE
   [ "$name" = litellm ] && rate=$LITELLM_RATE
   lat[$name]=$(latency "$name" "${url[$name]}" "$rate")
@@ -213,11 +238,13 @@ Routing table: 1 project, $TOKENS tokens, loaded from the local API server. llm-
 $(row "direct (client → upstream)" direct)
 $(row "nginx, 1 worker (plain reverse proxy, no auth)" nginx)
 $(row "llm-proxy, 1 thread (auth + key swap + usage + access log)" ours)
+$(row "llm-proxy, 1 thread, token and project with a model allowlist" ours_models)
 $(row "nginx, worker_processes auto ($threads)" nginx_n)
 $(row "llm-proxy, default threads ($threads)" ours_n)
 $(row "LiteLLM 1.106.12 proxy, 2 workers (at $LITELLM_RATE req/s)" litellm direct_litellm)
 
 - Added latency ours / nginx, one worker each: p50 $(ratio "$(added ours 1)" "$(added nginx 1)"), p99 $(ratio "$(added ours 2)" "$(added nginx 2)"), p99.9 $(ratio "$(added ours 3)" "$(added nginx 3)"); with defaults: p50 $(ratio "$(added ours_n 1)" "$(added nginx_n 1)"), p99 $(ratio "$(added ours_n 2)" "$(added nginx_n 2)"), p99.9 $(ratio "$(added ours_n 3)" "$(added nginx_n 3)").
+- Model allowlist (the body read up to its model and checked against two lists, the rest scanned on): throughput $(ratio "${thr[ours_models]}" "${thr[ours]}")× that without one; the one-thread proxy's CPU time per request $(cat "$state/cpu-ours_models") µs with it, $(cat "$state/cpu-ours") µs without (user + system, over each wrk run); added p50 $(added ours_models 1) ms vs $(added ours 1) ms.
 - Throughput ours / nginx: $(ratio "${thr[ours]}" "${thr[nginx]}") with one worker each, $(ratio "${thr[ours_n]}" "${thr[nginx_n]}") with defaults; ours / LiteLLM: $(ratio "${thr[ours_n]}" "${thr[litellm]}").
 - Streams (20 chunks, 10 ms apart; mean of 20): time to first byte direct $(printf "%.3f" "$direct_ttfb") ms, through llm-proxy $(printf "%.3f" "$ours_ttfb") ms (added $(printf "%.3f" "$(echo "$ours_ttfb - $direct_ttfb" | bc)") ms); total $direct_total ms vs $ours_total ms.
 - Controller: $TOKENS ProxyTokens minted in $(secs "$mint_secs") s ($(echo "scale=1; $TOKENS / $mint_secs" | bc) tokens/s).

@@ -84,6 +84,10 @@ struct ProxyArgs {
     /// Largest request body forwarded, in bytes; larger ones get 413.
     #[arg(long, env = "LLMPROXY_MAX_REQUEST_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_request_body_bytes: u64,
+    /// Most bytes of a request body read to find its model when a model allowlist
+    /// (spec.limits.models) applies; held in memory until the model is checked.
+    #[arg(long, env = "LLMPROXY_MODEL_LOOKAHEAD_BYTES", default_value_t = 1024 * 1024)]
+    model_lookahead_bytes: usize,
     /// Seconds in-flight requests get to finish after SIGTERM (after the shutdown delay).
     #[arg(long, env = "LLMPROXY_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -186,6 +190,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         response_timeout: Duration::from_secs(args.upstream_timeout_seconds),
         idle_timeout: Duration::from_secs(args.upstream_idle_timeout_seconds),
         max_request_body: args.max_request_body_bytes,
+        model_lookahead: args.model_lookahead_bytes,
     };
     let threads = match args.worker_threads {
         Some(threads) if threads > 0 => threads,

@@ -20,6 +20,7 @@ pub(crate) fn project(name: &str) -> Project {
             upstream: Upstream { url: "http://127.0.0.1:9/".into() },
             allowed_namespaces: None,
             tokens_not_before: None,
+            limits: None,
         },
     );
     p.metadata.generation = Some(1);
@@ -37,6 +38,7 @@ pub(crate) fn token(name: &str, namespace: &str, project: &str) -> ProxyToken {
             max_requests: None,
             revoked: false,
             secret_name: None,
+            limits: None,
         },
     );
     t.metadata.namespace = Some(namespace.into());

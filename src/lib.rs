@@ -32,6 +32,7 @@ mod fixtures;
 mod grant;
 pub mod index;
 mod metrics;
+mod models;
 mod proxy;
 pub mod telemetry;
 pub mod token;

@@ -5,10 +5,12 @@
 //! the controller writes the minted token into a Secret next to the ProxyToken.
 
 mod condition;
+mod limits;
 mod project;
 mod proxytoken;
 
 pub use condition::{ConditionStatus, Conditions, is_true};
+pub use limits::*;
 pub use project::*;
 pub use proxytoken::*;
 

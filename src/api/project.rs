@@ -76,6 +76,10 @@ pub struct ProjectSpec {
     /// Every token issued before this time is revoked for good (bulk revocation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_not_before: Option<Time>,
+
+    /// Limits for every request with this project's tokens (each token may narrow them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<super::Limits>,
 }
 
 fn default_true() -> bool {

@@ -96,6 +96,11 @@ pub struct ProxyTokenSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub secret_name: Option<String>,
+
+    /// Limits for this token's requests, on top of its Project's: a request must pass
+    /// both (so a token can only narrow what its Project allows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<super::Limits>,
 }
 
 /// A reference to a Project by name.

@@ -27,6 +27,7 @@ pub use table::{
 use crate::api::{AllowedNamespaces, Project, ProxyToken, TokenPhase};
 use crate::apikey::{ApiKey, KeyProblem};
 use crate::duration::parse_go_duration;
+use crate::models::ModelAllowlist;
 use crate::token::TokenHash;
 
 /// One watch event of any kind the index follows.
@@ -64,6 +65,7 @@ struct ProjectEntry {
     secret_name: String,
     secret_key: String,
     grant: Option<AllowedNamespaces>,
+    models: Option<ModelAllowlist>,
 }
 
 /// A key Secret as the index keeps it: which projects it is bound to, and its data.
@@ -218,6 +220,7 @@ impl Index {
                     upstream: p.upstream.clone(),
                     key,
                     grant: p.grant.clone(),
+                    models: p.models.clone(),
                 };
                 (name.clone(), Arc::new(route))
             })
@@ -297,6 +300,7 @@ impl Index {
             secret_name: p.spec.api_key_secret_ref.name.clone(),
             secret_key: p.spec.api_key_secret_ref.key.clone(),
             grant: p.spec.allowed_namespaces.clone(),
+            models: allowlist(p.spec.limits.as_ref()),
         };
         self.projects.insert(Arc::from(p.name_any()), entry);
     }
@@ -418,8 +422,14 @@ fn token_route(t: &ProxyToken) -> Option<MintedRoute> {
         revoked: t.spec.revoked || status.phase == Some(TokenPhase::Revoked),
         max_requests: t.spec.max_requests.map(|m| m.max(0) as u64),
         request_count: status.request_count.unwrap_or(0).max(0) as u64,
+        models: allowlist(t.spec.limits.as_ref()),
     };
     Some((hash, route))
+}
+
+/// The model allowlist of `limits`, if it has one.
+fn allowlist(limits: Option<&crate::api::Limits>) -> Option<ModelAllowlist> {
+    limits?.models.as_deref().map(ModelAllowlist::new)
 }
 
 #[cfg(test)]

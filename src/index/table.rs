@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::api::AllowedNamespaces;
 use crate::apikey::{ApiKey, KeyProblem};
 use crate::fate::{Facts, Fate};
+use crate::models::ModelAllowlist;
 use crate::token::TokenHash;
 
 /// A token the proxy knows, as of the last watch event.
@@ -34,6 +35,8 @@ pub struct TokenRoute {
     pub max_requests: Option<u64>,
     /// Requests already counted in its status.
     pub request_count: u64,
+    /// `spec.limits.models`: the models its requests may name (`None`: any).
+    pub models: Option<ModelAllowlist>,
 }
 
 /// A project the proxy knows, with its key resolved from the Secret.
@@ -55,6 +58,8 @@ pub struct ProjectRoute {
     pub key: Result<Arc<ApiKey>, KeyProblem>,
     /// `spec.allowedNamespaces`: which namespaces' tokens it serves ([`crate::grant`]).
     pub grant: Option<AllowedNamespaces>,
+    /// `spec.limits.models`: the models its tokens' requests may name (`None`: any).
+    pub models: Option<ModelAllowlist>,
 }
 
 /// Why a request is refused before it goes upstream.

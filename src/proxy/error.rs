@@ -63,6 +63,15 @@ pub(crate) enum ProxyError {
     /// The upstream did not answer in time.
     #[error("upstream timeout")]
     UpstreamTimeout,
+    /// The request names a model its token or Project does not allow.
+    #[error("model not allowed")]
+    ModelNotAllowed,
+    /// A model allowlist applies and the proxy cannot find the request's model.
+    #[error("model required")]
+    ModelRequired,
+    /// The request body names its model more than once.
+    #[error("model named twice")]
+    ModelAmbiguous,
 }
 
 impl ProxyError {
@@ -75,7 +84,8 @@ impl ProxyError {
             | Self::TokenExpired
             | Self::ProjectDeleted => StatusCode::UNAUTHORIZED,
             Self::TokenExhausted => StatusCode::TOO_MANY_REQUESTS,
-            Self::ProjectInactive | Self::NamespaceNotAllowed => StatusCode::FORBIDDEN,
+            Self::ProjectInactive | Self::NamespaceNotAllowed | Self::ModelNotAllowed => StatusCode::FORBIDDEN,
+            Self::ModelRequired | Self::ModelAmbiguous => StatusCode::BAD_REQUEST,
             Self::ProjectKeyInvalid | Self::NotReady | Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::EndpointNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -106,6 +116,9 @@ impl ProxyError {
             Self::HeadersTooLarge => "headers_too_large",
             Self::UpstreamError => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::ModelNotAllowed => "model_not_allowed",
+            Self::ModelRequired => "model_required",
+            Self::ModelAmbiguous => "model_ambiguous",
         }
     }
 
@@ -117,7 +130,8 @@ impl ProxyError {
             | Self::TokenRevoked
             | Self::TokenExpired
             | Self::ProjectDeleted => "authentication_error",
-            Self::ProjectInactive | Self::NamespaceNotAllowed => "permission_error",
+            Self::ProjectInactive | Self::NamespaceNotAllowed | Self::ModelNotAllowed => "permission_error",
+            Self::ModelRequired | Self::ModelAmbiguous => "invalid_request_error",
             Self::TokenExhausted => "rate_limit_error",
             Self::EndpointNotFound | Self::MethodNotAllowed | Self::PayloadTooLarge | Self::HeadersTooLarge => {
                 "invalid_request_error"
@@ -174,13 +188,25 @@ impl ProxyError {
             }
             Self::UpstreamError => "The upstream API could not be reached: retry later.",
             Self::UpstreamTimeout => "The upstream API did not answer in time: retry later.",
+            Self::ModelNotAllowed => "This model is not allowed for this token (spec.limits.models).",
+            Self::ModelRequired => {
+                "This token may use only some models (spec.limits.models), so the request must name its model where the proxy reads it."
+            }
+            Self::ModelAmbiguous => "The request body names its model more than once: send one model field.",
         }
     }
 
     /// The JSON response.
     pub(crate) fn into_response(self) -> Response<Body> {
+        self.into_response_saying(self.message())
+    }
+
+    /// The JSON response, with `message` in place of the usual one.
+    pub(crate) fn into_response_saying(self, message: &str) -> Response<Body> {
+        let param =
+            matches!(self, Self::ModelNotAllowed | Self::ModelRequired | Self::ModelAmbiguous).then_some("model");
         let body = serde_json::json!({
-            "error": { "message": self.message(), "type": self.kind(), "code": self.code(), "param": null }
+            "error": { "message": message, "type": self.kind(), "code": self.code(), "param": param }
         });
         let mut response = Response::new(super::full(Bytes::from(body.to_string())));
         *response.status_mut() = self.status();
@@ -210,5 +236,34 @@ impl From<PathError> for ProxyError {
             PathError::NotFound => Self::EndpointNotFound,
             PathError::MethodNotAllowed => Self::MethodNotAllowed,
         }
+    }
+}
+
+/// A refusal, with a message made for this request where the usual one says too little
+/// (which model, which list).
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) error: ProxyError,
+    detail: Option<String>,
+}
+
+impl Refused {
+    /// `error`, answered with `message`.
+    pub(crate) fn saying(error: ProxyError, message: String) -> Self {
+        Self { error, detail: Some(message) }
+    }
+
+    /// The JSON response.
+    pub(crate) fn into_response(self) -> Response<Body> {
+        match self.detail {
+            Some(message) => self.error.into_response_saying(&message),
+            None => self.error.into_response(),
+        }
+    }
+}
+
+impl From<ProxyError> for Refused {
+    fn from(error: ProxyError) -> Self {
+        Self { error, detail: None }
     }
 }

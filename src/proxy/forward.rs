@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::ProxySettings;
 use super::error::ProxyError;
+use super::model::{Replayed, SecondModel};
 use crate::index::Route;
 use http_body_util::{LengthLimitError, Limited};
 
@@ -30,7 +31,7 @@ const STRIPPED_RESPONSE_HEADERS: &[&str] = &["openai-organization", "openai-proj
 /// The pooled upstream client, built once.
 #[derive(Clone)]
 pub(crate) struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Limited<Incoming>>,
+    client: Client<HttpsConnector<HttpConnector>, Limited<Replayed>>,
     response_timeout: Duration,
     max_request_body: u64,
 }
@@ -61,7 +62,7 @@ impl Upstream {
     /// Forwards `request` to the route's upstream. The response body is not read here.
     pub(crate) async fn forward(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<Replayed>,
         route: &Route,
     ) -> Result<Response<Incoming>, ProxyError> {
         let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -93,6 +94,8 @@ impl Upstream {
         let mut response = match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(error)) if caused_by::<LengthLimitError>(&error) => return Err(ProxyError::PayloadTooLarge),
+            // Cut before its end: the upstream never got a complete request.
+            Ok(Err(error)) if caused_by::<SecondModel>(&error) => return Err(ProxyError::ModelAmbiguous),
             Ok(Err(error)) => {
                 tracing::warn!(project = %route.project.name, error = %crate::telemetry::Chain(&error), "upstream request failed");
                 return Err(ProxyError::UpstreamError);

@@ -7,6 +7,7 @@
 mod error;
 mod forward;
 pub(crate) mod llm_usage;
+mod model;
 pub(crate) mod paths;
 pub(crate) mod quota;
 pub(crate) mod server;
@@ -20,7 +21,7 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response, header};
 
-pub(crate) use error::ProxyError;
+pub(crate) use error::{ProxyError, Refused};
 pub(crate) use forward::Upstream;
 
 use crate::index::{Route, watch::SharedTable};
@@ -50,6 +51,8 @@ pub(crate) struct ProxySettings {
     pub idle_timeout: Duration,
     /// Largest request body forwarded; larger ones get 413.
     pub max_request_body: u64,
+    /// Most body bytes read to find the model when a model allowlist applies.
+    pub model_lookahead: usize,
 }
 
 impl Default for ProxySettings {
@@ -59,6 +62,7 @@ impl Default for ProxySettings {
             response_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(300),
             max_request_body: 32 * 1024 * 1024,
+            model_lookahead: 1024 * 1024,
         }
     }
 }
@@ -76,6 +80,7 @@ pub(crate) struct Proxy {
     quota: std::sync::Arc<Quota>,
     metrics: std::sync::Arc<Metrics>,
     idle_timeout: Duration,
+    model_lookahead: usize,
 }
 
 impl Proxy {
@@ -86,7 +91,14 @@ impl Proxy {
         metrics: std::sync::Arc<Metrics>,
         settings: &ProxySettings,
     ) -> Self {
-        Self { table, upstream: Upstream::new(settings), quota, metrics, idle_timeout: settings.idle_timeout }
+        Self {
+            table,
+            upstream: Upstream::new(settings),
+            quota,
+            metrics,
+            idle_timeout: settings.idle_timeout,
+            model_lookahead: settings.model_lookahead,
+        }
     }
 
     /// Handles one request; never fails (errors become JSON responses).
@@ -104,7 +116,10 @@ impl Proxy {
                 let counted = paths::reports_usage(&method, &path) && response.status().is_success();
                 (self.tap_usage(response, &route, counted), Some(route), outcome, Some(upstream_time))
             }
-            Err((error, route)) => (error.into_response(), route, error.code(), None),
+            Err((refused, route)) => {
+                let code = refused.error.code();
+                (refused.into_response(), route, code, None)
+            }
         };
         let elapsed = started.elapsed();
         static NO_PROJECT: std::sync::LazyLock<std::sync::Arc<str>> =
@@ -148,24 +163,30 @@ impl Proxy {
     async fn route_and_forward(
         &self,
         request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Route, Duration), (ProxyError, Option<Route>)> {
-        check_header_size(request.headers()).map_err(|e| (e, None))?;
-        paths::check(request.method(), request.uri().path()).map_err(|e| (e.into(), None))?;
-        let hash = bearer_token_hash(&request).map_err(|e| (e, None))?;
+    ) -> Result<(Response<Incoming>, Route, Duration), (Refused, Option<Route>)> {
+        let refused = |error: ProxyError| (Refused::from(error), None);
+        check_header_size(request.headers()).map_err(refused)?;
+        paths::check(request.method(), request.uri().path()).map_err(|e| refused(e.into()))?;
+        let hash = bearer_token_hash(&request).map_err(refused)?;
         let table = self.table.load();
         if !table.ready {
-            return Err((ProxyError::NotReady, None));
+            return Err(refused(ProxyError::NotReady));
         }
         let now = now_us();
-        let route = table.authorize(&hash, now).map_err(|d| (d.into(), None))?;
+        let route = table.authorize(&hash, now).map_err(|d| refused(d.into()))?;
         drop(table);
+        // Before the quota: a refused model spends none of the token's budget.
+        let request = match model::admit(request, &route, self.model_lookahead).await {
+            Ok(request) => request,
+            Err(refusal) => return Err((refusal, Some(route))),
+        };
         if let Err(error) = self.quota.admit(hash, &route, now).await {
-            return Err((error, Some(route)));
+            return Err((error.into(), Some(route)));
         }
         let sent = Instant::now();
         match self.upstream.forward(request, &route).await {
             Ok(response) => Ok((response, route, sent.elapsed())),
-            Err(error) => Err((error, Some(route))),
+            Err(error) => Err((error.into(), Some(route))),
         }
     }
 }

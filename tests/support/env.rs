@@ -245,6 +245,7 @@ impl Env {
                 upstream: Upstream { url: self.upstream.url.clone() },
                 allowed_namespaces: Some(AllowedNamespaces { from: NamespacesFrom::All, selector: None }),
                 tokens_not_before: None,
+                limits: None,
             },
         );
         project.metadata.labels = Some([(TEST_LABEL.to_string(), self.id.clone())].into());

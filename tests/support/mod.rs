@@ -93,5 +93,6 @@ pub fn token_spec(project: &str) -> ProxyTokenSpec {
         max_requests: None,
         revoked: false,
         secret_name: None,
+        limits: None,
     }
 }

@@ -170,6 +170,7 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                 max_requests,
                 revoked: false,
                 secret_name: None,
+                limits: None,
             };
             let mut token = ProxyToken::new(&name, spec);
             token.metadata.labels = (!labels.is_empty()).then(|| labels.into_iter().collect());
