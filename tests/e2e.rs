@@ -75,7 +75,22 @@ async fn crds_show_useful_columns_and_reject_invalid_objects() {
     );
     assert_eq!(
         header(&["get", "proxytokens", "-n", &env.apps, "-o", "wide"]),
-        ["NAME", "PROJECT", "STATUS", "REQUESTS", "MAX", "EXPIRES", "REASON", "LAST USED", "ENFORCED", "SECRET", "AGE"]
+        [
+            "NAME",
+            "PROJECT",
+            "STATUS",
+            "REQUESTS",
+            "MAX",
+            "RPM",
+            "MINUTE",
+            "IN MINUTE",
+            "EXPIRES",
+            "REASON",
+            "LAST USED",
+            "ENFORCED",
+            "SECRET",
+            "AGE"
+        ]
     );
     assert_eq!(
         header(&["get", "projects", &env.scoped("p"), "-o", "wide"]),

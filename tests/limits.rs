@@ -3,13 +3,15 @@
 
 mod support;
 
+use std::time::Duration;
+
 use kube::Api;
 use kube::api::PostParams;
 use llm_proxy::api::{Limits, Project, TokenPhase};
 use support::{CurlResponse, Env, curl};
 
 fn models(list: &[&str]) -> Option<Limits> {
-    Some(Limits { models: Some(list.iter().map(|m| m.to_string()).collect()) })
+    Some(Limits { models: Some(list.iter().map(|m| m.to_string()).collect()), requests_per_minute: None })
 }
 
 /// A chat completion naming `model`, with `token`.
@@ -129,18 +131,8 @@ try:
 except openai.PermissionDeniedError as e:
     print(e.status_code, e.code, e.message)
 "#;
-    let out = std::process::Command::new(support::sdk_python())
-        .args(["-c", script])
-        .env("OPENAI_API_KEY", &narrow)
-        .env("OPENAI_BASE_URL", format!("{}/v1", env.proxy_url()))
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        said.starts_with("403 model_not_allowed") && said.contains(r#""gpt-4o""#),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (said, stderr) = env.sdk(script, &narrow).await;
+    assert!(said.starts_with("403 model_not_allowed") && said.contains(r#""gpt-4o""#), "{said}{stderr}");
 }
 
 #[tokio::test]
@@ -169,4 +161,74 @@ async fn invalid_model_lists_are_refused_with_what_to_fix() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("each models entry is a model name (gpt-4o-mini) or a prefix ending in *"), "{error}");
+}
+
+/// Sleeps until the wall clock's second of the minute is in `seconds`.
+async fn wait_for_second(seconds: std::ops::Range<u64>) {
+    loop {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        let second = now.as_secs() % 60;
+        if seconds.contains(&second) {
+            return;
+        }
+        let until = (seconds.start + 60 - second) % 60;
+        tokio::time::sleep(Duration::from_millis(until.max(1) * 1000 - u64::from(now.subsec_millis()).min(999))).await;
+    }
+}
+
+/// `requestsPerMinute` over two proxy processes: a minute never admits more, whatever
+/// replica the requests reach; beyond it, 429 `rate_limit_exceeded` with OpenAI's
+/// rate-limit headers; and the official SDK waits out `Retry-After` and gets its answer
+/// in the next minute (the forwarded request says it is a retry).
+#[tokio::test]
+async fn a_minute_never_admits_more_than_requests_per_minute_across_replicas() {
+    let mut env = Env::new("rpm").await;
+    env.start_controller();
+    // proxy-a is the Env's own proxy, where env.sdk sends the SDK.
+    let ports = [env.proxy_port, support::free_port()];
+    env.start_proxy_as("proxy-a", ports[0], env.proxy_admin_port, &[]).await;
+    env.start_proxy_as("proxy-b", ports[1], support::free_port(), &[]).await;
+    env.create_project("p").await;
+    let mut spec = support::token_spec(&env.scoped("p"));
+    spec.limits = Some(Limits { models: None, requests_per_minute: Some(20) });
+    env.create_token("rpm", spec).await;
+    env.wait_token("rpm", TokenPhase::Active).await;
+    let secret = env.token_secret("rpm").await["token"].clone();
+
+    // 60 at once over both replicas, well inside one minute.
+    wait_for_second(0..45).await;
+    let results = support::burst(&ports, &secret, 60).await;
+    let served = results.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(served, 20, "{results:?}");
+    assert!(results.iter().filter(|(s, _)| *s != 200).all(|(s, code)| *s == 429 && code == "rate_limit_exceeded"));
+    assert_eq!(env.upstream.requests().len(), 20, "exactly the limit reached the upstream");
+    let auth = format!("Bearer {secret}");
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", ports[1]);
+    let (answer, headers) =
+        support::curl_with_headers("POST", &url, &[("authorization", &auth)], Some(r#"{"model":"m","messages":[]}"#))
+            .await;
+    assert_eq!((answer.status, answer.json()["error"]["type"].as_str()), (429, Some("requests")));
+    let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_default();
+    let retry_after: u64 = header("retry-after").parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{headers:?}");
+    assert_eq!(header("x-ratelimit-limit-requests"), "20");
+    assert_eq!(header("x-ratelimit-remaining-requests"), "0");
+    assert_eq!(header("x-ratelimit-reset-requests"), format!("{retry_after}s"));
+    assert!(header("x-should-retry").is_empty(), "the SDKs retry a rate limit");
+    let token = Api::<llm_proxy::api::ProxyToken>::namespaced(env.client.clone(), &env.apps).get("rpm").await.unwrap();
+    assert_eq!(token.status.unwrap().current_minute.map(|w| w.claimed_requests), Some(20));
+
+    // Near a minute's end, with the minute used up: the SDK waits for the next one.
+    wait_for_second(50..54).await;
+    support::burst(&ports, &secret, 30).await;
+    let script = r#"
+import openai
+answer = openai.OpenAI(max_retries=3).chat.completions.create(model="m", messages=[])
+print(answer.choices[0].message.content)
+"#;
+    let (said, stderr) = env.sdk(script, &secret).await;
+    assert_eq!(said.trim(), "Hello from the fake upstream.", "{stderr}");
+    let forwarded = env.upstream.last_request().unwrap();
+    let retries = forwarded.header("x-stainless-retry-count").unwrap_or_default();
+    assert!(retries.parse::<u32>().unwrap_or(0) >= 1, "the answered request was a retry: {retries:?}");
 }

@@ -252,6 +252,42 @@ async fn metrics_count_requests_upstream_tokens_and_claims() {
 }
 
 /// A GET's body, with curl.
+/// A spent cap is final, and the refusal says so in OpenAI's terms: type
+/// `insufficient_quota` and `x-should-retry: false`. The official SDK retries a 429
+/// twice by default; here it gives up at once, so one refusal reaches the proxy.
+#[tokio::test]
+async fn the_official_sdk_does_not_retry_a_spent_cap() {
+    let mut env = Env::new("spent").await;
+    env.start_controller();
+    env.start_proxy().await;
+    env.create_project("p").await;
+    let secret = capped(&env, "once", 1).await;
+    let script = r#"
+import openai
+client = openai.OpenAI(max_retries=2)
+client.chat.completions.create(model="m", messages=[])
+try:
+    client.chat.completions.create(model="m", messages=[])
+except openai.RateLimitError as e:
+    print(e.status_code, e.type, e.code)
+"#;
+    let (said, stderr) = env.sdk(script, &secret).await;
+    assert_eq!(said.trim(), "429 insufficient_quota token_exhausted", "{stderr}");
+    let metrics = reqwest_text(&format!("http://127.0.0.1:{}/metrics", env.proxy_admin_port)).await;
+    let refused = format!(r#"llmproxy_requests_total{{project="{}",outcome="token_exhausted"}} 1"#, env.scoped("p"));
+    assert!(metrics.contains(&refused), "one refusal, no retry:\n{metrics}");
+    let auth = format!("Bearer {secret}");
+    let (answer, headers) = support::curl_with_headers(
+        "POST",
+        &format!("{}/v1/chat/completions", env.proxy_url()),
+        &[("authorization", &auth)],
+        Some(r#"{"model":"m","messages":[]}"#),
+    )
+    .await;
+    assert_eq!(answer.status, 429);
+    assert!(headers.contains(&("x-should-retry".into(), "false".into())), "{headers:?}");
+}
+
 async fn reqwest_text(url: &str) -> String {
     support::curl("GET", url, &[], None).await.body
 }

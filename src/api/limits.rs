@@ -24,6 +24,13 @@ pub struct Limits {
             .message("each models entry is a model name (gpt-4o-mini) or a prefix ending in * (gpt-4o*); * may only end an entry"),
     )]
     pub models: Option<Vec<ModelPattern>>,
+
+    /// Most requests in one calendar minute (UTC), over every proxy replica together:
+    /// never more. Beyond it, 429 `rate_limit_exceeded` with OpenAI's rate-limit
+    /// headers and `Retry-After` (the SDKs wait and retry). On ProxyTokens only, so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub requests_per_minute: Option<i64>,
 }
 
 /// One entry of [`Limits::models`].

@@ -49,6 +49,8 @@ pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
 #[x_kube(validation = Rule::new(
     "!has(oldSelf.tokensNotBefore) || (has(self.tokensNotBefore) && self.tokensNotBefore >= oldSelf.tokensNotBefore)"
 ).message("tokensNotBefore cannot be removed or moved back: a bulk revocation is permanent"))]
+#[x_kube(validation = Rule::new("!has(self.limits) || !has(self.limits.requestsPerMinute)")
+    .message("limits.requestsPerMinute is set per ProxyToken: a Project-wide window is not supported yet"))]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectSpec {
     /// Human name shown in listings, e.g. "Production API".

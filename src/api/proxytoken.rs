@@ -4,7 +4,7 @@
 // The schema derives generate items at these spans that the lint takes for unreachable.
 #![allow(unreachable_pub)]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -24,6 +24,14 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Requests", type_ = "integer", json_path = ".status.requestCount"),
     printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxRequests"),
+    printcolumn(name = "RPM", type_ = "integer", json_path = ".spec.limits.requestsPerMinute", priority = 1),
+    printcolumn(
+        name = "Minute",
+        type_ = "date",
+        json_path = ".status.currentMinute.start",
+        priority = 1
+    ),
+    printcolumn(name = "In Minute", type_ = "integer", json_path = ".status.currentMinute.claimedRequests", priority = 1),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(
         name = "Reason",
@@ -148,6 +156,11 @@ pub struct ProxyTokenStatus {
     /// Last time a request was forwarded with this token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<MicroTime>,
+    /// With `limits.requestsPerMinute`: the latest minute a request was admitted in, and
+    /// the requests proxy replicas reserved in it (at least those they forwarded in it,
+    /// never more than the limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_minute: Option<RequestWindow>,
     /// The last usage flush each proxy process wrote into `requestCount` (written by the
     /// proxies, with the count): a flush whose answer was lost is retried with the same
     /// sequence number and found here instead of being counted twice.
@@ -179,6 +192,16 @@ pub enum TokenPhase {
     /// Refused as written: its namespace is not (or no longer) allowed by the project,
     /// its Secret name is taken, …
     Rejected,
+}
+
+/// One calendar minute's reservations of a rate limit.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestWindow {
+    /// The minute's first instant (UTC).
+    pub start: Time,
+    /// Requests reserved by proxy replicas in it.
+    pub claimed_requests: i64,
 }
 
 /// One proxy process's last usage flush into a token's `requestCount`.

@@ -423,6 +423,7 @@ fn token_route(t: &ProxyToken) -> Option<MintedRoute> {
         max_requests: t.spec.max_requests.map(|m| m.max(0) as u64),
         request_count: status.request_count.unwrap_or(0).max(0) as u64,
         models: allowlist(t.spec.limits.as_ref()),
+        requests_per_minute: t.spec.limits.as_ref().and_then(|l| l.requests_per_minute).map(|r| r.max(1) as u64),
     };
     Some((hash, route))
 }

@@ -37,6 +37,8 @@ pub struct TokenRoute {
     pub request_count: u64,
     /// `spec.limits.models`: the models its requests may name (`None`: any).
     pub models: Option<ModelAllowlist>,
+    /// `spec.limits.requestsPerMinute`, over every replica.
+    pub requests_per_minute: Option<u64>,
 }
 
 /// A project the proxy knows, with its key resolved from the Secret.

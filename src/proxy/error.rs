@@ -27,6 +27,9 @@ pub(crate) enum ProxyError {
     /// `maxRequests` used up.
     #[error("token request cap reached")]
     TokenExhausted,
+    /// `limits.requestsPerMinute` reached for this minute.
+    #[error("rate limit reached")]
+    RateLimited,
     /// The Project the token was minted for no longer exists.
     #[error("project deleted")]
     ProjectDeleted,
@@ -83,7 +86,7 @@ impl ProxyError {
             | Self::TokenRevoked
             | Self::TokenExpired
             | Self::ProjectDeleted => StatusCode::UNAUTHORIZED,
-            Self::TokenExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Self::TokenExhausted | Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::ProjectInactive | Self::NamespaceNotAllowed | Self::ModelNotAllowed => StatusCode::FORBIDDEN,
             Self::ModelRequired | Self::ModelAmbiguous => StatusCode::BAD_REQUEST,
             Self::ProjectKeyInvalid | Self::NotReady | Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -104,6 +107,7 @@ impl ProxyError {
             Self::TokenRevoked => "token_revoked",
             Self::TokenExpired => "token_expired",
             Self::TokenExhausted => "token_exhausted",
+            Self::RateLimited => "rate_limit_exceeded",
             Self::ProjectDeleted => "project_deleted",
             Self::ProjectInactive => "project_inactive",
             Self::NamespaceNotAllowed => "namespace_not_allowed",
@@ -132,7 +136,10 @@ impl ProxyError {
             | Self::ProjectDeleted => "authentication_error",
             Self::ProjectInactive | Self::NamespaceNotAllowed | Self::ModelNotAllowed => "permission_error",
             Self::ModelRequired | Self::ModelAmbiguous => "invalid_request_error",
-            Self::TokenExhausted => "rate_limit_error",
+            // OpenAI's type for a spent budget, which waiting does not restore.
+            Self::TokenExhausted => "insufficient_quota",
+            // OpenAI's type for request-rate limits, which the SDKs wait out and retry.
+            Self::RateLimited => "requests",
             Self::EndpointNotFound | Self::MethodNotAllowed | Self::PayloadTooLarge | Self::HeadersTooLarge => {
                 "invalid_request_error"
             }
@@ -189,6 +196,9 @@ impl ProxyError {
             Self::UpstreamError => "The upstream API could not be reached: retry later.",
             Self::UpstreamTimeout => "The upstream API did not answer in time: retry later.",
             Self::ModelNotAllowed => "This model is not allowed for this token (spec.limits.models).",
+            Self::RateLimited => {
+                "This token's requests per minute (spec.limits.requestsPerMinute) are used up: retry in the next minute."
+            }
             Self::ModelRequired => {
                 "This token may use only some models (spec.limits.models), so the request must name its model where the proxy reads it."
             }
@@ -210,7 +220,12 @@ impl ProxyError {
         });
         let mut response = Response::new(super::full(Bytes::from(body.to_string())));
         *response.status_mut() = self.status();
-        response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+        // The official SDKs retry every 429 unless told not to: a spent cap is final.
+        if self == Self::TokenExhausted {
+            headers.insert("x-should-retry", header::HeaderValue::from_static("false"));
+        }
         response
     }
 }
@@ -240,30 +255,52 @@ impl From<PathError> for ProxyError {
 }
 
 /// A refusal, with a message made for this request where the usual one says too little
-/// (which model, which list).
+/// (which model, which list, when to retry) and the headers that go with it.
 #[derive(Debug)]
 pub(crate) struct Refused {
     pub(crate) error: ProxyError,
     detail: Option<String>,
+    headers: Vec<(&'static str, String)>,
 }
 
 impl Refused {
     /// `error`, answered with `message`.
     pub(crate) fn saying(error: ProxyError, message: String) -> Self {
-        Self { error, detail: Some(message) }
+        Self { error, detail: Some(message), headers: Vec::new() }
+    }
+
+    /// A full request-rate window of `limit` requests a minute, `retry_in` seconds
+    /// before it ends, with OpenAI's rate-limit headers and `Retry-After`.
+    pub(crate) fn rate_limited(limit: u64, retry_in: u64) -> Self {
+        let message = format!(
+            "Rate limit reached: this token may send {limit} requests per minute (spec.limits.requestsPerMinute), over every proxy replica. The next minute starts in {retry_in} s."
+        );
+        let headers = vec![
+            ("retry-after", retry_in.to_string()),
+            ("x-ratelimit-limit-requests", limit.to_string()),
+            ("x-ratelimit-remaining-requests", "0".to_string()),
+            ("x-ratelimit-reset-requests", format!("{retry_in}s")),
+        ];
+        Self { error: ProxyError::RateLimited, detail: Some(message), headers }
     }
 
     /// The JSON response.
     pub(crate) fn into_response(self) -> Response<Body> {
-        match self.detail {
-            Some(message) => self.error.into_response_saying(&message),
+        let mut response = match &self.detail {
+            Some(message) => self.error.into_response_saying(message),
             None => self.error.into_response(),
+        };
+        for (name, value) in self.headers {
+            if let Ok(value) = header::HeaderValue::try_from(value) {
+                response.headers_mut().insert(name, value);
+            }
         }
+        response
     }
 }
 
 impl From<ProxyError> for Refused {
     fn from(error: ProxyError) -> Self {
-        Self { error, detail: None }
+        Self { error, detail: None, headers: Vec::new() }
     }
 }

@@ -181,7 +181,7 @@ impl Proxy {
             Err(refusal) => return Err((refusal, Some(route))),
         };
         if let Err(error) = self.quota.admit(hash, &route, now).await {
-            return Err((error.into(), Some(route)));
+            return Err((error, Some(route)));
         }
         let sent = Instant::now();
         match self.upstream.forward(request, &route).await {

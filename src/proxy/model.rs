@@ -105,6 +105,33 @@ pub(crate) enum Scan {
     Malformed(&'static str),
 }
 
+/// What either scanner has learnt: the model, the end of the body, or why it stopped.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Outcome {
+    found: Option<String>,
+    ended: bool,
+    error: Option<&'static str>,
+}
+
+impl Outcome {
+    fn scan(&self) -> Scan {
+        if let Some(error) = self.error {
+            Scan::Malformed(error)
+        } else if let Some(model) = &self.found {
+            Scan::Model(model.clone())
+        } else if self.ended {
+            Scan::NoModel
+        } else {
+            Scan::More
+        }
+    }
+
+    /// Nothing more to learn from further bytes.
+    fn done_reading(&self) -> bool {
+        self.error.is_some() || self.ended
+    }
+}
+
 /// A scanner for one body format.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Scanner {
@@ -124,7 +151,7 @@ impl Scanner {
     /// What is known once the body has ended.
     pub(crate) fn finish(&mut self) -> Scan {
         let scan = match self {
-            Self::Json(s) => s.state(),
+            Self::Json(s) => s.outcome.scan(),
             Self::Multipart(s) => s.finish(),
         };
         if scan == Scan::More { Scan::NoModel } else { scan }
@@ -143,9 +170,7 @@ pub(crate) struct JsonScanner {
     /// At depth 1, the next string is a key.
     expect_key: bool,
     after_model: AfterModel,
-    found: Option<String>,
-    ended: bool,
-    error: Option<&'static str>,
+    outcome: Outcome,
 }
 
 /// What the string being read is.
@@ -171,24 +196,12 @@ const MAX_KEY_BYTES: usize = 64;
 impl JsonScanner {
     fn feed(&mut self, bytes: &[u8]) -> Scan {
         for &b in bytes {
-            if self.error.is_some() || self.ended {
+            if self.outcome.done_reading() {
                 break;
             }
             self.step(b);
         }
-        self.state()
-    }
-
-    fn state(&self) -> Scan {
-        if let Some(error) = self.error {
-            Scan::Malformed(error)
-        } else if let Some(model) = &self.found {
-            Scan::Model(model.clone())
-        } else if self.ended {
-            Scan::NoModel
-        } else {
-            Scan::More
-        }
+        self.outcome.scan()
     }
 
     fn step(&mut self, b: u8) {
@@ -216,7 +229,7 @@ impl JsonScanner {
                 self.depth = 1;
                 self.expect_key = true;
             } else {
-                self.error = Some("the body is not a JSON object");
+                self.outcome.error = Some("the body is not a JSON object");
             }
             return;
         }
@@ -237,13 +250,13 @@ impl JsonScanner {
                 self.expect_key = true;
                 self.after_model = AfterModel::No;
             }
-            b'{' | b'[' if value_of_model => self.error = Some("model is not a string"),
+            b'{' | b'[' if value_of_model => self.outcome.error = Some("model is not a string"),
             b'{' | b'[' => self.depth += 1,
             b'}' | b']' => {
                 self.depth = self.depth.saturating_sub(1);
-                self.ended = self.depth == 0;
+                self.outcome.ended = self.depth == 0;
             }
-            _ if value_of_model => self.error = Some("model is not a string"),
+            _ if value_of_model => self.outcome.error = Some("model is not a string"),
             _ => {}
         }
     }
@@ -266,17 +279,17 @@ impl JsonScanner {
                 // Keys are compared decoded: "mod\u0065l" is a second `model` too.
                 let is_model =
                     self.captured.len() <= MAX_KEY_BYTES && decode(&self.captured).as_deref() == Some("model");
-                if is_model && self.found.is_some() {
-                    self.error = Some("the body names its model twice");
+                if is_model && self.outcome.found.is_some() {
+                    self.outcome.error = Some("the body names its model twice");
                 }
                 self.after_model = if is_model { AfterModel::Key } else { AfterModel::No };
             }
             Role::ModelValue => {
                 self.after_model = AfterModel::No;
                 match decode(&self.captured) {
-                    Some(model) if model.len() <= MAX_MODEL_BYTES => self.found = Some(model),
-                    Some(_) => self.error = Some("model is longer than 256 bytes"),
-                    None => self.error = Some("model is not a valid JSON string"),
+                    Some(model) if model.len() <= MAX_MODEL_BYTES => self.outcome.found = Some(model),
+                    Some(_) => self.outcome.error = Some("model is longer than 256 bytes"),
+                    None => self.outcome.error = Some("model is not a valid JSON string"),
                 }
             }
             Role::Other => {}
@@ -305,9 +318,7 @@ pub(crate) struct MultipartScanner {
     state: PartState,
     pending: Vec<u8>,
     value: Vec<u8>,
-    found: Option<String>,
-    ended: bool,
-    error: Option<&'static str>,
+    outcome: Outcome,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,37 +344,23 @@ impl MultipartScanner {
             pending: b"\r\n".to_vec(),
             state: PartState::Preamble,
             value: Vec::new(),
-            found: None,
-            ended: false,
-            error: None,
+            outcome: Outcome::default(),
         }
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Scan {
-        if self.error.is_none() && !self.ended && !bytes.is_empty() {
+        if !self.outcome.done_reading() && !bytes.is_empty() {
             self.pending.extend_from_slice(bytes);
             self.advance(false);
         }
-        self.state()
+        self.outcome.scan()
     }
 
     fn finish(&mut self) -> Scan {
-        if self.error.is_none() && !self.ended {
+        if !self.outcome.done_reading() {
             self.advance(true);
         }
-        self.state()
-    }
-
-    fn state(&self) -> Scan {
-        if let Some(error) = self.error {
-            Scan::Malformed(error)
-        } else if let Some(model) = &self.found {
-            Scan::Model(model.clone())
-        } else if self.ended {
-            Scan::NoModel
-        } else {
-            Scan::More
-        }
+        self.outcome.scan()
     }
 
     /// Consumes what `pending` allows; `at_end`: no more bytes will come.
@@ -388,12 +385,12 @@ impl MultipartScanner {
                             if in_model {
                                 self.value.extend_from_slice(&self.pending[..cut]);
                                 if self.value.len() > MAX_MODEL_BYTES {
-                                    self.error = Some("model is longer than 256 bytes");
+                                    self.outcome.error = Some("model is longer than 256 bytes");
                                 }
                             }
                             self.pending.drain(..cut);
                             if at_end {
-                                self.error = Some("the multipart body ends without its closing delimiter");
+                                self.outcome.error = Some("the multipart body ends without its closing delimiter");
                             }
                             return;
                         }
@@ -402,12 +399,12 @@ impl MultipartScanner {
                 PartState::AfterDelimiter => {
                     if self.pending.len() < 2 {
                         if at_end {
-                            self.error = Some("the multipart body ends without its closing delimiter");
+                            self.outcome.error = Some("the multipart body ends without its closing delimiter");
                         }
                         return;
                     }
                     if self.pending.starts_with(b"--") {
-                        self.ended = true;
+                        self.outcome.ended = true;
                         return;
                     }
                     // Transport padding may follow a delimiter; the line ends in CRLF.
@@ -416,15 +413,17 @@ impl MultipartScanner {
                             self.pending.drain(..at + 2);
                             self.state = PartState::Headers;
                         }
-                        None if self.pending.len() > 256 => self.error = Some("a multipart delimiter line is too long"),
+                        None if self.pending.len() > 256 => {
+                            self.outcome.error = Some("a multipart delimiter line is too long")
+                        }
                         None => return,
                     }
                 }
                 PartState::Headers => match find(&self.pending, b"\r\n\r\n") {
                     Some(at) => {
                         let is_model = field_name(&self.pending[..at]).as_deref() == Some("model");
-                        if is_model && self.found.is_some() {
-                            self.error = Some("the body names its model twice");
+                        if is_model && self.outcome.found.is_some() {
+                            self.outcome.error = Some("the body names its model twice");
                             return;
                         }
                         self.pending.drain(..at + 4);
@@ -432,18 +431,18 @@ impl MultipartScanner {
                         self.state = PartState::Content(is_model);
                     }
                     None if self.pending.len() > MAX_PART_HEADERS => {
-                        self.error = Some("a multipart part's headers are over 8 KiB");
+                        self.outcome.error = Some("a multipart part's headers are over 8 KiB");
                         return;
                     }
                     None => {
                         if at_end {
-                            self.error = Some("the multipart body ends inside a part's headers");
+                            self.outcome.error = Some("the multipart body ends inside a part's headers");
                         }
                         return;
                     }
                 },
             }
-            if self.error.is_some() {
+            if self.outcome.error.is_some() {
                 return;
             }
         }
@@ -451,9 +450,9 @@ impl MultipartScanner {
 
     fn end_model_value(&mut self) {
         match String::from_utf8(std::mem::take(&mut self.value)) {
-            Ok(model) if model.len() <= MAX_MODEL_BYTES => self.found = Some(model),
-            Ok(_) => self.error = Some("model is longer than 256 bytes"),
-            Err(_) => self.error = Some("model is not UTF-8"),
+            Ok(model) if model.len() <= MAX_MODEL_BYTES => self.outcome.found = Some(model),
+            Ok(_) => self.outcome.error = Some("model is longer than 256 bytes"),
+            Err(_) => self.outcome.error = Some("model is not UTF-8"),
         }
     }
 }

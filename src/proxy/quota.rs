@@ -11,6 +11,11 @@
 //! over-spend); one that shuts down cleanly gives it back. Unlimited tokens cost no
 //! write per request: counts are flushed per token every `flush_interval`.
 //!
+//! `limits.requestsPerMinute` works the same way per calendar minute: a replica claims
+//! blocks of the minute's budget in `status.currentMinute` (a new minute starts from
+//! nothing), serves only from them, and drops what is left when the minute ends. No
+//! minute ever admits more than the limit, over every replica.
+//!
 //! Flushes are exact: each carries this process's next sequence number, written with
 //! the count into `status.usageFlushes`. A flush whose answer is lost (the write may or
 //! may not have happened) is retried with the same number, and the retry finds it there
@@ -26,7 +31,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use super::ProxyError;
+use super::{ProxyError, Refused};
 use crate::api::{ProxyToken, UsageFlush};
 use crate::index::DigestHasher;
 use crate::index::Route;
@@ -60,8 +65,32 @@ struct Counter {
     last_used_us: AtomicI64,
     /// Requests left in this replica's claimed block; the lock serialises claims.
     block: tokio::sync::Mutex<i64>,
+    /// This replica's share of the current minute's requests.
+    window: tokio::sync::Mutex<Window>,
     /// A flush that failed without saying whether it was written: retried as it is.
     in_doubt: std::sync::Mutex<Option<Flush>>,
+}
+
+/// Requests left to this replica in one minute of a rate limit.
+#[derive(Default)]
+struct Window {
+    /// The minute's first instant, Unix microseconds.
+    start_us: i64,
+    left: i64,
+    /// Every request of the minute is claimed: claims only grow within a minute, so
+    /// the rest of it is refused here, without asking the API server again.
+    full: bool,
+}
+
+const MINUTE_US: i64 = 60_000_000;
+
+/// Why a minute's block could not be claimed.
+#[derive(Debug, PartialEq, Eq)]
+enum WindowClaim {
+    /// The minute's requests are all claimed.
+    Full,
+    /// The API server could not be written.
+    Unavailable,
 }
 
 /// Request counting and budget claims shared by every connection of a proxy replica.
@@ -98,9 +127,39 @@ impl Quota {
     }
 
     /// Admits one request with `route`'s token: always for unlimited tokens, from the
-    /// replica's block (claiming a new one when empty) for capped ones.
-    pub(crate) async fn admit(&self, hash: TokenHash, route: &Route, now_us: i64) -> Result<(), ProxyError> {
+    /// replica's blocks (claiming new ones when empty) for rate-limited and capped ones.
+    pub(crate) async fn admit(&self, hash: TokenHash, route: &Route, now_us: i64) -> Result<(), Refused> {
         let counter = self.counter(hash, route);
+        // The minute first: a refusal there spends none of the lifetime cap.
+        if let Some(limit) = route.token.requests_per_minute {
+            let minute = now_us - now_us.rem_euclid(MINUTE_US);
+            let mut window = counter.window.lock().await;
+            if window.start_us != minute {
+                *window = Window { start_us: minute, left: 0, full: false };
+            }
+            let retry_in = ((minute + MINUTE_US - now_us) as u64).div_ceil(1_000_000);
+            if window.full {
+                return Err(Refused::rate_limited(limit, retry_in));
+            }
+            if window.left == 0 {
+                let claimed = self.claim_minute(&counter, limit, minute).await;
+                let result = match &claimed {
+                    Ok(_) => "minute_claimed",
+                    Err(WindowClaim::Full) => "minute_full",
+                    Err(WindowClaim::Unavailable) => "minute_failed",
+                };
+                self.metrics.quota_claims.get_or_create(&ResultLabels { result }).inc();
+                window.left = match claimed {
+                    Ok(block) => block,
+                    Err(WindowClaim::Full) => {
+                        window.full = true;
+                        return Err(Refused::rate_limited(limit, retry_in));
+                    }
+                    Err(WindowClaim::Unavailable) => return Err(ProxyError::QuotaUnavailable.into()),
+                };
+            }
+            window.left -= 1;
+        }
         if let Some(max) = route.token.max_requests {
             let mut block = counter.block.lock().await;
             if *block == 0 {
@@ -134,6 +193,7 @@ impl Quota {
                     unflushed: AtomicU64::new(0),
                     last_used_us: AtomicI64::new(0),
                     block: tokio::sync::Mutex::new(0),
+                    window: tokio::sync::Mutex::default(),
                     in_doubt: std::sync::Mutex::new(None),
                 })
             })
@@ -151,6 +211,16 @@ impl Quota {
             .spawn(async move { claim_block(client, &counter, max_hint).await })
             .await
             .unwrap_or(Err(ProxyError::QuotaUnavailable))
+    }
+
+    /// Claims a block of the minute starting at `minute_us` (on the main runtime, as
+    /// [`Quota::claim`]).
+    async fn claim_minute(&self, counter: &Arc<Counter>, limit: u64, minute_us: i64) -> Result<i64, WindowClaim> {
+        let (client, counter) = (self.client.clone(), counter.clone());
+        self.runtime
+            .spawn(async move { claim_minute_block(client, &counter, limit, minute_us).await })
+            .await
+            .unwrap_or(Err(WindowClaim::Unavailable))
     }
 
     /// Writes every token's unflushed count and last use into its status.
@@ -220,6 +290,44 @@ async fn claim_block(client: Client, counter: &Counter, max_hint: u64) -> Result
     claimed.unwrap_or_else(|error| {
         tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming budget failed");
         Err(ProxyError::QuotaUnavailable)
+    })
+}
+
+/// Raises the claims of the minute starting at `minute_us` by one block, with a
+/// resourceVersion precondition; a status still on an earlier minute starts the new
+/// one from nothing.
+async fn claim_minute_block(client: Client, counter: &Counter, limit: u64, minute_us: i64) -> Result<i64, WindowClaim> {
+    let api = Api::<ProxyToken>::namespaced(client, &counter.namespace);
+    let start = jiff::Timestamp::from_microsecond(minute_us).map_err(|_| WindowClaim::Unavailable)?;
+    let claimed = retry_on_conflict(|| async {
+        let token = api.get_status(&counter.name).await?;
+        let status = token.status.clone().unwrap_or_default();
+        let limit = token.spec.limits.as_ref().and_then(|l| l.requests_per_minute).unwrap_or(limit as i64);
+        let claimed =
+            status.current_minute.filter(|w| w.start.0.as_microsecond() == minute_us).map_or(0, |w| w.claimed_requests);
+        let remaining = limit - claimed;
+        if remaining <= 0 {
+            return Ok(Err(WindowClaim::Full));
+        }
+        let block = block_size(limit).min(remaining);
+        let window = json!({ "start": start.to_string(), "claimedRequests": claimed + block });
+        let patch = json!({
+            "metadata": { "resourceVersion": token.resource_version() },
+            "status": { "currentMinute": window },
+        });
+        let patched = api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await?;
+        if patched.status.as_ref().and_then(|s| s.current_minute.as_ref()).map(|w| w.claimed_requests)
+            != Some(claimed + block)
+        {
+            tracing::error!("status.currentMinute was not stored: update the CRDs (crds/llmproxy.io.yaml)");
+            return Ok(Err(WindowClaim::Unavailable));
+        }
+        Ok(Ok(block))
+    })
+    .await;
+    claimed.unwrap_or_else(|error| {
+        tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming a minute's requests failed");
+        Err(WindowClaim::Unavailable)
     })
 }
 
@@ -371,6 +479,7 @@ mod tests {
             unflushed: AtomicU64::new(0),
             last_used_us: AtomicI64::new(0),
             block: tokio::sync::Mutex::new(6),
+            window: tokio::sync::Mutex::default(),
             in_doubt: std::sync::Mutex::new(None),
         }
     }

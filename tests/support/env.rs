@@ -358,6 +358,20 @@ impl Env {
         self.token_secret(token).await["token"].clone()
     }
 
+    /// Runs `script` with the official openai SDK, configured as a workload is: only
+    /// OPENAI_API_KEY (`token`) and OPENAI_BASE_URL (this proxy). Returns its stdout
+    /// and stderr. Awaited, not blocking: the fake upstream runs on the test's runtime.
+    pub async fn sdk(&self, script: &str, token: &str) -> (String, String) {
+        let out = tokio::process::Command::new(super::sdk_python())
+            .args(["-c", script])
+            .env("OPENAI_API_KEY", token)
+            .env("OPENAI_BASE_URL", format!("{}/v1", self.proxy_url()))
+            .output()
+            .await
+            .expect("running the openai SDK");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
     pub async fn chat(&self, token: &str) -> CurlResponse {
         let auth = format!("Bearer {token}");
         curl(
