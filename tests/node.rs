@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{DeleteParams, EvictParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client};
 use llm_proxy::api::{Project, ProxyToken, TokenPhase};
 use llm_proxy::fake_upstream::FakeUpstream;
@@ -246,6 +248,7 @@ async fn the_chart_on_a_real_node_serves_workloads_and_survives_day_two_operatio
     quickstart(&client, &upstream, &python).await;
     logs_and_metrics(&client).await;
     upgrade_under_load(&client, &python).await;
+    disruption_budget_and_network_policies(&client).await;
     leader_deleted(&client).await;
     proxy_deleted_mid_burst(&client, &upstream).await;
     uninstall(&client).await;
@@ -422,6 +425,36 @@ for t in threads:
 for t in threads:
     t.join()
 "#;
+
+/// The chart's PodDisruptionBudget is applied and enforced by the API server: of the
+/// two proxy pods a drain may evict one, which leaves no disruption allowed until the
+/// replacement is Ready. Its NetworkPolicies are applied too; the bridge CNI plugin
+/// does not enforce them (the README says so), so nothing here claims they filter.
+async fn disruption_budget_and_network_policies(client: &Client) {
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), NS);
+    support::eventually(Duration::from_secs(60), || async {
+        let status = budgets.get(&format!("{RELEASE}-proxy")).await.ok()?.status?;
+        (status.current_healthy == 2 && status.disruptions_allowed == 1).then_some(())
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let proxies: Vec<String> = component_pods(client, "proxy").await.iter().map(name).collect();
+    pods.evict(&proxies[0], &EvictParams::default()).await.expect("one proxy pod may be evicted");
+    // The API server took that disruption out of the budget: no second one is allowed
+    // until the disruption controller counts the replacement Ready.
+    let after = budgets.get(&format!("{RELEASE}-proxy")).await.unwrap().status.unwrap();
+    assert_eq!(after.disruptions_allowed, 0, "{after:?}");
+    assert!(after.disrupted_pods.unwrap_or_default().contains_key(&proxies[0]));
+    support::eventually(Duration::from_secs(60), || async {
+        let ready = component_pods(client, "proxy").await.iter().filter(|p| is_ready(p)).count();
+        (ready == 2).then_some(())
+    })
+    .await;
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), NS).list(&ListParams::default()).await.unwrap();
+    let mut names: Vec<String> = policies.items.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, [format!("{RELEASE}-controller"), format!("{RELEASE}-proxy")]);
+}
 
 /// Deleting the leading controller pod: another takes the Lease and minting goes on.
 async fn leader_deleted(client: &Client) {
