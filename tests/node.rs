@@ -440,11 +440,11 @@ async fn disruption_budget_and_network_policies(client: &Client) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let proxies: Vec<String> = component_pods(client, "proxy").await.iter().map(name).collect();
     pods.evict(&proxies[0], &EvictParams::default()).await.expect("one proxy pod may be evicted");
-    // The API server took that disruption out of the budget: no second one is allowed
-    // until the disruption controller counts the replacement Ready.
+    // That disruption is taken out of the budget (by the API server's eviction, then by
+    // the disruption controller counting one healthy pod): none is left until the
+    // replacement is Ready.
     let after = budgets.get(&format!("{RELEASE}-proxy")).await.unwrap().status.unwrap();
     assert_eq!(after.disruptions_allowed, 0, "{after:?}");
-    assert!(after.disrupted_pods.unwrap_or_default().contains_key(&proxies[0]));
     support::eventually(Duration::from_secs(60), || async {
         let ready = component_pods(client, "proxy").await.iter().filter(|p| is_ready(p)).count();
         (ready == 2).then_some(())
