@@ -217,6 +217,11 @@ async fn a_minute_never_admits_more_than_requests_per_minute_across_replicas() {
     assert!(header("x-should-retry").is_empty(), "the SDKs retry a rate limit");
     let token = Api::<llm_proxy::api::ProxyToken>::namespaced(env.client.clone(), &env.apps).get("rpm").await.unwrap();
     assert_eq!(token.status.unwrap().current_minute.map(|w| w.claimed_requests), Some(20));
+    // A full minute is asked about once per replica: the rest of it is refused locally.
+    let metrics =
+        support::curl("GET", &format!("http://127.0.0.1:{}/metrics", env.proxy_admin_port), &[], None).await.body;
+    assert!(metrics.contains(r#"llmproxy_quota_claims_total{result="minute_full"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"llmproxy_quota_claims_total{result="minute_claimed"}"#), "{metrics}");
 
     // Near a minute's end, with the minute used up: the SDK waits for the next one.
     wait_for_second(50..54).await;
