@@ -246,6 +246,7 @@ pub(crate) fn status_for(
         claimed_requests: None,
         last_used_at: None,
         usage_flushes: Vec::new(),
+        current_minute: None,
         ..old.clone()
     };
     let waiting = if status.token_hash.is_some() {
@@ -537,6 +538,7 @@ async fn write(
     let mut comparable = token.status.clone().unwrap_or_default();
     comparable.request_count = None;
     comparable.claimed_requests = None;
+    comparable.current_minute = None;
     comparable.last_used_at = None;
     comparable.usage_flushes = Vec::new();
     if comparable != status || token.status.is_none() {

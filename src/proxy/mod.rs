@@ -180,7 +180,8 @@ impl Proxy {
             Ok(request) => request,
             Err(refusal) => return Err((refusal, Some(route))),
         };
-        if let Err(error) = self.quota.admit(hash, &route, now).await {
+        // Now, not when the headers came: the model check may have waited for the body.
+        if let Err(error) = self.quota.admit(hash, &route, now_us()).await {
             return Err((error, Some(route)));
         }
         let sent = Instant::now();

@@ -82,14 +82,39 @@ pub(crate) fn source(method: &Method, path: &str, content_type: Option<&[u8]>) -
     }
 }
 
-/// The `boundary` parameter of a multipart Content-Type.
-fn boundary(params: &str) -> Option<String> {
-    params.split(';').find_map(|param| {
-        let (name, value) = param.split_once('=')?;
-        let value = value.trim().trim_matches('"');
-        (name.trim().eq_ignore_ascii_case("boundary") && !value.is_empty() && value.len() <= 70)
-            .then(|| value.to_string())
-    })
+/// The `boundary` parameter of a multipart Content-Type; none when it is given twice
+/// (parsers disagree on which one counts).
+fn boundary(text: &str) -> Option<String> {
+    let mut boundaries = parameters(text).into_iter().filter(|(name, _)| name == "boundary");
+    match (boundaries.next(), boundaries.next()) {
+        (Some((_, value)), None) if !value.is_empty() && value.len() <= 70 => Some(value),
+        _ => None,
+    }
+}
+
+/// `name=value` parameters separated by `;` outside quotes; names lowercased, values
+/// unquoted.
+fn parameters(text: &str) -> Vec<(String, String)> {
+    let mut pieces = vec![String::new()];
+    let (mut quoted, mut escaped) = (false, false);
+    for c in text.chars() {
+        let piece = pieces.last_mut().expect("never empty");
+        match c {
+            _ if escaped => {
+                piece.push(c);
+                escaped = false;
+            }
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ';' if !quoted => pieces.push(String::new()),
+            _ => piece.push(c),
+        }
+    }
+    pieces
+        .iter()
+        .filter_map(|piece| piece.split_once('='))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+        .collect()
 }
 
 /// What a scan has found so far.
@@ -257,7 +282,25 @@ impl JsonScanner {
                 self.outcome.ended = self.depth == 0;
             }
             _ if value_of_model => self.outcome.error = Some("model is not a string"),
-            _ => {}
+            // Numbers and literals; any other byte (NUL, UTF-16, …) makes this not
+            // the UTF-8 JSON the proxy reads, and another parser might read it otherwise.
+            b':'
+            | b','
+            | b'0'..=b'9'
+            | b'-'
+            | b'+'
+            | b'.'
+            | b'e'
+            | b'E'
+            | b't'
+            | b'r'
+            | b'u'
+            | b'f'
+            | b'a'
+            | b'l'
+            | b's'
+            | b'n' => {}
+            _ => self.outcome.error = Some("the body is not the UTF-8 JSON the proxy reads"),
         }
     }
 
@@ -403,25 +446,41 @@ impl MultipartScanner {
                         }
                         return;
                     }
-                    if self.pending.starts_with(b"--") {
-                        self.outcome.ended = true;
-                        return;
-                    }
-                    // Transport padding may follow a delimiter; the line ends in CRLF.
-                    match find(&self.pending, b"\r\n") {
-                        Some(at) => {
-                            self.pending.drain(..at + 2);
+                    let closing = self.pending.starts_with(b"--");
+                    // Only transport padding (spaces, tabs) may follow a delimiter on its
+                    // line: parsers disagree on lines like `--boundary--x`, so they are refused.
+                    let rest = &self.pending[if closing { 2 } else { 0 }..];
+                    let padding = rest.iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+                    match rest.get(padding) {
+                        None if closing && at_end => {
+                            self.outcome.ended = true;
+                            return;
+                        }
+                        Some(b'\r') if rest.get(padding + 1) == Some(&b'\n') => {
+                            if closing {
+                                self.outcome.ended = true;
+                                return;
+                            }
+                            let line = padding + 2;
+                            self.pending.drain(..line);
                             self.state = PartState::Headers;
                         }
-                        None if self.pending.len() > 256 => {
-                            self.outcome.error = Some("a multipart delimiter line is too long")
+                        Some(b'\r') | None if self.pending.len() <= 256 && !at_end => return,
+                        Some(_) | None => {
+                            self.outcome.error = Some("a multipart delimiter line holds more than the delimiter");
                         }
-                        None => return,
+                    }
+                    if self.outcome.error.is_some() {
+                        return;
                     }
                 }
                 PartState::Headers => match find(&self.pending, b"\r\n\r\n") {
                     Some(at) => {
-                        let is_model = field_name(&self.pending[..at]).as_deref() == Some("model");
+                        let Ok(name) = field_name(&self.pending[..at]) else {
+                            self.outcome.error = Some("a multipart part names its field more than once");
+                            return;
+                        };
+                        let is_model = name.as_deref() == Some("model");
                         if is_model && self.outcome.found.is_some() {
                             self.outcome.error = Some("the body names its model twice");
                             return;
@@ -457,17 +516,26 @@ impl MultipartScanner {
     }
 }
 
-/// The `name` of a part whose headers are `headers`, from its Content-Disposition.
-fn field_name(headers: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(headers).ok()?;
-    let disposition = text.split("\r\n").find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim().eq_ignore_ascii_case("content-disposition").then_some(value)
-    })?;
-    disposition.split(';').skip(1).find_map(|param| {
-        let (key, value) = param.split_once('=')?;
-        key.trim().eq_ignore_ascii_case("name").then(|| value.trim().trim_matches('"').to_string())
-    })
+/// The `name` of a part whose headers are `headers`, from its Content-Disposition;
+/// an error when it has two of those or two names (parsers disagree on which counts).
+fn field_name(headers: &[u8]) -> Result<Option<String>, ()> {
+    let Ok(text) = std::str::from_utf8(headers) else { return Ok(None) };
+    let dispositions: Vec<&str> = text
+        .split("\r\n")
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim().eq_ignore_ascii_case("content-disposition").then_some(value)
+        })
+        .collect();
+    let [disposition] = dispositions[..] else {
+        return if dispositions.is_empty() { Ok(None) } else { Err(()) };
+    };
+    let mut names = parameters(disposition).into_iter().filter(|(key, _)| key == "name");
+    match (names.next(), names.next()) {
+        (None, _) => Ok(None),
+        (Some((_, name)), None) => Ok(Some(name)),
+        (Some(_), Some(_)) => Err(()),
+    }
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

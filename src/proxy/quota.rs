@@ -295,7 +295,7 @@ async fn claim_block(client: Client, counter: &Counter, max_hint: u64) -> Result
 
 /// Raises the claims of the minute starting at `minute_us` by one block, with a
 /// resourceVersion precondition; a status still on an earlier minute starts the new
-/// one from nothing.
+/// one from nothing, and one already on a later minute refuses (windows never go back).
 async fn claim_minute_block(client: Client, counter: &Counter, limit: u64, minute_us: i64) -> Result<i64, WindowClaim> {
     let api = Api::<ProxyToken>::namespaced(client, &counter.namespace);
     let start = jiff::Timestamp::from_microsecond(minute_us).map_err(|_| WindowClaim::Unavailable)?;
@@ -303,8 +303,13 @@ async fn claim_minute_block(client: Client, counter: &Counter, limit: u64, minut
         let token = api.get_status(&counter.name).await?;
         let status = token.status.clone().unwrap_or_default();
         let limit = token.spec.limits.as_ref().and_then(|l| l.requests_per_minute).unwrap_or(limit as i64);
-        let claimed =
-            status.current_minute.filter(|w| w.start.0.as_microsecond() == minute_us).map_or(0, |w| w.claimed_requests);
+        // A later minute is stored: this request's minute is over for the cluster (a
+        // slow request, or this replica's clock behind another's). Never move it back.
+        let claimed = match status.current_minute {
+            Some(w) if w.start.0.as_microsecond() > minute_us => return Ok(Err(WindowClaim::Full)),
+            Some(w) if w.start.0.as_microsecond() == minute_us => w.claimed_requests,
+            _ => 0,
+        };
         let remaining = limit - claimed;
         if remaining <= 0 {
             return Ok(Err(WindowClaim::Full));

@@ -162,3 +162,36 @@ proptest! {
         let _ = scan_in_pieces(multipart(), &body, piece);
     }
 }
+
+/// Bodies other parsers read differently are refused, not guessed at (from a review:
+/// each of these once let a hidden model through).
+#[test]
+fn bodies_other_parsers_read_differently_are_refused() {
+    // UTF-16: Python's json.loads decodes it; to a byte scanner it is something else.
+    let utf16: Vec<u8> = r#"{"model":"o1-pro"}"#.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    assert_eq!(scan_whole(json(), &utf16), Scan::Malformed("the body is not the UTF-8 JSON the proxy reads"));
+    // Two boundaries: which one counts depends on the parser.
+    let two = Some(b"multipart/form-data; boundary=A; boundary=B".as_slice());
+    assert_eq!(source(&Method::POST, "/v1/audio/transcriptions", two), Source::UnknownFormat);
+    let quoted = Some(b"multipart/form-data; x=\"; boundary=A\"; boundary=B".as_slice());
+    assert!(matches!(source(&Method::POST, "/v1/audio/transcriptions", quoted), Source::Body(Scanner::Multipart(_))));
+    // A quoted `;` does not hide the real name; two names or two dispositions are refused.
+    let hidden =
+        b"--XyZ\r\nContent-Disposition: form-data; foo=\"; name=x\"; name=\"model\"\r\n\r\no1-pro\r\n--XyZ--\r\n";
+    assert_eq!(scan_whole(multipart(), hidden), model("o1-pro"));
+    let two_names = b"--XyZ\r\nContent-Disposition: form-data; name=\"x\"; name=\"model\"\r\n\r\no1-pro\r\n--XyZ--\r\n";
+    let refused = Scan::Malformed("a multipart part names its field more than once");
+    assert_eq!(scan_whole(multipart(), two_names), refused);
+    let two_headers =
+        b"--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\no1\r\n--XyZ--\r\n";
+    assert_eq!(scan_whole(multipart(), two_headers), refused);
+    // Text after a delimiter on its line: Go's parser reads that line as content.
+    let line = Scan::Malformed("a multipart delimiter line holds more than the delimiter");
+    let closing = [form(&[("model", "whisper-1")]).strip_suffix(b"--XyZ--\r\n").unwrap(), b"--XyZ--x\r\n"].concat();
+    assert_eq!(scan_whole(multipart(), &closing), line);
+    let opening = b"--XyZ junk\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ--\r\n";
+    assert_eq!(scan_whole(multipart(), opening), line);
+    // Transport padding is allowed.
+    let padded = b"--XyZ \t\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ-- \r\n";
+    assert_eq!(scan_whole(multipart(), padded), model("whisper-1"));
+}
