@@ -36,3 +36,4 @@ mod models;
 mod proxy;
 pub mod telemetry;
 pub mod token;
+mod windows;

@@ -48,6 +48,17 @@ pub struct TokenUsageLabels {
     pub kind: &'static str,
 }
 
+/// Labels of `llmproxy_token_budget_remaining`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// ProxyToken namespace.
+    pub token_namespace: Name,
+    /// ProxyToken name.
+    pub token_name: Name,
+    /// `Minute`, `Day`, `Month` or `Lifetime`.
+    pub window: &'static str,
+}
+
 /// Labels with one fixed string.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -96,6 +107,9 @@ pub struct Metrics {
     pub relists: Family<KindLabels, Counter>,
     /// Budget claims for capped tokens, by result.
     pub quota_claims: Family<ResultLabels, Counter>,
+    /// LLM tokens left in each limited window of each token, as last written to its
+    /// status by this replica.
+    pub token_budget_remaining: Family<BudgetLabels, Gauge>,
     /// Reconciles by kind and result.
     pub reconciles: Family<ReconcileLabels, Counter>,
     /// Open connections of the API listener.
@@ -123,6 +137,7 @@ impl Metrics {
             watch_errors: Counter::default(),
             relists: Family::default(),
             quota_claims: Family::default(),
+            token_budget_remaining: Family::default(),
             reconciles: Family::default(),
             connections_open: Gauge::default(),
             connections_timed_out: Counter::default(),
@@ -163,7 +178,12 @@ impl Metrics {
             metrics.watch_errors.clone(),
         );
         registry.register("watch_relists", "Full relists by kind", metrics.relists.clone());
-        registry.register("quota_claims", "Budget claims for capped tokens, by result", metrics.quota_claims.clone());
+        registry.register("quota_claims", "Budget claims for limited tokens, by result", metrics.quota_claims.clone());
+        registry.register(
+            "token_budget_remaining",
+            "LLM tokens left in each limited window of a ProxyToken, as this replica last wrote them",
+            metrics.token_budget_remaining.clone(),
+        );
         registry.register("controller_reconciles", "Reconciles by kind and result", metrics.reconciles.clone());
         registry.register("connections_open", "Open connections of the API listener", metrics.connections_open.clone());
         registry.register(

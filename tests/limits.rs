@@ -7,11 +7,15 @@ use std::time::Duration;
 
 use kube::Api;
 use kube::api::PostParams;
-use llm_proxy::api::{Limits, Project, TokenPhase};
+use llm_proxy::api::{Limits, Project, ProxyToken, TokenPhase, TokenWindow, TokenWindowKind};
 use support::{CurlResponse, Env, curl};
 
 fn models(list: &[&str]) -> Option<Limits> {
-    Some(Limits { models: Some(list.iter().map(|m| m.to_string()).collect()), requests_per_minute: None })
+    Some(Limits {
+        models: Some(list.iter().map(|m| m.to_string()).collect()),
+        requests_per_minute: None,
+        ..Limits::default()
+    })
 }
 
 /// A chat completion naming `model`, with `token`.
@@ -190,7 +194,7 @@ async fn a_minute_never_admits_more_than_requests_per_minute_across_replicas() {
     env.start_proxy_as("proxy-b", ports[1], support::free_port(), &[]).await;
     env.create_project("p").await;
     let mut spec = support::token_spec(&env.scoped("p"));
-    spec.limits = Some(Limits { models: None, requests_per_minute: Some(20) });
+    spec.limits = Some(Limits { requests_per_minute: Some(20), ..Limits::default() });
     env.create_token("rpm", spec).await;
     env.wait_token("rpm", TokenPhase::Active).await;
     let secret = env.token_secret("rpm").await["token"].clone();
@@ -236,4 +240,224 @@ print(answer.choices[0].message.content)
     let forwarded = env.upstream.last_request().unwrap();
     let retries = forwarded.header("x-stainless-retry-count").unwrap_or_default();
     assert!(retries.parse::<u32>().unwrap_or(0) >= 1, "the answered request was a retry: {retries:?}");
+}
+
+/// The value of header `name` in `headers`, or "".
+fn header(headers: &[(String, String)], name: &str) -> String {
+    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_default()
+}
+
+/// Reasons of the Events about the ProxyToken `name` of the test's apps namespace.
+async fn token_event_reasons(env: &Env, name: &str) -> Vec<String> {
+    use k8s_openapi::api::events::v1::Event;
+    let events = Api::<Event>::namespaced(env.client.clone(), &env.apps);
+    let list = events.list(&kube::api::ListParams::default()).await.unwrap();
+    list.items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+/// The `window` entry of the ProxyToken `name`'s `status.tokenWindows`.
+async fn token_window(env: &Env, name: &str, window: TokenWindowKind) -> Option<TokenWindow> {
+    let token = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps).get_status(name).await.unwrap();
+    token.status.unwrap_or_default().token_windows.into_iter().find(|w| w.window == window)
+}
+
+/// A daily token budget over three proxy processes, with every request in flight at
+/// once: the upstream's reported usage is charged exactly, the budget is overrun by at
+/// most one request per replica (the stated bound when requests use what they
+/// reserve), the refusal is `insufficient_quota` which the official SDK does not retry,
+/// and the spent budget shows in status, `kubectl get`, an Event and the metrics.
+#[tokio::test]
+async fn a_daily_token_budget_holds_across_three_replicas_and_is_charged_from_reported_usage() {
+    const BUDGET: i64 = 800;
+    const PER_REQUEST: i64 = 16; // the fake upstream's usage: 9 prompt + 7 completion
+    let mut env = Env::new("tpd").await;
+    env.start_controller();
+    let ports = [env.proxy_port, support::free_port(), support::free_port()];
+    let admin = [env.proxy_admin_port, support::free_port(), support::free_port()];
+    for (i, role) in ["proxy-a", "proxy-b", "proxy-c"].into_iter().enumerate() {
+        env.start_proxy_as(role, ports[i], admin[i], &[]).await;
+    }
+    env.create_project("p").await;
+    let mut spec = support::token_spec(&env.scoped("p"));
+    spec.limits = Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() });
+    env.create_token("tpd", spec).await;
+    env.wait_token("tpd", TokenPhase::Active).await;
+    let secret = env.token_secret("tpd").await["token"].clone();
+
+    // One request through each replica, so each knows what a request uses.
+    for port in ports {
+        assert_eq!(support::burst(&[port], &secret, 1).await, [(200, String::new())]);
+    }
+    // 120 requests at once, each held 300 ms by the upstream: all in flight together.
+    let results = support::slow_burst(&ports, &secret, 120, 300).await;
+    let served = results.iter().filter(|(s, _)| *s == 200).count() as i64;
+    assert!(
+        results.iter().filter(|(s, _)| *s != 200).all(|(s, code)| *s == 429 && code == "token_budget_exceeded"),
+        "{results:?}"
+    );
+    let used = (served + 3) * PER_REQUEST;
+    let overrun = used - BUDGET;
+    println!("daily budget {BUDGET}: {} requests answered, {used} tokens used, overrun {overrun}", served + 3);
+    assert!(overrun <= 3 * PER_REQUEST, "overrun {overrun} is over one request per replica");
+    assert!(overrun > -3 * PER_REQUEST, "only {used} of {BUDGET} were spent");
+    assert_eq!(env.upstream.requests().len() as i64, served + 3);
+
+    // Cold: before any answer of a token, a request reserves a sixteenth of the limit
+    // (here more than it uses), so the same bound holds.
+    let mut spec = support::token_spec(&env.scoped("p"));
+    spec.limits = Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() });
+    env.create_token("cold", spec).await;
+    env.wait_token("cold", TokenPhase::Active).await;
+    let cold = env.token_secret("cold").await["token"].clone();
+    let results = support::slow_burst(&ports, &cold, 120, 300).await;
+    let cold_served = results.iter().filter(|(s, _)| *s == 200).count() as i64;
+    let cold_overrun = cold_served * PER_REQUEST - BUDGET;
+    println!("cold: {cold_served} requests answered, overrun {cold_overrun}");
+    assert!(cold_overrun <= 3 * PER_REQUEST, "cold overrun {cold_overrun}");
+    assert!(cold_served >= 16, "at least a sixteenth each: {cold_served}");
+
+    // Status is charged what the upstream reported, exactly, once the replicas flush.
+    let window = support::eventually(Duration::from_secs(15), || async {
+        token_window(&env, "tpd", TokenWindowKind::Day).await.filter(|w| w.used_tokens == used)
+    })
+    .await;
+    assert_eq!((window.limit, window.remaining_tokens), (BUDGET, 0));
+    assert!(window.claimed_tokens <= BUDGET && window.spent_at.is_some(), "{window:?}");
+    let today = jiff::Timestamp::now().as_microsecond() / 86_400_000_000 * 86_400_000_000;
+    assert_eq!(window.start.0.as_microsecond(), today, "the window is today's, from 00:00 UTC");
+    let listed = support::run_kubectl(&["get", "ptok", "tpd", "-n", &env.apps, "-o", "wide"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(listed.contains("TOKENS TODAY") && listed.contains("LEFT TODAY"), "{listed}");
+    let row = listed.lines().nth(1).unwrap_or_default();
+    assert!(row.split_whitespace().any(|cell| cell == used.to_string()), "{listed}");
+    let spent = token_event_reasons(&env, "tpd").await.into_iter().filter(|r| r == "TokenBudgetSpent").count();
+    assert_eq!(spent, 1, "one Event, from one replica");
+
+    // The refusal: a spent budget, which OpenAI calls insufficient_quota.
+    let auth = format!("Bearer {secret}");
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", ports[2]);
+    let (answer, headers) =
+        support::curl_with_headers("POST", &url, &[("authorization", &auth)], Some(r#"{"model":"m","messages":[]}"#))
+            .await;
+    let error = &answer.json()["error"];
+    assert_eq!((answer.status, error["type"].as_str()), (429, Some("insufficient_quota")), "{}", answer.body);
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("800 LLM tokens per day (UTC) (spec.limits.tokensPerDay)"), "{message}");
+    assert!(message.contains("It resets at") && message.contains("T00:00:00Z"), "{message}");
+    assert_eq!(header(&headers, "x-should-retry"), "false");
+    assert_eq!(header(&headers, "x-ratelimit-limit-tokens"), "800");
+    assert_eq!(header(&headers, "x-ratelimit-remaining-tokens"), "0");
+    let retry_after: u64 = header(&headers, "retry-after").parse().unwrap();
+    assert!((1..=86_400).contains(&retry_after), "{headers:?}");
+
+    // The official SDK takes it as final: one attempt, no retries.
+    let refused_before = refusals(&env).await;
+    let script = r#"
+import openai
+try:
+    openai.OpenAI(max_retries=3).chat.completions.create(model="m", messages=[])
+except openai.RateLimitError as e:
+    print(e.status_code, e.code)
+"#;
+    let (said, stderr) = env.sdk(script, &secret).await;
+    assert_eq!(said.trim(), "429 token_budget_exceeded", "{stderr}");
+    assert_eq!(refusals(&env).await - refused_before, 1, "the SDK did not retry");
+
+    // Metrics: what is left, per token and window, as each replica last wrote it; the
+    // replica that wrote last says nothing is.
+    let gauge =
+        format!(r#"llmproxy_token_budget_remaining{{token_namespace="{}",token_name="tpd",window="Day"}} 0"#, env.apps);
+    let mut said = Vec::new();
+    for port in admin {
+        said.push(support::curl("GET", &format!("http://127.0.0.1:{port}/metrics"), &[], None).await.body);
+    }
+    assert!(said.iter().any(|metrics| metrics.contains(&gauge)), "{said:?}");
+}
+
+/// `token_budget_exceeded` refusals proxy-a has answered.
+async fn refusals(env: &Env) -> u64 {
+    let metrics = support::curl("GET", &format!("http://127.0.0.1:{}/metrics", env.proxy_admin_port), &[], None).await;
+    metrics
+        .body
+        .lines()
+        .filter(|l| l.starts_with("llmproxy_requests_total") && l.contains(r#"outcome="token_budget_exceeded""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `tokensPerMinute` is a rate limit: 429 `rate_limit_exceeded` of type `tokens` with
+/// OpenAI's token headers, which the official SDK waits out and retries into the next
+/// minute.
+#[tokio::test]
+async fn tokens_per_minute_is_a_rate_limit_the_sdk_waits_out() {
+    let mut env = Env::new("tpm").await;
+    env.start_controller();
+    env.start_proxy().await;
+    env.create_project("p").await;
+    let mut spec = support::token_spec(&env.scoped("p"));
+    spec.limits = Some(Limits { tokens_per_minute: Some(64), ..Limits::default() });
+    env.create_token("tpm", spec).await;
+    env.wait_token("tpm", TokenPhase::Active).await;
+    let secret = env.token_secret("tpm").await["token"].clone();
+
+    wait_for_second(48..53).await;
+    let ports = [env.proxy_port];
+    assert_eq!(support::burst(&ports, &secret, 1).await[0].0, 200);
+    let results = support::slow_burst(&ports, &secret, 10, 200).await;
+    assert_eq!(results.iter().filter(|(s, _)| *s == 200).count(), 3, "64 tokens: four requests of 16 {results:?}");
+    let auth = format!("Bearer {secret}");
+    let url = format!("{}/v1/chat/completions", env.proxy_url());
+    let (answer, headers) =
+        support::curl_with_headers("POST", &url, &[("authorization", &auth)], Some(r#"{"model":"m","messages":[]}"#))
+            .await;
+    let error = &answer.json()["error"];
+    assert_eq!(
+        (answer.status, error["code"].as_str(), error["type"].as_str()),
+        (429, Some("rate_limit_exceeded"), Some("tokens"))
+    );
+    assert_eq!(header(&headers, "x-ratelimit-limit-tokens"), "64");
+    let retry_after: u64 = header(&headers, "retry-after").parse().unwrap();
+    assert!((1..=12).contains(&retry_after), "{headers:?}");
+    assert_eq!(header(&headers, "x-ratelimit-reset-tokens"), format!("{retry_after}s"));
+    assert!(header(&headers, "x-should-retry").is_empty(), "the SDKs retry a rate limit");
+
+    let script = r#"
+import openai
+answer = openai.OpenAI(max_retries=3).chat.completions.create(model="m", messages=[])
+print(answer.choices[0].message.content)
+"#;
+    let (said, stderr) = env.sdk(script, &secret).await;
+    assert_eq!(said.trim(), "Hello from the fake upstream.", "{stderr}");
+    let forwarded = env.upstream.last_request().unwrap();
+    let retries = forwarded.header("x-stainless-retry-count").unwrap_or_default();
+    assert!(retries.parse::<u32>().unwrap_or(0) >= 1, "the answered request was a retry: {retries:?}");
+}
+
+#[tokio::test]
+async fn invalid_token_limits_are_refused_with_what_to_fix() {
+    let env = Env::new("tokens-invalid").await;
+    env.put_key("p-key", support::TEST_KEY, "p").await;
+    let mut project = env.project("p");
+    project.spec.limits = Some(Limits { tokens_per_month: Some(1000), ..Limits::default() });
+    let error = Api::<Project>::all(env.client.clone()).create(&PostParams::default(), &project).await.unwrap_err();
+    assert!(
+        error.to_string().contains(
+            "token limits (tokensPerMinute, tokensPerDay, tokensPerMonth, lifetimeTokens) are set per ProxyToken"
+        ),
+        "{error}"
+    );
+    let mut spec = support::token_spec(&env.scoped("p"));
+    spec.limits = Some(Limits { tokens_per_day: Some(0), ..Limits::default() });
+    let mut token = ProxyToken::new("t", spec);
+    token.metadata.namespace = Some(env.apps.clone());
+    let error = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps)
+        .create(&PostParams::default(), &token)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("spec.limits.tokensPerDay") && error.contains("greater than or equal to 1"), "{error}");
 }

@@ -31,6 +31,70 @@ pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000_000))]
     pub requests_per_minute: Option<i64>,
+
+    /// Most LLM tokens (prompt + completion, as the upstream reports them) in one
+    /// calendar minute (UTC). Beyond it, 429 `rate_limit_exceeded` with OpenAI's
+    /// `x-ratelimit-*-tokens` headers and `Retry-After` (the SDKs wait and retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000_000_i64))]
+    pub tokens_per_minute: Option<i64>,
+
+    /// A budget of LLM tokens per calendar day (UTC). Once spent, 429
+    /// `insufficient_quota` (the SDKs do not retry) until the next day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000_000_i64))]
+    pub tokens_per_day: Option<i64>,
+
+    /// A budget of LLM tokens per calendar month (UTC). Once spent, 429
+    /// `insufficient_quota` until the next month.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000_000_i64))]
+    pub tokens_per_month: Option<i64>,
+
+    /// A budget of LLM tokens for the token's whole life. Once spent, 429
+    /// `insufficient_quota` for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000_000_i64))]
+    pub lifetime_tokens: Option<i64>,
+}
+
+impl Limits {
+    /// The LLM-token limits, each with its window.
+    pub fn token_windows(&self) -> impl Iterator<Item = (TokenWindowKind, i64)> + '_ {
+        [
+            (TokenWindowKind::Minute, self.tokens_per_minute),
+            (TokenWindowKind::Day, self.tokens_per_day),
+            (TokenWindowKind::Month, self.tokens_per_month),
+            (TokenWindowKind::Lifetime, self.lifetime_tokens),
+        ]
+        .into_iter()
+        .filter_map(|(kind, limit)| Some((kind, limit?)))
+    }
+}
+
+/// The window a limit on LLM tokens counts in. Calendar windows are UTC.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TokenWindowKind {
+    /// `tokensPerMinute`.
+    Minute,
+    /// `tokensPerDay`.
+    Day,
+    /// `tokensPerMonth`.
+    Month,
+    /// `lifetimeTokens`.
+    Lifetime,
+}
+
+impl TokenWindowKind {
+    /// The `spec.limits` field that sets it.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Minute => "tokensPerMinute",
+            Self::Day => "tokensPerDay",
+            Self::Month => "tokensPerMonth",
+            Self::Lifetime => "lifetimeTokens",
+        }
+    }
 }
 
 /// One entry of [`Limits::models`].

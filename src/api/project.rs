@@ -51,6 +51,9 @@ pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
 ).message("tokensNotBefore cannot be removed or moved back: a bulk revocation is permanent"))]
 #[x_kube(validation = Rule::new("!has(self.limits) || !has(self.limits.requestsPerMinute)")
     .message("limits.requestsPerMinute is set per ProxyToken: a Project-wide window is not supported yet"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.limits) || (!has(self.limits.tokensPerMinute) && !has(self.limits.tokensPerDay) && !has(self.limits.tokensPerMonth) && !has(self.limits.lifetimeTokens))"
+).message("token limits (tokensPerMinute, tokensPerDay, tokensPerMonth, lifetimeTokens) are set per ProxyToken: Project-wide budgets are not supported yet"))]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectSpec {
     /// Human name shown in listings, e.g. "Production API".

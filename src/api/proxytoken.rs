@@ -32,6 +32,24 @@ use serde::{Deserialize, Serialize};
         priority = 1
     ),
     printcolumn(name = "In Minute", type_ = "integer", json_path = ".status.currentMinute.claimedRequests", priority = 1),
+    printcolumn(
+        name = "Tokens Today",
+        type_ = "integer",
+        json_path = r#".status.tokenWindows[?(@.window=="Day")].usedTokens"#,
+        priority = 1
+    ),
+    printcolumn(
+        name = "Left Today",
+        type_ = "integer",
+        json_path = r#".status.tokenWindows[?(@.window=="Day")].remainingTokens"#,
+        priority = 1
+    ),
+    printcolumn(
+        name = "Left Month",
+        type_ = "integer",
+        json_path = r#".status.tokenWindows[?(@.window=="Month")].remainingTokens"#,
+        priority = 1
+    ),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(
         name = "Reason",
@@ -161,6 +179,11 @@ pub struct ProxyTokenStatus {
     /// never more than the limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_minute: Option<RequestWindow>,
+    /// With token limits (`limits.tokensPerMinute`, `tokensPerDay`, `tokensPerMonth`,
+    /// `lifetimeTokens`): each window's usage, what is left, and the shares proxy
+    /// replicas reserved. One entry per limit, for its current window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_windows: Vec<TokenWindow>,
     /// The last usage flush each proxy process wrote into `requestCount` (written by the
     /// proxies, with the count): a flush whose answer was lost is retried with the same
     /// sequence number and found here instead of being counted twice.
@@ -202,6 +225,29 @@ pub struct RequestWindow {
     pub start: Time,
     /// Requests reserved by proxy replicas in it.
     pub claimed_requests: i64,
+}
+
+/// One window of a token limit, as the proxy replicas together account it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenWindow {
+    /// Which limit: `Minute`, `Day`, `Month` or `Lifetime`.
+    pub window: super::TokenWindowKind,
+    /// The window's first instant (UTC); the Unix epoch for `Lifetime`.
+    pub start: Time,
+    /// The limit it was last accounted against.
+    pub limit: i64,
+    /// LLM tokens the upstream reported for requests admitted in it (written by the
+    /// proxies every few seconds).
+    pub used_tokens: i64,
+    /// `limit − usedTokens`, never below 0.
+    pub remaining_tokens: i64,
+    /// Tokens proxy replicas reserved in shares (never more than the limit; a share
+    /// can be overspent only by requests already in flight when it ran out).
+    pub claimed_tokens: i64,
+    /// When the first request was refused for it: the window is spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spent_at: Option<MicroTime>,
 }
 
 /// One proxy process's last usage flush into a token's `requestCount`.

@@ -424,6 +424,7 @@ fn token_route(t: &ProxyToken) -> Option<MintedRoute> {
         request_count: status.request_count.unwrap_or(0).max(0) as u64,
         models: allowlist(t.spec.limits.as_ref()),
         requests_per_minute: t.spec.limits.as_ref().and_then(|l| l.requests_per_minute).map(|r| r.max(1) as u64),
+        token_limits: crate::windows::TokenLimits::of(t.spec.limits.as_ref()),
     };
     Some((hash, route))
 }

@@ -12,6 +12,7 @@ use crate::apikey::{ApiKey, KeyProblem};
 use crate::fate::{Facts, Fate};
 use crate::models::ModelAllowlist;
 use crate::token::TokenHash;
+use crate::windows::TokenLimits;
 
 /// A token the proxy knows, as of the last watch event.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +40,8 @@ pub struct TokenRoute {
     pub models: Option<ModelAllowlist>,
     /// `spec.limits.requestsPerMinute`, over every replica.
     pub requests_per_minute: Option<u64>,
+    /// `spec.limits.tokensPer*` and `lifetimeTokens`, over every replica.
+    pub token_limits: TokenLimits,
 }
 
 /// A project the proxy knows, with its key resolved from the Secret.

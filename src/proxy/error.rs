@@ -6,6 +6,7 @@ use bytes::Bytes;
 use hyper::{Response, StatusCode, header};
 
 use super::Body;
+use crate::api::TokenWindowKind;
 use crate::index::Denial;
 use crate::proxy::paths::PathError;
 
@@ -30,6 +31,12 @@ pub(crate) enum ProxyError {
     /// `limits.requestsPerMinute` reached for this minute.
     #[error("rate limit reached")]
     RateLimited,
+    /// `limits.tokensPerMinute` reached for this minute.
+    #[error("token rate limit reached")]
+    TokensRateLimited,
+    /// A budget of LLM tokens (`tokensPerDay`, `tokensPerMonth`, `lifetimeTokens`) is spent.
+    #[error("token budget spent")]
+    TokenBudgetSpent,
     /// The Project the token was minted for no longer exists.
     #[error("project deleted")]
     ProjectDeleted,
@@ -86,7 +93,9 @@ impl ProxyError {
             | Self::TokenRevoked
             | Self::TokenExpired
             | Self::ProjectDeleted => StatusCode::UNAUTHORIZED,
-            Self::TokenExhausted | Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::TokenExhausted | Self::RateLimited | Self::TokensRateLimited | Self::TokenBudgetSpent => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::ProjectInactive | Self::NamespaceNotAllowed | Self::ModelNotAllowed => StatusCode::FORBIDDEN,
             Self::ModelRequired | Self::ModelAmbiguous => StatusCode::BAD_REQUEST,
             Self::ProjectKeyInvalid | Self::NotReady | Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -107,7 +116,8 @@ impl ProxyError {
             Self::TokenRevoked => "token_revoked",
             Self::TokenExpired => "token_expired",
             Self::TokenExhausted => "token_exhausted",
-            Self::RateLimited => "rate_limit_exceeded",
+            Self::RateLimited | Self::TokensRateLimited => "rate_limit_exceeded",
+            Self::TokenBudgetSpent => "token_budget_exceeded",
             Self::ProjectDeleted => "project_deleted",
             Self::ProjectInactive => "project_inactive",
             Self::NamespaceNotAllowed => "namespace_not_allowed",
@@ -136,10 +146,11 @@ impl ProxyError {
             | Self::ProjectDeleted => "authentication_error",
             Self::ProjectInactive | Self::NamespaceNotAllowed | Self::ModelNotAllowed => "permission_error",
             Self::ModelRequired | Self::ModelAmbiguous => "invalid_request_error",
-            // OpenAI's type for a spent budget, which waiting does not restore.
-            Self::TokenExhausted => "insufficient_quota",
-            // OpenAI's type for request-rate limits, which the SDKs wait out and retry.
+            // OpenAI's type for a spent budget, which waiting (a while) does not restore.
+            Self::TokenExhausted | Self::TokenBudgetSpent => "insufficient_quota",
+            // OpenAI's types for rate limits, which the SDKs wait out and retry.
             Self::RateLimited => "requests",
+            Self::TokensRateLimited => "tokens",
             Self::EndpointNotFound | Self::MethodNotAllowed | Self::PayloadTooLarge | Self::HeadersTooLarge => {
                 "invalid_request_error"
             }
@@ -199,6 +210,12 @@ impl ProxyError {
             Self::RateLimited => {
                 "This token's requests per minute (spec.limits.requestsPerMinute) are used up: retry in the next minute."
             }
+            Self::TokensRateLimited => {
+                "This token's LLM tokens per minute (spec.limits.tokensPerMinute) are used up: retry in the next minute."
+            }
+            Self::TokenBudgetSpent => {
+                "This token's budget of LLM tokens (spec.limits) is spent: wait for the window to reset, or ask for a larger budget."
+            }
             Self::ModelRequired => {
                 "This token may use only some models (spec.limits.models), so the request must name its model where the proxy reads it."
             }
@@ -223,7 +240,7 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
         // The official SDKs retry every 429 unless told not to: a spent cap is final.
-        if self == Self::TokenExhausted {
+        if matches!(self, Self::TokenExhausted | Self::TokenBudgetSpent) {
             headers.insert("x-should-retry", header::HeaderValue::from_static("false"));
         }
         response
@@ -282,6 +299,47 @@ impl Refused {
             ("x-ratelimit-reset-requests", format!("{retry_in}s")),
         ];
         Self { error: ProxyError::RateLimited, detail: Some(message), headers }
+    }
+
+    /// A spent window of a token limit: `kind`'s window starting at `start_us` holds
+    /// no more of its `limit` tokens at `now_us`. A minute is a rate limit the SDKs wait
+    /// out; a day, a month or the lifetime is a spent budget they do not retry.
+    pub(crate) fn tokens_spent(kind: TokenWindowKind, limit: u64, start_us: i64, now_us: i64) -> Self {
+        let field = kind.field();
+        let per = crate::windows::per(kind);
+        let end_us = crate::windows::end(kind, start_us);
+        let retry_in = end_us.map(|end| ((end - now_us).max(0) as u64).div_ceil(1_000_000));
+        let mut headers =
+            vec![("x-ratelimit-limit-tokens", limit.to_string()), ("x-ratelimit-remaining-tokens", "0".to_string())];
+        if let Some(retry_in) = retry_in {
+            headers.push(("retry-after", retry_in.to_string()));
+            headers.push(("x-ratelimit-reset-tokens", format!("{retry_in}s")));
+        }
+        let (error, message) = match (kind, end_us) {
+            (TokenWindowKind::Minute, _) => (
+                ProxyError::TokensRateLimited,
+                format!(
+                    "Rate limit reached: this token may use {limit} LLM tokens per minute (spec.limits.{field}), over every proxy replica. The next minute starts in {} s.",
+                    retry_in.unwrap_or(60)
+                ),
+            ),
+            (_, Some(end_us)) => {
+                let resets = jiff::Timestamp::from_microsecond(end_us).map(|t| t.to_string()).unwrap_or_default();
+                (
+                    ProxyError::TokenBudgetSpent,
+                    format!(
+                        "Budget spent: this token may use {limit} LLM tokens {per} (spec.limits.{field}), over every proxy replica, and they are used up. It resets at {resets}; for more now, ask for a larger limit."
+                    ),
+                )
+            }
+            (_, None) => (
+                ProxyError::TokenBudgetSpent,
+                format!(
+                    "Budget spent: this token may use {limit} LLM tokens {per} (spec.limits.{field}), and they are used up: create a new ProxyToken for more."
+                ),
+            ),
+        };
+        Self { error, detail: Some(message), headers }
     }
 
     /// The JSON response.

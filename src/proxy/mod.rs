@@ -4,6 +4,7 @@
 //! key swap → upstream → streamed response`. Every refusal is a [`ProxyError`] in
 //! OpenAI's JSON shape; every request is one JSON access-log line without secrets.
 
+mod budget;
 mod error;
 mod forward;
 pub(crate) mod llm_usage;
@@ -107,14 +108,14 @@ impl Proxy {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let (response, route, outcome, upstream_time) = match self.route_and_forward(request).await {
-            Ok((response, route, upstream_time)) => {
+            Ok((response, route, reservation, upstream_time)) => {
                 let outcome = match response.status().as_u16() {
                     200..=399 => "upstream_2xx",
                     400..=499 => "upstream_4xx",
                     _ => "upstream_5xx",
                 };
                 let counted = paths::reports_usage(&method, &path) && response.status().is_success();
-                (self.tap_usage(response, &route, counted), Some(route), outcome, Some(upstream_time))
+                (self.tap_usage(response, &route, reservation, counted), Some(route), outcome, Some(upstream_time))
             }
             Err((refused, route)) => {
                 let code = refused.error.code();
@@ -132,8 +133,15 @@ impl Proxy {
 
     /// Streams the upstream body back, counting the tokens it reports when `counted`
     /// (a successful answer of an endpoint that reports usage) and it is JSON or an
-    /// event stream: a file download whose bytes contain `"usage"` counts nothing.
-    fn tap_usage(&self, response: Response<Incoming>, route: &Route, counted: bool) -> Response<Body> {
+    /// event stream: a file download whose bytes contain `"usage"` counts nothing. The
+    /// token limits' `reservation` is settled with that usage when the body ends.
+    fn tap_usage(
+        &self,
+        response: Response<Incoming>,
+        route: &Route,
+        reservation: Option<budget::Reservation>,
+        counted: bool,
+    ) -> Response<Body> {
         let metrics = self.metrics.clone();
         let token = route.token.clone();
         let content_type = response.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes());
@@ -143,9 +151,18 @@ impl Proxy {
         response.map(move |body| {
             let guarded = stream::Guarded::new(body, idle, event_stream);
             if !counted {
+                // Dropped with the request: an answer that reports no usage costs none.
+                drop(reservation);
                 return guarded.boxed();
             }
+            let mut reservation = reservation;
+            if let Some(reservation) = &mut reservation {
+                reservation.charge_if_unreported();
+            }
             llm_usage::UsageTap::new(guarded, move |usage: llm_usage::TokenUsage| {
+                if let Some(reservation) = reservation {
+                    reservation.settle(usage.prompt.saturating_add(usage.completion));
+                }
                 for (kind, count) in [("prompt", usage.prompt), ("completion", usage.completion)] {
                     let labels = TokenUsageLabels {
                         project: Name(token.project.clone()),
@@ -163,7 +180,7 @@ impl Proxy {
     async fn route_and_forward(
         &self,
         request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Route, Duration), (Refused, Option<Route>)> {
+    ) -> Result<(Response<Incoming>, Route, Option<budget::Reservation>, Duration), (Refused, Option<Route>)> {
         let refused = |error: ProxyError| (Refused::from(error), None);
         check_header_size(request.headers()).map_err(refused)?;
         paths::check(request.method(), request.uri().path()).map_err(|e| refused(e.into()))?;
@@ -181,12 +198,13 @@ impl Proxy {
             Err(refusal) => return Err((refusal, Some(route))),
         };
         // Now, not when the headers came: the model check may have waited for the body.
-        if let Err(error) = self.quota.admit(hash, &route, now_us()).await {
-            return Err((error, Some(route)));
-        }
+        let reservation = match self.quota.admit(hash, &route, now_us()).await {
+            Ok(reservation) => reservation,
+            Err(error) => return Err((error, Some(route))),
+        };
         let sent = Instant::now();
         match self.upstream.forward(request, &route).await {
-            Ok(response) => Ok((response, route, sent.elapsed())),
+            Ok(response) => Ok((response, route, reservation, sent.elapsed())),
             Err(error) => Err((error.into(), Some(route))),
         }
     }

@@ -16,6 +16,10 @@
 //! nothing), serves only from them, and drops what is left when the minute ends. No
 //! minute ever admits more than the limit, over every replica.
 //!
+//! LLM-token limits claim shares of each window in `status.tokenWindows` the same way;
+//! requests reserve from them and settle with the upstream's reported usage (see
+//! `budget`). The request that finds a budget spent writes `spentAt` and an Event.
+//!
 //! Flushes are exact: each carries this process's next sequence number, written with
 //! the count into `status.usageFlushes`. A flush whose answer is lost (the write may or
 //! may not have happened) is retried with the same number, and the retry finds it there
@@ -28,15 +32,20 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+
+use super::budget::{Charge, Reservation, Reserve, TokenShares};
 use super::{ProxyError, Refused};
-use crate::api::{ProxyToken, UsageFlush};
+use crate::api::{ProxyToken, TokenWindow, TokenWindowKind, UsageFlush};
 use crate::index::DigestHasher;
 use crate::index::Route;
-use crate::metrics::{Metrics, ResultLabels};
+use crate::metrics::{BudgetLabels, Metrics, Name, ResultLabels};
 use crate::token::TokenHash;
+use crate::windows::{self, TokenLimits};
 
 /// Field manager of the proxies' status writes.
 pub(crate) const PROXY_MANAGER: &str = "llm-proxy-proxy";
@@ -48,11 +57,13 @@ const MAX_ATTEMPTS: usize = 20;
 /// within seconds; a stopped process's entry goes with the next flush after this).
 const FLUSH_RECORD_TTL: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
 
-/// A flush of one token's count: what is written, under which sequence number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A flush of one token's counts: what is written, under which sequence number.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Flush {
     sequence: i64,
     delta: i64,
+    /// LLM tokens used, by limited window.
+    tokens: Vec<Charge>,
 }
 
 /// One token's counters on this replica.
@@ -67,8 +78,33 @@ struct Counter {
     block: tokio::sync::Mutex<i64>,
     /// This replica's share of the current minute's requests.
     window: tokio::sync::Mutex<Window>,
+    /// This replica's shares of the token's LLM-token windows.
+    tokens: Arc<TokenShares>,
     /// A flush that failed without saying whether it was written: retried as it is.
     in_doubt: std::sync::Mutex<Option<Flush>>,
+}
+
+impl Counter {
+    /// Sets the remaining-budget gauges from `windows` as stored.
+    fn report_remaining(&self, metrics: &Metrics, windows: &[TokenWindow]) {
+        for window in windows {
+            let labels = BudgetLabels {
+                token_namespace: Name(Arc::from(self.namespace.as_str())),
+                token_name: Name(Arc::from(self.name.as_str())),
+                window: window_label(window.window),
+            };
+            metrics.token_budget_remaining.get_or_create(&labels).set(window.remaining_tokens);
+        }
+    }
+}
+
+fn window_label(kind: TokenWindowKind) -> &'static str {
+    match kind {
+        TokenWindowKind::Minute => "Minute",
+        TokenWindowKind::Day => "Day",
+        TokenWindowKind::Month => "Month",
+        TokenWindowKind::Lifetime => "Lifetime",
+    }
 }
 
 /// Requests left to this replica in one minute of a rate limit.
@@ -93,9 +129,22 @@ enum WindowClaim {
     Unavailable,
 }
 
+/// What claiming a share of an LLM-token window found.
+#[derive(Debug, PartialEq, Eq)]
+enum TokenClaim {
+    /// A share of `tokens`; `last` when it was all the window had left.
+    Granted { tokens: i64, last: bool },
+    /// Nothing is left; `first` when this claim marked the window spent.
+    Spent { first: bool },
+    /// The API server could not be written.
+    Unavailable,
+}
+
 /// Request counting and budget claims shared by every connection of a proxy replica.
 pub(crate) struct Quota {
     client: Client,
+    /// Events when a token budget is spent.
+    recorder: Recorder,
     /// The runtime every API call runs on (see [`Quota::claim`]).
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
@@ -115,7 +164,9 @@ impl Quota {
     /// `replica` names this process in `status.usageFlushes`: unique per process start
     /// (a restarted process numbers its flushes from 1 again).
     pub(crate) fn new(client: Client, metrics: Arc<Metrics>, replica: String) -> Self {
+        let reporter = Reporter { controller: PROXY_MANAGER.into(), instance: Some(replica.clone()) };
         Self {
+            recorder: Recorder::new(client.clone(), reporter),
             client,
             runtime: tokio::runtime::Handle::current(),
             metrics,
@@ -128,9 +179,21 @@ impl Quota {
 
     /// Admits one request with `route`'s token: always for unlimited tokens, from the
     /// replica's blocks (claiming new ones when empty) for rate-limited and capped ones.
-    pub(crate) async fn admit(&self, hash: TokenHash, route: &Route, now_us: i64) -> Result<(), Refused> {
+    /// With token limits, the reservation to settle with the response's usage.
+    pub(crate) async fn admit(
+        &self,
+        hash: TokenHash,
+        route: &Route,
+        now_us: i64,
+    ) -> Result<Option<Reservation>, Refused> {
         let counter = self.counter(hash, route);
-        // The minute first: a refusal there spends none of the lifetime cap.
+        // Token windows first: a refusal there spends no request slot. A refusal after
+        // them drops the reservation, which gives it back.
+        let reservation = match route.token.token_limits {
+            limits if limits.is_empty() => None,
+            limits => Some(self.reserve_tokens(&counter, limits, now_us).await?),
+        };
+        // The minute next: a refusal there spends none of the lifetime cap.
         if let Some(limit) = route.token.requests_per_minute {
             let minute = now_us - now_us.rem_euclid(MINUTE_US);
             let mut window = counter.window.lock().await;
@@ -176,7 +239,58 @@ impl Quota {
         }
         counter.unflushed.fetch_add(1, Ordering::Relaxed);
         counter.last_used_us.fetch_max(now_us, Ordering::Relaxed);
-        Ok(())
+        Ok(reservation)
+    }
+
+    /// Reserves this request's estimate in every limited window of the token, claiming
+    /// shares where this replica's are short.
+    async fn reserve_tokens(
+        &self,
+        counter: &Arc<Counter>,
+        limits: TokenLimits,
+        now_us: i64,
+    ) -> Result<Reservation, Refused> {
+        let shares = &counter.tokens;
+        let mut reservation = Reservation::new(shares.clone());
+        for (kind, limit) in limits.iter() {
+            let estimate = shares.estimate(limit);
+            let mut claimed_once = false;
+            loop {
+                let start_us = match shares.reserve(kind, windows::start(kind, now_us), estimate) {
+                    Reserve::Taken { start_us } => {
+                        reservation.add(kind, start_us, estimate);
+                        break;
+                    }
+                    Reserve::Spent { start_us } => return Err(Refused::tokens_spent(kind, limit, start_us, now_us)),
+                    Reserve::Short { start_us, .. } => start_us,
+                };
+                let _one_claim_at_a_time = shares.claiming.lock().await;
+                // Another request may have claimed while this one waited.
+                let need = match shares.reserve(kind, start_us, estimate) {
+                    Reserve::Taken { start_us } => {
+                        reservation.add(kind, start_us, estimate);
+                        break;
+                    }
+                    Reserve::Spent { start_us } => return Err(Refused::tokens_spent(kind, limit, start_us, now_us)),
+                    Reserve::Short { need, .. } if claimed_once => need.max(estimate),
+                    Reserve::Short { need, .. } => need,
+                };
+                claimed_once = true;
+                let claimed = self.claim_tokens(counter, kind, limit, start_us, need).await;
+                let result = match &claimed {
+                    TokenClaim::Granted { .. } => "tokens_claimed",
+                    TokenClaim::Spent { .. } => "tokens_spent",
+                    TokenClaim::Unavailable => "tokens_failed",
+                };
+                self.metrics.quota_claims.get_or_create(&ResultLabels { result }).inc();
+                match claimed {
+                    TokenClaim::Granted { tokens, last } => shares.grant(kind, start_us, tokens, last),
+                    TokenClaim::Spent { .. } => shares.mark_spent(kind, start_us),
+                    TokenClaim::Unavailable => return Err(ProxyError::QuotaUnavailable.into()),
+                }
+            }
+        }
+        Ok(reservation)
     }
 
     fn counter(&self, hash: TokenHash, route: &Route) -> Arc<Counter> {
@@ -194,6 +308,7 @@ impl Quota {
                     last_used_us: AtomicI64::new(0),
                     block: tokio::sync::Mutex::new(0),
                     window: tokio::sync::Mutex::default(),
+                    tokens: Arc::default(),
                     in_doubt: std::sync::Mutex::new(None),
                 })
             })
@@ -223,6 +338,34 @@ impl Quota {
             .unwrap_or(Err(WindowClaim::Unavailable))
     }
 
+    /// Claims a share of `need` tokens or more of the `kind` window starting at
+    /// `start_us` (on the main runtime, as [`Quota::claim`]); publishes the Event when
+    /// this claim finds the window spent first.
+    async fn claim_tokens(
+        &self,
+        counter: &Arc<Counter>,
+        kind: TokenWindowKind,
+        limit: u64,
+        start_us: i64,
+        need: i64,
+    ) -> TokenClaim {
+        let (client, counter, recorder) = (self.client.clone(), counter.clone(), self.recorder.clone());
+        let metrics = self.metrics.clone();
+        self.runtime
+            .spawn(async move {
+                let (claimed, token) = claim_token_block(client, &counter, kind, limit, start_us, need).await;
+                if let Some(token) = &token {
+                    counter.report_remaining(&metrics, &token.status.clone().unwrap_or_default().token_windows);
+                }
+                if let (TokenClaim::Spent { first: true }, Some(token)) = (&claimed, &token) {
+                    publish_spent(&recorder, token, kind, limit).await;
+                }
+                claimed
+            })
+            .await
+            .unwrap_or(TokenClaim::Unavailable)
+    }
+
     /// Writes every token's unflushed count and last use into its status.
     pub(crate) async fn flush(&self) {
         let client = &self.client;
@@ -233,16 +376,23 @@ impl Quota {
             let in_doubt = counter.in_doubt.lock().expect("flush state poisoned").take();
             let flush = match in_doubt {
                 Some(flush) => flush,
-                None => match counter.unflushed.swap(0, Ordering::Relaxed) {
-                    0 => continue,
-                    delta => Flush { sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1, delta: delta as i64 },
-                },
+                None => {
+                    let delta = counter.unflushed.swap(0, Ordering::Relaxed) as i64;
+                    let tokens = counter.tokens.take_pending();
+                    if delta == 0 && tokens.is_empty() {
+                        continue;
+                    }
+                    Flush { sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1, delta, tokens }
+                }
             };
             let last_used = counter.last_used_us.load(Ordering::Relaxed);
-            if let Err(error) = add_usage(client, &counter, &self.replica, flush, last_used).await {
-                // Written or not, nobody can tell yet: the retry finds out.
-                *counter.in_doubt.lock().expect("flush state poisoned") = Some(flush);
-                tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "writing usage failed; will retry");
+            match add_usage(client, &counter, &self.replica, &flush, last_used).await {
+                Ok(windows) => counter.report_remaining(&self.metrics, &windows),
+                Err(error) => {
+                    // Written or not, nobody can tell yet: the retry finds out.
+                    *counter.in_doubt.lock().expect("flush state poisoned") = Some(flush);
+                    tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "writing usage failed; will retry");
+                }
             }
         }
     }
@@ -364,23 +514,126 @@ pub(crate) fn block_size(max: i64) -> i64 {
     (max / 16).clamp(1, 1000)
 }
 
-/// Writes `flush` into `requestCount` unless `status.usageFlushes` shows it already
-/// was (its answer was lost), recording it there in the same write.
+/// Claims a share of at least `need` tokens (a block of the limit when larger) of the
+/// `kind` window starting at `start_us`, with a resourceVersion precondition. When
+/// nothing is left, the first claim to find it so writes `spentAt`. Returns what it
+/// found, and the token as written or read.
+async fn claim_token_block(
+    client: Client,
+    counter: &Counter,
+    kind: TokenWindowKind,
+    limit_hint: u64,
+    start_us: i64,
+    need: i64,
+) -> (TokenClaim, Option<ProxyToken>) {
+    let api = Api::<ProxyToken>::namespaced(client, &counter.namespace);
+    let Ok(start) = jiff::Timestamp::from_microsecond(start_us) else { return (TokenClaim::Unavailable, None) };
+    let claimed = retry_on_conflict(|| async {
+        let token = api.get_status(&counter.name).await?;
+        let status = token.status.clone().unwrap_or_default();
+        let limit = limit_of(&token, kind).unwrap_or(limit_hint as i64);
+        let mut windows = status.token_windows.clone();
+        let at = windows.iter().position(|w| w.window == kind);
+        let mut window = match at.map(|i| &windows[i]) {
+            Some(w) if w.start.0.as_microsecond() == start_us => w.clone(),
+            // A later window is stored: this one is over for the cluster (as for minutes).
+            Some(w) if w.start.0.as_microsecond() > start_us => return Ok((TokenClaim::Spent { first: false }, token)),
+            _ => TokenWindow {
+                window: kind,
+                start: Time(start),
+                limit,
+                used_tokens: 0,
+                remaining_tokens: limit,
+                claimed_tokens: 0,
+                spent_at: None,
+            },
+        };
+        window.limit = limit;
+        window.remaining_tokens = (limit - window.used_tokens).max(0);
+        let left = limit - window.claimed_tokens;
+        let outcome = if left > 0 {
+            let tokens = need.max(super::budget::share_size(limit)).min(left);
+            window.claimed_tokens += tokens;
+            TokenClaim::Granted { tokens, last: tokens == left }
+        } else if window.spent_at.is_none() {
+            window.spent_at = Some(crate::api::micros(jiff::Timestamp::now()));
+            TokenClaim::Spent { first: true }
+        } else {
+            return Ok((TokenClaim::Spent { first: false }, token));
+        };
+        match at {
+            Some(i) => windows[i] = window.clone(),
+            None => windows.push(window.clone()),
+        }
+        let patch = json!({
+            "metadata": { "resourceVersion": token.resource_version() },
+            "status": { "tokenWindows": windows },
+        });
+        let patched = api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await?;
+        let stored = patched.status.as_ref().and_then(|s| s.token_windows.iter().find(|w| w.window == kind));
+        if stored != Some(&window) {
+            tracing::error!("status.tokenWindows was not stored: update the CRDs (crds/llmproxy.io.yaml)");
+            return Ok((TokenClaim::Unavailable, patched));
+        }
+        Ok((outcome, patched))
+    })
+    .await;
+    match claimed {
+        Ok((outcome, token)) => (outcome, Some(token)),
+        Err(error) => {
+            tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming a share of a token limit failed");
+            (TokenClaim::Unavailable, None)
+        }
+    }
+}
+
+/// The `kind` limit `token`'s spec sets now.
+fn limit_of(token: &ProxyToken, kind: TokenWindowKind) -> Option<i64> {
+    token.spec.limits.as_ref()?.token_windows().find(|(k, _)| *k == kind).map(|(_, limit)| limit)
+}
+
+/// The Event on a token whose `kind` budget is spent: once per window, from the replica
+/// whose claim found it so.
+async fn publish_spent(recorder: &Recorder, token: &ProxyToken, kind: TokenWindowKind, limit: u64) {
+    let retry = match kind {
+        TokenWindowKind::Lifetime => "for good: create a new ProxyToken for more".to_string(),
+        _ => format!("until the window resets ({} {})", kind.field(), windows::per(kind)),
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "TokenBudgetSpent".into(),
+        note: Some(format!(
+            "limits.{} of {limit} tokens {} is used up or held by requests in flight; further requests are refused {retry}",
+            kind.field(),
+            windows::per(kind),
+        )),
+        action: "RefuseRequests".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &token.object_ref(&())).await {
+        tracing::warn!(%error, "could not publish event");
+    }
+}
+
+/// Writes `flush` into `requestCount` and `tokenWindows` unless `status.usageFlushes`
+/// shows it already was (its answer was lost), recording it there in the same write.
+/// Returns the token windows as written.
 async fn add_usage(
     client: &Client,
     counter: &Counter,
     replica: &str,
-    flush: Flush,
+    flush: &Flush,
     last_used_us: i64,
-) -> Result<(), kube::Error> {
+) -> Result<Vec<TokenWindow>, kube::Error> {
     let api = Api::<ProxyToken>::namespaced(client.clone(), &counter.namespace);
     let last_used = jiff::Timestamp::from_microsecond(last_used_us).map(crate::api::micros).ok();
     retry_on_conflict(|| async {
         let token = api.get_status(&counter.name).await?;
         let status = token.status.clone().unwrap_or_default();
         if status.usage_flushes.iter().any(|f| f.replica == replica && f.sequence >= flush.sequence) {
-            return Ok(());
+            return Ok(status.token_windows);
         }
+        let windows = charge(&token, status.token_windows.clone(), &flush.tokens);
         let newer = match (&status.last_used_at, &last_used) {
             (Some(old), Some(new)) => new.0 > old.0,
             _ => true,
@@ -402,11 +655,31 @@ async fn add_usage(
                 "requestCount": status.request_count.unwrap_or(0) + flush.delta,
                 "lastUsedAt": if newer { last_used.clone() } else { status.last_used_at.clone() },
                 "usageFlushes": flushes,
+                "tokenWindows": windows,
             },
         });
-        api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await.map(drop)
+        api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await?;
+        Ok(windows)
     })
     .await
+}
+
+/// `windows` with `charges` added to the windows they were made in (usage of a window
+/// already replaced by a later one is dropped) and `limit`/`remainingTokens` as the
+/// token's spec sets them now.
+fn charge(token: &ProxyToken, mut windows: Vec<TokenWindow>, charges: &[Charge]) -> Vec<TokenWindow> {
+    for charge in charges {
+        let window =
+            windows.iter_mut().find(|w| w.window == charge.kind && w.start.0.as_microsecond() == charge.start_us);
+        if let Some(window) = window {
+            window.used_tokens += charge.tokens;
+        }
+    }
+    for window in &mut windows {
+        window.limit = limit_of(token, window.window).unwrap_or(window.limit);
+        window.remaining_tokens = (window.limit - window.used_tokens).max(0);
+    }
+    windows
 }
 
 async fn give_back(client: &Client, counter: &Counter, unused: i64) -> Result<(), kube::Error> {
@@ -485,6 +758,7 @@ mod tests {
             last_used_us: AtomicI64::new(0),
             block: tokio::sync::Mutex::new(6),
             window: tokio::sync::Mutex::default(),
+            tokens: Arc::default(),
             in_doubt: std::sync::Mutex::new(None),
         }
     }
@@ -504,7 +778,9 @@ mod tests {
         let (client, refused) = always_conflicting();
         assert_eq!(claim_block(client.clone(), &counter(), 100).await, Err(ProxyError::QuotaUnavailable));
         assert_eq!(refused.load(Ordering::SeqCst), MAX_ATTEMPTS);
-        assert!(add_usage(&client, &counter(), "r", Flush { sequence: 1, delta: 1 }, 0).await.is_err());
+        assert!(
+            add_usage(&client, &counter(), "r", &Flush { sequence: 1, delta: 1, tokens: Vec::new() }, 0).await.is_err()
+        );
         assert_eq!(refused.load(Ordering::SeqCst), 2 * MAX_ATTEMPTS);
     }
 

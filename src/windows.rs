@@ -1,0 +1,121 @@
+//! Windows of LLM-token limits (`spec.limits.tokensPer*`, `lifetimeTokens`): which
+//! window an instant falls in and when it ends. Calendar windows are UTC. Plain data:
+//! the routing table holds [`TokenLimits`], the proxy's accounting asks the rest.
+
+use crate::api::{Limits, TokenWindowKind};
+
+const MINUTE_US: i64 = 60_000_000;
+const DAY_US: i64 = 86_400_000_000;
+
+/// Every window kind, in the order limits are checked: the shortest first, so that a
+/// refusal for a window that reopens soon is preferred to one for a spent budget.
+pub(crate) const KINDS: [TokenWindowKind; 4] =
+    [TokenWindowKind::Minute, TokenWindowKind::Day, TokenWindowKind::Month, TokenWindowKind::Lifetime];
+
+/// The token limits of one ProxyToken, by window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenLimits([Option<u64>; 4]);
+
+impl TokenLimits {
+    /// The limits `spec.limits` sets.
+    pub fn of(limits: Option<&Limits>) -> Self {
+        let mut by_kind = [None; 4];
+        for (kind, limit) in limits.into_iter().flat_map(Limits::token_windows) {
+            by_kind[index(kind)] = Some(limit.max(1) as u64);
+        }
+        Self(by_kind)
+    }
+
+    /// Whether any token limit applies.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+
+    /// The limits that apply, shortest window first.
+    pub fn iter(&self) -> impl Iterator<Item = (TokenWindowKind, u64)> + '_ {
+        KINDS.into_iter().filter_map(|kind| Some((kind, self.0[index(kind)]?)))
+    }
+}
+
+/// Position of `kind` in per-window arrays.
+pub(crate) fn index(kind: TokenWindowKind) -> usize {
+    match kind {
+        TokenWindowKind::Minute => 0,
+        TokenWindowKind::Day => 1,
+        TokenWindowKind::Month => 2,
+        TokenWindowKind::Lifetime => 3,
+    }
+}
+
+/// The first instant (Unix microseconds) of the `kind` window holding `now_us`; 0 for
+/// `Lifetime`, whose one window never ends.
+pub(crate) fn start(kind: TokenWindowKind, now_us: i64) -> i64 {
+    match kind {
+        TokenWindowKind::Minute => now_us - now_us.rem_euclid(MINUTE_US),
+        TokenWindowKind::Day => now_us - now_us.rem_euclid(DAY_US),
+        TokenWindowKind::Month => {
+            let Ok(now) = jiff::Timestamp::from_microsecond(now_us) else { return 0 };
+            let date = now.to_zoned(jiff::tz::TimeZone::UTC).date().first_of_month();
+            date.to_zoned(jiff::tz::TimeZone::UTC).map_or(0, |z| z.timestamp().as_microsecond())
+        }
+        TokenWindowKind::Lifetime => 0,
+    }
+}
+
+/// The first instant after the window starting at `start_us`; `None` for `Lifetime`.
+pub(crate) fn end(kind: TokenWindowKind, start_us: i64) -> Option<i64> {
+    match kind {
+        TokenWindowKind::Minute => Some(start_us + MINUTE_US),
+        TokenWindowKind::Day => Some(start_us + DAY_US),
+        TokenWindowKind::Month => {
+            let start = jiff::Timestamp::from_microsecond(start_us).ok()?.to_zoned(jiff::tz::TimeZone::UTC);
+            let next = start.date().first_of_month().checked_add(jiff::Span::new().months(1)).ok()?;
+            Some(next.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp().as_microsecond())
+        }
+        TokenWindowKind::Lifetime => None,
+    }
+}
+
+/// How the window reads in messages: "per minute", "per day (UTC)", …
+pub(crate) fn per(kind: TokenWindowKind) -> &'static str {
+    match kind {
+        TokenWindowKind::Minute => "per minute",
+        TokenWindowKind::Day => "per day (UTC)",
+        TokenWindowKind::Month => "per month (UTC)",
+        TokenWindowKind::Lifetime => "for its lifetime",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(text: &str) -> i64 {
+        text.parse::<jiff::Timestamp>().unwrap().as_microsecond()
+    }
+
+    #[test]
+    fn calendar_windows_start_and_end_on_utc_boundaries() {
+        let now = us("2026-02-28T23:59:59.5Z");
+        assert_eq!(start(TokenWindowKind::Minute, now), us("2026-02-28T23:59:00Z"));
+        assert_eq!(start(TokenWindowKind::Day, now), us("2026-02-28T00:00:00Z"));
+        assert_eq!(start(TokenWindowKind::Month, now), us("2026-02-01T00:00:00Z"));
+        assert_eq!(start(TokenWindowKind::Lifetime, now), 0);
+        assert_eq!(end(TokenWindowKind::Minute, us("2026-02-28T23:59:00Z")), Some(us("2026-03-01T00:00:00Z")));
+        assert_eq!(end(TokenWindowKind::Day, us("2026-02-28T00:00:00Z")), Some(us("2026-03-01T00:00:00Z")));
+        // February has 28 days in 2026; December rolls into the next year.
+        assert_eq!(end(TokenWindowKind::Month, us("2026-02-01T00:00:00Z")), Some(us("2026-03-01T00:00:00Z")));
+        assert_eq!(end(TokenWindowKind::Month, us("2026-12-01T00:00:00Z")), Some(us("2027-01-01T00:00:00Z")));
+        assert_eq!(end(TokenWindowKind::Lifetime, 0), None);
+        // The first instant of a window is in it.
+        assert_eq!(start(TokenWindowKind::Month, us("2026-03-01T00:00:00Z")), us("2026-03-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn limits_are_listed_shortest_window_first() {
+        let limits = Limits { lifetime_tokens: Some(9), tokens_per_minute: Some(3), ..Limits::default() };
+        let limits = TokenLimits::of(Some(&limits));
+        assert_eq!(limits.iter().collect::<Vec<_>>(), [(TokenWindowKind::Minute, 3), (TokenWindowKind::Lifetime, 9)]);
+        assert!(TokenLimits::of(None).is_empty());
+    }
+}
