@@ -59,6 +59,15 @@ pub struct BudgetLabels {
     pub window: &'static str,
 }
 
+/// Labels of `llmproxy_project_budget_remaining`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectBudgetLabels {
+    /// Project name.
+    pub project: Name,
+    /// `Minute`, `Day`, `Month` or `Lifetime`.
+    pub window: &'static str,
+}
+
 /// Labels with one fixed string.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -110,6 +119,8 @@ pub struct Metrics {
     /// LLM tokens left in each limited window of each token, as last written to its
     /// status by this replica.
     pub token_budget_remaining: Family<BudgetLabels, Gauge>,
+    /// The same for the windows a Project's tokens share.
+    pub project_budget_remaining: Family<ProjectBudgetLabels, Gauge>,
     /// Reconciles by kind and result.
     pub reconciles: Family<ReconcileLabels, Counter>,
     /// Open connections of the API listener.
@@ -138,6 +149,7 @@ impl Metrics {
             relists: Family::default(),
             quota_claims: Family::default(),
             token_budget_remaining: Family::default(),
+            project_budget_remaining: Family::default(),
             reconciles: Family::default(),
             connections_open: Gauge::default(),
             connections_timed_out: Counter::default(),
@@ -183,6 +195,11 @@ impl Metrics {
             "token_budget_remaining",
             "LLM tokens left in each limited window of a ProxyToken, as this replica last wrote them",
             metrics.token_budget_remaining.clone(),
+        );
+        registry.register(
+            "project_budget_remaining",
+            "LLM tokens left in each limited window a Project's tokens share, as this replica last wrote them",
+            metrics.project_budget_remaining.clone(),
         );
         registry.register("controller_reconciles", "Reconciles by kind and result", metrics.reconciles.clone());
         registry.register("connections_open", "Open connections of the API listener", metrics.connections_open.clone());

@@ -121,7 +121,10 @@ async fn the_chart_lints_renders_applies_and_grants_least_privilege() {
     );
     assert!(!can(&proxy, "create", "", "secrets", None, ops).await, "the proxy must not write Secrets");
     assert!(!can(&proxy, "patch", "llmproxy.io", "proxytokens", None, apps).await);
-    assert!(!can(&proxy, "patch", "llmproxy.io", "projects", Some("status"), None).await);
+    // Project status for the usage of limits its tokens share; the status policy holds
+    // the proxy to the usage fields (controller_and_proxy_do_their_whole_job_…).
+    assert!(can(&proxy, "patch", "llmproxy.io", "projects", Some("status"), None).await);
+    assert!(!can(&proxy, "patch", "llmproxy.io", "projects", None, None).await);
 
     // The controller writes what it must and nothing else.
     assert!(can(&controller, "create", "", "secrets", None, apps).await);
@@ -166,17 +169,33 @@ async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
     // The whole job: finalizer, status, minting, Events, routing, budget claims, usage,
     // all through the status policy.
     wait_for_status_policy(&env).await;
-    env.create_project("p").await;
+    let mut project = env.project("p");
+    env.put_key("p-key", support::TEST_KEY, "p").await;
+    // Token limits on the Project and on the token: the proxy writes both statuses.
+    project.spec.limits = Some(llm_proxy::api::Limits { tokens_per_day: Some(1000), ..Default::default() });
+    Api::<llm_proxy::api::Project>::all(env.client.clone()).create(&PostParams::default(), &project).await.unwrap();
     let mut spec = support::token_spec(&env.scoped("p"));
     spec.max_requests = Some(3);
+    spec.limits = Some(llm_proxy::api::Limits { lifetime_tokens: Some(1000), ..Default::default() });
     env.create_token("capped", spec).await;
     env.wait_token("capped", llm_proxy::api::TokenPhase::Active).await;
     let token = env.token_secret("capped").await["token"].clone();
     let results = support::burst(&[port], &token, 4).await;
     assert_eq!(results.iter().filter(|(s, _)| *s == 200).count(), 3, "{results:?}");
     let exhausted = env.wait_token("capped", llm_proxy::api::TokenPhase::Exhausted).await;
-    assert_eq!(exhausted.status.unwrap().request_count, Some(3));
-    let project = Api::<llm_proxy::api::Project>::all(env.client.clone()).get(&env.scoped("p")).await.unwrap();
+    assert_eq!(exhausted.status.as_ref().unwrap().request_count, Some(3));
+    let used = |windows: &[llm_proxy::api::TokenWindow]| windows.first().map(|w| w.used_tokens);
+    let token_windows = support::eventually(Duration::from_secs(10), || async {
+        let token = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps).get("capped").await.unwrap();
+        Some(token.status.unwrap_or_default().token_windows).filter(|w| used(w) == Some(3 * 16))
+    })
+    .await;
+    assert_eq!(token_windows.len(), 1);
+    let project = support::eventually(Duration::from_secs(10), || async {
+        let project = Api::<llm_proxy::api::Project>::all(env.client.clone()).get(&env.scoped("p")).await.unwrap();
+        (used(&project.status.clone().unwrap_or_default().token_windows) == Some(3 * 16)).then_some(project)
+    })
+    .await;
     assert!(project.metadata.finalizers.unwrap_or_default().contains(&"llmproxy.io/project-protection".to_string()));
     assert!(!env.logs().contains("Forbidden"), "a process was refused something it needs:\n{}", env.logs());
 
@@ -202,6 +221,15 @@ async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
         .await
         .unwrap_err();
     assert_refused(&denied, "The proxy may write only a token's usage");
+    let denied = Api::<llm_proxy::api::Project>::all(client_as(&proxy_user).await)
+        .patch_status(
+            &env.scoped("p"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": { "phase": "Inactive" } })),
+        )
+        .await
+        .unwrap_err();
+    assert_refused(&denied, "The proxy may write only a Project's usage");
 
     tenants_manage_tokens_but_cannot_forge_their_status(&env, &format!("{release}-llm-proxy")).await;
 

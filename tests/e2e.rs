@@ -106,6 +106,8 @@ async fn crds_show_useful_columns_and_reject_invalid_objects() {
             "TOKENS",
             "ACTIVE TOKENS",
             "KEY",
+            "TOKENS TODAY",
+            "LEFT MONTH",
             "UPSTREAM",
             "ENFORCED",
             "MESSAGE",

@@ -225,10 +225,15 @@ async fn the_drain_ends_at_its_cut_off_and_unused_budget_goes_back() {
     let (mut env, token, port) = started("drain-cut", &["--drain-seconds", "1"]).await;
     let mut spec = support::token_spec(&env.scoped("p"));
     spec.max_requests = Some(64);
+    spec.limits = Some(llm_proxy::api::Limits { lifetime_tokens: Some(1600), ..Default::default() });
     env.create_token("capped", spec).await;
     env.wait_token("capped", llm_proxy::api::TokenPhase::Active).await;
     let capped = env.token_secret("capped").await["token"].clone();
-    assert_eq!(support::chat_on(port, &capped).await, "", "claims a block of 4, spends 1");
+    assert_eq!(
+        support::chat_on(port, &capped).await,
+        "",
+        "claims a block of 4, spends 1; a share of 100 tokens, uses 16"
+    );
 
     // A stream of 30 chunks 300 ms apart (9 s), stopped 0.5 s in with a 1 s drain.
     let chat = format!("http://127.0.0.1:{port}/v1/chat/completions");
@@ -256,6 +261,8 @@ async fn the_drain_ends_at_its_cut_off_and_unused_budget_goes_back() {
     let tokens: kube::Api<llm_proxy::api::ProxyToken> = kube::Api::namespaced(env.client.clone(), &env.apps);
     let status = tokens.get("capped").await.unwrap().status.unwrap();
     assert_eq!((status.request_count, status.claimed_requests), (Some(1), Some(1)), "the 3 unused went back");
+    let lifetime = &status.token_windows[0];
+    assert_eq!((lifetime.used_tokens, lifetime.claimed_tokens), (16, 16), "the 84 unused tokens went back");
 }
 
 #[tokio::test]

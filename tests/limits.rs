@@ -268,8 +268,10 @@ async fn token_window(env: &Env, name: &str, window: TokenWindowKind) -> Option<
 /// A daily token budget over three proxy processes, with every request in flight at
 /// once: the upstream's reported usage is charged exactly, the budget is overrun by at
 /// most one request per replica (the stated bound when requests use what they
-/// reserve), the refusal is `insufficient_quota` which the official SDK does not retry,
-/// and the spent budget shows in status, `kubectl get`, an Event and the metrics.
+/// reserve); while requests in flight hold the rest, refusals are retryable, and once
+/// their usage spends it the refusal is `insufficient_quota`, which the official SDK
+/// does not retry; the spent budget shows in status, `kubectl get`, one Event and the
+/// metrics.
 #[tokio::test]
 async fn a_daily_token_budget_holds_across_three_replicas_and_is_charged_from_reported_usage() {
     const BUDGET: i64 = 800;
@@ -295,14 +297,18 @@ async fn a_daily_token_budget_holds_across_three_replicas_and_is_charged_from_re
     // 120 requests at once, each held 300 ms by the upstream: all in flight together.
     let results = support::slow_burst(&ports, &secret, 120, 300).await;
     let served = results.iter().filter(|(s, _)| *s == 200).count() as i64;
-    assert!(
-        results.iter().filter(|(s, _)| *s != 200).all(|(s, code)| *s == 429 && code == "token_budget_exceeded"),
-        "{results:?}"
-    );
+    let held = results.iter().filter(|(_, code)| code == "rate_limit_exceeded").count();
+    let spent = results.iter().filter(|(_, code)| code == "token_budget_exceeded").count();
+    assert_eq!(served as usize + held + spent, results.len(), "only 429s: {results:?}");
+    assert!(results.iter().all(|(s, _)| *s == 200 || *s == 429), "{results:?}");
     let used = (served + 3) * PER_REQUEST;
     let overrun = used - BUDGET;
-    println!("daily budget {BUDGET}: {} requests answered, {used} tokens used, overrun {overrun}", served + 3);
+    println!(
+        "daily budget {BUDGET}: {} requests answered, {used} tokens used, overrun {overrun}; refused {held} as held, {spent} as spent",
+        served + 3
+    );
     assert!(overrun <= 3 * PER_REQUEST, "overrun {overrun} is over one request per replica");
+    // Under-use: at most what one request lacks per replica (a share's last tokens).
     assert!(overrun > -3 * PER_REQUEST, "only {used} of {BUDGET} were spent");
     assert_eq!(env.upstream.requests().len() as i64, served + 3);
 
@@ -319,14 +325,18 @@ async fn a_daily_token_budget_holds_across_three_replicas_and_is_charged_from_re
     println!("cold: {cold_served} requests answered, overrun {cold_overrun}");
     assert!(cold_overrun <= 3 * PER_REQUEST, "cold overrun {cold_overrun}");
     assert!(cold_served >= 16, "at least a sixteenth each: {cold_served}");
+    // Most of it was only reserved: the refusals say retry, and no Event says spent.
+    let retryable = results.iter().filter(|(s, c)| *s == 429 && c == "rate_limit_exceeded").count() as i64;
+    assert_eq!(retryable, 120 - cold_served, "{results:?}");
+    assert!(!token_event_reasons(&env, "cold").await.contains(&"TokenBudgetSpent".to_string()));
 
     // Status is charged what the upstream reported, exactly, once the replicas flush.
     let window = support::eventually(Duration::from_secs(15), || async {
         token_window(&env, "tpd", TokenWindowKind::Day).await.filter(|w| w.used_tokens == used)
     })
     .await;
-    assert_eq!((window.limit, window.remaining_tokens), (BUDGET, 0));
-    assert!(window.claimed_tokens <= BUDGET && window.spent_at.is_some(), "{window:?}");
+    assert_eq!((window.limit, window.remaining_tokens), (BUDGET, (BUDGET - used).max(0)));
+    assert!(window.claimed_tokens <= used.max(BUDGET), "{window:?}");
     let today = jiff::Timestamp::now().as_microsecond() / 86_400_000_000 * 86_400_000_000;
     assert_eq!(window.start.0.as_microsecond(), today, "the window is today's, from 00:00 UTC");
     let listed = support::run_kubectl(&["get", "ptok", "tpd", "-n", &env.apps, "-o", "wide"]);
@@ -334,15 +344,21 @@ async fn a_daily_token_budget_holds_across_three_replicas_and_is_charged_from_re
     assert!(listed.contains("TOKENS TODAY") && listed.contains("LEFT TODAY"), "{listed}");
     let row = listed.lines().nth(1).unwrap_or_default();
     assert!(row.split_whitespace().any(|cell| cell == used.to_string()), "{listed}");
-    let spent = token_event_reasons(&env, "tpd").await.into_iter().filter(|r| r == "TokenBudgetSpent").count();
-    assert_eq!(spent, 1, "one Event, from one replica");
 
-    // The refusal: a spent budget, which OpenAI calls insufficient_quota.
+    // The refusal, once what is left in the replicas' shares is used and the usage is
+    // in: a spent budget, which OpenAI calls insufficient_quota.
     let auth = format!("Bearer {secret}");
-    let url = format!("http://127.0.0.1:{}/v1/chat/completions", ports[2]);
-    let (answer, headers) =
-        support::curl_with_headers("POST", &url, &[("authorization", &auth)], Some(r#"{"model":"m","messages":[]}"#))
-            .await;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (answer, headers) = support::eventually(Duration::from_secs(15), || async {
+        let port = ports[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ports.len()];
+        let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+        let body = Some(r#"{"model":"m","messages":[]}"#);
+        let (answer, headers) = support::curl_with_headers("POST", &url, &[("authorization", &auth)], body).await;
+        (answer.json()["error"]["type"] == "insufficient_quota").then_some((answer, headers))
+    })
+    .await;
+    let used = env.upstream.requests().len() as i64 * PER_REQUEST - cold_served * PER_REQUEST;
+    assert!(used - BUDGET <= 3 * PER_REQUEST, "{used}");
     let error = &answer.json()["error"];
     assert_eq!((answer.status, error["type"].as_str()), (429, Some("insufficient_quota")), "{}", answer.body);
     let message = error["message"].as_str().unwrap();
@@ -353,6 +369,13 @@ async fn a_daily_token_budget_holds_across_three_replicas_and_is_charged_from_re
     assert_eq!(header(&headers, "x-ratelimit-remaining-tokens"), "0");
     let retry_after: u64 = header(&headers, "retry-after").parse().unwrap();
     assert!((1..=86_400).contains(&retry_after), "{headers:?}");
+    assert!(token_window(&env, "tpd", TokenWindowKind::Day).await.unwrap().spent_at.is_some());
+    let events = support::eventually(Duration::from_secs(5), || async {
+        let reasons = token_event_reasons(&env, "tpd").await;
+        reasons.contains(&"TokenBudgetSpent".to_string()).then_some(reasons)
+    })
+    .await;
+    assert_eq!(events.iter().filter(|r| *r == "TokenBudgetSpent").count(), 1, "one Event, from one replica");
 
     // The official SDK takes it as final: one attempt, no retries.
     let refused_before = refusals(&env).await;
@@ -442,12 +465,11 @@ async fn invalid_token_limits_are_refused_with_what_to_fix() {
     let env = Env::new("tokens-invalid").await;
     env.put_key("p-key", support::TEST_KEY, "p").await;
     let mut project = env.project("p");
-    project.spec.limits = Some(Limits { tokens_per_month: Some(1000), ..Limits::default() });
+    project.spec.limits = Some(Limits { tokens_per_month: Some(0), ..Limits::default() });
     let error = Api::<Project>::all(env.client.clone()).create(&PostParams::default(), &project).await.unwrap_err();
     assert!(
-        error.to_string().contains(
-            "token limits (tokensPerMinute, tokensPerDay, tokensPerMonth, lifetimeTokens) are set per ProxyToken"
-        ),
+        error.to_string().contains("spec.limits.tokensPerMonth")
+            && error.to_string().contains("greater than or equal to 1"),
         "{error}"
     );
     let mut spec = support::token_spec(&env.scoped("p"));
@@ -460,4 +482,115 @@ async fn invalid_token_limits_are_refused_with_what_to_fix() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("spec.limits.tokensPerDay") && error.contains("greater than or equal to 1"), "{error}");
+}
+
+/// A daily budget on a Project, added later by a GitOps tool's server-side apply, is
+/// shared by all its tokens over two proxy processes: the same bound, the Project's
+/// status and columns show the usage, the refusal names the Project's limit, and the
+/// Event is on the Project.
+#[tokio::test]
+async fn a_project_budget_is_shared_by_all_its_tokens_across_replicas() {
+    const BUDGET: i64 = 640;
+    const PER_REQUEST: i64 = 16;
+    let mut env = Env::new("ptpd").await;
+    env.start_controller();
+    let ports = [env.proxy_port, support::free_port()];
+    let admin = [env.proxy_admin_port, support::free_port()];
+    for (i, role) in ["proxy-a", "proxy-b"].into_iter().enumerate() {
+        env.start_proxy_as(role, ports[i], admin[i], &[]).await;
+    }
+    env.create_project("p").await;
+    let name = env.scoped("p");
+    let gitops = serde_json::json!({
+        "apiVersion": "llmproxy.io/v1alpha1", "kind": "Project",
+        "metadata": { "name": name },
+        "spec": { "limits": { "tokensPerDay": BUDGET } },
+    });
+    Api::<Project>::all(env.client.clone())
+        .patch(&name, &kube::api::PatchParams::apply("kustomize-controller"), &kube::api::Patch::Apply(&gitops))
+        .await
+        .unwrap();
+    let mut secrets = Vec::new();
+    for token in ["a", "b"] {
+        env.create_token(token, support::token_spec(&name)).await;
+        env.wait_token(token, TokenPhase::Active).await;
+        secrets.push(env.token_secret(token).await["token"].clone());
+    }
+    // The proxies have the limit once a request of each token is refused or counted in
+    // the Project's status: wait for the first answer through each replica.
+    support::eventually(Duration::from_secs(10), || async {
+        for port in ports {
+            assert_eq!(support::burst(&[port], &secrets[0], 1).await[0].0, 200);
+        }
+        let project = Api::<Project>::all(env.client.clone()).get_status(&name).await.unwrap();
+        (!project.status.unwrap_or_default().token_windows.is_empty()).then_some(())
+    })
+    .await;
+    let warmed = env.upstream.requests().len() as i64;
+
+    // Both tokens at once over both replicas, every request in flight together.
+    let (a, b) = tokio::join!(
+        support::slow_burst(&ports, &secrets[0], 40, 300),
+        support::slow_burst(&ports, &secrets[1], 40, 300)
+    );
+    let results: Vec<_> = a.into_iter().chain(b).collect();
+    let served = results.iter().filter(|(s, _)| *s == 200).count() as i64;
+    let refused = |code: &str| results.iter().filter(|(s, c)| *s == 429 && c == code).count() as i64;
+    assert_eq!(served + refused("rate_limit_exceeded") + refused("token_budget_exceeded"), 80, "{results:?}");
+    let used = (served + warmed) * PER_REQUEST;
+    println!("project budget {BUDGET}: {} requests answered, {used} tokens used", served + warmed);
+    assert!(used - BUDGET <= 2 * PER_REQUEST, "overrun {} is over one request per replica", used - BUDGET);
+    assert!(used - BUDGET > -2 * PER_REQUEST, "only {used} of {BUDGET} were spent");
+
+    let window = support::eventually(Duration::from_secs(15), || async {
+        let project = Api::<Project>::all(env.client.clone()).get_status(&name).await.unwrap();
+        let status = project.status.unwrap_or_default();
+        status.token_windows.into_iter().find(|w| w.window == TokenWindowKind::Day && w.used_tokens == used)
+    })
+    .await;
+    assert_eq!((window.limit, window.remaining_tokens), (BUDGET, 0));
+    let listed = support::run_kubectl(&["get", "project", &name, "-o", "wide"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(listed.contains("TOKENS TODAY"), "{listed}");
+    assert!(listed.lines().nth(1).unwrap_or_default().split_whitespace().any(|c| c == used.to_string()), "{listed}");
+    // The GitOps tool still owns the limit; the proxies own only the usage.
+    let project = Api::<Project>::all(env.client.clone()).get(&name).await.unwrap();
+    let managers: Vec<_> =
+        project.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect();
+    assert!(managers.iter().any(|m| m == "kustomize-controller") && managers.iter().any(|m| m == "llm-proxy-proxy"));
+
+    let auth = format!("Bearer {}", secrets[1]);
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", ports[1]);
+    let answer = support::eventually(Duration::from_secs(10), || async {
+        let answer =
+            support::curl("POST", &url, &[("authorization", &auth)], Some(r#"{"model":"m","messages":[]}"#)).await;
+        (answer.error_code() == "token_budget_exceeded").then_some(answer)
+    })
+    .await;
+    let message = answer.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert_eq!(answer.status, 429, "{}", answer.body);
+    assert!(message.contains("the Project of this token may use, for all its tokens together, 640 LLM tokens per day (UTC) (the Project's spec.limits.tokensPerDay)"), "{message}");
+
+    let spent = support::eventually(Duration::from_secs(5), || async {
+        let events = Api::<k8s_openapi::api::events::v1::Event>::all(env.client.clone())
+            .list(&kube::api::ListParams::default())
+            .await
+            .unwrap();
+        let spent: Vec<_> = events
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str()))
+            .filter(|e| e.reason.as_deref() == Some("TokenBudgetSpent"))
+            .collect();
+        (!spent.is_empty()).then_some(spent)
+    })
+    .await;
+    assert_eq!(spent.len(), 1, "{spent:?}");
+    assert!(spent[0].note.as_deref().unwrap_or_default().contains("for all tokens of this Project together"));
+    let mut said = Vec::new();
+    for port in admin {
+        said.push(support::curl("GET", &format!("http://127.0.0.1:{port}/metrics"), &[], None).await.body);
+    }
+    let gauge = format!(r#"llmproxy_project_budget_remaining{{project="{name}",window="Day"}} 0"#);
+    assert!(said.iter().any(|metrics| metrics.contains(&gauge)), "{said:?}");
 }

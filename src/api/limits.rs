@@ -6,7 +6,7 @@
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
-/// Limits on what requests may do.
+/// Limits on what requests may do. On a Project they hold for all its tokens together.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Limits {

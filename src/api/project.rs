@@ -29,6 +29,18 @@ pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
     printcolumn(name = "Tokens", type_ = "integer", json_path = ".status.tokens.total"),
     printcolumn(name = "Active Tokens", type_ = "integer", json_path = ".status.tokens.active", priority = 1),
     printcolumn(name = "Key", type_ = "string", json_path = ".status.apiKeyHint", priority = 1),
+    printcolumn(
+        name = "Tokens Today",
+        type_ = "integer",
+        json_path = r#".status.tokenWindows[?(@.window=="Day")].usedTokens"#,
+        priority = 1
+    ),
+    printcolumn(
+        name = "Left Month",
+        type_ = "integer",
+        json_path = r#".status.tokenWindows[?(@.window=="Month")].remainingTokens"#,
+        priority = 1
+    ),
     printcolumn(name = "Upstream", type_ = "string", json_path = ".spec.upstream.url", priority = 1),
     printcolumn(
         name = "Enforced",
@@ -51,9 +63,6 @@ pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
 ).message("tokensNotBefore cannot be removed or moved back: a bulk revocation is permanent"))]
 #[x_kube(validation = Rule::new("!has(self.limits) || !has(self.limits.requestsPerMinute)")
     .message("limits.requestsPerMinute is set per ProxyToken: a Project-wide window is not supported yet"))]
-#[x_kube(validation = Rule::new(
-    "!has(self.limits) || (!has(self.limits.tokensPerMinute) && !has(self.limits.tokensPerDay) && !has(self.limits.tokensPerMonth) && !has(self.limits.lifetimeTokens))"
-).message("token limits (tokensPerMinute, tokensPerDay, tokensPerMonth, lifetimeTokens) are set per ProxyToken: Project-wide budgets are not supported yet"))]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectSpec {
     /// Human name shown in listings, e.g. "Production API".
@@ -168,6 +177,15 @@ pub struct ProjectStatus {
     /// The `spec.tokensNotBefore` the controller has acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_not_before: Option<MicroTime>,
+    /// With token limits in `spec.limits`: each window's usage by all the Project's
+    /// tokens together, what is left, and the shares proxy replicas reserved (written
+    /// by the proxies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_windows: Vec<super::TokenWindow>,
+    /// The last usage flush each proxy process wrote into `tokenWindows` (see the
+    /// ProxyToken field of the same name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage_flushes: Vec<super::UsageFlush>,
     /// `Ready`, `APIKeyValid`, `DeletionBlocked`, `Enforced`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

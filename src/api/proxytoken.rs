@@ -227,7 +227,8 @@ pub struct RequestWindow {
     pub claimed_requests: i64,
 }
 
-/// One window of a token limit, as the proxy replicas together account it.
+/// One window of a limit on LLM tokens (of a ProxyToken, or of a Project's tokens
+/// together), as the proxy replicas together account it.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenWindow {
@@ -245,6 +246,12 @@ pub struct TokenWindow {
     /// Tokens proxy replicas reserved in shares (never more than the limit; a share
     /// can be overspent only by requests already in flight when it ran out).
     pub claimed_tokens: i64,
+    /// When a replica first found all of the limit claimed while less of it was used:
+    /// requests in flight hold the rest, and new ones get a retryable 429 meanwhile. A
+    /// minute later without the usage arriving (a replica stopped without giving its
+    /// share back), the window counts as spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_since: Option<MicroTime>,
     /// When the first request was refused for it: the window is spent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spent_at: Option<MicroTime>,

@@ -133,6 +133,9 @@ pub(crate) fn decide(o: &Observed) -> Decision {
         tokens_not_before: p.spec.tokens_not_before.as_ref().map(|t| crate::api::micros(t.0)),
         conditions: conditions.finish(),
         observed_generation: p.metadata.generation,
+        // Usage: the proxies write it, the controller never owns it.
+        token_windows: Vec::new(),
+        usage_flushes: Vec::new(),
     };
     let events = events(&old, &status, first_time, o);
     Decision { status, events, waiting }
@@ -267,7 +270,10 @@ pub(crate) async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Resul
         check: ctx.check(&changes),
     };
     let decision = decide(&observed);
-    if project.status.as_ref() != Some(&decision.status) {
+    // Usage is the proxies' to write: compare without it.
+    let comparable =
+        project.status.clone().map(|s| ProjectStatus { token_windows: Vec::new(), usage_flushes: Vec::new(), ..s });
+    if comparable.as_ref() != Some(&decision.status) {
         let patch = json!({
             "apiVersion": Project::api_version(&()),
             "kind": Project::kind(&()),

@@ -247,6 +247,7 @@ pub(crate) fn status_for(
         last_used_at: None,
         usage_flushes: Vec::new(),
         current_minute: None,
+        token_windows: Vec::new(),
         ..old.clone()
     };
     let waiting = if status.token_hash.is_some() {
@@ -541,6 +542,7 @@ async fn write(
     comparable.current_minute = None;
     comparable.last_used_at = None;
     comparable.usage_flushes = Vec::new();
+    comparable.token_windows = Vec::new();
     if comparable != status || token.status.is_none() {
         let patch = json!({
             "apiVersion": ProxyToken::api_version(&()),

@@ -66,6 +66,7 @@ struct ProjectEntry {
     secret_key: String,
     grant: Option<AllowedNamespaces>,
     models: Option<ModelAllowlist>,
+    token_limits: crate::windows::TokenLimits,
 }
 
 /// A key Secret as the index keeps it: which projects it is bound to, and its data.
@@ -221,6 +222,7 @@ impl Index {
                     key,
                     grant: p.grant.clone(),
                     models: p.models.clone(),
+                    token_limits: p.token_limits,
                 };
                 (name.clone(), Arc::new(route))
             })
@@ -301,6 +303,7 @@ impl Index {
             secret_key: p.spec.api_key_secret_ref.key.clone(),
             grant: p.spec.allowed_namespaces.clone(),
             models: allowlist(p.spec.limits.as_ref()),
+            token_limits: crate::windows::TokenLimits::of(p.spec.limits.as_ref()),
         };
         self.projects.insert(Arc::from(p.name_any()), entry);
     }

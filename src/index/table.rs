@@ -65,6 +65,8 @@ pub struct ProjectRoute {
     pub grant: Option<AllowedNamespaces>,
     /// `spec.limits.models`: the models its tokens' requests may name (`None`: any).
     pub models: Option<ModelAllowlist>,
+    /// `spec.limits.tokensPer*` and `lifetimeTokens`, for all its tokens together.
+    pub token_limits: TokenLimits,
 }
 
 /// Why a request is refused before it goes upstream.

@@ -16,7 +16,6 @@
 //! is left of its share.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::api::TokenWindowKind;
 use crate::windows;
@@ -29,8 +28,15 @@ struct Share {
     /// Tokens of the claimed share not reserved yet; below 0 when requests used more
     /// than they reserved (claimed back with the next share).
     left: i64,
-    /// Nothing more can be claimed in this window: what is left is the last of it.
+    /// This replica took the last share of the window: what is left is the last of it.
     full: bool,
+    /// The API server said the window is spent.
+    spent: bool,
+    /// The limit the share was claimed under: a changed limit may have room again.
+    limit: u64,
+    /// Until then (Unix microseconds) the rest of the window is held by requests in
+    /// flight, as the API server said: refused without asking again.
+    held_until_us: i64,
 }
 
 /// Usage to add to a window in the next flush.
@@ -52,6 +58,8 @@ pub(super) enum Reserve {
     Taken { start_us: i64 },
     /// The window is spent on this replica and nothing more can be claimed.
     Spent { start_us: i64 },
+    /// Nothing can be claimed while requests in flight hold the rest of the window.
+    Held { start_us: i64 },
     /// The share is short by `need` tokens: claim that many (or a whole share).
     Short { start_us: i64, need: i64 },
 }
@@ -62,36 +70,78 @@ pub(super) struct TokenShares {
     shares: std::sync::Mutex<[Share; 4]>,
     /// Serialises claims: one API round trip per short share, not one per request.
     pub(super) claiming: tokio::sync::Mutex<()>,
-    /// The most tokens one request has used (the estimate each request reserves).
-    largest: AtomicI64,
+    /// Usage of the latest answers (the estimate each request reserves is their most).
+    recent: std::sync::Mutex<Recent>,
     /// Usage not yet written.
     pending: std::sync::Mutex<Vec<Charge>>,
 }
 
+/// How many answers the estimate remembers: enough that a usual request size is
+/// known, few enough that one outsized answer stops weighing after a while.
+const REMEMBERED: usize = 16;
+
+/// Usage of the latest answers, in a ring.
+#[derive(Default)]
+struct Recent {
+    usage: [i64; REMEMBERED],
+    next: usize,
+    seen: bool,
+}
+
 impl TokenShares {
-    /// Tokens a request reserves in a window of `limit`: the most one request has used
-    /// on this replica; before any answer reported usage, a share's worth (a sixteenth
-    /// of the limit), so that at most sixteen requests, plus one per replica, are in
-    /// flight on a token whose requests' size nobody knows yet.
+    /// Tokens a request reserves in a window of `limit`: the most one of the last 16
+    /// answers used on this replica; before any answer has reported usage, a share (a
+    /// sixteenth of the limit), so that at most sixteen requests, plus one per replica,
+    /// are in flight on a token whose requests' size nobody knows yet.
     pub(super) fn estimate(&self, limit: u64) -> i64 {
-        match self.largest.load(Ordering::Relaxed) {
-            0 => share_size(i64::try_from(limit).unwrap_or(i64::MAX)),
-            largest => largest,
+        let recent = self.recent.lock().expect("token usage poisoned");
+        match recent.seen {
+            false => share_size(i64::try_from(limit).unwrap_or(i64::MAX)),
+            true => recent.usage.iter().copied().max().unwrap_or(1).max(1),
         }
+    }
+
+    /// Remembers what one answer used.
+    fn learn(&self, used: i64) {
+        let mut recent = self.recent.lock().expect("token usage poisoned");
+        let at = recent.next;
+        recent.usage[at] = used;
+        recent.next = (at + 1) % REMEMBERED;
+        recent.seen = true;
     }
 
     /// Reserves `estimate` in the `kind` window holding `start_us` (or a later one this
     /// replica already counts in). A share with less than that left is short, unless
-    /// nothing more can be claimed: then whatever is left admits one more request.
-    pub(super) fn reserve(&self, kind: TokenWindowKind, start_us: i64, estimate: i64) -> Reserve {
+    /// it was the window's last or the rest is held: then whatever is left admits one
+    /// more request, and after that the API server says whether the rest is spent or
+    /// only held by requests in flight.
+    pub(super) fn reserve(
+        &self,
+        kind: TokenWindowKind,
+        start_us: i64,
+        estimate: i64,
+        limit: u64,
+        now_us: i64,
+    ) -> Reserve {
         let mut shares = self.shares.lock().expect("token shares poisoned");
         let share = roll(&mut shares[windows::index(kind)], start_us);
+        if share.limit != limit {
+            // Raised (or lowered): the API server decides whether there is room.
+            if share.limit != 0 {
+                (share.full, share.spent) = (false, false);
+            }
+            share.limit = limit;
+        }
         let start_us = share.start_us;
-        if share.left >= estimate || (share.full && share.left > 0) {
+        // The last of a window: nothing more to claim, so what is left admits one more.
+        let last = share.full || now_us < share.held_until_us;
+        if share.left >= estimate || (last && share.left > 0) {
             share.left -= estimate;
             Reserve::Taken { start_us }
-        } else if share.full {
+        } else if share.spent {
             Reserve::Spent { start_us }
+        } else if now_us < share.held_until_us {
+            Reserve::Held { start_us }
         } else {
             Reserve::Short { start_us, need: estimate - share.left }
         }
@@ -102,40 +152,57 @@ impl TokenShares {
         let mut shares = self.shares.lock().expect("token shares poisoned");
         let share = roll(&mut shares[windows::index(kind)], start_us);
         if share.start_us == start_us {
-            share.left += granted;
+            share.left = share.left.saturating_add(granted);
             share.full |= last;
         }
     }
 
-    /// Marks the window spent: nothing more can be claimed in it.
-    pub(super) fn mark_spent(&self, kind: TokenWindowKind, start_us: i64) {
-        self.grant(kind, start_us, 0, true);
-    }
-
-    /// Ends `reservation`'s claim on the shares: `used` tokens, if the upstream said,
-    /// replace the estimates and are charged. Without it the estimates go back, or are
-    /// charged as they are when the answer should have reported usage.
-    fn settle(&self, reservation: &Reservation, used: Option<i64>) {
-        let used = match used {
-            Some(used) => Some(used),
-            None if reservation.charge_unreported => None,
-            None => Some(0),
-        };
+    /// Takes what is left of every share, to give back when the replica stops:
+    /// `(window, start, tokens)`.
+    pub(super) fn take_unused(&self) -> Vec<(TokenWindowKind, i64, i64)> {
         let mut shares = self.shares.lock().expect("token shares poisoned");
-        let mut pending = self.pending.lock().expect("token usage poisoned");
-        for &(kind, start_us, estimate) in &reservation.parts {
+        let mut unused = Vec::new();
+        for kind in windows::KINDS {
             let share = &mut shares[windows::index(kind)];
-            // Unreported usage is charged as what was reserved.
-            let used = used.unwrap_or(estimate);
-            if share.start_us == start_us {
-                share.left += estimate - used;
-            }
-            if used > 0 {
-                pending.push(Charge { kind, start_us, tokens: used });
+            if share.left > 0 {
+                unused.push((kind, share.start_us, share.left));
+                share.left = 0;
+                share.full = true;
             }
         }
-        if let Some(used) = used.filter(|_| reservation.settled) {
-            self.largest.fetch_max(used, Ordering::Relaxed);
+        unused
+    }
+
+    /// Marks the rest of the window held by requests in flight until `until_us`.
+    pub(super) fn mark_held(&self, kind: TokenWindowKind, start_us: i64, until_us: i64) {
+        let mut shares = self.shares.lock().expect("token shares poisoned");
+        let share = roll(&mut shares[windows::index(kind)], start_us);
+        if share.start_us == start_us {
+            share.held_until_us = until_us;
+        }
+    }
+
+    /// Marks the window spent, as the API server said: refused here until it ends.
+    pub(super) fn mark_spent(&self, kind: TokenWindowKind, start_us: i64) {
+        let mut shares = self.shares.lock().expect("token shares poisoned");
+        let share = roll(&mut shares[windows::index(kind)], start_us);
+        if share.start_us == start_us {
+            (share.full, share.spent) = (true, true);
+        }
+    }
+
+    /// Ends one part of a reservation: `used` tokens replace the `estimate` reserved
+    /// in the `kind` window starting at `start_us`, and are charged.
+    fn settle(&self, kind: TokenWindowKind, start_us: i64, estimate: i64, used: i64) {
+        {
+            let mut shares = self.shares.lock().expect("token shares poisoned");
+            let share = &mut shares[windows::index(kind)];
+            if share.start_us == start_us {
+                share.left = share.left.saturating_add(estimate).saturating_sub(used);
+            }
+        }
+        if used > 0 {
+            self.pending.lock().expect("token usage poisoned").push(Charge { kind, start_us, tokens: used });
         }
     }
 
@@ -153,6 +220,9 @@ impl TokenShares {
     }
 }
 
+/// The most tokens one answer is believed to use.
+const MAX_USAGE: u64 = 1_000_000_000_000;
+
 /// Share size for a token limit of `limit`: a sixteenth, so a few replicas each hold
 /// one and a window costs about sixteen claims.
 pub(super) fn share_size(limit: i64) -> i64 {
@@ -163,35 +233,54 @@ pub(super) fn share_size(limit: i64) -> i64 {
 /// (a request admitted just before another moved on) counts in the later.
 fn roll(share: &mut Share, start_us: i64) -> &mut Share {
     if start_us > share.start_us {
-        *share = Share { start_us, left: 0, full: false };
+        *share = Share { start_us, limit: share.limit, ..Share::default() };
     }
     share
 }
 
-/// A request's reservations in its token's windows, settled when its response ends.
-/// Dropped unsettled, it gives the estimate back, or charges it when the response was
-/// one that should have reported usage and did not (a stream without
-/// `stream_options.include_usage`): such a request is never free.
+/// A request's reservations in the windows of its token and of its Project, settled
+/// when its response ends. Dropped unsettled, it gives the estimates back, or charges
+/// them when the response was one that should have reported usage and did not (a
+/// stream without `stream_options.include_usage`): such a request is never free.
+#[derive(Default)]
 pub(crate) struct Reservation {
-    shares: Arc<TokenShares>,
-    /// Window, its start, the tokens reserved in it.
-    parts: Vec<(TokenWindowKind, i64, i64)>,
+    parts: Vec<Part>,
     settled: bool,
     charge_unreported: bool,
 }
 
+/// Tokens reserved in one window.
+struct Part {
+    shares: Arc<TokenShares>,
+    kind: TokenWindowKind,
+    start_us: i64,
+    estimate: i64,
+    /// What an answer that should have reported usage and did not is charged: a whole
+    /// share, so leaving usage out never pays.
+    unreported: i64,
+}
+
 impl Reservation {
-    /// A reservation in no window yet.
-    pub(super) fn new(shares: Arc<TokenShares>) -> Self {
-        Self { shares, parts: Vec::with_capacity(4), settled: false, charge_unreported: false }
+    /// Records `estimate` tokens reserved in `shares`' `kind` window of `limit` starting
+    /// at `start_us`.
+    pub(super) fn add(
+        &mut self,
+        shares: &Arc<TokenShares>,
+        kind: TokenWindowKind,
+        start_us: i64,
+        estimate: i64,
+        limit: u64,
+    ) {
+        let unreported = share_size(i64::try_from(limit).unwrap_or(i64::MAX)).max(estimate);
+        self.parts.push(Part { shares: shares.clone(), kind, start_us, estimate, unreported });
     }
 
-    /// Records `estimate` tokens reserved in the `kind` window starting at `start_us`.
-    pub(super) fn add(&mut self, kind: TokenWindowKind, start_us: i64, estimate: i64) {
-        self.parts.push((kind, start_us, estimate));
+    /// Whether nothing is reserved.
+    pub(super) fn is_empty(&self) -> bool {
+        self.parts.is_empty()
     }
 
-    /// From now on, ending without [`Reservation::settle`] charges the estimate.
+    /// From now on, ending without [`Reservation::settle`] charges the estimates.
     pub(crate) fn charge_if_unreported(&mut self) {
         self.charge_unreported = true;
     }
@@ -199,14 +288,26 @@ impl Reservation {
     /// Settles with the `used` tokens the upstream reported.
     pub(crate) fn settle(mut self, used: u64) {
         self.settled = true;
-        self.shares.settle(&self, Some(i64::try_from(used).unwrap_or(i64::MAX)));
+        // No answer is this large; a broken upstream's number must not wrap the sums.
+        let used = used.min(MAX_USAGE) as i64;
+        for (i, part) in self.parts.iter().enumerate() {
+            part.shares.settle(part.kind, part.start_us, part.estimate, used);
+            // Once per token or Project, however many of its windows the request is in.
+            if !self.parts[..i].iter().any(|p| Arc::ptr_eq(&p.shares, &part.shares)) {
+                part.shares.learn(used);
+            }
+        }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if !self.settled {
-            self.shares.settle(self, None);
+        if self.settled {
+            return;
+        }
+        for part in &self.parts {
+            let used = if self.charge_unreported { part.unreported } else { 0 };
+            part.shares.settle(part.kind, part.start_us, part.estimate, used);
         }
     }
 }
@@ -218,28 +319,28 @@ mod tests {
     const DAY: TokenWindowKind = TokenWindowKind::Day;
 
     fn reserve_all(shares: &Arc<TokenShares>, estimate: i64) -> Reservation {
-        let mut reservation = Reservation::new(shares.clone());
-        let Reserve::Taken { start_us } = shares.reserve(DAY, 100, estimate) else { panic!("not taken") };
-        reservation.add(DAY, start_us, estimate);
+        let mut reservation = Reservation::default();
+        let Reserve::Taken { start_us } = shares.reserve(DAY, 100, estimate, 800, 0) else { panic!("not taken") };
+        reservation.add(shares, DAY, start_us, estimate, 800);
         reservation
     }
 
     #[test]
     fn a_share_is_reserved_then_settled_with_the_reported_usage() {
         let shares = Arc::new(TokenShares::default());
-        assert_eq!(shares.reserve(DAY, 100, 1), Reserve::Short { start_us: 100, need: 1 });
+        assert_eq!(shares.reserve(DAY, 100, 1, 800, 0), Reserve::Short { start_us: 100, need: 1 });
         shares.grant(DAY, 100, 40, false);
         let first = reserve_all(&shares, 1);
         // Before any answer: a sixteenth of the limit.
         assert_eq!(shares.estimate(800), 50);
         first.settle(16);
-        // Then the largest request seen.
+        // Then the most of the latest answers.
         assert_eq!(shares.estimate(800), 16);
         assert_eq!(shares.shares.lock().unwrap()[1].left, 40 - 16);
         let second = reserve_all(&shares, 16);
         assert_eq!(shares.shares.lock().unwrap()[1].left, 8);
         // 8 left is short of 16: claim what is missing.
-        assert_eq!(shares.reserve(DAY, 100, 16), Reserve::Short { start_us: 100, need: 8 });
+        assert_eq!(shares.reserve(DAY, 100, 16, 800, 0), Reserve::Short { start_us: 100, need: 8 });
         drop(second);
         assert_eq!(shares.shares.lock().unwrap()[1].left, 24, "an unsettled reservation goes back");
         assert_eq!(shares.take_pending(), [Charge { kind: DAY, start_us: 100, tokens: 16 }]);
@@ -251,23 +352,55 @@ mod tests {
         let shares = Arc::new(TokenShares::default());
         shares.grant(DAY, 100, 5, true);
         let last = reserve_all(&shares, 16);
-        assert_eq!(shares.reserve(DAY, 100, 16), Reserve::Spent { start_us: 100 });
+        // The API server decides whether the rest is spent or held by requests in flight.
+        assert_eq!(shares.reserve(DAY, 100, 16, 800, 0), Reserve::Short { start_us: 100, need: 27 });
+        shares.mark_held(DAY, 100, 10);
+        assert_eq!(shares.reserve(DAY, 100, 16, 800, 9), Reserve::Held { start_us: 100 });
+        shares.mark_spent(DAY, 100);
+        assert_eq!(shares.reserve(DAY, 100, 16, 800, 11), Reserve::Spent { start_us: 100 });
         last.settle(16);
         assert_eq!(shares.shares.lock().unwrap()[1].left, -11, "overrun by what the share lacked");
         // A new window starts from nothing.
-        assert_eq!(shares.reserve(DAY, 200, 16), Reserve::Short { start_us: 200, need: 16 });
+        assert_eq!(shares.reserve(DAY, 200, 16, 800, 0), Reserve::Short { start_us: 200, need: 16 });
     }
 
     #[test]
-    fn a_response_that_should_report_usage_and_does_not_is_charged_its_estimate() {
+    fn a_response_that_should_report_usage_and_does_not_is_charged_a_whole_share() {
         let shares = Arc::new(TokenShares::default());
         shares.grant(DAY, 100, 100, false);
         reserve_all(&shares, 1).settle(30);
         let mut stream = reserve_all(&shares, 30);
         stream.charge_if_unreported();
         drop(stream);
-        assert_eq!(shares.take_pending(), [Charge { kind: DAY, start_us: 100, tokens: 60 }]);
-        assert_eq!(shares.shares.lock().unwrap()[1].left, 40);
+        // 800 / 16: leaving usage out never costs less than reporting it.
+        assert_eq!(shares.take_pending(), [Charge { kind: DAY, start_us: 100, tokens: 30 + 50 }]);
+        assert_eq!(shares.shares.lock().unwrap()[1].left, 100 - 30 - 50);
+    }
+
+    #[test]
+    fn one_outsized_answer_weighs_for_sixteen_answers_and_a_raised_limit_reopens_a_spent_share() {
+        let shares = Arc::new(TokenShares::default());
+        shares.grant(DAY, 100, 5000, false);
+        reserve_all(&shares, 1).settle(5000);
+        assert_eq!(shares.estimate(800), 5000);
+        for _ in 0..15 {
+            shares.learn(10);
+        }
+        assert_eq!(shares.estimate(800), 5000);
+        shares.learn(10);
+        assert_eq!(shares.estimate(800), 10, "forgotten after sixteen more");
+        shares.mark_spent(DAY, 100);
+        assert_eq!(shares.reserve(DAY, 100, 50, 800, 0), Reserve::Spent { start_us: 100 });
+        assert_eq!(shares.reserve(DAY, 100, 50, 8000, 0), Reserve::Short { start_us: 100, need: 50 });
+    }
+
+    #[test]
+    fn unused_shares_are_taken_to_be_given_back() {
+        let shares = Arc::new(TokenShares::default());
+        shares.grant(DAY, 100, 40, false);
+        let _in_flight = reserve_all(&shares, 16);
+        assert_eq!(shares.take_unused(), [(DAY, 100, 24)]);
+        assert!(shares.take_unused().is_empty());
     }
 
     #[test]
@@ -277,9 +410,9 @@ mod tests {
         let slow = reserve_all(&shares, 1);
         shares.grant(DAY, 200, 50, false);
         slow.settle(20);
-        assert_eq!(shares.shares.lock().unwrap()[1], Share { start_us: 200, left: 50, full: false });
+        assert_eq!(shares.shares.lock().unwrap()[1], Share { start_us: 200, left: 50, limit: 800, ..Share::default() });
         assert_eq!(shares.take_pending(), [Charge { kind: DAY, start_us: 100, tokens: 20 }]);
         // An admission computed before the move counts in the later window.
-        assert_eq!(shares.reserve(DAY, 100, 1), Reserve::Taken { start_us: 200 });
+        assert_eq!(shares.reserve(DAY, 100, 1, 800, 0), Reserve::Taken { start_us: 200 });
     }
 }

@@ -271,6 +271,19 @@ impl From<PathError> for ProxyError {
     }
 }
 
+/// Seconds to wait while a token window is held by requests in flight: about one
+/// usage flush.
+const HELD_RETRY_SECONDS: u64 = 2;
+
+/// Whose limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Whose {
+    /// The ProxyToken's own `spec.limits`.
+    Token,
+    /// Its Project's, shared by all the Project's tokens.
+    Project,
+}
+
 /// A refusal, with a message made for this request where the usual one says too little
 /// (which model, which list, when to retry) and the headers that go with it.
 #[derive(Debug)]
@@ -301,11 +314,18 @@ impl Refused {
         Self { error: ProxyError::RateLimited, detail: Some(message), headers }
     }
 
-    /// A spent window of a token limit: `kind`'s window starting at `start_us` holds
-    /// no more of its `limit` tokens at `now_us`. A minute is a rate limit the SDKs wait
-    /// out; a day, a month or the lifetime is a spent budget they do not retry.
-    pub(crate) fn tokens_spent(kind: TokenWindowKind, limit: u64, start_us: i64, now_us: i64) -> Self {
-        let field = kind.field();
+    /// A spent window of a limit on LLM tokens: `whose` `kind` window starting at
+    /// `start_us` holds no more of its `limit` tokens at `now_us`. A minute is a rate
+    /// limit the SDKs wait out; a day, a month or the lifetime is a spent budget they do
+    /// not retry.
+    pub(crate) fn tokens_spent(whose: Whose, kind: TokenWindowKind, limit: u64, start_us: i64, now_us: i64) -> Self {
+        let (who, field) = match whose {
+            Whose::Token => ("this token may use", format!("spec.limits.{}", kind.field())),
+            Whose::Project => (
+                "the Project of this token may use, for all its tokens together,",
+                format!("the Project's spec.limits.{}", kind.field()),
+            ),
+        };
         let per = crate::windows::per(kind);
         let end_us = crate::windows::end(kind, start_us);
         let retry_in = end_us.map(|end| ((end - now_us).max(0) as u64).div_ceil(1_000_000));
@@ -319,7 +339,7 @@ impl Refused {
             (TokenWindowKind::Minute, _) => (
                 ProxyError::TokensRateLimited,
                 format!(
-                    "Rate limit reached: this token may use {limit} LLM tokens per minute (spec.limits.{field}), over every proxy replica. The next minute starts in {} s.",
+                    "Rate limit reached: {who} {limit} LLM tokens per minute ({field}), over every proxy replica. The next minute starts in {} s.",
                     retry_in.unwrap_or(60)
                 ),
             ),
@@ -328,18 +348,41 @@ impl Refused {
                 (
                     ProxyError::TokenBudgetSpent,
                     format!(
-                        "Budget spent: this token may use {limit} LLM tokens {per} (spec.limits.{field}), over every proxy replica, and they are used up. It resets at {resets}; for more now, ask for a larger limit."
+                        "Budget spent: {who} {limit} LLM tokens {per} ({field}), over every proxy replica, and they are used up. It resets at {resets}; for more now, ask for a larger limit."
                     ),
                 )
             }
             (_, None) => (
                 ProxyError::TokenBudgetSpent,
                 format!(
-                    "Budget spent: this token may use {limit} LLM tokens {per} (spec.limits.{field}), and they are used up: create a new ProxyToken for more."
+                    "Budget spent: {who} {limit} LLM tokens {per} ({field}), and they are used up: ask for a larger limit{}.",
+                    if whose == Whose::Token { ", or create a new ProxyToken" } else { "" }
                 ),
             ),
         };
         Self { error, detail: Some(message), headers }
+    }
+
+    /// A window of a limit on LLM tokens whose rest is reserved by requests in flight:
+    /// retryable, since their answers may leave some of it.
+    pub(crate) fn tokens_held(whose: Whose, kind: TokenWindowKind, limit: u64) -> Self {
+        let (who, field) = match whose {
+            Whose::Token => ("this token's", format!("spec.limits.{}", kind.field())),
+            Whose::Project => {
+                ("the Project's (all its tokens together)", format!("the Project's spec.limits.{}", kind.field()))
+            }
+        };
+        let message = format!(
+            "Rate limit reached: the rest of {who} {limit} LLM tokens {} ({field}) is reserved by requests in flight. Retry in a few seconds: their usage decides whether any is left.",
+            crate::windows::per(kind)
+        );
+        let headers = vec![
+            ("retry-after", HELD_RETRY_SECONDS.to_string()),
+            ("x-ratelimit-limit-tokens", limit.to_string()),
+            ("x-ratelimit-remaining-tokens", "0".to_string()),
+            ("x-ratelimit-reset-tokens", format!("{HELD_RETRY_SECONDS}s")),
+        ];
+        Self { error: ProxyError::TokensRateLimited, detail: Some(message), headers }
     }
 
     /// The JSON response.

@@ -5,6 +5,7 @@
 //! OpenAI's JSON shape; every request is one JSON access-log line without secrets.
 
 mod budget;
+mod budget_claims;
 mod error;
 mod forward;
 pub(crate) mod llm_usage;

@@ -32,18 +32,19 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 
 use super::budget::{Charge, Reservation, Reserve, TokenShares};
+use super::budget_claims::{self, Owner, TokenClaim, WindowFlush};
+use super::error::Whose;
 use super::{ProxyError, Refused};
-use crate::api::{ProxyToken, TokenWindow, TokenWindowKind, UsageFlush};
+use crate::api::{ProxyToken, TokenWindow, TokenWindowKind};
 use crate::index::DigestHasher;
 use crate::index::Route;
-use crate::metrics::{BudgetLabels, Metrics, Name, ResultLabels};
+use crate::metrics::{BudgetLabels, Metrics, Name, ProjectBudgetLabels, ResultLabels};
 use crate::token::TokenHash;
 use crate::windows::{self, TokenLimits};
 
@@ -52,10 +53,6 @@ pub(crate) const PROXY_MANAGER: &str = "llm-proxy-proxy";
 
 /// How many optimistic-concurrency retries a claim or flush gets before giving up.
 const MAX_ATTEMPTS: usize = 20;
-
-/// How long a process's last flush stays in `status.usageFlushes` (a retry comes
-/// within seconds; a stopped process's entry goes with the next flush after this).
-const FLUSH_RECORD_TTL: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
 
 /// A flush of one token's counts: what is written, under which sequence number.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,17 +81,21 @@ struct Counter {
     in_doubt: std::sync::Mutex<Option<Flush>>,
 }
 
-impl Counter {
-    /// Sets the remaining-budget gauges from `windows` as stored.
-    fn report_remaining(&self, metrics: &Metrics, windows: &[TokenWindow]) {
-        for window in windows {
-            let labels = BudgetLabels {
-                token_namespace: Name(Arc::from(self.namespace.as_str())),
-                token_name: Name(Arc::from(self.name.as_str())),
-                window: window_label(window.window),
-            };
-            metrics.token_budget_remaining.get_or_create(&labels).set(window.remaining_tokens);
-        }
+/// Sets `owner`'s remaining-budget gauges from its `windows` as stored.
+fn report_remaining(metrics: &Metrics, owner: &Owner, windows: &[TokenWindow]) {
+    for window in windows {
+        let label = window_label(window.window);
+        let gauge = match owner {
+            Owner::Token { namespace, name } => metrics.token_budget_remaining.get_or_create(&BudgetLabels {
+                token_namespace: Name(Arc::from(namespace.as_str())),
+                token_name: Name(Arc::from(name.as_str())),
+                window: label,
+            }),
+            Owner::Project { name } => metrics
+                .project_budget_remaining
+                .get_or_create(&ProjectBudgetLabels { project: Name(Arc::from(name.as_str())), window: label }),
+        };
+        gauge.set(window.remaining_tokens);
     }
 }
 
@@ -129,15 +130,12 @@ enum WindowClaim {
     Unavailable,
 }
 
-/// What claiming a share of an LLM-token window found.
-#[derive(Debug, PartialEq, Eq)]
-enum TokenClaim {
-    /// A share of `tokens`; `last` when it was all the window had left.
-    Granted { tokens: i64, last: bool },
-    /// Nothing is left; `first` when this claim marked the window spent.
-    Spent { first: bool },
-    /// The API server could not be written.
-    Unavailable,
+/// A Project's LLM-token windows on this replica: the limits all its tokens share.
+struct ProjectCounter {
+    name: String,
+    tokens: Arc<TokenShares>,
+    /// A flush that failed without saying whether it was written: retried as it is.
+    in_doubt: std::sync::Mutex<Option<WindowFlush>>,
 }
 
 /// Request counting and budget claims shared by every connection of a proxy replica.
@@ -149,6 +147,8 @@ pub(crate) struct Quota {
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
     counters: RwLock<HashMap<TokenHash, Arc<Counter>, BuildHasherDefault<DigestHasher>>>,
+    /// Projects with token limits, by name.
+    projects: RwLock<HashMap<Arc<str>, Arc<ProjectCounter>>>,
     /// One flush at a time: the final flush at shutdown must not return while a
     /// periodic one still holds counts it took.
     flushing: tokio::sync::Mutex<()>,
@@ -171,6 +171,7 @@ impl Quota {
             runtime: tokio::runtime::Handle::current(),
             metrics,
             counters: RwLock::default(),
+            projects: RwLock::default(),
             flushing: tokio::sync::Mutex::default(),
             replica,
             sequence: AtomicI64::new(0),
@@ -187,12 +188,21 @@ impl Quota {
         now_us: i64,
     ) -> Result<Option<Reservation>, Refused> {
         let counter = self.counter(hash, route);
-        // Token windows first: a refusal there spends no request slot. A refusal after
-        // them drops the reservation, which gives it back.
-        let reservation = match route.token.token_limits {
-            limits if limits.is_empty() => None,
-            limits => Some(self.reserve_tokens(&counter, limits, now_us).await?),
-        };
+        // Token windows first, the token's then its Project's: a refusal there spends no
+        // request slot. A refusal after them drops the reservation, which gives it back.
+        let mut reservation = Reservation::default();
+        if !route.token.token_limits.is_empty() {
+            let owner = Owner::Token { namespace: counter.namespace.clone(), name: counter.name.clone() };
+            let (shares, limits) = (&counter.tokens, route.token.token_limits);
+            self.reserve_tokens(&owner, shares, limits, now_us, Whose::Token, &mut reservation).await?;
+        }
+        if !route.project.token_limits.is_empty() {
+            let project = self.project_counter(&route.project.name);
+            let owner = Owner::Project { name: project.name.clone() };
+            let (shares, limits) = (&project.tokens, route.project.token_limits);
+            self.reserve_tokens(&owner, shares, limits, now_us, Whose::Project, &mut reservation).await?;
+        }
+        let reservation = (!reservation.is_empty()).then_some(reservation);
         // The minute next: a refusal there spends none of the lifetime cap.
         if let Some(limit) = route.token.requests_per_minute {
             let minute = now_us - now_us.rem_euclid(MINUTE_US);
@@ -242,55 +252,73 @@ impl Quota {
         Ok(reservation)
     }
 
-    /// Reserves this request's estimate in every limited window of the token, claiming
-    /// shares where this replica's are short.
+    /// Reserves this request's estimate in every limited window of `owner` (into
+    /// `reservation`), claiming shares where this replica's are short.
     async fn reserve_tokens(
         &self,
-        counter: &Arc<Counter>,
+        owner: &Owner,
+        shares: &Arc<TokenShares>,
         limits: TokenLimits,
         now_us: i64,
-    ) -> Result<Reservation, Refused> {
-        let shares = &counter.tokens;
-        let mut reservation = Reservation::new(shares.clone());
+        whose: Whose,
+        reservation: &mut Reservation,
+    ) -> Result<(), Refused> {
+        let spent = |kind, limit, start_us| Refused::tokens_spent(whose, kind, limit, start_us, now_us);
         for (kind, limit) in limits.iter() {
             let estimate = shares.estimate(limit);
             let mut claimed_once = false;
             loop {
-                let start_us = match shares.reserve(kind, windows::start(kind, now_us), estimate) {
+                let start_us = match shares.reserve(kind, windows::start(kind, now_us), estimate, limit, now_us) {
                     Reserve::Taken { start_us } => {
-                        reservation.add(kind, start_us, estimate);
+                        reservation.add(shares, kind, start_us, estimate, limit);
                         break;
                     }
-                    Reserve::Spent { start_us } => return Err(Refused::tokens_spent(kind, limit, start_us, now_us)),
+                    Reserve::Spent { start_us } => return Err(spent(kind, limit, start_us)),
+                    Reserve::Held { .. } => return Err(Refused::tokens_held(whose, kind, limit)),
                     Reserve::Short { start_us, .. } => start_us,
                 };
                 let _one_claim_at_a_time = shares.claiming.lock().await;
                 // Another request may have claimed while this one waited.
-                let need = match shares.reserve(kind, start_us, estimate) {
+                let need = match shares.reserve(kind, start_us, estimate, limit, now_us) {
                     Reserve::Taken { start_us } => {
-                        reservation.add(kind, start_us, estimate);
+                        reservation.add(shares, kind, start_us, estimate, limit);
                         break;
                     }
-                    Reserve::Spent { start_us } => return Err(Refused::tokens_spent(kind, limit, start_us, now_us)),
+                    Reserve::Spent { start_us } => return Err(spent(kind, limit, start_us)),
+                    Reserve::Held { .. } => return Err(Refused::tokens_held(whose, kind, limit)),
                     Reserve::Short { need, .. } if claimed_once => need.max(estimate),
                     Reserve::Short { need, .. } => need,
                 };
                 claimed_once = true;
-                let claimed = self.claim_tokens(counter, kind, limit, start_us, need).await;
+                let claimed = self.claim_tokens(owner, shares, kind, limit, start_us, need).await;
                 let result = match &claimed {
                     TokenClaim::Granted { .. } => "tokens_claimed",
                     TokenClaim::Spent { .. } => "tokens_spent",
+                    TokenClaim::Held => "tokens_held",
                     TokenClaim::Unavailable => "tokens_failed",
                 };
                 self.metrics.quota_claims.get_or_create(&ResultLabels { result }).inc();
-                match claimed {
-                    TokenClaim::Granted { tokens, last } => shares.grant(kind, start_us, tokens, last),
-                    TokenClaim::Spent { .. } => shares.mark_spent(kind, start_us),
-                    TokenClaim::Unavailable => return Err(ProxyError::QuotaUnavailable.into()),
+                if claimed == TokenClaim::Unavailable {
+                    return Err(ProxyError::QuotaUnavailable.into());
                 }
             }
         }
-        Ok(reservation)
+        Ok(())
+    }
+
+    fn project_counter(&self, name: &Arc<str>) -> Arc<ProjectCounter> {
+        if let Some(project) = self.projects.read().expect("usage map poisoned").get(name) {
+            return project.clone();
+        }
+        let mut projects = self.projects.write().expect("usage map poisoned");
+        let new = || {
+            Arc::new(ProjectCounter {
+                name: name.to_string(),
+                tokens: Arc::default(),
+                in_doubt: std::sync::Mutex::new(None),
+            })
+        };
+        projects.entry(name.clone()).or_insert_with(new).clone()
     }
 
     fn counter(&self, hash: TokenHash, route: &Route) -> Arc<Counter> {
@@ -338,27 +366,42 @@ impl Quota {
             .unwrap_or(Err(WindowClaim::Unavailable))
     }
 
-    /// Claims a share of `need` tokens or more of the `kind` window starting at
-    /// `start_us` (on the main runtime, as [`Quota::claim`]); publishes the Event when
-    /// this claim finds the window spent first.
+    /// Claims a share of `need` tokens or more of `owner`'s `kind` window starting at
+    /// `start_us` and adds it to `shares` (on the main runtime, as [`Quota::claim`]:
+    /// a share written is a share used, even if the request waiting for it goes away).
+    /// Publishes the Event when this claim finds the window spent first.
     async fn claim_tokens(
         &self,
-        counter: &Arc<Counter>,
+        owner: &Owner,
+        shares: &Arc<TokenShares>,
         kind: TokenWindowKind,
         limit: u64,
         start_us: i64,
         need: i64,
     ) -> TokenClaim {
-        let (client, counter, recorder) = (self.client.clone(), counter.clone(), self.recorder.clone());
-        let metrics = self.metrics.clone();
+        let (client, owner, shares) = (self.client.clone(), owner.clone(), shares.clone());
+        let (recorder, metrics) = (self.recorder.clone(), self.metrics.clone());
         self.runtime
             .spawn(async move {
-                let (claimed, token) = claim_token_block(client, &counter, kind, limit, start_us, need).await;
-                if let Some(token) = &token {
-                    counter.report_remaining(&metrics, &token.status.clone().unwrap_or_default().token_windows);
+                let (claimed, stored) = budget_claims::claim(client, &owner, kind, limit, start_us, need).await;
+                match claimed {
+                    TokenClaim::Granted { tokens, last } => shares.grant(kind, start_us, tokens, last),
+                    TokenClaim::Spent { .. } => shares.mark_spent(kind, start_us),
+                    // Asked again after a second, not on every request meanwhile.
+                    TokenClaim::Held => {
+                        let until_us = jiff::Timestamp::now().as_microsecond() + 1_000_000;
+                        shares.mark_held(kind, start_us, until_us);
+                    }
+                    TokenClaim::Unavailable => {}
                 }
-                if let (TokenClaim::Spent { first: true }, Some(token)) = (&claimed, &token) {
-                    publish_spent(&recorder, token, kind, limit).await;
+                if let Some(stored) = stored {
+                    report_remaining(&metrics, &owner, &stored.windows);
+                    if claimed == (TokenClaim::Spent { first: true }) {
+                        // Not awaited: the requests queued behind this claim need not wait.
+                        tokio::spawn(async move {
+                            budget_claims::publish_spent(&recorder, &stored.object, kind, limit).await;
+                        });
+                    }
                 }
                 claimed
             })
@@ -387,7 +430,10 @@ impl Quota {
             };
             let last_used = counter.last_used_us.load(Ordering::Relaxed);
             match add_usage(client, &counter, &self.replica, &flush, last_used).await {
-                Ok(windows) => counter.report_remaining(&self.metrics, &windows),
+                Ok(windows) => {
+                    let owner = Owner::Token { namespace: counter.namespace.clone(), name: counter.name.clone() };
+                    report_remaining(&self.metrics, &owner, &windows);
+                }
                 Err(error) => {
                     // Written or not, nobody can tell yet: the retry finds out.
                     *counter.in_doubt.lock().expect("flush state poisoned") = Some(flush);
@@ -395,17 +441,54 @@ impl Quota {
                 }
             }
         }
+        let projects: Vec<Arc<ProjectCounter>> =
+            self.projects.read().expect("usage map poisoned").values().cloned().collect();
+        for project in projects {
+            let in_doubt = project.in_doubt.lock().expect("flush state poisoned").take();
+            let flush = match in_doubt {
+                Some(flush) => flush,
+                None => match project.tokens.take_pending() {
+                    tokens if tokens.is_empty() => continue,
+                    tokens => WindowFlush { sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1, tokens },
+                },
+            };
+            match budget_claims::flush_project(client.clone(), &project.name, &self.replica, &flush).await {
+                Ok(windows) => {
+                    report_remaining(&self.metrics, &Owner::Project { name: project.name.clone() }, &windows)
+                }
+                Err(error) => {
+                    *project.in_doubt.lock().expect("flush state poisoned") = Some(flush);
+                    tracing::warn!(%error, project = %project.name, "writing usage failed; will retry");
+                }
+            }
+        }
     }
 
-    /// Flushes, then gives unused blocks back so other replicas can spend them.
+    /// Flushes, then gives unused blocks and shares back so other replicas can spend
+    /// them.
     pub(crate) async fn shutdown(&self) {
         self.flush().await;
         let client = &self.client;
         let counters: Vec<Arc<Counter>> = self.counters.read().expect("usage map poisoned").values().cloned().collect();
+        let mut unused_shares = Vec::new();
         for counter in counters {
             let mut block = counter.block.lock().await;
             if *block > 0 && give_back(client, &counter, *block).await.is_ok() {
                 *block = 0;
+            }
+            let owner = Owner::Token { namespace: counter.namespace.clone(), name: counter.name.clone() };
+            unused_shares.push((owner, counter.tokens.take_unused()));
+        }
+        let projects: Vec<Arc<ProjectCounter>> =
+            self.projects.read().expect("usage map poisoned").values().cloned().collect();
+        for project in projects {
+            unused_shares.push((Owner::Project { name: project.name.clone() }, project.tokens.take_unused()));
+        }
+        for (owner, unused) in unused_shares {
+            for (kind, start_us, tokens) in unused {
+                if let Err(error) = budget_claims::give_back(client.clone(), &owner, kind, start_us, tokens).await {
+                    tracing::warn!(%error, ?owner, "giving an unused share back failed");
+                }
             }
         }
     }
@@ -489,7 +572,7 @@ async fn claim_minute_block(client: Client, counter: &Counter, limit: u64, minut
 /// Runs `attempt`, a read-modify-write with a resourceVersion precondition, again while
 /// the API server refuses it with 409 Conflict (another replica wrote in between), at
 /// most [`MAX_ATTEMPTS`] times in all; then that conflict is the error.
-async fn retry_on_conflict<T, F, Fut>(mut attempt: F) -> Result<T, kube::Error>
+pub(super) async fn retry_on_conflict<T, F, Fut>(mut attempt: F) -> Result<T, kube::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, kube::Error>>,
@@ -504,7 +587,7 @@ where
     }
 }
 
-fn params() -> PatchParams {
+pub(super) fn params() -> PatchParams {
     PatchParams { field_manager: Some(PROXY_MANAGER.to_string()), ..Default::default() }
 }
 
@@ -512,107 +595,6 @@ fn params() -> PatchParams {
 /// others of a small budget, large enough that big budgets cost few writes.
 pub(crate) fn block_size(max: i64) -> i64 {
     (max / 16).clamp(1, 1000)
-}
-
-/// Claims a share of at least `need` tokens (a block of the limit when larger) of the
-/// `kind` window starting at `start_us`, with a resourceVersion precondition. When
-/// nothing is left, the first claim to find it so writes `spentAt`. Returns what it
-/// found, and the token as written or read.
-async fn claim_token_block(
-    client: Client,
-    counter: &Counter,
-    kind: TokenWindowKind,
-    limit_hint: u64,
-    start_us: i64,
-    need: i64,
-) -> (TokenClaim, Option<ProxyToken>) {
-    let api = Api::<ProxyToken>::namespaced(client, &counter.namespace);
-    let Ok(start) = jiff::Timestamp::from_microsecond(start_us) else { return (TokenClaim::Unavailable, None) };
-    let claimed = retry_on_conflict(|| async {
-        let token = api.get_status(&counter.name).await?;
-        let status = token.status.clone().unwrap_or_default();
-        let limit = limit_of(&token, kind).unwrap_or(limit_hint as i64);
-        let mut windows = status.token_windows.clone();
-        let at = windows.iter().position(|w| w.window == kind);
-        let mut window = match at.map(|i| &windows[i]) {
-            Some(w) if w.start.0.as_microsecond() == start_us => w.clone(),
-            // A later window is stored: this one is over for the cluster (as for minutes).
-            Some(w) if w.start.0.as_microsecond() > start_us => return Ok((TokenClaim::Spent { first: false }, token)),
-            _ => TokenWindow {
-                window: kind,
-                start: Time(start),
-                limit,
-                used_tokens: 0,
-                remaining_tokens: limit,
-                claimed_tokens: 0,
-                spent_at: None,
-            },
-        };
-        window.limit = limit;
-        window.remaining_tokens = (limit - window.used_tokens).max(0);
-        let left = limit - window.claimed_tokens;
-        let outcome = if left > 0 {
-            let tokens = need.max(super::budget::share_size(limit)).min(left);
-            window.claimed_tokens += tokens;
-            TokenClaim::Granted { tokens, last: tokens == left }
-        } else if window.spent_at.is_none() {
-            window.spent_at = Some(crate::api::micros(jiff::Timestamp::now()));
-            TokenClaim::Spent { first: true }
-        } else {
-            return Ok((TokenClaim::Spent { first: false }, token));
-        };
-        match at {
-            Some(i) => windows[i] = window.clone(),
-            None => windows.push(window.clone()),
-        }
-        let patch = json!({
-            "metadata": { "resourceVersion": token.resource_version() },
-            "status": { "tokenWindows": windows },
-        });
-        let patched = api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await?;
-        let stored = patched.status.as_ref().and_then(|s| s.token_windows.iter().find(|w| w.window == kind));
-        if stored != Some(&window) {
-            tracing::error!("status.tokenWindows was not stored: update the CRDs (crds/llmproxy.io.yaml)");
-            return Ok((TokenClaim::Unavailable, patched));
-        }
-        Ok((outcome, patched))
-    })
-    .await;
-    match claimed {
-        Ok((outcome, token)) => (outcome, Some(token)),
-        Err(error) => {
-            tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming a share of a token limit failed");
-            (TokenClaim::Unavailable, None)
-        }
-    }
-}
-
-/// The `kind` limit `token`'s spec sets now.
-fn limit_of(token: &ProxyToken, kind: TokenWindowKind) -> Option<i64> {
-    token.spec.limits.as_ref()?.token_windows().find(|(k, _)| *k == kind).map(|(_, limit)| limit)
-}
-
-/// The Event on a token whose `kind` budget is spent: once per window, from the replica
-/// whose claim found it so.
-async fn publish_spent(recorder: &Recorder, token: &ProxyToken, kind: TokenWindowKind, limit: u64) {
-    let retry = match kind {
-        TokenWindowKind::Lifetime => "for good: create a new ProxyToken for more".to_string(),
-        _ => format!("until the window resets ({} {})", kind.field(), windows::per(kind)),
-    };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "TokenBudgetSpent".into(),
-        note: Some(format!(
-            "limits.{} of {limit} tokens {} is used up or held by requests in flight; further requests are refused {retry}",
-            kind.field(),
-            windows::per(kind),
-        )),
-        action: "RefuseRequests".into(),
-        secondary: None,
-    };
-    if let Err(error) = recorder.publish(&event, &token.object_ref(&())).await {
-        tracing::warn!(%error, "could not publish event");
-    }
 }
 
 /// Writes `flush` into `requestCount` and `tokenWindows` unless `status.usageFlushes`
@@ -633,22 +615,12 @@ async fn add_usage(
         if status.usage_flushes.iter().any(|f| f.replica == replica && f.sequence >= flush.sequence) {
             return Ok(status.token_windows);
         }
-        let windows = charge(&token, status.token_windows.clone(), &flush.tokens);
+        let windows = budget_claims::charge(&token, &flush.tokens);
         let newer = match (&status.last_used_at, &last_used) {
             (Some(old), Some(new)) => new.0 > old.0,
             _ => true,
         };
-        let now = jiff::Timestamp::now();
-        let mut flushes: Vec<UsageFlush> = status
-            .usage_flushes
-            .into_iter()
-            .filter(|f| f.replica != replica && now.duration_since(f.at.0) < FLUSH_RECORD_TTL)
-            .collect();
-        flushes.push(UsageFlush {
-            replica: replica.to_string(),
-            sequence: flush.sequence,
-            at: crate::api::micros(now),
-        });
+        let flushes = budget_claims::flushes_with(&status.usage_flushes, replica, flush.sequence);
         let patch = json!({
             "metadata": { "resourceVersion": token.resource_version() },
             "status": {
@@ -662,24 +634,6 @@ async fn add_usage(
         Ok(windows)
     })
     .await
-}
-
-/// `windows` with `charges` added to the windows they were made in (usage of a window
-/// already replaced by a later one is dropped) and `limit`/`remainingTokens` as the
-/// token's spec sets them now.
-fn charge(token: &ProxyToken, mut windows: Vec<TokenWindow>, charges: &[Charge]) -> Vec<TokenWindow> {
-    for charge in charges {
-        let window =
-            windows.iter_mut().find(|w| w.window == charge.kind && w.start.0.as_microsecond() == charge.start_us);
-        if let Some(window) = window {
-            window.used_tokens += charge.tokens;
-        }
-    }
-    for window in &mut windows {
-        window.limit = limit_of(token, window.window).unwrap_or(window.limit);
-        window.remaining_tokens = (window.limit - window.used_tokens).max(0);
-    }
-    windows
 }
 
 async fn give_back(client: &Client, counter: &Counter, unused: i64) -> Result<(), kube::Error> {

@@ -118,8 +118,20 @@ fn final_phases_stay_final() {
 fn status_keeps_the_mint_and_leaves_usage_to_the_proxy() {
     let mut t = issued(0);
     t.status.as_mut().unwrap().request_count = Some(7);
+    t.status.as_mut().unwrap().token_windows = vec![crate::api::TokenWindow {
+        window: crate::api::TokenWindowKind::Day,
+        start: Time(at(0)),
+        limit: 100,
+        used_tokens: 40,
+        remaining_tokens: 60,
+        claimed_tokens: 50,
+        held_since: None,
+        spent_at: None,
+    }];
     let verdict = lifecycle(&t, None, true, at(10));
     let (status, _) = status_for(&t, &verdict, Time(at(10)), true, &no_replicas());
+    // An apply of the cached windows would roll the replicas' claims back.
+    assert!(status.token_windows.is_empty());
     assert_eq!(status.token_hash, t.status.as_ref().unwrap().token_hash);
     assert_eq!(status.expires_at, Some(crate::api::micros(at(3600))));
     assert_eq!(status.request_count, None);

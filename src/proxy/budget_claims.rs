@@ -1,0 +1,338 @@
+//! The API side of LLM-token limits: shares claimed from, and usage written into,
+//! `status.tokenWindows` of a ProxyToken (its own limits) or of a Project (the limits
+//! all its tokens share), and the Event when a window is spent.
+//!
+//! In: a claim (whose window, how much is needed) or a flush of settled usage. Out: the
+//! share granted, or that nothing is left; the windows as stored, for the metrics.
+//! Every write is a read-modify-write with a resourceVersion precondition, so the
+//! shares of a window never add up to more than its limit, whatever the replicas do.
+
+use std::fmt::Debug;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::Patch;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::budget::{Charge, share_size};
+use super::quota::{params, retry_on_conflict};
+use crate::api::{Limits, Project, ProxyToken, TokenWindow, TokenWindowKind, UsageFlush};
+use crate::windows;
+
+/// Whose windows: a ProxyToken's own, or a Project's, shared by all its tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Owner {
+    /// A ProxyToken.
+    Token { namespace: String, name: String },
+    /// A Project.
+    Project { name: String },
+}
+
+/// What claiming a share of a window found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum TokenClaim {
+    /// A share of `tokens`; `last` when it was all the window had left.
+    Granted { tokens: i64, last: bool },
+    /// Nothing is left; `first` when this claim marked the window spent.
+    Spent { first: bool },
+    /// Nothing can be claimed, but less than the limit is used: requests in flight
+    /// hold the rest, and their usage decides.
+    Held,
+    /// The API server could not be written.
+    Unavailable,
+}
+
+/// A flush of settled usage into an owner's windows, under a sequence number of this
+/// process (see `quota` for why flushes are numbered).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct WindowFlush {
+    pub(super) sequence: i64,
+    pub(super) tokens: Vec<Charge>,
+}
+
+/// What the window accounting reads of a ProxyToken or a Project.
+pub(super) trait Budgeted:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
+{
+    /// `spec.limits`.
+    fn limits(&self) -> Option<&Limits>;
+    /// `status.tokenWindows`.
+    fn token_windows(&self) -> &[TokenWindow];
+    /// `status.usageFlushes`.
+    fn usage_flushes(&self) -> &[UsageFlush];
+}
+
+impl Budgeted for ProxyToken {
+    fn limits(&self) -> Option<&Limits> {
+        self.spec.limits.as_ref()
+    }
+    fn token_windows(&self) -> &[TokenWindow] {
+        self.status.as_ref().map_or(&[], |s| &s.token_windows)
+    }
+    fn usage_flushes(&self) -> &[UsageFlush] {
+        self.status.as_ref().map_or(&[], |s| &s.usage_flushes)
+    }
+}
+
+impl Budgeted for Project {
+    fn limits(&self) -> Option<&Limits> {
+        self.spec.limits.as_ref()
+    }
+    fn token_windows(&self) -> &[TokenWindow] {
+        self.status.as_ref().map_or(&[], |s| &s.token_windows)
+    }
+    fn usage_flushes(&self) -> &[UsageFlush] {
+        self.status.as_ref().map_or(&[], |s| &s.usage_flushes)
+    }
+}
+
+/// How long a window whose claims reach its limit, with less of it used, waits for
+/// the usage of the requests in flight before it counts as spent: long enough for
+/// their answers and the next flushes, short enough that a share a stopped replica
+/// never gave back does not keep clients retrying.
+const HOLD_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+
+/// What a claim left behind: the object's reference (for the Event) and its windows
+/// as stored (for the metrics).
+pub(super) struct Stored {
+    pub(super) object: ObjectReference,
+    pub(super) windows: Vec<TokenWindow>,
+}
+
+/// Claims a share of at least `need` tokens (a sixteenth of the limit when larger) of
+/// `owner`'s `kind` window starting at `start_us`. When nothing is left, the first claim
+/// to find it so writes `spentAt`.
+pub(super) async fn claim(
+    client: Client,
+    owner: &Owner,
+    kind: TokenWindowKind,
+    limit_hint: u64,
+    start_us: i64,
+    need: i64,
+) -> (TokenClaim, Option<Stored>) {
+    match owner {
+        Owner::Token { namespace, name } => {
+            claim_in(Api::<ProxyToken>::namespaced(client, namespace), name, kind, limit_hint, start_us, need).await
+        }
+        Owner::Project { name } => claim_in(Api::<Project>::all(client), name, kind, limit_hint, start_us, need).await,
+    }
+}
+
+async fn claim_in<K: Budgeted>(
+    api: Api<K>,
+    name: &str,
+    kind: TokenWindowKind,
+    limit_hint: u64,
+    start_us: i64,
+    need: i64,
+) -> (TokenClaim, Option<Stored>) {
+    let Ok(start) = jiff::Timestamp::from_microsecond(start_us) else { return (TokenClaim::Unavailable, None) };
+    let stored = |object: &K| Stored { object: object.object_ref(&()), windows: object.token_windows().to_vec() };
+    let claimed = retry_on_conflict(|| async {
+        let object = api.get_status(name).await?;
+        let limit = limit_of(&object, kind).unwrap_or(limit_hint as i64);
+        let mut windows = object.token_windows().to_vec();
+        let at = windows.iter().position(|w| w.window == kind);
+        let mut window = match at.map(|i| &windows[i]) {
+            Some(w) if w.start.0.as_microsecond() == start_us => w.clone(),
+            // A later window is stored: this one is over for the cluster (as for minutes).
+            Some(w) if w.start.0.as_microsecond() > start_us => {
+                return Ok((TokenClaim::Spent { first: false }, stored(&object)));
+            }
+            _ => TokenWindow {
+                window: kind,
+                start: Time(start),
+                limit,
+                used_tokens: 0,
+                remaining_tokens: limit,
+                claimed_tokens: 0,
+                held_since: None,
+                spent_at: None,
+            },
+        };
+        window.limit = limit;
+        window.remaining_tokens = (limit - window.used_tokens).max(0);
+        // Usage beyond a replica's shares (requests in flight when they ran out) is
+        // spent too, whether or not that replica ever claims again.
+        let left = limit - window.claimed_tokens.max(window.used_tokens);
+        let now = jiff::Timestamp::now();
+        let held_too_long = window.held_since.as_ref().is_some_and(|since| now.duration_since(since.0) >= HOLD_GRACE);
+        let outcome = if left > 0 {
+            let tokens = need.max(share_size(limit)).min(left);
+            window.claimed_tokens += tokens;
+            window.held_since = None;
+            TokenClaim::Granted { tokens, last: tokens == left }
+        } else if window.used_tokens < limit && !held_too_long {
+            if window.held_since.is_some() {
+                return Ok((TokenClaim::Held, stored(&object)));
+            }
+            window.held_since = Some(crate::api::micros(now));
+            TokenClaim::Held
+        } else if window.spent_at.is_none() {
+            window.spent_at = Some(crate::api::micros(now));
+            TokenClaim::Spent { first: true }
+        } else {
+            return Ok((TokenClaim::Spent { first: false }, stored(&object)));
+        };
+        match at {
+            Some(i) => windows[i] = window.clone(),
+            None => windows.push(window.clone()),
+        }
+        let patch = json!({
+            "metadata": { "resourceVersion": object.resource_version() },
+            "status": { "tokenWindows": windows },
+        });
+        let patched = api.patch_status(name, &params(), &Patch::Merge(&patch)).await?;
+        if patched.token_windows().iter().find(|w| w.window == kind) != Some(&window) {
+            tracing::error!("status.tokenWindows was not stored: update the CRDs (crds/llmproxy.io.yaml)");
+            return Ok((TokenClaim::Unavailable, stored(&patched)));
+        }
+        Ok((outcome, stored(&patched)))
+    })
+    .await;
+    claimed.map_or_else(
+        |error| {
+            tracing::warn!(%error, name, "claiming a share of a token limit failed");
+            (TokenClaim::Unavailable, None)
+        },
+        |(outcome, stored)| (outcome, Some(stored)),
+    )
+}
+
+/// Lowers `owner`'s claims in the `kind` window starting at `start_us` by `unused`
+/// tokens of this replica's share (never below what was used), so that other replicas
+/// can spend them. A window that has moved on is left as it is.
+pub(super) async fn give_back(
+    client: Client,
+    owner: &Owner,
+    kind: TokenWindowKind,
+    start_us: i64,
+    unused: i64,
+) -> Result<(), kube::Error> {
+    match owner {
+        Owner::Token { namespace, name } => {
+            give_back_in(Api::<ProxyToken>::namespaced(client, namespace), name, kind, start_us, unused).await
+        }
+        Owner::Project { name } => give_back_in(Api::<Project>::all(client), name, kind, start_us, unused).await,
+    }
+}
+
+async fn give_back_in<K: Budgeted>(
+    api: Api<K>,
+    name: &str,
+    kind: TokenWindowKind,
+    start_us: i64,
+    unused: i64,
+) -> Result<(), kube::Error> {
+    retry_on_conflict(|| async {
+        let object = api.get_status(name).await?;
+        let mut windows = object.token_windows().to_vec();
+        let Some(window) = windows.iter_mut().find(|w| w.window == kind && w.start.0.as_microsecond() == start_us)
+        else {
+            return Ok(());
+        };
+        window.claimed_tokens = (window.claimed_tokens - unused).max(window.used_tokens).max(0);
+        let patch = json!({
+            "metadata": { "resourceVersion": object.resource_version() },
+            "status": { "tokenWindows": windows },
+        });
+        api.patch_status(name, &params(), &Patch::Merge(&patch)).await.map(drop)
+    })
+    .await
+}
+
+/// Writes `flush` into the Project `name`'s windows unless its `status.usageFlushes`
+/// shows it already was (its answer was lost), recording it there in the same write.
+/// Returns the windows as written. (A ProxyToken's flush also writes its request
+/// count: see `quota`.)
+pub(super) async fn flush_project(
+    client: Client,
+    name: &str,
+    replica: &str,
+    flush: &WindowFlush,
+) -> Result<Vec<TokenWindow>, kube::Error> {
+    let api = Api::<Project>::all(client);
+    retry_on_conflict(|| async {
+        let project = api.get_status(name).await?;
+        if project.usage_flushes().iter().any(|f| f.replica == replica && f.sequence >= flush.sequence) {
+            return Ok(project.token_windows().to_vec());
+        }
+        let windows = charge(&project, &flush.tokens);
+        let patch = json!({
+            "metadata": { "resourceVersion": project.resource_version() },
+            "status": {
+                "tokenWindows": windows,
+                "usageFlushes": flushes_with(project.usage_flushes(), replica, flush.sequence),
+            },
+        });
+        api.patch_status(name, &params(), &Patch::Merge(&patch)).await?;
+        Ok(windows)
+    })
+    .await
+}
+
+/// `flushes` with this replica's entry replaced by `sequence`, and entries older than a
+/// day dropped.
+pub(super) fn flushes_with(flushes: &[UsageFlush], replica: &str, sequence: i64) -> Vec<UsageFlush> {
+    const FLUSH_RECORD_TTL: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
+    let now = jiff::Timestamp::now();
+    let mut kept: Vec<UsageFlush> = flushes
+        .iter()
+        .filter(|f| f.replica != replica && now.duration_since(f.at.0) < FLUSH_RECORD_TTL)
+        .cloned()
+        .collect();
+    kept.push(UsageFlush { replica: replica.to_string(), sequence, at: crate::api::micros(now) });
+    kept
+}
+
+/// `object`'s windows with `charges` added to the windows they were made in (usage of
+/// a window already replaced by a later one is dropped), and `limit` and
+/// `remainingTokens` as its spec sets them now.
+pub(super) fn charge<K: Budgeted>(object: &K, charges: &[Charge]) -> Vec<TokenWindow> {
+    let mut windows = object.token_windows().to_vec();
+    for charge in charges {
+        let window =
+            windows.iter_mut().find(|w| w.window == charge.kind && w.start.0.as_microsecond() == charge.start_us);
+        if let Some(window) = window {
+            window.used_tokens += charge.tokens;
+        }
+    }
+    for window in &mut windows {
+        window.limit = limit_of(object, window.window).unwrap_or(window.limit);
+        window.remaining_tokens = (window.limit - window.used_tokens).max(0);
+    }
+    windows
+}
+
+/// The `kind` limit `object`'s spec sets now.
+fn limit_of<K: Budgeted>(object: &K, kind: TokenWindowKind) -> Option<i64> {
+    object.limits()?.token_windows().find(|(k, _)| *k == kind).map(|(_, limit)| limit)
+}
+
+/// The Event on the object whose `kind` window is spent: once per window, from the
+/// replica whose claim found it so.
+pub(super) async fn publish_spent(recorder: &Recorder, object: &ObjectReference, kind: TokenWindowKind, limit: u64) {
+    let whose =
+        if object.kind.as_deref() == Some("Project") { "all tokens of this Project together" } else { "this token" };
+    let retry = match kind {
+        TokenWindowKind::Lifetime => "for good".to_string(),
+        _ => "until the window resets".to_string(),
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "TokenBudgetSpent".into(),
+        note: Some(format!(
+            "limits.{} ({limit} LLM tokens {}, for {whose}) is used up or held by requests in flight; requests are refused {retry}",
+            kind.field(),
+            windows::per(kind),
+        )),
+        action: "RefuseRequests".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, object).await {
+        tracing::warn!(%error, "could not publish event");
+    }
+}
