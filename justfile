@@ -76,6 +76,10 @@ image-local tag="llm-proxy:dev":
 bench: cluster-up
     bash benches/harness.sh
 
+# API-server writes per second of each kind of limit: three proxies, 1,000 req/s on one token.
+bench-writes: cluster-up
+    bash benches/api-writes.sh
+
 # Run the whole system locally and send one request through the proxy.
 demo: build cluster-up
     bash hack/demo.sh up

@@ -321,6 +321,24 @@ async fn the_quickstart_and_the_workflows_work_end_to_end_from_kubectl_apply() {
 
     let patch =
         |file: &str| run_kubectl(&["patch", "project", &project, "--type", "merge", "--patch-file", &path(file)]);
+    // Budgets: the project's, shared by its tokens, and one token's own; both counted.
+    ok(&patch("workflows/project-budget.patch.yaml"), "project budget");
+    let file = path("workflows/token-limits.patch.yaml");
+    let limited =
+        run_kubectl(&["-n", &env.apps, "patch", "proxytoken", "chat-app", "--type", "merge", "--patch-file", &file]);
+    ok(&limited, "token limits");
+    eventually(WAIT, || async {
+        env.chat(&token).await;
+        let project = Api::<Project>::all(env.client.clone()).get_status(&project).await.ok()?;
+        let windows = project.status?.token_windows;
+        let day = windows.iter().find(|w| w.limit == 2_000_000 && w.used_tokens > 0)?;
+        let chat_app =
+            Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps).get_status("chat-app").await.ok()?;
+        let own = chat_app.status?.token_windows;
+        (own.len() == 2 && own.iter().any(|w| w.limit == 500_000 && w.used_tokens == day.used_tokens)).then_some(())
+    })
+    .await;
+
     ok(&patch("workflows/deactivate.patch.yaml"), "deactivate");
     chat("project_inactive").await;
     ok(&patch("workflows/reactivate.patch.yaml"), "reactivate");
@@ -384,6 +402,8 @@ async fn every_example_is_accepted_by_the_api_server() {
         "workflows/reactivate.patch.yaml",
         "workflows/use-new-key-secret.patch.yaml",
         "workflows/revoke-token.patch.yaml",
+        "workflows/project-budget.patch.yaml",
+        "workflows/token-limits.patch.yaml",
     ] {
         let text = std::fs::read_to_string(path(file)).unwrap();
         let patch: Value = serde_yaml::from_str(&text).unwrap();

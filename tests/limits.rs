@@ -594,3 +594,46 @@ async fn a_project_budget_is_shared_by_all_its_tokens_across_replicas() {
     let gauge = format!(r#"llmproxy_project_budget_remaining{{project="{name}",window="Day"}} 0"#);
     assert!(said.iter().any(|metrics| metrics.contains(&gauge)), "{said:?}");
 }
+
+/// A share a replica no longer uses is not lost: a replica idle for 10 s gives its
+/// shares back, so the replica still serving the token can spend the whole budget;
+/// while they are out, its refusals are retryable, and only a budget really used up
+/// is final.
+#[tokio::test]
+async fn an_idle_replica_gives_its_share_back_and_the_budget_is_spent_whole() {
+    const BUDGET: i64 = 1600;
+    const PER_REQUEST: i64 = 16;
+    let mut env = Env::new("idle-share").await;
+    env.start_controller();
+    let ports = [env.proxy_port, support::free_port()];
+    env.start_proxy_as("proxy-a", ports[0], env.proxy_admin_port, &[]).await;
+    env.start_proxy_as("proxy-b", ports[1], support::free_port(), &[]).await;
+    env.create_project("p").await;
+    let mut spec = support::token_spec(&env.scoped("p"));
+    spec.limits = Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() });
+    env.create_token("idle", spec).await;
+    env.wait_token("idle", TokenPhase::Active).await;
+    let secret = env.token_secret("idle").await["token"].clone();
+
+    // proxy-a claims a share of 100 and uses 16 of it, then serves nothing more.
+    assert_eq!(support::burst(&ports[..1], &secret, 1).await[0].0, 200);
+    // proxy-b gets everything else; when the rest is only held, it says retry.
+    let results = support::slow_burst(&ports[1..], &secret, 120, 300).await;
+    let refused: Vec<_> = results.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(!refused.is_empty() && refused.iter().all(|(s, c)| *s == 429 && c == "rate_limit_exceeded"), "{results:?}");
+
+    // Once proxy-a has been idle a while, its share comes back and proxy-b spends it.
+    let (answer, _) = support::eventually(Duration::from_secs(30), || async {
+        let url = format!("http://127.0.0.1:{}/v1/chat/completions", ports[1]);
+        let auth = format!("Bearer {secret}");
+        let body = Some(r#"{"model":"m","messages":[]}"#);
+        let (answer, headers) = support::curl_with_headers("POST", &url, &[("authorization", &auth)], body).await;
+        (answer.error_code() == "token_budget_exceeded").then_some((answer, headers))
+    })
+    .await;
+    assert_eq!(answer.status, 429);
+    let used = env.upstream.requests().len() as i64 * PER_REQUEST;
+    println!("budget {BUDGET}: {used} used after the idle share came back");
+    assert!(used >= BUDGET, "{used} of {BUDGET}: a share was stranded");
+    assert!(used - BUDGET <= 2 * PER_REQUEST, "overrun {}", used - BUDGET);
+}

@@ -30,8 +30,10 @@ struct Share {
     left: i64,
     /// This replica took the last share of the window: what is left is the last of it.
     full: bool,
-    /// The API server said the window is spent.
-    spent: bool,
+    /// Until then (Unix microseconds) the window is spent, as the API server said:
+    /// refused without asking again (then asked again: a share given back, or a
+    /// raised limit, may have made room).
+    spent_until_us: i64,
     /// The limit the share was claimed under: a changed limit may have room again.
     limit: u64,
     /// Until then (Unix microseconds) the rest of the window is held by requests in
@@ -50,6 +52,9 @@ pub(super) struct Charge {
     /// Prompt + completion tokens.
     pub(super) tokens: i64,
 }
+
+/// What is left of a share: its window, the window's start, the tokens.
+pub(super) type Unused = (TokenWindowKind, i64, i64);
 
 /// What [`TokenShares::reserve`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +79,9 @@ pub(super) struct TokenShares {
     recent: std::sync::Mutex<Recent>,
     /// Usage not yet written.
     pending: std::sync::Mutex<Vec<Charge>>,
+    /// The latest reservation, Unix microseconds: shares of a token idle for a while go
+    /// back to the other replicas.
+    last_reserved_us: std::sync::atomic::AtomicI64,
 }
 
 /// How many answers the estimate remembers: enough that a usual request size is
@@ -123,12 +131,13 @@ impl TokenShares {
         limit: u64,
         now_us: i64,
     ) -> Reserve {
+        self.last_reserved_us.fetch_max(now_us, std::sync::atomic::Ordering::Relaxed);
         let mut shares = self.shares.lock().expect("token shares poisoned");
         let share = roll(&mut shares[windows::index(kind)], start_us);
         if share.limit != limit {
             // Raised (or lowered): the API server decides whether there is room.
             if share.limit != 0 {
-                (share.full, share.spent) = (false, false);
+                (share.full, share.spent_until_us) = (false, 0);
             }
             share.limit = limit;
         }
@@ -138,7 +147,7 @@ impl TokenShares {
         if share.left >= estimate || (last && share.left > 0) {
             share.left -= estimate;
             Reserve::Taken { start_us }
-        } else if share.spent {
+        } else if now_us < share.spent_until_us {
             Reserve::Spent { start_us }
         } else if now_us < share.held_until_us {
             Reserve::Held { start_us }
@@ -159,7 +168,20 @@ impl TokenShares {
 
     /// Takes what is left of every share, to give back when the replica stops:
     /// `(window, start, tokens)`.
-    pub(super) fn take_unused(&self) -> Vec<(TokenWindowKind, i64, i64)> {
+    pub(super) fn take_unused(&self) -> Vec<Unused> {
+        self.take_left(true)
+    }
+
+    /// Takes what is left of every share if nothing was reserved since `idle_since_us`:
+    /// other replicas may need it more.
+    pub(super) fn take_idle_since(&self, idle_since_us: i64) -> Vec<Unused> {
+        if self.last_reserved_us.load(std::sync::atomic::Ordering::Relaxed) >= idle_since_us {
+            return Vec::new();
+        }
+        self.take_left(false)
+    }
+
+    fn take_left(&self, last: bool) -> Vec<Unused> {
         let mut shares = self.shares.lock().expect("token shares poisoned");
         let mut unused = Vec::new();
         for kind in windows::KINDS {
@@ -167,7 +189,7 @@ impl TokenShares {
             if share.left > 0 {
                 unused.push((kind, share.start_us, share.left));
                 share.left = 0;
-                share.full = true;
+                share.full |= last;
             }
         }
         unused
@@ -182,13 +204,24 @@ impl TokenShares {
         }
     }
 
-    /// Marks the window spent, as the API server said: refused here until it ends.
-    pub(super) fn mark_spent(&self, kind: TokenWindowKind, start_us: i64) {
+    /// Marks the window spent until `until_us`, as the API server said.
+    pub(super) fn mark_spent(&self, kind: TokenWindowKind, start_us: i64, until_us: i64) {
         let mut shares = self.shares.lock().expect("token shares poisoned");
         let share = roll(&mut shares[windows::index(kind)], start_us);
         if share.start_us == start_us {
-            (share.full, share.spent) = (true, true);
+            (share.full, share.spent_until_us) = (true, until_us);
         }
+    }
+
+    /// Takes what is left of this replica's share of the `kind` window starting at
+    /// `start_us`, to give back while the window is held (other replicas wait for it).
+    pub(super) fn take_idle(&self, kind: TokenWindowKind, start_us: i64) -> i64 {
+        let mut shares = self.shares.lock().expect("token shares poisoned");
+        let share = &mut shares[windows::index(kind)];
+        if share.start_us != start_us || share.left <= 0 {
+            return 0;
+        }
+        std::mem::take(&mut share.left)
     }
 
     /// Ends one part of a reservation: `used` tokens replace the `estimate` reserved
@@ -202,21 +235,18 @@ impl TokenShares {
             }
         }
         if used > 0 {
-            self.pending.lock().expect("token usage poisoned").push(Charge { kind, start_us, tokens: used });
+            // Merged as they come: a flush in doubt may hold the rest back for a while.
+            let mut pending = self.pending.lock().expect("token usage poisoned");
+            match pending.iter_mut().find(|c| c.kind == kind && c.start_us == start_us) {
+                Some(charge) => charge.tokens = charge.tokens.saturating_add(used),
+                None => pending.push(Charge { kind, start_us, tokens: used }),
+            }
         }
     }
 
-    /// The usage not yet written, merged by window.
+    /// The usage not yet written, one charge per window.
     pub(super) fn take_pending(&self) -> Vec<Charge> {
-        let charges = std::mem::take(&mut *self.pending.lock().expect("token usage poisoned"));
-        let mut merged: Vec<Charge> = Vec::with_capacity(charges.len().min(8));
-        for charge in charges {
-            match merged.iter_mut().find(|c| c.kind == charge.kind && c.start_us == charge.start_us) {
-                Some(c) => c.tokens += charge.tokens,
-                None => merged.push(charge),
-            }
-        }
-        merged
+        std::mem::take(&mut *self.pending.lock().expect("token usage poisoned"))
     }
 }
 
@@ -239,14 +269,16 @@ fn roll(share: &mut Share, start_us: i64) -> &mut Share {
 }
 
 /// A request's reservations in the windows of its token and of its Project, settled
-/// when its response ends. Dropped unsettled, it gives the estimates back, or charges
-/// them when the response was one that should have reported usage and did not (a
-/// stream without `stream_options.include_usage`): such a request is never free.
+/// when its response ends: with the usage it reported; with a whole share when it
+/// should have reported usage and did not (a stream without
+/// `stream_options.include_usage`), so leaving usage out never pays; with its
+/// estimate when it was cut short (the client went away). Dropped before any of that
+/// (refused, or an answer that reports no usage), it gives the estimates back.
 #[derive(Default)]
 pub(crate) struct Reservation {
     parts: Vec<Part>,
     settled: bool,
-    charge_unreported: bool,
+    charge_cut: bool,
 }
 
 /// Tokens reserved in one window.
@@ -256,7 +288,7 @@ struct Part {
     start_us: i64,
     estimate: i64,
     /// What an answer that should have reported usage and did not is charged: a whole
-    /// share, so leaving usage out never pays.
+    /// share.
     unreported: i64,
 }
 
@@ -280,9 +312,17 @@ impl Reservation {
         self.parts.is_empty()
     }
 
-    /// From now on, ending without [`Reservation::settle`] charges the estimates.
-    pub(crate) fn charge_if_unreported(&mut self) {
-        self.charge_unreported = true;
+    /// From now on, dropped unsettled (the body was cut short) charges the estimates.
+    pub(crate) fn charge_if_cut(&mut self) {
+        self.charge_cut = true;
+    }
+
+    /// Settles an answer that ended without the usage it should have reported.
+    pub(crate) fn settle_unreported(mut self) {
+        self.settled = true;
+        for part in &self.parts {
+            part.shares.settle(part.kind, part.start_us, part.estimate, part.unreported);
+        }
     }
 
     /// Settles with the `used` tokens the upstream reported.
@@ -306,7 +346,7 @@ impl Drop for Reservation {
             return;
         }
         for part in &self.parts {
-            let used = if self.charge_unreported { part.unreported } else { 0 };
+            let used = if self.charge_cut { part.estimate } else { 0 };
             part.shares.settle(part.kind, part.start_us, part.estimate, used);
         }
     }
@@ -356,8 +396,10 @@ mod tests {
         assert_eq!(shares.reserve(DAY, 100, 16, 800, 0), Reserve::Short { start_us: 100, need: 27 });
         shares.mark_held(DAY, 100, 10);
         assert_eq!(shares.reserve(DAY, 100, 16, 800, 9), Reserve::Held { start_us: 100 });
-        shares.mark_spent(DAY, 100);
+        shares.mark_spent(DAY, 100, 20);
         assert_eq!(shares.reserve(DAY, 100, 16, 800, 11), Reserve::Spent { start_us: 100 });
+        // Asked again later: a share given back may have made room.
+        assert_eq!(shares.reserve(DAY, 100, 16, 800, 21), Reserve::Short { start_us: 100, need: 27 });
         last.settle(16);
         assert_eq!(shares.shares.lock().unwrap()[1].left, -11, "overrun by what the share lacked");
         // A new window starts from nothing.
@@ -365,16 +407,22 @@ mod tests {
     }
 
     #[test]
-    fn a_response_that_should_report_usage_and_does_not_is_charged_a_whole_share() {
+    fn an_answer_without_usage_is_charged_a_whole_share_and_a_cut_one_its_estimate() {
         let shares = Arc::new(TokenShares::default());
         shares.grant(DAY, 100, 100, false);
         reserve_all(&shares, 1).settle(30);
         let mut stream = reserve_all(&shares, 30);
-        stream.charge_if_unreported();
-        drop(stream);
+        stream.charge_if_cut();
+        stream.settle_unreported();
         // 800 / 16: leaving usage out never costs less than reporting it.
         assert_eq!(shares.take_pending(), [Charge { kind: DAY, start_us: 100, tokens: 30 + 50 }]);
         assert_eq!(shares.shares.lock().unwrap()[1].left, 100 - 30 - 50);
+        // A body cut short (the client went away) is charged what it reserved.
+        shares.grant(DAY, 100, 100, false);
+        let mut cut = reserve_all(&shares, 30);
+        cut.charge_if_cut();
+        drop(cut);
+        assert_eq!(shares.take_pending(), [Charge { kind: DAY, start_us: 100, tokens: 30 }]);
     }
 
     #[test]
@@ -389,7 +437,7 @@ mod tests {
         assert_eq!(shares.estimate(800), 5000);
         shares.learn(10);
         assert_eq!(shares.estimate(800), 10, "forgotten after sixteen more");
-        shares.mark_spent(DAY, 100);
+        shares.mark_spent(DAY, 100, 10);
         assert_eq!(shares.reserve(DAY, 100, 50, 800, 0), Reserve::Spent { start_us: 100 });
         assert_eq!(shares.reserve(DAY, 100, 50, 8000, 0), Reserve::Short { start_us: 100, need: 50 });
     }
@@ -399,7 +447,8 @@ mod tests {
         let shares = Arc::new(TokenShares::default());
         shares.grant(DAY, 100, 40, false);
         let _in_flight = reserve_all(&shares, 16);
-        assert_eq!(shares.take_unused(), [(DAY, 100, 24)]);
+        assert!(shares.take_idle_since(0).is_empty(), "reserved at 0: not idle since then");
+        assert_eq!(shares.take_idle_since(1), [(DAY, 100, 24)]);
         assert!(shares.take_unused().is_empty());
     }
 

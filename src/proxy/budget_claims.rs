@@ -163,7 +163,8 @@ async fn claim_in<K: Budgeted>(
         let outcome = if left > 0 {
             let tokens = need.max(share_size(limit)).min(left);
             window.claimed_tokens += tokens;
-            window.held_since = None;
+            // Room again (a share given back, a raised limit): neither held nor spent.
+            (window.held_since, window.spent_at) = (None, None);
             TokenClaim::Granted { tokens, last: tokens == left }
         } else if window.used_tokens < limit && !held_too_long {
             if window.held_since.is_some() {

@@ -2,7 +2,8 @@
 //! from a response body as it streams past, without buffering it.
 //!
 //! In: the upstream body's frames. Out: the same frames, unchanged and undelayed, and at
-//! the end of the body one call of the `on_usage` callback. Only a bounded tail of the
+//! the end of the body one call of the `on_usage` callback, with the usage if the body
+//! had one (a body cut short calls nothing). Only a bounded tail of the
 //! body is kept — its last frames, shared with the response rather than copied: a JSON
 //! response's usage object and a stream's final chunk are both at the end.
 
@@ -27,7 +28,7 @@ pub(crate) struct TokenUsage {
 }
 
 /// A body that passes frames through and reports usage at its end.
-pub(crate) struct UsageTap<B, F: FnOnce(TokenUsage)> {
+pub(crate) struct UsageTap<B, F: FnOnce(Option<TokenUsage>)> {
     inner: B,
     /// The last frames; all but the oldest fit in [`TAIL`] bytes.
     tail: VecDeque<Bytes>,
@@ -36,8 +37,9 @@ pub(crate) struct UsageTap<B, F: FnOnce(TokenUsage)> {
     on_usage: Option<F>,
 }
 
-impl<B, F: FnOnce(TokenUsage)> UsageTap<B, F> {
-    /// Wraps `inner`; `on_usage` runs once, when the body ends with a usage object.
+impl<B, F: FnOnce(Option<TokenUsage>)> UsageTap<B, F> {
+    /// Wraps `inner`; `on_usage` runs once, when the body ends, with its usage object if
+    /// it has one.
     pub(crate) fn new(inner: B, on_usage: F) -> Self {
         Self { inner, tail: VecDeque::new(), newer_len: 0, on_usage: Some(on_usage) }
     }
@@ -65,16 +67,14 @@ impl<B, F: FnOnce(TokenUsage)> UsageTap<B, F> {
             1 => find_usage(&tail[0]),
             _ => find_usage(&tail.iter().flat_map(|frame| frame.iter().copied()).collect::<Vec<u8>>()),
         };
-        if let Some(usage) = usage {
-            report(usage);
-        }
+        report(usage);
     }
 }
 
 impl<B, F> Body for UsageTap<B, F>
 where
     B: Body<Data = Bytes> + Unpin,
-    F: FnOnce(TokenUsage) + Unpin,
+    F: FnOnce(Option<TokenUsage>) + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -186,7 +186,7 @@ mod tests {
             assert!(tap.newer_len <= TAIL, "the kept tail grew to {} bytes", tap.newer_len);
         }
         assert_eq!(forwarded, body, "frames pass through unchanged");
-        assert_eq!(report.try_recv(), Ok(TokenUsage { prompt: 21, completion: 4 }));
+        assert_eq!(report.try_recv(), Ok(Some(TokenUsage { prompt: 21, completion: 4 })));
     }
 
     #[test]

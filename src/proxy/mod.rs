@@ -156,11 +156,19 @@ impl Proxy {
                 drop(reservation);
                 return guarded.boxed();
             }
+            // A body cut short (the client went away) is charged what it reserved.
             let mut reservation = reservation;
             if let Some(reservation) = &mut reservation {
-                reservation.charge_if_unreported();
+                reservation.charge_if_cut();
             }
-            llm_usage::UsageTap::new(guarded, move |usage: llm_usage::TokenUsage| {
+            llm_usage::UsageTap::new(guarded, move |usage: Option<llm_usage::TokenUsage>| {
+                let Some(usage) = usage else {
+                    // Ended without usage: a stream without `include_usage`.
+                    if let Some(reservation) = reservation {
+                        reservation.settle_unreported();
+                    }
+                    return;
+                };
                 if let Some(reservation) = reservation {
                     reservation.settle(usage.prompt.saturating_add(usage.completion));
                 }

@@ -37,7 +37,7 @@ use serde_json::json;
 
 use kube::runtime::events::{Recorder, Reporter};
 
-use super::budget::{Charge, Reservation, Reserve, TokenShares};
+use super::budget::{Charge, Reservation, Reserve, TokenShares, Unused};
 use super::budget_claims::{self, Owner, TokenClaim, WindowFlush};
 use super::error::Whose;
 use super::{ProxyError, Refused};
@@ -130,6 +130,14 @@ enum WindowClaim {
     Unavailable,
 }
 
+/// How long a token (or Project) may go without a request on a replica before the
+/// replica gives its unused shares back, for the replicas that still serve it.
+const IDLE_RELEASE_US: i64 = 10_000_000;
+
+/// How long a replica refuses a spent window before asking the API server again (a
+/// share given back or a raised limit may have made room).
+const SPENT_RECHECK_US: i64 = 10_000_000;
+
 /// A Project's LLM-token windows on this replica: the limits all its tokens share.
 struct ProjectCounter {
     name: String,
@@ -147,7 +155,7 @@ pub(crate) struct Quota {
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
     counters: RwLock<HashMap<TokenHash, Arc<Counter>, BuildHasherDefault<DigestHasher>>>,
-    /// Projects with token limits, by name.
+    /// Projects with token limits, by `metadata.uid`.
     projects: RwLock<HashMap<Arc<str>, Arc<ProjectCounter>>>,
     /// One flush at a time: the final flush at shutdown must not return while a
     /// periodic one still holds counts it took.
@@ -197,7 +205,7 @@ impl Quota {
             self.reserve_tokens(&owner, shares, limits, now_us, Whose::Token, &mut reservation).await?;
         }
         if !route.project.token_limits.is_empty() {
-            let project = self.project_counter(&route.project.name);
+            let project = self.project_counter(&route.project.uid, &route.project.name);
             let owner = Owner::Project { name: project.name.clone() };
             let (shares, limits) = (&project.tokens, route.project.token_limits);
             self.reserve_tokens(&owner, shares, limits, now_us, Whose::Project, &mut reservation).await?;
@@ -306,8 +314,10 @@ impl Quota {
         Ok(())
     }
 
-    fn project_counter(&self, name: &Arc<str>) -> Arc<ProjectCounter> {
-        if let Some(project) = self.projects.read().expect("usage map poisoned").get(name) {
+    /// The counter of the Project object `uid` (a Project deleted and created again
+    /// under its name is another object, with windows of its own).
+    fn project_counter(&self, uid: &Arc<str>, name: &str) -> Arc<ProjectCounter> {
+        if let Some(project) = self.projects.read().expect("usage map poisoned").get(uid) {
             return project.clone();
         }
         let mut projects = self.projects.write().expect("usage map poisoned");
@@ -318,7 +328,7 @@ impl Quota {
                 in_doubt: std::sync::Mutex::new(None),
             })
         };
-        projects.entry(name.clone()).or_insert_with(new).clone()
+        projects.entry(uid.clone()).or_insert_with(new).clone()
     }
 
     fn counter(&self, hash: TokenHash, route: &Route) -> Arc<Counter> {
@@ -386,7 +396,10 @@ impl Quota {
                 let (claimed, stored) = budget_claims::claim(client, &owner, kind, limit, start_us, need).await;
                 match claimed {
                     TokenClaim::Granted { tokens, last } => shares.grant(kind, start_us, tokens, last),
-                    TokenClaim::Spent { .. } => shares.mark_spent(kind, start_us),
+                    TokenClaim::Spent { .. } => {
+                        let until_us = jiff::Timestamp::now().as_microsecond() + SPENT_RECHECK_US;
+                        shares.mark_spent(kind, start_us, until_us);
+                    }
                     // Asked again after a second, not on every request meanwhile.
                     TokenClaim::Held => {
                         let until_us = jiff::Timestamp::now().as_microsecond() + 1_000_000;
@@ -433,6 +446,7 @@ impl Quota {
                 Ok(windows) => {
                     let owner = Owner::Token { namespace: counter.namespace.clone(), name: counter.name.clone() };
                     report_remaining(&self.metrics, &owner, &windows);
+                    self.release_held(&owner, &counter.tokens, &windows).await;
                 }
                 Err(error) => {
                     // Written or not, nobody can tell yet: the retry finds out.
@@ -454,11 +468,62 @@ impl Quota {
             };
             match budget_claims::flush_project(client.clone(), &project.name, &self.replica, &flush).await {
                 Ok(windows) => {
-                    report_remaining(&self.metrics, &Owner::Project { name: project.name.clone() }, &windows)
+                    let owner = Owner::Project { name: project.name.clone() };
+                    report_remaining(&self.metrics, &owner, &windows);
+                    self.release_held(&owner, &project.tokens, &windows).await;
                 }
                 Err(error) => {
                     *project.in_doubt.lock().expect("flush state poisoned") = Some(flush);
                     tracing::warn!(%error, project = %project.name, "writing usage failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Gives back the shares of tokens and Projects this replica has not served for
+    /// [`IDLE_RELEASE_US`]: without it, a replica that stopped getting a token's
+    /// requests would keep part of its windows from the replicas that still do.
+    async fn release_idle(&self) {
+        let idle_since = jiff::Timestamp::now().as_microsecond() - IDLE_RELEASE_US;
+        let mut idle: Vec<(Owner, Vec<Unused>)> = Vec::new();
+        for counter in self.counters.read().expect("usage map poisoned").values() {
+            let owner = || Owner::Token { namespace: counter.namespace.clone(), name: counter.name.clone() };
+            match counter.tokens.take_idle_since(idle_since) {
+                unused if unused.is_empty() => {}
+                unused => idle.push((owner(), unused)),
+            }
+        }
+        for project in self.projects.read().expect("usage map poisoned").values() {
+            match project.tokens.take_idle_since(idle_since) {
+                unused if unused.is_empty() => {}
+                unused => idle.push((Owner::Project { name: project.name.clone() }, unused)),
+            }
+        }
+        self.give_back_shares(idle).await;
+    }
+
+    /// Gives each owner's unused shares back.
+    async fn give_back_shares(&self, unused: Vec<(Owner, Vec<Unused>)>) {
+        for (owner, shares) in unused {
+            for (kind, start_us, tokens) in shares {
+                if let Err(error) = budget_claims::give_back(self.client.clone(), &owner, kind, start_us, tokens).await
+                {
+                    tracing::warn!(%error, ?owner, "giving an unused share back failed");
+                }
+            }
+        }
+    }
+
+    /// Gives back this replica's idle share of every window in `windows` that is held:
+    /// other replicas are refusing for want of it.
+    async fn release_held(&self, owner: &Owner, shares: &TokenShares, windows: &[TokenWindow]) {
+        for window in windows.iter().filter(|w| w.held_since.is_some()) {
+            let start_us = window.start.0.as_microsecond();
+            let idle = shares.take_idle(window.window, start_us);
+            if idle > 0 {
+                let given = budget_claims::give_back(self.client.clone(), owner, window.window, start_us, idle).await;
+                if let Err(error) = given {
+                    tracing::warn!(%error, ?owner, "giving an idle share back failed");
                 }
             }
         }
@@ -484,13 +549,7 @@ impl Quota {
         for project in projects {
             unused_shares.push((Owner::Project { name: project.name.clone() }, project.tokens.take_unused()));
         }
-        for (owner, unused) in unused_shares {
-            for (kind, start_us, tokens) in unused {
-                if let Err(error) = budget_claims::give_back(client.clone(), &owner, kind, start_us, tokens).await {
-                    tracing::warn!(%error, ?owner, "giving an unused share back failed");
-                }
-            }
-        }
+        self.give_back_shares(unused_shares).await;
     }
 }
 
@@ -652,7 +711,7 @@ async fn give_back(client: &Client, counter: &Counter, unused: i64) -> Result<()
     .await
 }
 
-/// Flushes `usage` every `interval` until the process ends.
+/// Flushes `usage` every `interval` until the process ends, and gives idle shares back.
 pub(crate) fn spawn_flusher(quota: Arc<Quota>, interval: Duration) {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
@@ -660,6 +719,7 @@ pub(crate) fn spawn_flusher(quota: Arc<Quota>, interval: Duration) {
         loop {
             ticker.tick().await;
             quota.flush().await;
+            quota.release_idle().await;
         }
     });
 }

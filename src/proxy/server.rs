@@ -387,6 +387,9 @@ where
                 };
                 serve(listener, handler, stop, drain, connections).await;
             });
+            // Connections cut at the drain deadline live in this runtime: dropping it
+            // settles their reservations before the final flush, which waits for this.
+            drop(runtime);
             let _ = done.send(());
         })?;
     }
