@@ -132,7 +132,7 @@ fn respond(
     match parts.uri.path() {
         "/v1/models" => json(
             StatusCode::OK,
-            r#"{"object":"list","data":[{"id":"fake-model","object":"model","created":0,"owned_by":"fake"}]}"#,
+            r#"{"object":"list","data":[{"id":"fake-model","object":"model","created":0,"owned_by":"fake"},{"id":"gpt-4o-mini","object":"model","created":0,"owned_by":"fake"},{"id":"gpt-4o","object":"model","created":0,"owned_by":"fake"},{"id":"text-embedding-3-large","object":"model","created":0,"owned_by":"fake"}]}"#,
         ),
         _ if is_stream(body) => stream(
             header_num(&parts.headers, "x-fake-chunks", 5),

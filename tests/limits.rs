@@ -137,6 +137,30 @@ except openai.PermissionDeniedError as e:
 "#;
     let (said, stderr) = env.sdk(script, &narrow).await;
     assert!(said.starts_with("403 model_not_allowed") && said.contains(r#""gpt-4o""#), "{said}{stderr}");
+
+    // Listings offer only what both lists allow (the upstream lists four models); the
+    // SDK asks for a compressed answer and still gets the narrowed one.
+    let listed = |token: String| {
+        let url = format!("{}/v1/models", env.proxy_url());
+        async move {
+            let answer = curl("GET", &url, &[("authorization", &format!("Bearer {token}"))], None).await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+            let ids: Vec<String> = answer.json()["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect();
+            ids
+        }
+    };
+    assert_eq!(listed(narrow.clone()).await, ["gpt-4o-mini"]);
+    assert_eq!(listed(open.clone()).await, ["gpt-4o-mini", "text-embedding-3-large"]);
+    let script = "import openai\nprint([m.id for m in openai.OpenAI().models.list()])\n";
+    let (said, stderr) = env.sdk(script, &narrow).await;
+    assert_eq!(said.trim(), "['gpt-4o-mini']", "{stderr}");
+    let forwarded = env.upstream.last_request().unwrap();
+    assert_eq!(forwarded.header("accept-encoding"), None, "asked uncompressed, to be read");
 }
 
 #[tokio::test]

@@ -269,17 +269,20 @@ pub(crate) fn transition_events(
     if (old == Some(verdict.phase) && !minted_now) || verdict.reason == PROPAGATING {
         return Vec::new();
     }
+    let issued = Audit::normal("Issued", "Mint", format!("Token minted into Secret {secret_name}"));
     let audit = match verdict.phase {
-        _ if minted_now => Audit::normal("Issued", "Mint", format!("Token minted into Secret {secret_name}")),
-        TokenPhase::Active => Audit::normal("Usable", "Reconcile", "Token usable again"),
+        // A token can end while its Secret waits for the replicas (a short duration, a
+        // revocation): both are part of its history.
         TokenPhase::Revoked => Audit::normal("Revoked", "Revoke", verdict.message.clone()),
         TokenPhase::Expired => Audit::normal("Expired", "Expire", verdict.message.clone()),
         TokenPhase::Exhausted => Audit::warning("Exhausted", "Count", verdict.message.clone()),
+        _ if minted_now => return vec![issued],
+        TokenPhase::Active => Audit::normal("Usable", "Reconcile", "Token usable again"),
         TokenPhase::ProjectInactive | TokenPhase::Rejected | TokenPhase::Pending => {
             Audit::warning(verdict.reason, "Reconcile", verdict.message.clone())
         }
     };
-    vec![audit]
+    if minted_now { vec![issued, audit] } else { vec![audit] }
 }
 
 /// How often a token waiting for the replicas is looked at without a new report.

@@ -138,10 +138,10 @@ async fn claim_in<K: Budgeted>(
         let at = windows.iter().position(|w| w.window == kind);
         let mut window = match at.map(|i| &windows[i]) {
             Some(w) if w.start.0.as_microsecond() == start_us => w.clone(),
-            // A later window is stored: this one is over for the cluster (as for minutes).
-            Some(w) if w.start.0.as_microsecond() > start_us => {
-                return Ok((TokenClaim::Spent { first: false }, stored(&object)));
-            }
+            // A later window is stored: this request's is over for the cluster (it came
+            // slowly, or this replica's clock is behind). Never moved back; the request
+            // is asked to retry, and counts in the new window then.
+            Some(w) if w.start.0.as_microsecond() > start_us => return Ok((TokenClaim::Held, stored(&object))),
             _ => TokenWindow {
                 window: kind,
                 start: Time(start),

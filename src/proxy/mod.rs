@@ -8,6 +8,7 @@ mod budget;
 mod budget_claims;
 mod error;
 mod forward;
+mod listing;
 pub(crate) mod llm_usage;
 mod model;
 pub(crate) mod paths;
@@ -116,7 +117,17 @@ impl Proxy {
                     _ => "upstream_5xx",
                 };
                 let counted = paths::reports_usage(&method, &path) && response.status().is_success();
-                (self.tap_usage(response, &route, reservation, counted), Some(route), outcome, Some(upstream_time))
+                if method == hyper::Method::GET && path == "/v1/models" && listing::limited(&route) {
+                    match listing::narrow(response, &route).await {
+                        Ok(response) => (response, Some(route), outcome, Some(upstream_time)),
+                        Err(refused) => {
+                            let code = refused.error.code();
+                            (refused.into_response(), Some(route), code, Some(upstream_time))
+                        }
+                    }
+                } else {
+                    (self.tap_usage(response, &route, reservation, counted), Some(route), outcome, Some(upstream_time))
+                }
             }
             Err((refused, route)) => {
                 let code = refused.error.code();
@@ -207,6 +218,10 @@ impl Proxy {
             Err(refusal) => return Err((refusal, Some(route))),
         };
         // Now, not when the headers came: the model check may have waited for the body.
+        let mut request = request;
+        if request.method() == hyper::Method::GET && request.uri().path() == "/v1/models" && listing::limited(&route) {
+            listing::prepare(&mut request);
+        }
         let reservation = match self.quota.admit(hash, &route, now_us()).await {
             Ok(reservation) => reservation,
             Err(error) => return Err((error, Some(route))),

@@ -201,6 +201,11 @@ fn events_follow_phase_changes() {
     let refused = Verdict::new(TokenPhase::ProjectInactive, "ProjectInactive", INACTIVE_PROJECT_MESSAGE);
     let events = transition_events(None, &refused, "web", false);
     assert!(events[0].warning && events[0].note == INACTIVE_PROJECT_MESSAGE);
+    // A short token that expired while its Secret waited for the replicas: both show.
+    let expired = Verdict::new(TokenPhase::Expired, "Expired", "past expiresAt");
+    let reasons: Vec<_> =
+        transition_events(Some(TokenPhase::Pending), &expired, "web", true).into_iter().map(|e| e.reason).collect();
+    assert_eq!(reasons, ["Issued", "Expired"]);
 }
 
 #[test]
