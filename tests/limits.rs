@@ -661,3 +661,43 @@ async fn an_idle_replica_gives_its_share_back_and_the_budget_is_spent_whole() {
     assert!(used >= BUDGET, "{used} of {BUDGET}: a share was stranded");
     assert!(used - BUDGET <= 2 * PER_REQUEST, "overrun {}", used - BUDGET);
 }
+
+/// `requestsPerMinute` on a Project holds for all its tokens together, over two proxy
+/// processes: never more in a minute, and the refusal names the Project's limit.
+#[tokio::test]
+async fn a_project_minute_is_shared_by_all_its_tokens_across_replicas() {
+    let mut env = Env::new("prpm").await;
+    env.start_controller();
+    env.start_proxy().await;
+    let ports = env.start_second_proxy().await;
+    let mut project = env.project("p");
+    env.put_key("p-key", support::TEST_KEY, "p").await;
+    project.spec.limits = Some(Limits { requests_per_minute: Some(20), ..Limits::default() });
+    Api::<Project>::all(env.client.clone()).create(&PostParams::default(), &project).await.unwrap();
+    let mut secrets = Vec::new();
+    for token in ["a", "b"] {
+        env.create_token(token, support::token_spec(&env.scoped("p"))).await;
+        env.wait_token(token, TokenPhase::Active).await;
+        secrets.push(env.token_secret(token).await["token"].clone());
+    }
+    wait_for_second(0..45).await;
+    let (a, b) = tokio::join!(support::burst(&ports, &secrets[0], 30), support::burst(&ports, &secrets[1], 30));
+    let results: Vec<_> = a.into_iter().chain(b).collect();
+    assert_eq!(results.iter().filter(|(s, _)| *s == 200).count(), 20, "{results:?}");
+    assert!(
+        results.iter().filter(|(s, _)| *s != 200).all(|(s, c)| *s == 429 && c == "rate_limit_exceeded"),
+        "{results:?}"
+    );
+    let auth = format!("Bearer {}", secrets[1]);
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", ports[0]);
+    let answer = curl("POST", &url, &[("authorization", &auth)], Some(r#"{"model":"m","messages":[]}"#)).await;
+    assert!(
+        answer
+            .body
+            .contains("the Project of this token may receive 20 requests per minute from all its tokens together"),
+        "{}",
+        answer.body
+    );
+    let stored = Api::<Project>::all(env.client.clone()).get_status(&env.scoped("p")).await.unwrap();
+    assert_eq!(stored.status.unwrap().current_minute.map(|w| w.claimed_requests), Some(20));
+}

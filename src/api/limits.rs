@@ -27,7 +27,8 @@ pub struct Limits {
 
     /// Most requests in one calendar minute (UTC), over every proxy replica together:
     /// never more. Beyond it, 429 `rate_limit_exceeded` with OpenAI's rate-limit
-    /// headers and `Retry-After` (the SDKs wait and retry). On ProxyTokens only, so far.
+    /// headers and `Retry-After` (the SDKs wait and retry). On a Project, for all its
+    /// tokens together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000_000))]
     pub requests_per_minute: Option<i64>,

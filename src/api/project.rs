@@ -61,8 +61,6 @@ pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
 #[x_kube(validation = Rule::new(
     "!has(oldSelf.tokensNotBefore) || (has(self.tokensNotBefore) && self.tokensNotBefore >= oldSelf.tokensNotBefore)"
 ).message("tokensNotBefore cannot be removed or moved back: a bulk revocation is permanent"))]
-#[x_kube(validation = Rule::new("!has(self.limits) || !has(self.limits.requestsPerMinute)")
-    .message("limits.requestsPerMinute is set per ProxyToken: a Project-wide window is not supported yet"))]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectSpec {
     /// Human name shown in listings, e.g. "Production API".
@@ -177,6 +175,10 @@ pub struct ProjectStatus {
     /// The `spec.tokensNotBefore` the controller has acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_not_before: Option<MicroTime>,
+    /// With `limits.requestsPerMinute`: the latest minute a request was admitted in, for
+    /// all the Project's tokens together, and the requests proxy replicas reserved in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_minute: Option<super::RequestWindow>,
     /// With token limits in `spec.limits`: each window's usage by all the Project's
     /// tokens together, what is left, and the shares proxy replicas reserved (written
     /// by the proxies).

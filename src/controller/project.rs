@@ -136,6 +136,7 @@ pub(crate) fn decide(o: &Observed) -> Decision {
         // Usage: the proxies write it, the controller never owns it.
         token_windows: Vec::new(),
         usage_flushes: Vec::new(),
+        current_minute: None,
     };
     let events = events(&old, &status, first_time, o);
     Decision { status, events, waiting }
@@ -271,8 +272,12 @@ pub(crate) async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Resul
     };
     let decision = decide(&observed);
     // Usage is the proxies' to write: compare without it.
-    let comparable =
-        project.status.clone().map(|s| ProjectStatus { token_windows: Vec::new(), usage_flushes: Vec::new(), ..s });
+    let comparable = project.status.clone().map(|s| ProjectStatus {
+        token_windows: Vec::new(),
+        usage_flushes: Vec::new(),
+        current_minute: None,
+        ..s
+    });
     if comparable.as_ref() != Some(&decision.status) {
         let patch = json!({
             "apiVersion": Project::api_version(&()),

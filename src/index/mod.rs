@@ -67,6 +67,7 @@ struct ProjectEntry {
     grant: Option<AllowedNamespaces>,
     models: Option<ModelAllowlist>,
     token_limits: crate::windows::TokenLimits,
+    requests_per_minute: Option<u64>,
 }
 
 /// A key Secret as the index keeps it: which projects it is bound to, and its data.
@@ -223,6 +224,7 @@ impl Index {
                     grant: p.grant.clone(),
                     models: p.models.clone(),
                     token_limits: p.token_limits,
+                    requests_per_minute: p.requests_per_minute,
                 };
                 (name.clone(), Arc::new(route))
             })
@@ -304,6 +306,7 @@ impl Index {
             grant: p.spec.allowed_namespaces.clone(),
             models: allowlist(p.spec.limits.as_ref()),
             token_limits: crate::windows::TokenLimits::of(p.spec.limits.as_ref()),
+            requests_per_minute: p.spec.limits.as_ref().and_then(|l| l.requests_per_minute).map(|r| r.max(1) as u64),
         };
         self.projects.insert(Arc::from(p.name_any()), entry);
     }

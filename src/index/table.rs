@@ -67,6 +67,15 @@ pub struct ProjectRoute {
     pub models: Option<ModelAllowlist>,
     /// `spec.limits.tokensPer*` and `lifetimeTokens`, for all its tokens together.
     pub token_limits: TokenLimits,
+    /// `spec.limits.requestsPerMinute`, for all its tokens together.
+    pub requests_per_minute: Option<u64>,
+}
+
+impl ProjectRoute {
+    /// Whether it limits its tokens' requests together (windows the proxies account).
+    pub fn has_limits(&self) -> bool {
+        !self.token_limits.is_empty() || self.requests_per_minute.is_some()
+    }
 }
 
 /// Why a request is refused before it goes upstream.

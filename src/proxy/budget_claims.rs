@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::budget::{Charge, share_size};
 use super::quota::{params, retry_on_conflict};
-use crate::api::{Limits, Project, ProxyToken, TokenWindow, TokenWindowKind, UsageFlush};
+use crate::api::{Limits, Project, ProxyToken, RequestWindow, TokenWindow, TokenWindowKind, UsageFlush};
 use crate::windows;
 
 /// Whose windows: a ProxyToken's own, or a Project's, shared by all its tokens.
@@ -53,6 +53,15 @@ pub(super) struct WindowFlush {
     pub(super) tokens: Vec<Charge>,
 }
 
+/// Why a block of a minute's requests could not be claimed.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum WindowClaim {
+    /// The minute's requests are all claimed.
+    Full,
+    /// The API server could not be written.
+    Unavailable,
+}
+
 /// What the window accounting reads of a ProxyToken or a Project.
 pub(super) trait Budgeted:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
@@ -63,6 +72,8 @@ pub(super) trait Budgeted:
     fn token_windows(&self) -> &[TokenWindow];
     /// `status.usageFlushes`.
     fn usage_flushes(&self) -> &[UsageFlush];
+    /// `status.currentMinute`.
+    fn current_minute(&self) -> Option<&RequestWindow>;
 }
 
 impl Budgeted for ProxyToken {
@@ -75,6 +86,9 @@ impl Budgeted for ProxyToken {
     fn usage_flushes(&self) -> &[UsageFlush] {
         self.status.as_ref().map_or(&[], |s| &s.usage_flushes)
     }
+    fn current_minute(&self) -> Option<&RequestWindow> {
+        self.status.as_ref()?.current_minute.as_ref()
+    }
 }
 
 impl Budgeted for Project {
@@ -86,6 +100,9 @@ impl Budgeted for Project {
     }
     fn usage_flushes(&self) -> &[UsageFlush] {
         self.status.as_ref().map_or(&[], |s| &s.usage_flushes)
+    }
+    fn current_minute(&self) -> Option<&RequestWindow> {
+        self.status.as_ref()?.current_minute.as_ref()
     }
 }
 
@@ -201,6 +218,59 @@ async fn claim_in<K: Budgeted>(
         },
         |(outcome, stored)| (outcome, Some(stored)),
     )
+}
+
+/// Raises `owner`'s claims of the minute starting at `minute_us` by one block, with a
+/// resourceVersion precondition; a status still on an earlier minute starts the new
+/// one from nothing, and one already on a later minute refuses (minutes never go back).
+pub(super) async fn claim_minute(
+    client: Client,
+    owner: &Owner,
+    limit: u64,
+    minute_us: i64,
+) -> Result<i64, WindowClaim> {
+    match owner {
+        Owner::Token { namespace, name } => {
+            claim_minute_in(Api::<ProxyToken>::namespaced(client, namespace), name, limit, minute_us).await
+        }
+        Owner::Project { name } => claim_minute_in(Api::<Project>::all(client), name, limit, minute_us).await,
+    }
+}
+
+async fn claim_minute_in<K: Budgeted>(api: Api<K>, name: &str, limit: u64, minute_us: i64) -> Result<i64, WindowClaim> {
+    let start = jiff::Timestamp::from_microsecond(minute_us).map_err(|_| WindowClaim::Unavailable)?;
+    let claimed = retry_on_conflict(|| async {
+        let object = api.get_status(name).await?;
+        let limit = object.limits().and_then(|l| l.requests_per_minute).unwrap_or(limit as i64);
+        // A later minute is stored: this request's minute is over for the cluster (a
+        // slow request, or this replica's clock behind another's). Never move it back.
+        let claimed = match object.current_minute() {
+            Some(w) if w.start.0.as_microsecond() > minute_us => return Ok(Err(WindowClaim::Full)),
+            Some(w) if w.start.0.as_microsecond() == minute_us => w.claimed_requests,
+            _ => 0,
+        };
+        let remaining = limit - claimed;
+        if remaining <= 0 {
+            return Ok(Err(WindowClaim::Full));
+        }
+        let block = super::quota::block_size(limit).min(remaining);
+        let window = RequestWindow { start: Time(start), claimed_requests: claimed + block };
+        let patch = json!({
+            "metadata": { "resourceVersion": object.resource_version() },
+            "status": { "currentMinute": window },
+        });
+        let patched = api.patch_status(name, &params(), &Patch::Merge(&patch)).await?;
+        if patched.current_minute() != Some(&window) {
+            tracing::error!("status.currentMinute was not stored: update the CRDs (crds/llmproxy.io.yaml)");
+            return Ok(Err(WindowClaim::Unavailable));
+        }
+        Ok(Ok(block))
+    })
+    .await;
+    claimed.unwrap_or_else(|error| {
+        tracing::warn!(%error, name, "claiming a minute's requests failed");
+        Err(WindowClaim::Unavailable)
+    })
 }
 
 /// Lowers `owner`'s claims in the `kind` window starting at `start_us` by `unused`

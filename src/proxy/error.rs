@@ -299,12 +299,17 @@ impl Refused {
         Self { error, detail: Some(message), headers: Vec::new() }
     }
 
-    /// A full request-rate window of `limit` requests a minute, `retry_in` seconds
-    /// before it ends, with OpenAI's rate-limit headers and `Retry-After`.
-    pub(crate) fn rate_limited(limit: u64, retry_in: u64) -> Self {
-        let message = format!(
-            "Rate limit reached: this token may send {limit} requests per minute (spec.limits.requestsPerMinute), over every proxy replica. The next minute starts in {retry_in} s."
-        );
+    /// A full request-rate window of `limit` requests a minute (`whose`), `retry_in`
+    /// seconds before it ends, with OpenAI's rate-limit headers and `Retry-After`.
+    pub(crate) fn rate_limited(whose: Whose, limit: u64, retry_in: u64) -> Self {
+        let who = match whose {
+            Whose::Token => format!("this token may send {limit} requests per minute (spec.limits.requestsPerMinute)"),
+            Whose::Project => format!(
+                "the Project of this token may receive {limit} requests per minute from all its tokens together (the Project's spec.limits.requestsPerMinute)"
+            ),
+        };
+        let message =
+            format!("Rate limit reached: {who}, over every proxy replica. The next minute starts in {retry_in} s.");
         let headers = vec![
             ("retry-after", retry_in.to_string()),
             ("x-ratelimit-limit-requests", limit.to_string()),

@@ -38,7 +38,7 @@ use serde_json::json;
 use kube::runtime::events::{Recorder, Reporter};
 
 use super::budget::{Charge, Reservation, Reserve, TokenShares, Unused};
-use super::budget_claims::{self, Owner, TokenClaim, WindowFlush};
+use super::budget_claims::{self, Owner, TokenClaim, WindowClaim, WindowFlush};
 use super::error::Whose;
 use super::{ProxyError, Refused};
 use crate::api::{ProxyToken, TokenWindow, TokenWindowKind};
@@ -121,15 +121,6 @@ struct Window {
 
 const MINUTE_US: i64 = 60_000_000;
 
-/// Why a minute's block could not be claimed.
-#[derive(Debug, PartialEq, Eq)]
-enum WindowClaim {
-    /// The minute's requests are all claimed.
-    Full,
-    /// The API server could not be written.
-    Unavailable,
-}
-
 /// How long a token (or Project) may go without a request on a replica before the
 /// replica gives its unused shares back, for the replicas that still serve it.
 const IDLE_RELEASE_US: i64 = 10_000_000;
@@ -141,6 +132,8 @@ const SPENT_RECHECK_US: i64 = 10_000_000;
 /// A Project's LLM-token windows on this replica: the limits all its tokens share.
 struct ProjectCounter {
     name: String,
+    /// This replica's share of the current minute's requests (`requestsPerMinute`).
+    window: tokio::sync::Mutex<Window>,
     tokens: Arc<TokenShares>,
     /// A flush that failed without saying whether it was written: retried as it is.
     in_doubt: std::sync::Mutex<Option<WindowFlush>>,
@@ -204,42 +197,22 @@ impl Quota {
             let (shares, limits) = (&counter.tokens, route.token.token_limits);
             self.reserve_tokens(&owner, shares, limits, now_us, Whose::Token, &mut reservation).await?;
         }
-        if !route.project.token_limits.is_empty() {
-            let project = self.project_counter(&route.project.uid, &route.project.name);
+        let project = route.project.has_limits().then(|| self.project_counter(&route.project.uid, &route.project.name));
+        if let Some(project) = project.as_ref().filter(|_| !route.project.token_limits.is_empty()) {
             let owner = Owner::Project { name: project.name.clone() };
             let (shares, limits) = (&project.tokens, route.project.token_limits);
             self.reserve_tokens(&owner, shares, limits, now_us, Whose::Project, &mut reservation).await?;
         }
         let reservation = (!reservation.is_empty()).then_some(reservation);
-        // The minute next: a refusal there spends none of the lifetime cap.
+        // The minutes next, the token's then its Project's: a refusal there spends none
+        // of the lifetime cap.
         if let Some(limit) = route.token.requests_per_minute {
-            let minute = now_us - now_us.rem_euclid(MINUTE_US);
-            let mut window = counter.window.lock().await;
-            if window.start_us != minute {
-                *window = Window { start_us: minute, left: 0, full: false };
-            }
-            let retry_in = ((minute + MINUTE_US - now_us) as u64).div_ceil(1_000_000);
-            if window.full {
-                return Err(Refused::rate_limited(limit, retry_in));
-            }
-            if window.left == 0 {
-                let claimed = self.claim_minute(&counter, limit, minute).await;
-                let result = match &claimed {
-                    Ok(_) => "minute_claimed",
-                    Err(WindowClaim::Full) => "minute_full",
-                    Err(WindowClaim::Unavailable) => "minute_failed",
-                };
-                self.metrics.quota_claims.get_or_create(&ResultLabels { result }).inc();
-                window.left = match claimed {
-                    Ok(block) => block,
-                    Err(WindowClaim::Full) => {
-                        window.full = true;
-                        return Err(Refused::rate_limited(limit, retry_in));
-                    }
-                    Err(WindowClaim::Unavailable) => return Err(ProxyError::QuotaUnavailable.into()),
-                };
-            }
-            window.left -= 1;
+            let owner = Owner::Token { namespace: counter.namespace.clone(), name: counter.name.clone() };
+            self.admit_minute(&owner, &counter.window, limit, now_us, Whose::Token).await?;
+        }
+        if let (Some(limit), Some(project)) = (route.project.requests_per_minute, &project) {
+            let owner = Owner::Project { name: project.name.clone() };
+            self.admit_minute(&owner, &project.window, limit, now_us, Whose::Project).await?;
         }
         if let Some(max) = route.token.max_requests {
             let mut block = counter.block.lock().await;
@@ -258,6 +231,46 @@ impl Quota {
         counter.unflushed.fetch_add(1, Ordering::Relaxed);
         counter.last_used_us.fetch_max(now_us, Ordering::Relaxed);
         Ok(reservation)
+    }
+
+    /// Admits one request into `owner`'s share of the minute holding `now_us` (`window`),
+    /// claiming a block of the minute's `limit` when the share is empty.
+    async fn admit_minute(
+        &self,
+        owner: &Owner,
+        window: &tokio::sync::Mutex<Window>,
+        limit: u64,
+        now_us: i64,
+        whose: Whose,
+    ) -> Result<(), Refused> {
+        let minute = now_us - now_us.rem_euclid(MINUTE_US);
+        let mut window = window.lock().await;
+        if window.start_us != minute {
+            *window = Window { start_us: minute, left: 0, full: false };
+        }
+        let retry_in = ((minute + MINUTE_US - now_us) as u64).div_ceil(1_000_000);
+        if window.full {
+            return Err(Refused::rate_limited(whose, limit, retry_in));
+        }
+        if window.left == 0 {
+            let claimed = self.claim_minute(owner, limit, minute).await;
+            let result = match &claimed {
+                Ok(_) => "minute_claimed",
+                Err(WindowClaim::Full) => "minute_full",
+                Err(WindowClaim::Unavailable) => "minute_failed",
+            };
+            self.metrics.quota_claims.get_or_create(&ResultLabels { result }).inc();
+            window.left = match claimed {
+                Ok(block) => block,
+                Err(WindowClaim::Full) => {
+                    window.full = true;
+                    return Err(Refused::rate_limited(whose, limit, retry_in));
+                }
+                Err(WindowClaim::Unavailable) => return Err(ProxyError::QuotaUnavailable.into()),
+            };
+        }
+        window.left -= 1;
+        Ok(())
     }
 
     /// Reserves this request's estimate in every limited window of `owner` (into
@@ -324,6 +337,7 @@ impl Quota {
         let new = || {
             Arc::new(ProjectCounter {
                 name: name.to_string(),
+                window: tokio::sync::Mutex::default(),
                 tokens: Arc::default(),
                 in_doubt: std::sync::Mutex::new(None),
             })
@@ -368,10 +382,10 @@ impl Quota {
 
     /// Claims a block of the minute starting at `minute_us` (on the main runtime, as
     /// [`Quota::claim`]).
-    async fn claim_minute(&self, counter: &Arc<Counter>, limit: u64, minute_us: i64) -> Result<i64, WindowClaim> {
-        let (client, counter) = (self.client.clone(), counter.clone());
+    async fn claim_minute(&self, owner: &Owner, limit: u64, minute_us: i64) -> Result<i64, WindowClaim> {
+        let (client, owner) = (self.client.clone(), owner.clone());
         self.runtime
-            .spawn(async move { claim_minute_block(client, &counter, limit, minute_us).await })
+            .spawn(async move { budget_claims::claim_minute(client, &owner, limit, minute_us).await })
             .await
             .unwrap_or(Err(WindowClaim::Unavailable))
     }
@@ -582,49 +596,6 @@ async fn claim_block(client: Client, counter: &Counter, max_hint: u64) -> Result
     claimed.unwrap_or_else(|error| {
         tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming budget failed");
         Err(ProxyError::QuotaUnavailable)
-    })
-}
-
-/// Raises the claims of the minute starting at `minute_us` by one block, with a
-/// resourceVersion precondition; a status still on an earlier minute starts the new
-/// one from nothing, and one already on a later minute refuses (windows never go back).
-async fn claim_minute_block(client: Client, counter: &Counter, limit: u64, minute_us: i64) -> Result<i64, WindowClaim> {
-    let api = Api::<ProxyToken>::namespaced(client, &counter.namespace);
-    let start = jiff::Timestamp::from_microsecond(minute_us).map_err(|_| WindowClaim::Unavailable)?;
-    let claimed = retry_on_conflict(|| async {
-        let token = api.get_status(&counter.name).await?;
-        let status = token.status.clone().unwrap_or_default();
-        let limit = token.spec.limits.as_ref().and_then(|l| l.requests_per_minute).unwrap_or(limit as i64);
-        // A later minute is stored: this request's minute is over for the cluster (a
-        // slow request, or this replica's clock behind another's). Never move it back.
-        let claimed = match status.current_minute {
-            Some(w) if w.start.0.as_microsecond() > minute_us => return Ok(Err(WindowClaim::Full)),
-            Some(w) if w.start.0.as_microsecond() == minute_us => w.claimed_requests,
-            _ => 0,
-        };
-        let remaining = limit - claimed;
-        if remaining <= 0 {
-            return Ok(Err(WindowClaim::Full));
-        }
-        let block = block_size(limit).min(remaining);
-        let window = json!({ "start": start.to_string(), "claimedRequests": claimed + block });
-        let patch = json!({
-            "metadata": { "resourceVersion": token.resource_version() },
-            "status": { "currentMinute": window },
-        });
-        let patched = api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await?;
-        if patched.status.as_ref().and_then(|s| s.current_minute.as_ref()).map(|w| w.claimed_requests)
-            != Some(claimed + block)
-        {
-            tracing::error!("status.currentMinute was not stored: update the CRDs (crds/llmproxy.io.yaml)");
-            return Ok(Err(WindowClaim::Unavailable));
-        }
-        Ok(Ok(block))
-    })
-    .await;
-    claimed.unwrap_or_else(|error| {
-        tracing::warn!(%error, namespace = %counter.namespace, name = %counter.name, "claiming a minute's requests failed");
-        Err(WindowClaim::Unavailable)
     })
 }
 
