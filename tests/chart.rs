@@ -215,12 +215,14 @@ async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
         .unwrap_err();
     assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied}");
 
-    // The proxy's identity writes usage, never a token's binding or verdict.
-    let denied = Api::<ProxyToken>::namespaced(proxy, &env.apps)
-        .patch_status("capped", &PatchParams::default(), &Patch::Merge(json!({ "status": { "phase": "Active" } })))
-        .await
-        .unwrap_err();
-    assert_refused(&denied, "The proxy may write only a token's usage");
+    // The proxy's identity writes usage, never a token's binding or verdict: the policy
+    // lists what it may change, so a field it does not name (conditions) is refused too.
+    let proxy_tokens = Api::<ProxyToken>::namespaced(proxy, &env.apps);
+    for forged in [json!({ "phase": "Active" }), json!({ "conditions": [] }), json!({ "observedGeneration": 99 })] {
+        let write = Patch::Merge(json!({ "status": forged }));
+        let denied = proxy_tokens.patch_status("capped", &PatchParams::default(), &write).await.unwrap_err();
+        assert_refused(&denied, "The proxy may write only a token's usage");
+    }
     let denied = Api::<llm_proxy::api::Project>::all(client_as(&proxy_user).await)
         .patch_status(
             &env.scoped("p"),
