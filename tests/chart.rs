@@ -216,9 +216,11 @@ async fn controller_and_proxy_do_their_whole_job_as_their_chart_identities() {
     assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied}");
 
     // The proxy's identity writes usage, never a token's binding or verdict: the policy
-    // lists what it may change, so a field it does not name (conditions) is refused too.
+    // lists what it may change, so fields the CRD's own rules leave open (the expiry,
+    // observedGeneration) are refused too.
     let proxy_tokens = Api::<ProxyToken>::namespaced(proxy, &env.apps);
-    for forged in [json!({ "phase": "Active" }), json!({ "conditions": [] }), json!({ "observedGeneration": 99 })] {
+    let later = json!({ "expiresAt": "2099-01-01T00:00:00.000000Z" });
+    for forged in [json!({ "phase": "Active" }), later, json!({ "observedGeneration": 99 })] {
         let write = Patch::Merge(json!({ "status": forged }));
         let denied = proxy_tokens.patch_status("capped", &PatchParams::default(), &write).await.unwrap_err();
         assert_refused(&denied, "The proxy may write only a token's usage");
