@@ -191,6 +191,21 @@ async fn invalid_model_lists_are_refused_with_what_to_fix() {
     assert!(error.contains("each models entry is a model name (gpt-4o-mini) or a prefix ending in *"), "{error}");
 }
 
+/// The official SDK, refused by a rate limit, waits and retries: the request that is
+/// answered in the end is marked as a retry.
+async fn the_sdk_waits_out_the_rate_limit(env: &Env, secret: &str) {
+    let script = r#"
+import openai
+answer = openai.OpenAI(max_retries=3).chat.completions.create(model="m", messages=[])
+print(answer.choices[0].message.content)
+"#;
+    let (said, stderr) = env.sdk(script, secret).await;
+    assert_eq!(said.trim(), "Hello from the fake upstream.", "{stderr}");
+    let forwarded = env.upstream.last_request().unwrap();
+    let retries = forwarded.header("x-stainless-retry-count").unwrap_or_default();
+    assert!(retries.parse::<u32>().unwrap_or(0) >= 1, "the answered request was a retry: {retries:?}");
+}
+
 /// Sleeps until the wall clock's second of the minute is in `seconds`.
 async fn wait_for_second(seconds: std::ops::Range<u64>) {
     loop {
@@ -254,16 +269,7 @@ async fn a_minute_never_admits_more_than_requests_per_minute_across_replicas() {
     // Near a minute's end, with the minute used up: the SDK waits for the next one.
     wait_for_second(50..54).await;
     support::burst(&ports, &secret, 30).await;
-    let script = r#"
-import openai
-answer = openai.OpenAI(max_retries=3).chat.completions.create(model="m", messages=[])
-print(answer.choices[0].message.content)
-"#;
-    let (said, stderr) = env.sdk(script, &secret).await;
-    assert_eq!(said.trim(), "Hello from the fake upstream.", "{stderr}");
-    let forwarded = env.upstream.last_request().unwrap();
-    let retries = forwarded.header("x-stainless-retry-count").unwrap_or_default();
-    assert!(retries.parse::<u32>().unwrap_or(0) >= 1, "the answered request was a retry: {retries:?}");
+    the_sdk_waits_out_the_rate_limit(&env, &secret).await;
 }
 
 /// The value of header `name` in `headers`, or "".
@@ -472,16 +478,7 @@ async fn tokens_per_minute_is_a_rate_limit_the_sdk_waits_out() {
     assert_eq!(header(&headers, "x-ratelimit-reset-tokens"), format!("{retry_after}s"));
     assert!(header(&headers, "x-should-retry").is_empty(), "the SDKs retry a rate limit");
 
-    let script = r#"
-import openai
-answer = openai.OpenAI(max_retries=3).chat.completions.create(model="m", messages=[])
-print(answer.choices[0].message.content)
-"#;
-    let (said, stderr) = env.sdk(script, &secret).await;
-    assert_eq!(said.trim(), "Hello from the fake upstream.", "{stderr}");
-    let forwarded = env.upstream.last_request().unwrap();
-    let retries = forwarded.header("x-stainless-retry-count").unwrap_or_default();
-    assert!(retries.parse::<u32>().unwrap_or(0) >= 1, "the answered request was a retry: {retries:?}");
+    the_sdk_waits_out_the_rate_limit(&env, &secret).await;
 }
 
 #[tokio::test]

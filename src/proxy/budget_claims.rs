@@ -76,35 +76,28 @@ pub(super) trait Budgeted:
     fn current_minute(&self) -> Option<&RequestWindow>;
 }
 
-impl Budgeted for ProxyToken {
-    fn limits(&self) -> Option<&Limits> {
-        self.spec.limits.as_ref()
-    }
-    fn token_windows(&self) -> &[TokenWindow] {
-        self.status.as_ref().map_or(&[], |s| &s.token_windows)
-    }
-    fn usage_flushes(&self) -> &[UsageFlush] {
-        self.status.as_ref().map_or(&[], |s| &s.usage_flushes)
-    }
-    fn current_minute(&self) -> Option<&RequestWindow> {
-        self.status.as_ref()?.current_minute.as_ref()
-    }
+/// Both kinds keep the fields under the same names.
+macro_rules! budgeted {
+    ($kind:ty) => {
+        impl Budgeted for $kind {
+            fn limits(&self) -> Option<&Limits> {
+                self.spec.limits.as_ref()
+            }
+            fn token_windows(&self) -> &[TokenWindow] {
+                self.status.as_ref().map_or(&[], |s| &s.token_windows)
+            }
+            fn usage_flushes(&self) -> &[UsageFlush] {
+                self.status.as_ref().map_or(&[], |s| &s.usage_flushes)
+            }
+            fn current_minute(&self) -> Option<&RequestWindow> {
+                self.status.as_ref()?.current_minute.as_ref()
+            }
+        }
+    };
 }
 
-impl Budgeted for Project {
-    fn limits(&self) -> Option<&Limits> {
-        self.spec.limits.as_ref()
-    }
-    fn token_windows(&self) -> &[TokenWindow] {
-        self.status.as_ref().map_or(&[], |s| &s.token_windows)
-    }
-    fn usage_flushes(&self) -> &[UsageFlush] {
-        self.status.as_ref().map_or(&[], |s| &s.usage_flushes)
-    }
-    fn current_minute(&self) -> Option<&RequestWindow> {
-        self.status.as_ref()?.current_minute.as_ref()
-    }
-}
+budgeted!(ProxyToken);
+budgeted!(Project);
 
 /// How long a window whose claims reach its limit, with less of it used, waits for
 /// the usage of the requests in flight before it counts as spent: long enough for
