@@ -18,6 +18,15 @@ fn models(list: &[&str]) -> Option<Limits> {
     })
 }
 
+/// Creates the ProxyToken `name` of Project `p` with `limits`; its token once minted.
+async fn limited_token(env: &Env, name: &str, limits: Option<Limits>) -> String {
+    let mut spec = support::token_spec(&env.scoped("p"));
+    spec.limits = limits;
+    env.create_token(name, spec).await;
+    env.wait_token(name, TokenPhase::Active).await;
+    env.token_secret(name).await["token"].clone()
+}
+
 /// A chat completion naming `model`, with `token`.
 async fn chat(env: &Env, token: &str, model: &str) -> CurlResponse {
     let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
@@ -56,11 +65,7 @@ async fn model_allowlists_refuse_before_forwarding_and_name_the_model() {
     project.spec.limits = models(&["gpt-4o-mini", "text-embedding-3*", "whisper-1"]);
     Api::<Project>::all(env.client.clone()).create(&PostParams::default(), &project).await.unwrap();
     let open = env.minted("p", "open").await;
-    let mut spec = support::token_spec(&env.scoped("p"));
-    spec.limits = models(&["gpt-4o-mini"]);
-    env.create_token("narrow", spec).await;
-    env.wait_token("narrow", TokenPhase::Active).await;
-    let narrow = env.token_secret("narrow").await["token"].clone();
+    let narrow = limited_token(&env, "narrow", models(&["gpt-4o-mini"])).await;
 
     // Allowed: forwarded as sent.
     assert_eq!(chat(&env, &narrow, "gpt-4o-mini").await.status, 200);
@@ -232,11 +237,7 @@ async fn a_minute_never_admits_more_than_requests_per_minute_across_replicas() {
     env.start_proxy_as("proxy-a", ports[0], env.proxy_admin_port, &[]).await;
     env.start_proxy_as("proxy-b", ports[1], support::free_port(), &[]).await;
     env.create_project("p").await;
-    let mut spec = support::token_spec(&env.scoped("p"));
-    spec.limits = Some(Limits { requests_per_minute: Some(20), ..Limits::default() });
-    env.create_token("rpm", spec).await;
-    env.wait_token("rpm", TokenPhase::Active).await;
-    let secret = env.token_secret("rpm").await["token"].clone();
+    let secret = limited_token(&env, "rpm", Some(Limits { requests_per_minute: Some(20), ..Limits::default() })).await;
 
     // 60 at once over both replicas, well inside one minute.
     wait_for_second(0..45).await;
@@ -314,11 +315,7 @@ async fn a_daily_token_budget_holds_across_three_replicas_and_is_charged_from_re
         env.start_proxy_as(role, ports[i], admin[i], &[]).await;
     }
     env.create_project("p").await;
-    let mut spec = support::token_spec(&env.scoped("p"));
-    spec.limits = Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() });
-    env.create_token("tpd", spec).await;
-    env.wait_token("tpd", TokenPhase::Active).await;
-    let secret = env.token_secret("tpd").await["token"].clone();
+    let secret = limited_token(&env, "tpd", Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() })).await;
 
     // One request through each replica, so each knows what a request uses.
     for port in ports {
@@ -344,11 +341,7 @@ async fn a_daily_token_budget_holds_across_three_replicas_and_is_charged_from_re
 
     // Cold: before any answer of a token, a request reserves a sixteenth of the limit
     // (here more than it uses), so the same bound holds.
-    let mut spec = support::token_spec(&env.scoped("p"));
-    spec.limits = Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() });
-    env.create_token("cold", spec).await;
-    env.wait_token("cold", TokenPhase::Active).await;
-    let cold = env.token_secret("cold").await["token"].clone();
+    let cold = limited_token(&env, "cold", Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() })).await;
     let results = support::slow_burst(&ports, &cold, 120, 300).await;
     let cold_served = results.iter().filter(|(s, _)| *s == 200).count() as i64;
     let cold_overrun = cold_served * PER_REQUEST - BUDGET;
@@ -451,11 +444,7 @@ async fn tokens_per_minute_is_a_rate_limit_the_sdk_waits_out() {
     env.start_controller();
     env.start_proxy().await;
     env.create_project("p").await;
-    let mut spec = support::token_spec(&env.scoped("p"));
-    spec.limits = Some(Limits { tokens_per_minute: Some(64), ..Limits::default() });
-    env.create_token("tpm", spec).await;
-    env.wait_token("tpm", TokenPhase::Active).await;
-    let secret = env.token_secret("tpm").await["token"].clone();
+    let secret = limited_token(&env, "tpm", Some(Limits { tokens_per_minute: Some(64), ..Limits::default() })).await;
 
     wait_for_second(48..53).await;
     let ports = [env.proxy_port];
@@ -630,11 +619,7 @@ async fn an_idle_replica_gives_its_share_back_and_the_budget_is_spent_whole() {
     env.start_proxy_as("proxy-a", ports[0], env.proxy_admin_port, &[]).await;
     env.start_proxy_as("proxy-b", ports[1], support::free_port(), &[]).await;
     env.create_project("p").await;
-    let mut spec = support::token_spec(&env.scoped("p"));
-    spec.limits = Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() });
-    env.create_token("idle", spec).await;
-    env.wait_token("idle", TokenPhase::Active).await;
-    let secret = env.token_secret("idle").await["token"].clone();
+    let secret = limited_token(&env, "idle", Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() })).await;
 
     // proxy-a claims a share of 100 and uses 16 of it, then serves nothing more.
     assert_eq!(support::burst(&ports[..1], &secret, 1).await[0].0, 200);
