@@ -141,7 +141,7 @@ echo "    fake upstream $upstream_port, proxy $proxy_port, admin $controller_adm
 # --- the example -----------------------------------------------------------------------
 echo "==> installing the CRDs and the quickstart example"
 $kubectl apply --server-side -f crds/llmproxy.io.yaml >/dev/null
-$kubectl wait --for condition=established crd/projects.llmproxy.io crd/proxytokens.llmproxy.io \
+$kubectl wait --for condition=established crd/projects.llmproxy.io crd/proxytokens.llmproxy.io crd/pricelists.llmproxy.io \
   --timeout "${timeout}s" >/dev/null || fail "the CRDs did not become established within ${timeout}s"
 # The Project points at the fake upstream's port.
 example_url=http://127.0.0.1:18080

@@ -2,13 +2,13 @@
 
 use kube::CustomResourceExt;
 
-use crate::api::{Project, ProxyToken};
+use crate::api::{PriceList, Project, ProxyToken};
 
-/// Both CRDs as one multi-document YAML stream.
+/// Every CRD, as one multi-document YAML stream.
 pub(crate) fn all_yaml() -> String {
-    let docs =
-        [Project::crd(), ProxyToken::crd()].map(|crd| serde_yaml::to_string(&crd).expect("CRDs serialize to YAML"));
-    format!("---\n{}---\n{}", docs[0], docs[1])
+    [Project::crd(), ProxyToken::crd(), PriceList::crd()]
+        .map(|crd| format!("---\n{}", serde_yaml::to_string(&crd).expect("CRDs serialize to YAML")))
+        .concat()
 }
 
 #[cfg(test)]

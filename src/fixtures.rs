@@ -21,6 +21,7 @@ pub(crate) fn project(name: &str) -> Project {
             allowed_namespaces: None,
             tokens_not_before: None,
             limits: None,
+            price_list: None,
         },
     );
     p.metadata.generation = Some(1);

@@ -33,6 +33,7 @@ mod grant;
 pub mod index;
 mod metrics;
 mod models;
+mod pricing;
 mod proxy;
 pub mod telemetry;
 pub mod token;

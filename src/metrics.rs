@@ -48,7 +48,18 @@ pub struct TokenUsageLabels {
     pub kind: &'static str,
 }
 
-/// Labels of `llmproxy_token_budget_remaining`.
+/// Labels of `llmproxy_upstream_cost_usd_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpendLabels {
+    /// Project name.
+    pub project: Name,
+    /// ProxyToken namespace.
+    pub token_namespace: Name,
+    /// ProxyToken name.
+    pub token_name: Name,
+}
+
+/// Labels of `llmproxy_token_budget_remaining` and `llmproxy_token_cost_remaining_usd`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BudgetLabels {
     /// ProxyToken namespace.
@@ -59,7 +70,7 @@ pub struct BudgetLabels {
     pub window: &'static str,
 }
 
-/// Labels of `llmproxy_project_budget_remaining`.
+/// Labels of `llmproxy_project_budget_remaining` and `llmproxy_project_cost_remaining_usd`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProjectBudgetLabels {
     /// Project name.
@@ -102,6 +113,8 @@ pub struct Metrics {
     pub added_latency: Histogram,
     /// Prompt and completion tokens reported by the upstream.
     pub upstream_tokens: Family<TokenUsageLabels, Counter>,
+    /// What those tokens cost, in US dollars, where the request's model has a price.
+    pub upstream_cost: Family<SpendLabels, Counter<f64, AtomicU64>>,
     /// Tokens in the routing table.
     pub table_tokens: Gauge,
     /// Projects in the routing table.
@@ -121,6 +134,10 @@ pub struct Metrics {
     pub token_budget_remaining: Family<BudgetLabels, Gauge>,
     /// The same for the windows a Project's tokens share.
     pub project_budget_remaining: Family<ProjectBudgetLabels, Gauge>,
+    /// US dollars left in each cost budget of each token, as last written by this replica.
+    pub token_cost_remaining: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    /// The same for the cost budgets a Project's tokens share.
+    pub project_cost_remaining: Family<ProjectBudgetLabels, Gauge<f64, AtomicU64>>,
     /// Reconciles by kind and result.
     pub reconciles: Family<ReconcileLabels, Counter>,
     /// Open connections of the API listener.
@@ -141,6 +158,7 @@ impl Metrics {
             upstream_latency: latency(),
             added_latency: latency(),
             upstream_tokens: Family::default(),
+            upstream_cost: Family::default(),
             table_tokens: Gauge::default(),
             table_projects: Gauge::default(),
             table_generation: Gauge::default(),
@@ -150,6 +168,8 @@ impl Metrics {
             quota_claims: Family::default(),
             token_budget_remaining: Family::default(),
             project_budget_remaining: Family::default(),
+            token_cost_remaining: Family::default(),
+            project_cost_remaining: Family::default(),
             reconciles: Family::default(),
             connections_open: Gauge::default(),
             connections_timed_out: Counter::default(),
@@ -171,6 +191,11 @@ impl Metrics {
             "upstream_tokens",
             "Prompt and completion tokens reported by the upstream",
             metrics.upstream_tokens.clone(),
+        );
+        registry.register(
+            "upstream_cost_usd",
+            "What the upstream's reported tokens cost at the Project's PriceList, in US dollars, for requests whose model it prices",
+            metrics.upstream_cost.clone(),
         );
         registry.register("routing_table_tokens", "Tokens in the routing table", metrics.table_tokens.clone());
         registry.register("routing_table_projects", "Projects in the routing table", metrics.table_projects.clone());
@@ -200,6 +225,16 @@ impl Metrics {
             "project_budget_remaining",
             "LLM tokens left in each limited window a Project's tokens share, as this replica last wrote them",
             metrics.project_budget_remaining.clone(),
+        );
+        registry.register(
+            "token_cost_remaining_usd",
+            "US dollars left in each cost budget of a ProxyToken, as this replica last wrote them",
+            metrics.token_cost_remaining.clone(),
+        );
+        registry.register(
+            "project_cost_remaining_usd",
+            "US dollars left in each cost budget a Project's tokens share, as this replica last wrote them",
+            metrics.project_cost_remaining.clone(),
         );
         registry.register("controller_reconciles", "Reconciles by kind and result", metrics.reconciles.clone());
         registry.register("connections_open", "Open connections of the API listener", metrics.connections_open.clone());

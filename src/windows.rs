@@ -1,45 +1,100 @@
-//! Windows of LLM-token limits (`spec.limits.tokensPer*`, `lifetimeTokens`): which
-//! window an instant falls in and when it ends. Calendar windows are UTC. Plain data:
-//! the routing table holds [`TokenLimits`], the proxy's accounting asks the rest.
+//! Windows of budgets the proxies account across replicas: LLM-token limits
+//! (`spec.limits.tokensPer*`, `lifetimeTokens`) and cost budgets (`costPerMonth`):
+//! which window an instant falls in and when it ends. Calendar windows are UTC. Plain
+//! data: the routing table holds [`WindowLimits`], the proxy's accounting asks the rest.
 
 use crate::api::{Limits, TokenWindowKind};
 
 const MINUTE_US: i64 = 60_000_000;
 const DAY_US: i64 = 86_400_000_000;
 
-/// Every window kind, in the order limits are checked: the shortest first, so that a
-/// refusal for a window that reopens soon is preferred to one for a spent budget.
-pub(crate) const KINDS: [TokenWindowKind; 4] =
-    [TokenWindowKind::Minute, TokenWindowKind::Day, TokenWindowKind::Month, TokenWindowKind::Lifetime];
+/// What a budget counts, and in which window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Meter {
+    /// LLM tokens (prompt + completion).
+    Tokens(TokenWindowKind),
+    /// Micro-dollars, at the prices of the Project's PriceList.
+    Usd(TokenWindowKind),
+}
 
-/// The token limits of one ProxyToken, by window.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TokenLimits([Option<u64>; 4]);
-
-impl TokenLimits {
-    /// The limits `spec.limits` sets.
-    pub fn of(limits: Option<&Limits>) -> Self {
-        let mut by_kind = [None; 4];
-        for (kind, limit) in limits.into_iter().flat_map(Limits::token_windows) {
-            by_kind[index(kind)] = Some(limit.max(1) as u64);
+impl Meter {
+    /// The window it counts in.
+    pub fn kind(self) -> TokenWindowKind {
+        match self {
+            Self::Tokens(kind) | Self::Usd(kind) => kind,
         }
-        Self(by_kind)
     }
 
-    /// Whether any token limit applies.
+    /// Whether it counts dollars.
+    pub fn is_cost(self) -> bool {
+        matches!(self, Self::Usd(_))
+    }
+
+    /// The `spec.limits` field that sets it.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Tokens(kind) => kind.field(),
+            Self::Usd(_) => "costPerMonth",
+        }
+    }
+}
+
+/// Every budget the proxies account, in the order limits are checked: the shortest
+/// window first, so that a refusal for a window that reopens soon is preferred to one
+/// for a spent budget.
+pub(crate) const METERS: [Meter; 5] = [
+    Meter::Tokens(TokenWindowKind::Minute),
+    Meter::Tokens(TokenWindowKind::Day),
+    Meter::Tokens(TokenWindowKind::Month),
+    Meter::Tokens(TokenWindowKind::Lifetime),
+    Meter::Usd(TokenWindowKind::Month),
+];
+
+/// Slots of per-meter arrays: four windows for each of the two units.
+pub(crate) const SLOTS: usize = 8;
+
+/// The budgets of one ProxyToken or Project, by meter: tokens, or micro-dollars.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowLimits([Option<u64>; SLOTS]);
+
+impl WindowLimits {
+    /// The limits `spec.limits` sets.
+    pub fn of(limits: Option<&Limits>) -> Self {
+        let mut by_meter = [None; SLOTS];
+        if let Some(limits) = limits {
+            for (kind, limit) in limits.token_windows() {
+                by_meter[index(Meter::Tokens(kind))] = Some(limit.max(1) as u64);
+            }
+            for (kind, limit) in limits.cost_windows() {
+                by_meter[index(Meter::Usd(kind))] = Some(limit.max(1) as u64);
+            }
+        }
+        Self(by_meter)
+    }
+
+    /// Whether any budget applies.
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(Option::is_none)
     }
 
-    /// The limits that apply, shortest window first.
-    pub fn iter(&self) -> impl Iterator<Item = (TokenWindowKind, u64)> + '_ {
-        KINDS.into_iter().filter_map(|kind| Some((kind, self.0[index(kind)]?)))
+    /// Whether a cost budget applies.
+    pub fn has_cost(&self) -> bool {
+        self.iter().any(|(meter, _)| meter.is_cost())
+    }
+
+    /// The limits that apply, in the order of [`METERS`].
+    pub fn iter(&self) -> impl Iterator<Item = (Meter, u64)> + '_ {
+        METERS.into_iter().filter_map(|meter| Some((meter, self.0[index(meter)]?)))
     }
 }
 
-/// Position of `kind` in per-window arrays.
-pub(crate) fn index(kind: TokenWindowKind) -> usize {
-    match kind {
+/// Position of `meter` in per-meter arrays.
+pub(crate) fn index(meter: Meter) -> usize {
+    let (unit, kind) = match meter {
+        Meter::Tokens(kind) => (0, kind),
+        Meter::Usd(kind) => (4, kind),
+    };
+    unit + match kind {
         TokenWindowKind::Minute => 0,
         TokenWindowKind::Day => 1,
         TokenWindowKind::Month => 2,
@@ -114,8 +169,17 @@ mod tests {
     #[test]
     fn limits_are_listed_shortest_window_first() {
         let limits = Limits { lifetime_tokens: Some(9), tokens_per_minute: Some(3), ..Limits::default() };
-        let limits = TokenLimits::of(Some(&limits));
-        assert_eq!(limits.iter().collect::<Vec<_>>(), [(TokenWindowKind::Minute, 3), (TokenWindowKind::Lifetime, 9)]);
-        assert!(TokenLimits::of(None).is_empty());
+        let limits = Limits { cost_per_month: Some("2.50".into()), ..limits };
+        let limits = WindowLimits::of(Some(&limits));
+        assert_eq!(
+            limits.iter().collect::<Vec<_>>(),
+            [
+                (Meter::Tokens(TokenWindowKind::Minute), 3),
+                (Meter::Tokens(TokenWindowKind::Lifetime), 9),
+                (Meter::Usd(TokenWindowKind::Month), 2_500_000)
+            ]
+        );
+        assert!(limits.has_cost());
+        assert!(WindowLimits::of(None).is_empty());
     }
 }

@@ -94,6 +94,7 @@ async fn the_chart_lints_renders_applies_and_grants_least_privilege() {
     assert!(applied.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&applied.stderr));
     for kind in [
         "customresourcedefinition.apiextensions.k8s.io/projects.llmproxy.io",
+        "customresourcedefinition.apiextensions.k8s.io/pricelists.llmproxy.io",
         "deployment.apps/",
         "validatingadmissionpolicy.admissionregistration.k8s.io/",
         "networkpolicy.networking.k8s.io/",

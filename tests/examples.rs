@@ -339,6 +339,24 @@ async fn the_quickstart_and_the_workflows_work_end_to_end_from_kubectl_apply() {
     })
     .await;
 
+    // Dollars: the example PriceList and budget are what the API server accepts (the
+    // list under this test's name: PriceLists are cluster-wide). Priced requests are
+    // tested in `limits`; the budget itself is only checked here, not applied, since the
+    // example prices OpenAI's models and the fake upstream answers for any.
+    let prices = env.scoped("prices");
+    let text = std::fs::read_to_string(path("prices/openai.yaml"))
+        .unwrap()
+        .replace("name: default\n", &format!("name: {prices}\n"));
+    ok(&run_kubectl(&["apply", "-f", &write(&env, &format!("{project}-prices.yaml"), &text)]), "price list");
+    let listed = ok(&run_kubectl(&["get", "pricelist", &prices, "-o", "json"]), "get price list");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["spec"]["models"].as_array().map(Vec::len), Some(10), "{listed}");
+    let budget = path("workflows/cost-budget.patch.yaml");
+    let dry_run =
+        ["patch", "project", &project, "--type", "merge", "--patch-file", &budget, "--dry-run=server", "-o", "json"];
+    let budgeted: Value = serde_json::from_str(&ok(&run_kubectl(&dry_run), "cost budget")).unwrap();
+    assert_eq!(budgeted["spec"]["limits"]["costPerMonth"], json!("500.00"));
+
     ok(&patch("workflows/deactivate.patch.yaml"), "deactivate");
     chat("project_inactive").await;
     ok(&patch("workflows/reactivate.patch.yaml"), "reactivate");
@@ -404,6 +422,7 @@ async fn every_example_is_accepted_by_the_api_server() {
         "workflows/revoke-token.patch.yaml",
         "workflows/project-budget.patch.yaml",
         "workflows/token-limits.patch.yaml",
+        "workflows/cost-budget.patch.yaml",
     ] {
         let text = std::fs::read_to_string(path(file)).unwrap();
         let patch: Value = serde_yaml::from_str(&text).unwrap();

@@ -471,7 +471,7 @@ async fn tokens_per_minute_is_a_rate_limit_the_sdk_waits_out() {
 }
 
 #[tokio::test]
-async fn invalid_token_limits_are_refused_with_what_to_fix() {
+async fn invalid_window_limits_are_refused_with_what_to_fix() {
     let env = Env::new("tokens-invalid").await;
     env.put_key("p-key", support::TEST_KEY, "p").await;
     let mut project = env.project("p");
@@ -492,6 +492,32 @@ async fn invalid_token_limits_are_refused_with_what_to_fix() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("spec.limits.tokensPerDay") && error.contains("greater than or equal to 1"), "{error}");
+
+    // Dollars are decimal strings: the API server says how to write one.
+    for (budget, says) in [
+        ("12,50", r#"costPerMonth is US dollars as a decimal string with at most 6 places, e.g. \"50\" or \"12.50\""#),
+        ("0.00", "costPerMonth must be more than 0: remove it for no cost budget"),
+    ] {
+        project.spec.limits = Some(Limits { cost_per_month: Some(budget.into()), ..Limits::default() });
+        let error = Api::<Project>::all(env.client.clone()).create(&PostParams::default(), &project).await.unwrap_err();
+        assert!(error.to_string().contains("spec.limits.costPerMonth") && error.to_string().contains(says), "{error}");
+    }
+    let prices = serde_json::json!({
+        "apiVersion": "llmproxy.io/v1alpha1", "kind": "PriceList",
+        "metadata": { "name": env.scoped("bad-prices") },
+        "spec": { "models": [
+            { "model": "gpt-4o", "inputPerMillion": "$2.50", "outputPerMillion": "10" },
+            { "model": "gpt-4o", "inputPerMillion": "2.50", "outputPerMillion": "10" },
+        ] },
+    });
+    let prices: llm_proxy::api::PriceList = serde_json::from_value(prices).unwrap();
+    let error = Api::<llm_proxy::api::PriceList>::all(env.client.clone())
+        .create(&PostParams::default(), &prices)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("spec.models[0].inputPerMillion") && error.contains("a price is US dollars"), "{error}");
+    assert!(error.contains("spec.models[1]: Duplicate value"), "{error}");
 }
 
 /// A daily budget on a Project, added later by a GitOps tool's server-side apply, is
@@ -682,4 +708,173 @@ async fn a_project_minute_is_shared_by_all_its_tokens_across_replicas() {
     );
     let stored = Api::<Project>::all(env.client.clone()).get_status(&env.scoped("p")).await.unwrap();
     assert_eq!(stored.status.unwrap().current_minute.map(|w| w.claimed_requests), Some(20));
+}
+
+/// US dollars as status writes them ("0.529", "12.50") in micro-dollars.
+fn micros(usd: &str) -> i64 {
+    let (whole, fraction) = usd.split_once('.').unwrap_or((usd, ""));
+    whole.parse::<i64>().unwrap() * 1_000_000 + format!("{fraction:0<6}").parse::<i64>().unwrap()
+}
+
+/// Writes `yaml` to a file and applies it with `kubectl apply`, as an admin would.
+fn kubectl_apply(env: &Env, yaml: &str) {
+    let file = support::repo().join(format!("target/test-logs/{}-apply.yaml", env.id));
+    std::fs::write(&file, yaml).unwrap();
+    let applied = support::run_kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+}
+
+/// A monthly budget in US dollars on a token, over two proxy processes, priced from a
+/// PriceList an admin applies with kubectl: a model the list does not price is refused
+/// before anything is forwarded; each answer costs its reported prompt and completion
+/// tokens at the list's prices; the budget is overrun by at most one request per
+/// replica; the spend shows in the token's and the Project's status, in `kubectl get`,
+/// in one Event and in the metrics; and the official SDK takes the spent budget as
+/// final.
+#[tokio::test]
+async fn a_monthly_cost_budget_is_priced_from_the_price_list_and_holds_across_replicas() {
+    // The fake upstream reports 9 prompt and 7 completion tokens: at $1,000 and $2,000
+    // per million, $0.009 + $0.014.
+    const PER_REQUEST: i64 = 23_000; // micro-dollars
+    const BUDGET: i64 = 500_000; // "0.50"
+    let mut env = Env::new("cost").await;
+    env.start_controller();
+    let ports = [env.proxy_port, support::free_port()];
+    let admin = [env.proxy_admin_port, support::free_port()];
+    for (i, role) in ["proxy-a", "proxy-b"].into_iter().enumerate() {
+        env.start_proxy_as(role, ports[i], admin[i], &[]).await;
+    }
+    env.create_project("p").await;
+    let (project, prices) = (env.scoped("p"), env.scoped("prices"));
+    // The Project prices from its own list, and shares a larger budget among its tokens.
+    let gitops = serde_json::json!({
+        "apiVersion": "llmproxy.io/v1alpha1", "kind": "Project",
+        "metadata": { "name": project },
+        "spec": { "priceList": prices, "limits": { "costPerMonth": "100" } },
+    });
+    Api::<Project>::all(env.client.clone())
+        .patch(&project, &kube::api::PatchParams::apply("argocd-controller"), &kube::api::Patch::Apply(&gitops))
+        .await
+        .unwrap();
+    let limits = Limits { cost_per_month: Some("0.50".into()), ..Limits::default() };
+    let secret = limited_token(&env, "cost", Some(limits)).await;
+
+    // No PriceList yet: nothing can be priced, so nothing is forwarded.
+    let refused = support::eventually(Duration::from_secs(10), || async {
+        let answer = chat(&env, &secret, "m").await;
+        (answer.error_code() == "model_not_priced").then_some(answer)
+    })
+    .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let message = refused.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains(&format!(r#"The model "m" has no price in the PriceList "{prices}""#)), "{message}");
+    assert!(env.upstream.requests().is_empty());
+
+    kubectl_apply(
+        &env,
+        &format!(
+            r#"apiVersion: llmproxy.io/v1alpha1
+kind: PriceList
+metadata:
+  name: {prices}
+spec:
+  source: test prices
+  models:
+    - model: m
+      inputPerMillion: "1000"
+      outputPerMillion: "2000"
+    - model: gpt-4o-mini*
+      inputPerMillion: "0.15"
+      outputPerMillion: "0.60"
+"#
+        ),
+    );
+    // Priced on every replica once they see the list; another model still is not.
+    support::eventually(Duration::from_secs(10), || async {
+        let codes = [support::chat_on(ports[0], &secret).await, support::chat_on(ports[1], &secret).await];
+        (codes == ["", ""]).then_some(())
+    })
+    .await;
+    let unpriced = chat(&env, &secret, "gpt-4o").await;
+    assert_eq!((unpriced.status, unpriced.error_code()), (403, "model_not_priced".to_string()), "{}", unpriced.body);
+    let warmed = env.upstream.requests().len() as i64;
+
+    let results = support::slow_burst(&ports, &secret, 60, 300).await;
+    let served = results.iter().filter(|(s, _)| *s == 200).count() as i64;
+    let refused = |code: &str| results.iter().filter(|(s, c)| *s == 429 && c == code).count() as i64;
+    assert_eq!(served + refused("rate_limit_exceeded") + refused("cost_budget_exceeded"), 60, "{results:?}");
+    let used = (served + warmed) * PER_REQUEST;
+    println!("cost budget $0.50: {} requests answered, ${} spent", served + warmed, used as f64 / 1e6);
+    assert!(used - BUDGET <= 2 * PER_REQUEST, "overrun {} is over one request per replica", used - BUDGET);
+    assert!(used - BUDGET > -2 * PER_REQUEST, "only {used} of {BUDGET} were spent");
+
+    // Status in dollars, exactly what the answers cost, on the token and its Project.
+    let window = support::eventually(Duration::from_secs(15), || async {
+        let token = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps).get_status("cost").await.unwrap();
+        let windows = token.status.unwrap_or_default().cost_windows;
+        windows.into_iter().find(|w| w.window == TokenWindowKind::Month && micros(&w.used_usd) == used)
+    })
+    .await;
+    assert_eq!((window.limit_usd.as_str(), window.remaining_usd.as_str()), ("0.50", "0.00"), "{window:?}");
+    let month = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date().first_of_month();
+    assert_eq!(window.start.0.to_string(), format!("{month}T00:00:00Z"), "the window is this month's, UTC");
+    let project_window = support::eventually(Duration::from_secs(15), || async {
+        let status = Api::<Project>::all(env.client.clone()).get_status(&project).await.unwrap().status;
+        let windows = status.unwrap_or_default().cost_windows;
+        windows.into_iter().find(|w| micros(&w.used_usd) == used)
+    })
+    .await;
+    assert_eq!(project_window.limit_usd, "100.00");
+    let spent = &window.used_usd;
+    let listed = support::run_kubectl(&["get", "ptok", "cost", "-n", &env.apps, "-o", "wide"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(listed.contains("SPENT MONTH") && listed.contains("BUDGET LEFT"), "{listed}");
+    assert!(listed.lines().nth(1).unwrap_or_default().split_whitespace().any(|cell| cell == spent), "{listed}");
+
+    // Once the usage is in: a spent budget, final for the SDKs.
+    let auth = format!("Bearer {secret}");
+    let (answer, headers) = support::eventually(Duration::from_secs(15), || async {
+        let url = format!("http://127.0.0.1:{}/v1/chat/completions", ports[0]);
+        let body = Some(r#"{"model":"m","messages":[]}"#);
+        let (answer, headers) = support::curl_with_headers("POST", &url, &[("authorization", &auth)], body).await;
+        (answer.error_code() == "cost_budget_exceeded").then_some((answer, headers))
+    })
+    .await;
+    let error = &answer.json()["error"];
+    assert_eq!((answer.status, error["type"].as_str()), (429, Some("insufficient_quota")), "{}", answer.body);
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("this token may use $0.50 per month (UTC) (spec.limits.costPerMonth)"), "{message}");
+    assert_eq!(header(&headers, "x-should-retry"), "false");
+    let events = support::eventually(Duration::from_secs(5), || async {
+        let reasons = token_event_reasons(&env, "cost").await;
+        reasons.contains(&"CostBudgetSpent".to_string()).then_some(reasons)
+    })
+    .await;
+    assert_eq!(events.iter().filter(|r| *r == "CostBudgetSpent").count(), 1, "one Event, from one replica");
+    let script = r#"
+import openai
+try:
+    openai.OpenAI(max_retries=3).chat.completions.create(model="m", messages=[])
+except openai.RateLimitError as e:
+    print(e.status_code, e.code)
+"#;
+    let (said, stderr) = env.sdk(script, &secret).await;
+    assert_eq!(said.trim(), "429 cost_budget_exceeded", "{stderr}");
+
+    // Metrics: the spend per token, and what is left of its budget.
+    let mut said = String::new();
+    for port in admin {
+        said += &support::curl("GET", &format!("http://127.0.0.1:{port}/metrics"), &[], None).await.body;
+    }
+    let left = format!(
+        r#"llmproxy_token_cost_remaining_usd{{token_namespace="{}",token_name="cost",window="Month"}} 0"#,
+        env.apps
+    );
+    assert!(said.contains(&left), "{said}");
+    let spend: f64 = said
+        .lines()
+        .filter(|l| l.starts_with("llmproxy_upstream_cost_usd_total") && l.contains(r#"token_name="cost""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!((spend - used as f64 / 1e6).abs() < 1e-9, "{spend} spent by the metrics, {used} by status");
 }

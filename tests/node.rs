@@ -515,7 +515,7 @@ async fn uninstall(client: &Client) {
     let deployments = Api::<Deployment>::namespaced(client.clone(), NS).list(&ListParams::default()).await.unwrap();
     assert!(deployments.items.is_empty(), "the operator is gone");
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in ["projects.llmproxy.io", "proxytokens.llmproxy.io"] {
+    for crd in ["projects.llmproxy.io", "proxytokens.llmproxy.io", "pricelists.llmproxy.io"] {
         assert!(crds.get(crd).await.is_ok(), "{crd} is kept");
     }
     assert!(Api::<Project>::all(client.clone()).get("demo").await.is_ok(), "the Project is kept");

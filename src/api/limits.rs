@@ -57,6 +57,20 @@ pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000_000_000_i64))]
     pub lifetime_tokens: Option<i64>,
+
+    /// A budget in US dollars per calendar month (UTC), as a decimal string ("50.00"):
+    /// each answer costs its prompt and completion tokens at the prices of the
+    /// Project's PriceList (`spec.priceList`). Once spent, 429 `insufficient_quota`
+    /// until the next month. A request for a model the list does not price is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 20))]
+    #[x_kube(
+        validation = Rule::new(super::pricelist::USD_RULE)
+            .message("costPerMonth is US dollars as a decimal string with at most 6 places, e.g. \"50\" or \"12.50\""),
+        validation = Rule::new("self.matches('[1-9]')")
+            .message("costPerMonth must be more than 0: remove it for no cost budget"),
+    )]
+    pub cost_per_month: Option<String>,
 }
 
 impl Limits {
@@ -70,6 +84,12 @@ impl Limits {
         ]
         .into_iter()
         .filter_map(|(kind, limit)| Some((kind, limit?)))
+    }
+
+    /// The cost budgets, in micro-dollars, each with its window.
+    pub fn cost_windows(&self) -> impl Iterator<Item = (TokenWindowKind, i64)> + '_ {
+        let month = self.cost_per_month.as_deref().and_then(crate::pricing::parse_usd);
+        month.map(|limit| (TokenWindowKind::Month, limit)).into_iter()
     }
 }
 

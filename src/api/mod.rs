@@ -2,15 +2,18 @@
 //!
 //! `[ Project ] <- [ ProxyToken ] -> [ Secret ]`: a ProxyToken names its Project; the
 //! Project names the Secret (in the operator's namespace) that holds the upstream key;
-//! the controller writes the minted token into a Secret next to the ProxyToken.
+//! the controller writes the minted token into a Secret next to the ProxyToken. A
+//! Project prices its cost budgets from a `PriceList`.
 
 mod condition;
 mod limits;
+mod pricelist;
 mod project;
 mod proxytoken;
 
 pub use condition::{ConditionStatus, Conditions, is_true};
 pub use limits::*;
+pub use pricelist::*;
 pub use project::*;
 pub use proxytoken::*;
 

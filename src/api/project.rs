@@ -41,6 +41,18 @@ pub const PROJECT_FINALIZER: &str = "llmproxy.io/project-protection";
         json_path = r#".status.tokenWindows[?(@.window=="Month")].remainingTokens"#,
         priority = 1
     ),
+    printcolumn(
+        name = "Spent Month",
+        type_ = "string",
+        json_path = r#".status.costWindows[?(@.window=="Month")].usedUSD"#,
+        priority = 1
+    ),
+    printcolumn(
+        name = "Budget Left",
+        type_ = "string",
+        json_path = r#".status.costWindows[?(@.window=="Month")].remainingUSD"#,
+        priority = 1
+    ),
     printcolumn(name = "Upstream", type_ = "string", json_path = ".spec.upstream.url", priority = 1),
     printcolumn(
         name = "Enforced",
@@ -92,7 +104,16 @@ pub struct ProjectSpec {
     /// Limits for every request with this project's tokens (each token may narrow them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<super::Limits>,
+
+    /// The PriceList that prices the cost budgets (`limits.costPerMonth`) of this
+    /// project and its tokens. Absent: the PriceList named `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub price_list: Option<String>,
 }
+
+/// The PriceList a Project prices from unless its `spec.priceList` names another.
+pub const DEFAULT_PRICE_LIST: &str = "default";
 
 fn default_true() -> bool {
     true
@@ -184,6 +205,11 @@ pub struct ProjectStatus {
     /// by the proxies).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_windows: Vec<super::TokenWindow>,
+    /// With `limits.costPerMonth`: the month's spend by all the Project's tokens
+    /// together, what is left, and the shares proxy replicas reserved (written by the
+    /// proxies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cost_windows: Vec<super::CostWindow>,
     /// The last usage flush each proxy process wrote into `tokenWindows` (see the
     /// ProxyToken field of the same name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

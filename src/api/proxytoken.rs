@@ -50,6 +50,18 @@ use serde::{Deserialize, Serialize};
         json_path = r#".status.tokenWindows[?(@.window=="Month")].remainingTokens"#,
         priority = 1
     ),
+    printcolumn(
+        name = "Spent Month",
+        type_ = "string",
+        json_path = r#".status.costWindows[?(@.window=="Month")].usedUSD"#,
+        priority = 1
+    ),
+    printcolumn(
+        name = "Budget Left",
+        type_ = "string",
+        json_path = r#".status.costWindows[?(@.window=="Month")].remainingUSD"#,
+        priority = 1
+    ),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(
         name = "Reason",
@@ -184,6 +196,10 @@ pub struct ProxyTokenStatus {
     /// replicas reserved. One entry per limit, for its current window.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_windows: Vec<TokenWindow>,
+    /// With `limits.costPerMonth`: the month's spend in US dollars, what is left, and
+    /// the shares proxy replicas reserved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cost_windows: Vec<CostWindow>,
     /// The last usage flush each proxy process wrote into `requestCount` (written by the
     /// proxies, with the count): a flush whose answer was lost is retried with the same
     /// sequence number and found here instead of being counted twice.
@@ -253,6 +269,37 @@ pub struct TokenWindow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_since: Option<MicroTime>,
     /// When the first request was refused for it: the window is spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spent_at: Option<MicroTime>,
+}
+
+/// The current window of a cost budget. Amounts are US dollars as decimal strings
+/// (`"12.345678"`): exact to the millionth of a dollar each answer is rounded up to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CostWindow {
+    /// Which budget: `Month` (`limits.costPerMonth`).
+    pub window: super::TokenWindowKind,
+    /// The window's first instant (UTC).
+    pub start: Time,
+    /// The budget it was last accounted against.
+    #[serde(rename = "limitUSD")]
+    pub limit_usd: String,
+    /// What the answers to requests admitted in it cost, at the PriceList's prices
+    /// (written by the proxies every few seconds).
+    #[serde(rename = "usedUSD")]
+    pub used_usd: String,
+    /// `limitUSD − usedUSD`, never below 0.
+    #[serde(rename = "remainingUSD")]
+    pub remaining_usd: String,
+    /// What proxy replicas reserved in shares (never more than the budget).
+    #[serde(rename = "claimedUSD")]
+    pub claimed_usd: String,
+    /// As in `tokenWindows`: when all of the budget was first found claimed while less
+    /// of it was spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_since: Option<MicroTime>,
+    /// When the first request was refused for it: the budget is spent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spent_at: Option<MicroTime>,
 }

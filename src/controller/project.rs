@@ -135,6 +135,7 @@ pub(crate) fn decide(o: &Observed) -> Decision {
         observed_generation: p.metadata.generation,
         // Usage: the proxies write it, the controller never owns it.
         token_windows: Vec::new(),
+        cost_windows: Vec::new(),
         usage_flushes: Vec::new(),
         current_minute: None,
     };
@@ -274,6 +275,7 @@ pub(crate) async fn reconcile(project: Arc<Project>, ctx: Arc<Context>) -> Resul
     // Usage is the proxies' to write: compare without it.
     let comparable = project.status.clone().map(|s| ProjectStatus {
         token_windows: Vec::new(),
+        cost_windows: Vec::new(),
         usage_flushes: Vec::new(),
         current_minute: None,
         ..s

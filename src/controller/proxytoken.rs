@@ -248,6 +248,7 @@ pub(crate) fn status_for(
         usage_flushes: Vec::new(),
         current_minute: None,
         token_windows: Vec::new(),
+        cost_windows: Vec::new(),
         ..old.clone()
     };
     let waiting = if status.token_hash.is_some() {
@@ -546,6 +547,7 @@ async fn write(
     comparable.last_used_at = None;
     comparable.usage_flushes = Vec::new();
     comparable.token_windows = Vec::new();
+    comparable.cost_windows = Vec::new();
     if comparable != status || token.status.is_none() {
         let patch = json!({
             "apiVersion": ProxyToken::api_version(&()),

@@ -1,10 +1,10 @@
 //! Watch events in, routing table out.
 //!
-//! `[ Project ] <- [ ProxyToken ] -> [ Secret ]`, and the labels of Namespaces (for
-//! projects that grant namespaces by selector).
+//! `[ Project ] <- [ ProxyToken ] -> [ Secret ]`, the labels of Namespaces (for
+//! projects that grant namespaces by selector), and the PriceLists of cost budgets.
 //!
 //! [`Index`] is plain and synchronous: [`Index::apply`] takes one watch event of any of
-//! the four kinds, [`Index::snapshot`] builds an immutable [`RouteTable`]. Relists
+//! the five kinds, [`Index::snapshot`] builds an immutable [`RouteTable`]. Relists
 //! (`Init` … `InitDone`) replace a kind's state whole, so objects deleted while the
 //! watch was down disappear. [`watch`] wires it to the API server.
 
@@ -24,10 +24,11 @@ pub use table::{
     TokenRoute,
 };
 
-use crate::api::{AllowedNamespaces, Project, ProxyToken, TokenPhase};
+use crate::api::{AllowedNamespaces, PriceList, Project, ProxyToken, TokenPhase};
 use crate::apikey::{ApiKey, KeyProblem};
 use crate::duration::parse_go_duration;
 use crate::models::ModelAllowlist;
+use crate::pricing::Prices;
 use crate::token::TokenHash;
 
 /// One watch event of any kind the index follows.
@@ -41,6 +42,8 @@ pub enum Change {
     Secret(Event<Secret>),
     /// A Namespace event (its labels decide `allowedNamespaces` selectors).
     Namespace(Event<Namespace>),
+    /// A PriceList event (the prices of cost budgets).
+    PriceList(Event<PriceList>),
 }
 
 /// Which watch a resource version belongs to (namespaces are not reported: a label
@@ -66,8 +69,9 @@ struct ProjectEntry {
     secret_key: String,
     grant: Option<AllowedNamespaces>,
     models: Option<ModelAllowlist>,
-    token_limits: crate::windows::TokenLimits,
+    window_limits: crate::windows::WindowLimits,
     requests_per_minute: Option<u64>,
+    price_list: Arc<str>,
 }
 
 /// A key Secret as the index keeps it: which projects it is bound to, and its data.
@@ -141,12 +145,15 @@ pub struct Index {
     secrets: HashMap<String, KeySecret>,
     /// Namespace labels, shared with the snapshots until the next change.
     namespaces: Arc<NamespaceLabels>,
+    /// PriceLists by name.
+    price_lists: HashMap<String, Arc<Prices>>,
     relisting: Relists,
     applied: Applied,
     /// Highest version seen in each kind's relist in progress, applied at its end.
     relist_versions: Applied,
     synced: [bool; 3],
     namespaces_synced: bool,
+    price_lists_synced: bool,
     generation: u64,
     /// Something a snapshot shows changed since the last [`Index::take_changed`].
     changed: bool,
@@ -161,6 +168,7 @@ struct Relists {
     tokens: Option<Vec<(TokenKey, Option<MintedRoute>)>>,
     secrets: Option<Vec<Secret>>,
     namespaces: Option<NamespaceLabels>,
+    price_lists: Option<HashMap<String, Arc<Prices>>>,
 }
 
 impl Index {
@@ -189,6 +197,7 @@ impl Index {
                 | Change::Token(Event::Init | Event::InitApply(_))
                 | Change::Secret(Event::Init | Event::InitApply(_))
                 | Change::Namespace(Event::Init | Event::InitApply(_))
+                | Change::PriceList(Event::Init | Event::InitApply(_))
         );
         self.changed |= !relist_item;
         self.track_version(&change);
@@ -197,12 +206,13 @@ impl Index {
             Change::Token(event) => self.apply_token(event),
             Change::Secret(event) => self.apply_secret(event),
             Change::Namespace(event) => self.apply_namespace(event),
+            Change::PriceList(event) => self.apply_price_list(event),
         }
     }
 
     /// Whether every kind has been listed at least once.
     pub fn is_synced(&self) -> bool {
-        self.synced.iter().all(|s| *s) && self.namespaces_synced
+        self.synced.iter().all(|s| *s) && self.namespaces_synced && self.price_lists_synced
     }
 
     /// Builds the routing table for the current state.
@@ -223,8 +233,10 @@ impl Index {
                     key,
                     grant: p.grant.clone(),
                     models: p.models.clone(),
-                    token_limits: p.token_limits,
+                    window_limits: p.window_limits,
                     requests_per_minute: p.requests_per_minute,
+                    prices: self.price_lists.get(&*p.price_list).cloned(),
+                    price_list: p.price_list.clone(),
                 };
                 (name.clone(), Arc::new(route))
             })
@@ -257,7 +269,7 @@ impl Index {
             Change::Project(e) => (Kind::Project, step(e)),
             Change::Token(e) => (Kind::Token, step(e)),
             Change::Secret(e) => (Kind::Secret, step(e)),
-            Change::Namespace(_) => return,
+            Change::Namespace(_) | Change::PriceList(_) => return,
         };
         match step {
             Step::Applied(version) => self.applied.raise(kind, version),
@@ -305,8 +317,9 @@ impl Index {
             secret_key: p.spec.api_key_secret_ref.key.clone(),
             grant: p.spec.allowed_namespaces.clone(),
             models: allowlist(p.spec.limits.as_ref()),
-            token_limits: crate::windows::TokenLimits::of(p.spec.limits.as_ref()),
+            window_limits: crate::windows::WindowLimits::of(p.spec.limits.as_ref()),
             requests_per_minute: p.spec.limits.as_ref().and_then(|l| l.requests_per_minute).map(|r| r.max(1) as u64),
+            price_list: Arc::from(p.spec.price_list.as_deref().unwrap_or(crate::api::DEFAULT_PRICE_LIST)),
         };
         self.projects.insert(Arc::from(p.name_any()), entry);
     }
@@ -400,6 +413,28 @@ impl Index {
         }
     }
 
+    fn apply_price_list(&mut self, event: Event<PriceList>) {
+        let prices = |list: &PriceList| (list.name_any(), Arc::new(Prices::of(&list.spec)));
+        match event {
+            Event::Apply(list) => {
+                let (name, prices) = prices(&list);
+                self.price_lists.insert(name, prices);
+            }
+            Event::Delete(list) => {
+                self.price_lists.remove(&list.name_any());
+            }
+            Event::Init => self.relisting.price_lists = Some(HashMap::new()),
+            Event::InitApply(list) => {
+                let (name, prices) = prices(&list);
+                self.relisting.price_lists.get_or_insert_with(HashMap::new).insert(name, prices);
+            }
+            Event::InitDone => {
+                self.price_lists = self.relisting.price_lists.take().unwrap_or_default();
+                self.price_lists_synced = true;
+            }
+        }
+    }
+
     fn mark_synced(&mut self, kind: Kind) {
         self.synced[kind as usize] = true;
     }
@@ -430,7 +465,7 @@ fn token_route(t: &ProxyToken) -> Option<MintedRoute> {
         request_count: status.request_count.unwrap_or(0).max(0) as u64,
         models: allowlist(t.spec.limits.as_ref()),
         requests_per_minute: t.spec.limits.as_ref().and_then(|l| l.requests_per_minute).map(|r| r.max(1) as u64),
-        token_limits: crate::windows::TokenLimits::of(t.spec.limits.as_ref()),
+        window_limits: crate::windows::WindowLimits::of(t.spec.limits.as_ref()),
     };
     Some((hash, route))
 }

@@ -11,8 +11,9 @@ use crate::api::AllowedNamespaces;
 use crate::apikey::{ApiKey, KeyProblem};
 use crate::fate::{Facts, Fate};
 use crate::models::ModelAllowlist;
+use crate::pricing::Prices;
 use crate::token::TokenHash;
-use crate::windows::TokenLimits;
+use crate::windows::WindowLimits;
 
 /// A token the proxy knows, as of the last watch event.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,8 +41,8 @@ pub struct TokenRoute {
     pub models: Option<ModelAllowlist>,
     /// `spec.limits.requestsPerMinute`, over every replica.
     pub requests_per_minute: Option<u64>,
-    /// `spec.limits.tokensPer*` and `lifetimeTokens`, over every replica.
-    pub token_limits: TokenLimits,
+    /// `spec.limits.tokensPer*`, `lifetimeTokens` and `costPerMonth`, over every replica.
+    pub window_limits: WindowLimits,
 }
 
 /// A project the proxy knows, with its key resolved from the Secret.
@@ -65,16 +66,20 @@ pub struct ProjectRoute {
     pub grant: Option<AllowedNamespaces>,
     /// `spec.limits.models`: the models its tokens' requests may name (`None`: any).
     pub models: Option<ModelAllowlist>,
-    /// `spec.limits.tokensPer*` and `lifetimeTokens`, for all its tokens together.
-    pub token_limits: TokenLimits,
+    /// `spec.limits.tokensPer*`, `lifetimeTokens` and `costPerMonth`, for all its tokens together.
+    pub window_limits: WindowLimits,
     /// `spec.limits.requestsPerMinute`, for all its tokens together.
     pub requests_per_minute: Option<u64>,
+    /// The PriceList its cost budgets are priced from (`spec.priceList`, or `default`).
+    pub price_list: Arc<str>,
+    /// That list's prices; `None` while it does not exist.
+    pub prices: Option<Arc<Prices>>,
 }
 
 impl ProjectRoute {
     /// Whether it limits its tokens' requests together (windows the proxies account).
     pub fn has_limits(&self) -> bool {
-        !self.token_limits.is_empty() || self.requests_per_minute.is_some()
+        !self.window_limits.is_empty() || self.requests_per_minute.is_some()
     }
 }
 

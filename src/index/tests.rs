@@ -78,6 +78,8 @@ fn synced(minted: &Token) -> Index {
         Change::Namespace(Event::Init),
         Change::Namespace(Event::InitApply(namespace("apps", &[("team", "ml")]))),
         Change::Namespace(Event::InitDone),
+        Change::PriceList(Event::Init),
+        Change::PriceList(Event::InitDone),
     ] {
         index.apply(change);
     }
@@ -97,6 +99,9 @@ fn not_ready_until_every_kind_has_listed() {
     assert!(!index.snapshot().ready, "namespace labels decide selector grants");
     index.apply(Change::Namespace(Event::Init));
     index.apply(Change::Namespace(Event::InitDone));
+    assert!(!index.snapshot().ready, "PriceLists price the cost budgets");
+    index.apply(Change::PriceList(Event::Init));
+    index.apply(Change::PriceList(Event::InitDone));
     assert!(index.snapshot().ready);
 }
 

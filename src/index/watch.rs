@@ -1,4 +1,4 @@
-//! Wires the [`Index`] to the API server: four watches in, a published
+//! Wires the [`Index`] to the API server: five watches in, a published
 //! [`RouteTable`] out.
 //!
 //! Readers load the current table from an [`ArcSwap`] (no lock a writer holds); a
@@ -28,7 +28,7 @@ use serde::{Deserialize, Deserializer};
 use tokio::sync::watch;
 
 use super::{Applied, Change, Index, RouteTable};
-use crate::api::{Project, ProxyToken, ProxyTokenSpec, ProxyTokenStatus};
+use crate::api::{PriceList, Project, ProxyToken, ProxyTokenSpec, ProxyTokenStatus};
 use crate::metrics::Metrics;
 
 /// What to watch.
@@ -99,9 +99,16 @@ async fn run(
     // Every namespace, whatever the shard: a token's namespace labels decide whether a
     // project that grants namespaces by selector still serves it.
     let namespaces =
-        watch_kind(Api::<Namespace>::all(client), watcher::Config::default()).map(|r| r.map(Change::Namespace));
-    let mut changes =
-        futures::stream::select_all([projects.boxed(), tokens.boxed(), secrets.boxed(), namespaces.boxed()]);
+        watch_kind(Api::<Namespace>::all(client.clone()), watcher::Config::default()).map(|r| r.map(Change::Namespace));
+    let price_lists =
+        watch_kind(Api::<PriceList>::all(client), watcher::Config::default()).map(|r| r.map(Change::PriceList));
+    let mut changes = futures::stream::select_all([
+        projects.boxed(),
+        tokens.boxed(),
+        secrets.boxed(),
+        namespaces.boxed(),
+        price_lists.boxed(),
+    ]);
 
     let mut index = Index::new();
     while let Some(first) = changes.next().await {
@@ -135,6 +142,7 @@ fn apply(index: &mut Index, change: Result<Change, watcher::Error>, metrics: &Me
                 Change::Token(watcher::Event::Init) => Some("ProxyToken"),
                 Change::Secret(watcher::Event::Init) => Some("Secret"),
                 Change::Namespace(watcher::Event::Init) => Some("Namespace"),
+                Change::PriceList(watcher::Event::Init) => Some("PriceList"),
                 _ => None,
             };
             if let Some(kind) = relisting {

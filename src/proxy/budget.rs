@@ -1,6 +1,7 @@
-//! LLM-token limits (`limits.tokensPerMinute`, `tokensPerDay`, `tokensPerMonth`,
-//! `lifetimeTokens`) on one proxy replica: shares of each window, reservations per
-//! request, and the usage waiting to be written.
+//! Budgets on one proxy replica — LLM-token limits (`limits.tokensPerMinute`,
+//! `tokensPerDay`, `tokensPerMonth`, `lifetimeTokens`) and cost budgets
+//! (`costPerMonth`, in micro-dollars): shares of each window, reservations per request,
+//! and the usage waiting to be written.
 //!
 //! In: admissions (a window, its start, the estimate) and the usage the upstream
 //! reports at the end of each response. Out: go/no-go per request, the size of the
@@ -17,8 +18,8 @@
 
 use std::sync::Arc;
 
-use crate::api::TokenWindowKind;
-use crate::windows;
+use crate::pricing::Price;
+use crate::windows::{self, Meter};
 
 /// One window's share on this replica.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,16 +46,16 @@ struct Share {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Charge {
     /// Which window.
-    pub(super) kind: TokenWindowKind,
+    pub(super) meter: Meter,
     /// Its first instant, Unix microseconds: usage of a window that is over by the time
     /// it is written is dropped (except `Lifetime`, which never ends).
     pub(super) start_us: i64,
-    /// Prompt + completion tokens.
-    pub(super) tokens: i64,
+    /// Prompt + completion tokens, or micro-dollars.
+    pub(super) amount: i64,
 }
 
 /// What is left of a share: its window, the window's start, the tokens.
-pub(super) type Unused = (TokenWindowKind, i64, i64);
+pub(super) type Unused = (Meter, i64, i64);
 
 /// What [`TokenShares::reserve`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,11 +73,12 @@ pub(super) enum Reserve {
 /// One token's shares of its windows on this replica.
 #[derive(Default)]
 pub(super) struct TokenShares {
-    shares: std::sync::Mutex<[Share; 4]>,
+    shares: std::sync::Mutex<[Share; windows::SLOTS]>,
     /// Serialises claims: one API round trip per short share, not one per request.
     pub(super) claiming: tokio::sync::Mutex<()>,
-    /// Usage of the latest answers (the estimate each request reserves is their most).
-    recent: std::sync::Mutex<Recent>,
+    /// Usage of the latest answers, in tokens and in micro-dollars (the estimate each
+    /// request reserves is their most).
+    recent: [std::sync::Mutex<Recent>; 2],
     /// Usage not yet written.
     pending: std::sync::Mutex<Vec<Charge>>,
     /// The latest reservation, Unix microseconds: shares of a token idle for a while go
@@ -101,39 +103,32 @@ impl TokenShares {
     /// answers used on this replica; before any answer has reported usage, a share (a
     /// sixteenth of the limit), so that at most sixteen requests, plus one per replica,
     /// are in flight on a token whose requests' size nobody knows yet.
-    pub(super) fn estimate(&self, limit: u64) -> i64 {
-        let recent = self.recent.lock().expect("token usage poisoned");
+    pub(super) fn estimate(&self, meter: Meter, limit: u64) -> i64 {
+        let recent = self.recent[usize::from(meter.is_cost())].lock().expect("token usage poisoned");
         match recent.seen {
             false => share_size(i64::try_from(limit).unwrap_or(i64::MAX)),
             true => recent.usage.iter().copied().max().unwrap_or(1).max(1),
         }
     }
 
-    /// Remembers what one answer used.
-    fn learn(&self, used: i64) {
-        let mut recent = self.recent.lock().expect("token usage poisoned");
+    /// Remembers what one answer used, in `meter`'s unit.
+    fn learn(&self, meter: Meter, used: i64) {
+        let mut recent = self.recent[usize::from(meter.is_cost())].lock().expect("token usage poisoned");
         let at = recent.next;
         recent.usage[at] = used;
         recent.next = (at + 1) % REMEMBERED;
         recent.seen = true;
     }
 
-    /// Reserves `estimate` in the `kind` window holding `start_us` (or a later one this
+    /// Reserves `estimate` in the `meter` window holding `start_us` (or a later one this
     /// replica already counts in). A share with less than that left is short, unless
     /// it was the window's last or the rest is held: then whatever is left admits one
     /// more request, and after that the API server says whether the rest is spent or
     /// only held by requests in flight.
-    pub(super) fn reserve(
-        &self,
-        kind: TokenWindowKind,
-        start_us: i64,
-        estimate: i64,
-        limit: u64,
-        now_us: i64,
-    ) -> Reserve {
+    pub(super) fn reserve(&self, meter: Meter, start_us: i64, estimate: i64, limit: u64, now_us: i64) -> Reserve {
         self.last_reserved_us.fetch_max(now_us, std::sync::atomic::Ordering::Relaxed);
         let mut shares = self.shares.lock().expect("token shares poisoned");
-        let share = roll(&mut shares[windows::index(kind)], start_us);
+        let share = roll(&mut shares[windows::index(meter)], start_us);
         if share.limit != limit {
             // Raised (or lowered): the API server decides whether there is room.
             if share.limit != 0 {
@@ -157,9 +152,9 @@ impl TokenShares {
     }
 
     /// Adds a claimed share of `granted` tokens; `last` when it was all that was left.
-    pub(super) fn grant(&self, kind: TokenWindowKind, start_us: i64, granted: i64, last: bool) {
+    pub(super) fn grant(&self, meter: Meter, start_us: i64, granted: i64, last: bool) {
         let mut shares = self.shares.lock().expect("token shares poisoned");
-        let share = roll(&mut shares[windows::index(kind)], start_us);
+        let share = roll(&mut shares[windows::index(meter)], start_us);
         if share.start_us == start_us {
             share.left = share.left.saturating_add(granted);
             share.full |= last;
@@ -184,10 +179,10 @@ impl TokenShares {
     fn take_left(&self, last: bool) -> Vec<Unused> {
         let mut shares = self.shares.lock().expect("token shares poisoned");
         let mut unused = Vec::new();
-        for kind in windows::KINDS {
-            let share = &mut shares[windows::index(kind)];
+        for meter in windows::METERS {
+            let share = &mut shares[windows::index(meter)];
             if share.left > 0 {
-                unused.push((kind, share.start_us, share.left));
+                unused.push((meter, share.start_us, share.left));
                 share.left = 0;
                 share.full |= last;
             }
@@ -196,28 +191,28 @@ impl TokenShares {
     }
 
     /// Marks the rest of the window held by requests in flight until `until_us`.
-    pub(super) fn mark_held(&self, kind: TokenWindowKind, start_us: i64, until_us: i64) {
+    pub(super) fn mark_held(&self, meter: Meter, start_us: i64, until_us: i64) {
         let mut shares = self.shares.lock().expect("token shares poisoned");
-        let share = roll(&mut shares[windows::index(kind)], start_us);
+        let share = roll(&mut shares[windows::index(meter)], start_us);
         if share.start_us == start_us {
             share.held_until_us = until_us;
         }
     }
 
     /// Marks the window spent until `until_us`, as the API server said.
-    pub(super) fn mark_spent(&self, kind: TokenWindowKind, start_us: i64, until_us: i64) {
+    pub(super) fn mark_spent(&self, meter: Meter, start_us: i64, until_us: i64) {
         let mut shares = self.shares.lock().expect("token shares poisoned");
-        let share = roll(&mut shares[windows::index(kind)], start_us);
+        let share = roll(&mut shares[windows::index(meter)], start_us);
         if share.start_us == start_us {
             (share.full, share.spent_until_us) = (true, until_us);
         }
     }
 
-    /// Takes what is left of this replica's share of the `kind` window starting at
+    /// Takes what is left of this replica's share of the `meter` window starting at
     /// `start_us`, to give back while the window is held (other replicas wait for it).
-    pub(super) fn take_idle(&self, kind: TokenWindowKind, start_us: i64) -> i64 {
+    pub(super) fn take_idle(&self, meter: Meter, start_us: i64) -> i64 {
         let mut shares = self.shares.lock().expect("token shares poisoned");
-        let share = &mut shares[windows::index(kind)];
+        let share = &mut shares[windows::index(meter)];
         if share.start_us != start_us || share.left <= 0 {
             return 0;
         }
@@ -225,11 +220,11 @@ impl TokenShares {
     }
 
     /// Ends one part of a reservation: `used` tokens replace the `estimate` reserved
-    /// in the `kind` window starting at `start_us`, and are charged.
-    fn settle(&self, kind: TokenWindowKind, start_us: i64, estimate: i64, used: i64) {
+    /// in the `meter` window starting at `start_us`, and are charged.
+    fn settle(&self, meter: Meter, start_us: i64, estimate: i64, used: i64) {
         {
             let mut shares = self.shares.lock().expect("token shares poisoned");
-            let share = &mut shares[windows::index(kind)];
+            let share = &mut shares[windows::index(meter)];
             if share.start_us == start_us {
                 share.left = share.left.saturating_add(estimate).saturating_sub(used);
             }
@@ -237,9 +232,9 @@ impl TokenShares {
         if used > 0 {
             // Merged as they come: a flush in doubt may hold the rest back for a while.
             let mut pending = self.pending.lock().expect("token usage poisoned");
-            match pending.iter_mut().find(|c| c.kind == kind && c.start_us == start_us) {
-                Some(charge) => charge.tokens = charge.tokens.saturating_add(used),
-                None => pending.push(Charge { kind, start_us, tokens: used }),
+            match pending.iter_mut().find(|c| c.meter == meter && c.start_us == start_us) {
+                Some(charge) => charge.amount = charge.amount.saturating_add(used),
+                None => pending.push(Charge { meter, start_us, amount: used }),
             }
         }
     }
@@ -277,14 +272,25 @@ fn roll(share: &mut Share, start_us: i64) -> &mut Share {
 #[derive(Default)]
 pub(crate) struct Reservation {
     parts: Vec<Part>,
+    /// The price of the request's model, for cost budgets.
+    price: Option<Price>,
     settled: bool,
     charge_cut: bool,
+}
+
+/// What an answer used, as the upstream reported it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Used {
+    /// Prompt (input) tokens.
+    pub(crate) prompt: u64,
+    /// Completion (output) tokens.
+    pub(crate) completion: u64,
 }
 
 /// Tokens reserved in one window.
 struct Part {
     shares: Arc<TokenShares>,
-    kind: TokenWindowKind,
+    meter: Meter,
     start_us: i64,
     estimate: i64,
     /// What an answer that should have reported usage and did not is charged: a whole
@@ -293,18 +299,16 @@ struct Part {
 }
 
 impl Reservation {
-    /// Records `estimate` tokens reserved in `shares`' `kind` window of `limit` starting
+    /// Records `estimate` tokens reserved in `shares`' `meter` window of `limit` starting
     /// at `start_us`.
-    pub(super) fn add(
-        &mut self,
-        shares: &Arc<TokenShares>,
-        kind: TokenWindowKind,
-        start_us: i64,
-        estimate: i64,
-        limit: u64,
-    ) {
+    pub(super) fn add(&mut self, shares: &Arc<TokenShares>, meter: Meter, start_us: i64, estimate: i64, limit: u64) {
         let unreported = share_size(i64::try_from(limit).unwrap_or(i64::MAX)).max(estimate);
-        self.parts.push(Part { shares: shares.clone(), kind, start_us, estimate, unreported });
+        self.parts.push(Part { shares: shares.clone(), meter, start_us, estimate, unreported });
+    }
+
+    /// Prices the request's cost budgets at `price` (that of the model it names).
+    pub(super) fn price_at(&mut self, price: Option<Price>) {
+        self.price = price;
     }
 
     /// Whether nothing is reserved.
@@ -321,20 +325,30 @@ impl Reservation {
     pub(crate) fn settle_unreported(mut self) {
         self.settled = true;
         for part in &self.parts {
-            part.shares.settle(part.kind, part.start_us, part.estimate, part.unreported);
+            part.shares.settle(part.meter, part.start_us, part.estimate, part.unreported);
         }
     }
 
-    /// Settles with the `used` tokens the upstream reported.
-    pub(crate) fn settle(mut self, used: u64) {
+    /// Settles with the usage the upstream reported: tokens, and their cost at the
+    /// price of the request's model (with none known, a cost budget is charged a whole
+    /// share, as for an answer that reported nothing).
+    pub(crate) fn settle(mut self, used: Used) {
         self.settled = true;
         // No answer is this large; a broken upstream's number must not wrap the sums.
-        let used = used.min(MAX_USAGE) as i64;
+        let (prompt, completion) = (used.prompt.min(MAX_USAGE), used.completion.min(MAX_USAGE));
+        let tokens = (prompt + completion) as i64;
+        let cost = self.price.map(|price| price.cost(prompt, completion));
         for (i, part) in self.parts.iter().enumerate() {
-            part.shares.settle(part.kind, part.start_us, part.estimate, used);
-            // Once per token or Project, however many of its windows the request is in.
-            if !self.parts[..i].iter().any(|p| Arc::ptr_eq(&p.shares, &part.shares)) {
-                part.shares.learn(used);
+            let used = match part.meter {
+                Meter::Tokens(_) => tokens,
+                Meter::Usd(_) => cost.unwrap_or(part.unreported),
+            };
+            part.shares.settle(part.meter, part.start_us, part.estimate, used);
+            // Once per token or Project and unit, however many windows the request is in.
+            let same_unit =
+                |p: &Part| Arc::ptr_eq(&p.shares, &part.shares) && p.meter.is_cost() == part.meter.is_cost();
+            if !self.parts[..i].iter().any(same_unit) {
+                part.shares.learn(part.meter, used);
             }
         }
     }
@@ -347,7 +361,7 @@ impl Drop for Reservation {
         }
         for part in &self.parts {
             let used = if self.charge_cut { part.estimate } else { 0 };
-            part.shares.settle(part.kind, part.start_us, part.estimate, used);
+            part.shares.settle(part.meter, part.start_us, part.estimate, used);
         }
     }
 }
@@ -356,7 +370,11 @@ impl Drop for Reservation {
 mod tests {
     use super::*;
 
-    const DAY: TokenWindowKind = TokenWindowKind::Day;
+    const DAY: Meter = Meter::Tokens(crate::api::TokenWindowKind::Day);
+
+    fn tokens(prompt: u64) -> Used {
+        Used { prompt, completion: 0 }
+    }
 
     fn reserve_all(shares: &Arc<TokenShares>, estimate: i64) -> Reservation {
         let mut reservation = Reservation::default();
@@ -372,10 +390,10 @@ mod tests {
         shares.grant(DAY, 100, 40, false);
         let first = reserve_all(&shares, 1);
         // Before any answer: a sixteenth of the limit.
-        assert_eq!(shares.estimate(800), 50);
-        first.settle(16);
+        assert_eq!(shares.estimate(DAY, 800), 50);
+        first.settle(tokens(16));
         // Then the most of the latest answers.
-        assert_eq!(shares.estimate(800), 16);
+        assert_eq!(shares.estimate(DAY, 800), 16);
         assert_eq!(shares.shares.lock().unwrap()[1].left, 40 - 16);
         let second = reserve_all(&shares, 16);
         assert_eq!(shares.shares.lock().unwrap()[1].left, 8);
@@ -383,7 +401,7 @@ mod tests {
         assert_eq!(shares.reserve(DAY, 100, 16, 800, 0), Reserve::Short { start_us: 100, need: 8 });
         drop(second);
         assert_eq!(shares.shares.lock().unwrap()[1].left, 24, "an unsettled reservation goes back");
-        assert_eq!(shares.take_pending(), [Charge { kind: DAY, start_us: 100, tokens: 16 }]);
+        assert_eq!(shares.take_pending(), [Charge { meter: DAY, start_us: 100, amount: 16 }]);
         assert!(shares.take_pending().is_empty());
     }
 
@@ -400,7 +418,7 @@ mod tests {
         assert_eq!(shares.reserve(DAY, 100, 16, 800, 11), Reserve::Spent { start_us: 100 });
         // Asked again later: a share given back may have made room.
         assert_eq!(shares.reserve(DAY, 100, 16, 800, 21), Reserve::Short { start_us: 100, need: 27 });
-        last.settle(16);
+        last.settle(tokens(16));
         assert_eq!(shares.shares.lock().unwrap()[1].left, -11, "overrun by what the share lacked");
         // A new window starts from nothing.
         assert_eq!(shares.reserve(DAY, 200, 16, 800, 0), Reserve::Short { start_us: 200, need: 16 });
@@ -410,33 +428,33 @@ mod tests {
     fn an_answer_without_usage_is_charged_a_whole_share_and_a_cut_one_its_estimate() {
         let shares = Arc::new(TokenShares::default());
         shares.grant(DAY, 100, 100, false);
-        reserve_all(&shares, 1).settle(30);
+        reserve_all(&shares, 1).settle(tokens(30));
         let mut stream = reserve_all(&shares, 30);
         stream.charge_if_cut();
         stream.settle_unreported();
         // 800 / 16: leaving usage out never costs less than reporting it.
-        assert_eq!(shares.take_pending(), [Charge { kind: DAY, start_us: 100, tokens: 30 + 50 }]);
+        assert_eq!(shares.take_pending(), [Charge { meter: DAY, start_us: 100, amount: 30 + 50 }]);
         assert_eq!(shares.shares.lock().unwrap()[1].left, 100 - 30 - 50);
         // A body cut short (the client went away) is charged what it reserved.
         shares.grant(DAY, 100, 100, false);
         let mut cut = reserve_all(&shares, 30);
         cut.charge_if_cut();
         drop(cut);
-        assert_eq!(shares.take_pending(), [Charge { kind: DAY, start_us: 100, tokens: 30 }]);
+        assert_eq!(shares.take_pending(), [Charge { meter: DAY, start_us: 100, amount: 30 }]);
     }
 
     #[test]
     fn one_outsized_answer_weighs_for_sixteen_answers_and_a_raised_limit_reopens_a_spent_share() {
         let shares = Arc::new(TokenShares::default());
         shares.grant(DAY, 100, 5000, false);
-        reserve_all(&shares, 1).settle(5000);
-        assert_eq!(shares.estimate(800), 5000);
+        reserve_all(&shares, 1).settle(tokens(5000));
+        assert_eq!(shares.estimate(DAY, 800), 5000);
         for _ in 0..15 {
-            shares.learn(10);
+            shares.learn(DAY, 10);
         }
-        assert_eq!(shares.estimate(800), 5000);
-        shares.learn(10);
-        assert_eq!(shares.estimate(800), 10, "forgotten after sixteen more");
+        assert_eq!(shares.estimate(DAY, 800), 5000);
+        shares.learn(DAY, 10);
+        assert_eq!(shares.estimate(DAY, 800), 10, "forgotten after sixteen more");
         shares.mark_spent(DAY, 100, 10);
         assert_eq!(shares.reserve(DAY, 100, 50, 800, 0), Reserve::Spent { start_us: 100 });
         assert_eq!(shares.reserve(DAY, 100, 50, 8000, 0), Reserve::Short { start_us: 100, need: 50 });
@@ -458,10 +476,38 @@ mod tests {
         shares.grant(DAY, 100, 50, false);
         let slow = reserve_all(&shares, 1);
         shares.grant(DAY, 200, 50, false);
-        slow.settle(20);
+        slow.settle(tokens(20));
         assert_eq!(shares.shares.lock().unwrap()[1], Share { start_us: 200, left: 50, limit: 800, ..Share::default() });
-        assert_eq!(shares.take_pending(), [Charge { kind: DAY, start_us: 100, tokens: 20 }]);
+        assert_eq!(shares.take_pending(), [Charge { meter: DAY, start_us: 100, amount: 20 }]);
         // An admission computed before the move counts in the later window.
         assert_eq!(shares.reserve(DAY, 100, 1, 800, 0), Reserve::Taken { start_us: 200 });
+    }
+
+    #[test]
+    fn a_cost_budget_is_charged_the_answer_at_its_model_s_price() {
+        const COST: Meter = Meter::Usd(crate::api::TokenWindowKind::Month);
+        let shares = Arc::new(TokenShares::default());
+        shares.grant(DAY, 100, 1000, false);
+        shares.grant(COST, 100, 1_000_000, false);
+        let mut reservation = reserve_all(&shares, 1);
+        let Reserve::Taken { start_us } = shares.reserve(COST, 100, 10, 16_000_000, 0) else { panic!("not taken") };
+        reservation.add(&shares, COST, start_us, 10, 16_000_000);
+        reservation.price_at(Some(Price { input: 2_500_000, output: 10_000_000 }));
+        reservation.settle(Used { prompt: 1000, completion: 500 });
+        let mut pending = shares.take_pending();
+        pending.sort_by_key(|c| c.meter);
+        // 1,000 × $2.50 + 500 × $10.00 per million: $0.0075.
+        assert_eq!(
+            pending,
+            [Charge { meter: DAY, start_us: 100, amount: 1500 }, Charge { meter: COST, start_us: 100, amount: 7500 }]
+        );
+        // Each unit learns its own size.
+        assert_eq!((shares.estimate(DAY, 800), shares.estimate(COST, 16_000_000)), (1500, 7500));
+        // No price known: the cost budget is charged a whole share (a sixteenth).
+        let mut unpriced = Reservation::default();
+        let Reserve::Taken { start_us } = shares.reserve(COST, 100, 10, 16_000_000, 0) else { panic!("not taken") };
+        unpriced.add(&shares, COST, start_us, 10, 16_000_000);
+        unpriced.settle(tokens(3));
+        assert_eq!(shares.take_pending(), [Charge { meter: COST, start_us: 100, amount: 1_000_000 }]);
     }
 }

@@ -1,6 +1,7 @@
-//! The API side of LLM-token limits: shares claimed from, and usage written into,
-//! `status.tokenWindows` of a ProxyToken (its own limits) or of a Project (the limits
-//! all its tokens share), and the Event when a window is spent.
+//! The API side of budgets: shares claimed from, and usage written into,
+//! `status.tokenWindows` (LLM tokens) and `status.costWindows` (US dollars) of a
+//! ProxyToken (its own limits) or of a Project (the limits all its tokens share), and
+//! the Event when a window is spent.
 //!
 //! In: a claim (whose window, how much is needed) or a flush of settled usage. Out: the
 //! share granted, or that nothing is left; the windows as stored, for the metrics.
@@ -19,8 +20,9 @@ use serde_json::json;
 
 use super::budget::{Charge, share_size};
 use super::quota::{params, retry_on_conflict};
-use crate::api::{Limits, Project, ProxyToken, RequestWindow, TokenWindow, TokenWindowKind, UsageFlush};
-use crate::windows;
+use crate::api::{CostWindow, Limits, Project, ProxyToken, RequestWindow, TokenWindow, TokenWindowKind, UsageFlush};
+use crate::pricing::{format_usd, parse_usd};
+use crate::windows::{self, Meter};
 
 /// Whose windows: a ProxyToken's own, or a Project's, shared by all its tokens.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +72,8 @@ pub(super) trait Budgeted:
     fn limits(&self) -> Option<&Limits>;
     /// `status.tokenWindows`.
     fn token_windows(&self) -> &[TokenWindow];
+    /// `status.costWindows`.
+    fn cost_windows(&self) -> &[CostWindow];
     /// `status.usageFlushes`.
     fn usage_flushes(&self) -> &[UsageFlush];
     /// `status.currentMinute`.
@@ -85,6 +89,9 @@ macro_rules! budgeted {
             }
             fn token_windows(&self) -> &[TokenWindow] {
                 self.status.as_ref().map_or(&[], |s| &s.token_windows)
+            }
+            fn cost_windows(&self) -> &[CostWindow] {
+                self.status.as_ref().map_or(&[], |s| &s.cost_windows)
             }
             fn usage_flushes(&self) -> &[UsageFlush] {
                 self.status.as_ref().map_or(&[], |s| &s.usage_flushes)
@@ -109,43 +116,125 @@ const HOLD_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
 /// as stored (for the metrics).
 pub(super) struct Stored {
     pub(super) object: ObjectReference,
-    pub(super) windows: Vec<TokenWindow>,
+    pub(super) windows: Windows,
 }
 
-/// Claims a share of at least `need` tokens (a sixteenth of the limit when larger) of
-/// `owner`'s `kind` window starting at `start_us`. When nothing is left, the first claim
-/// to find it so writes `spentAt`.
+/// An owner's windows of both units in one shape: amounts in LLM tokens
+/// (`status.tokenWindows`) or in micro-dollars (`status.costWindows`, whose dollar
+/// strings are exact to the micro-dollar).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Windows {
+    tokens: Vec<TokenWindow>,
+    cost: Vec<TokenWindow>,
+}
+
+impl Windows {
+    /// `object`'s windows as stored.
+    pub(super) fn of<K: Budgeted>(object: &K) -> Self {
+        Self { tokens: object.token_windows().to_vec(), cost: object.cost_windows().iter().map(from_cost).collect() }
+    }
+
+    fn list_mut(&mut self, meter: Meter) -> &mut Vec<TokenWindow> {
+        match meter {
+            Meter::Tokens(_) => &mut self.tokens,
+            Meter::Usd(_) => &mut self.cost,
+        }
+    }
+
+    /// The `meter` window, whichever its start.
+    fn get(&self, meter: Meter) -> Option<&TokenWindow> {
+        let list = if meter.is_cost() { &self.cost } else { &self.tokens };
+        list.iter().find(|w| w.window == meter.kind())
+    }
+
+    /// Every window with its meter.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (Meter, &TokenWindow)> {
+        let tokens = self.tokens.iter().map(|w| (Meter::Tokens(w.window), w));
+        tokens.chain(self.cost.iter().map(|w| (Meter::Usd(w.window), w)))
+    }
+
+    /// The status field holding `meter`'s unit, as a merge patch writes it.
+    fn patch_of(&self, meter: Meter) -> serde_json::Value {
+        match meter {
+            Meter::Tokens(_) => json!({ "tokenWindows": self.tokens }),
+            Meter::Usd(_) => json!({ "costWindows": self.cost.iter().map(to_cost).collect::<Vec<_>>() }),
+        }
+    }
+
+    /// Both fields; an empty one is removed rather than written as `[]`.
+    pub(super) fn patch(&self) -> serde_json::Value {
+        let list = |empty: bool, value: serde_json::Value| if empty { serde_json::Value::Null } else { value };
+        json!({
+            "tokenWindows": list(self.tokens.is_empty(), json!(self.tokens)),
+            "costWindows": list(self.cost.is_empty(), json!(self.cost.iter().map(to_cost).collect::<Vec<_>>())),
+        })
+    }
+}
+
+/// A stored cost window in micro-dollars (an amount that does not parse counts as 0:
+/// the schema lets only well-formed ones in).
+fn from_cost(window: &CostWindow) -> TokenWindow {
+    let micros = |text: &str| parse_usd(text).unwrap_or(0);
+    TokenWindow {
+        window: window.window,
+        start: window.start.clone(),
+        limit: micros(&window.limit_usd),
+        used_tokens: micros(&window.used_usd),
+        remaining_tokens: micros(&window.remaining_usd),
+        claimed_tokens: micros(&window.claimed_usd),
+        held_since: window.held_since.clone(),
+        spent_at: window.spent_at.clone(),
+    }
+}
+
+fn to_cost(window: &TokenWindow) -> CostWindow {
+    CostWindow {
+        window: window.window,
+        start: window.start.clone(),
+        limit_usd: format_usd(window.limit),
+        used_usd: format_usd(window.used_tokens),
+        remaining_usd: format_usd(window.remaining_tokens),
+        claimed_usd: format_usd(window.claimed_tokens),
+        held_since: window.held_since.clone(),
+        spent_at: window.spent_at.clone(),
+    }
+}
+
+/// Claims a share of at least `need` tokens or micro-dollars (a sixteenth of the limit
+/// when larger) of `owner`'s `meter` window starting at `start_us`. When nothing is
+/// left, the first claim to find it so writes `spentAt`.
 pub(super) async fn claim(
     client: Client,
     owner: &Owner,
-    kind: TokenWindowKind,
+    meter: Meter,
     limit_hint: u64,
     start_us: i64,
     need: i64,
 ) -> (TokenClaim, Option<Stored>) {
     match owner {
         Owner::Token { namespace, name } => {
-            claim_in(Api::<ProxyToken>::namespaced(client, namespace), name, kind, limit_hint, start_us, need).await
+            claim_in(Api::<ProxyToken>::namespaced(client, namespace), name, meter, limit_hint, start_us, need).await
         }
-        Owner::Project { name } => claim_in(Api::<Project>::all(client), name, kind, limit_hint, start_us, need).await,
+        Owner::Project { name } => claim_in(Api::<Project>::all(client), name, meter, limit_hint, start_us, need).await,
     }
 }
 
 async fn claim_in<K: Budgeted>(
     api: Api<K>,
     name: &str,
-    kind: TokenWindowKind,
+    meter: Meter,
     limit_hint: u64,
     start_us: i64,
     need: i64,
 ) -> (TokenClaim, Option<Stored>) {
     let Ok(start) = jiff::Timestamp::from_microsecond(start_us) else { return (TokenClaim::Unavailable, None) };
-    let stored = |object: &K| Stored { object: object.object_ref(&()), windows: object.token_windows().to_vec() };
+    let stored = |object: &K| Stored { object: object.object_ref(&()), windows: Windows::of(object) };
     let claimed = retry_on_conflict(|| async {
         let object = api.get_status(name).await?;
-        let limit = limit_of(&object, kind).unwrap_or(limit_hint as i64);
-        let mut windows = object.token_windows().to_vec();
-        let at = windows.iter().position(|w| w.window == kind);
+        let limit = limit_of(&object, meter).unwrap_or(limit_hint as i64);
+        let mut all = Windows::of(&object);
+        let windows = all.list_mut(meter);
+        let at = windows.iter().position(|w| w.window == meter.kind());
         let mut window = match at.map(|i| &windows[i]) {
             Some(w) if w.start.0.as_microsecond() == start_us => w.clone(),
             // A later window is stored: this request's is over for the cluster (it came
@@ -153,7 +242,7 @@ async fn claim_in<K: Budgeted>(
             // is asked to retry, and counts in the new window then.
             Some(w) if w.start.0.as_microsecond() > start_us => return Ok((TokenClaim::Held, stored(&object))),
             _ => TokenWindow {
-                window: kind,
+                window: meter.kind(),
                 start: Time(start),
                 limit,
                 used_tokens: 0,
@@ -194,11 +283,14 @@ async fn claim_in<K: Budgeted>(
         }
         let patch = json!({
             "metadata": { "resourceVersion": object.resource_version() },
-            "status": { "tokenWindows": windows },
+            "status": all.patch_of(meter),
         });
         let patched = api.patch_status(name, &params(), &Patch::Merge(&patch)).await?;
-        if patched.token_windows().iter().find(|w| w.window == kind) != Some(&window) {
-            tracing::error!("status.tokenWindows was not stored: update the CRDs (crds/llmproxy.io.yaml)");
+        if Windows::of(&patched).get(meter) != Some(&window) {
+            tracing::error!(
+                field = meter.field(),
+                "a budget window was not stored: update the CRDs (crds/llmproxy.io.yaml)"
+            );
             return Ok((TokenClaim::Unavailable, stored(&patched)));
         }
         Ok((outcome, stored(&patched)))
@@ -266,42 +358,43 @@ async fn claim_minute_in<K: Budgeted>(api: Api<K>, name: &str, limit: u64, minut
     })
 }
 
-/// Lowers `owner`'s claims in the `kind` window starting at `start_us` by `unused`
-/// tokens of this replica's share (never below what was used), so that other replicas
+/// Lowers `owner`'s claims in the `meter` window starting at `start_us` by `unused`
+/// tokens (or micro-dollars) of this replica's share (never below what was used), so that other replicas
 /// can spend them. A window that has moved on is left as it is.
 pub(super) async fn give_back(
     client: Client,
     owner: &Owner,
-    kind: TokenWindowKind,
+    meter: Meter,
     start_us: i64,
     unused: i64,
 ) -> Result<(), kube::Error> {
     match owner {
         Owner::Token { namespace, name } => {
-            give_back_in(Api::<ProxyToken>::namespaced(client, namespace), name, kind, start_us, unused).await
+            give_back_in(Api::<ProxyToken>::namespaced(client, namespace), name, meter, start_us, unused).await
         }
-        Owner::Project { name } => give_back_in(Api::<Project>::all(client), name, kind, start_us, unused).await,
+        Owner::Project { name } => give_back_in(Api::<Project>::all(client), name, meter, start_us, unused).await,
     }
 }
 
 async fn give_back_in<K: Budgeted>(
     api: Api<K>,
     name: &str,
-    kind: TokenWindowKind,
+    meter: Meter,
     start_us: i64,
     unused: i64,
 ) -> Result<(), kube::Error> {
     retry_on_conflict(|| async {
         let object = api.get_status(name).await?;
-        let mut windows = object.token_windows().to_vec();
-        let Some(window) = windows.iter_mut().find(|w| w.window == kind && w.start.0.as_microsecond() == start_us)
-        else {
+        let mut all = Windows::of(&object);
+        let windows = all.list_mut(meter);
+        let at = |w: &&mut TokenWindow| w.window == meter.kind() && w.start.0.as_microsecond() == start_us;
+        let Some(window) = windows.iter_mut().find(at) else {
             return Ok(());
         };
         window.claimed_tokens = (window.claimed_tokens - unused).max(window.used_tokens).max(0);
         let patch = json!({
             "metadata": { "resourceVersion": object.resource_version() },
-            "status": { "tokenWindows": windows },
+            "status": all.patch_of(meter),
         });
         api.patch_status(name, &params(), &Patch::Merge(&patch)).await.map(drop)
     })
@@ -317,20 +410,19 @@ pub(super) async fn flush_project(
     name: &str,
     replica: &str,
     flush: &WindowFlush,
-) -> Result<Vec<TokenWindow>, kube::Error> {
+) -> Result<Windows, kube::Error> {
     let api = Api::<Project>::all(client);
     retry_on_conflict(|| async {
         let project = api.get_status(name).await?;
         if project.usage_flushes().iter().any(|f| f.replica == replica && f.sequence >= flush.sequence) {
-            return Ok(project.token_windows().to_vec());
+            return Ok(Windows::of(&project));
         }
         let windows = charge(&project, &flush.tokens);
+        let mut status = windows.patch();
+        status["usageFlushes"] = json!(flushes_with(project.usage_flushes(), replica, flush.sequence));
         let patch = json!({
             "metadata": { "resourceVersion": project.resource_version() },
-            "status": {
-                "tokenWindows": windows,
-                "usageFlushes": flushes_with(project.usage_flushes(), replica, flush.sequence),
-            },
+            "status": status,
         });
         api.patch_status(name, &params(), &Patch::Merge(&patch)).await?;
         Ok(windows)
@@ -353,45 +445,57 @@ pub(super) fn flushes_with(flushes: &[UsageFlush], replica: &str, sequence: i64)
 }
 
 /// `object`'s windows with `charges` added to the windows they were made in (usage of
-/// a window already replaced by a later one is dropped), and `limit` and
-/// `remainingTokens` as its spec sets them now.
-pub(super) fn charge<K: Budgeted>(object: &K, charges: &[Charge]) -> Vec<TokenWindow> {
-    let mut windows = object.token_windows().to_vec();
+/// a window already replaced by a later one is dropped), and `limit` and what remains
+/// as its spec sets them now.
+pub(super) fn charge<K: Budgeted>(object: &K, charges: &[Charge]) -> Windows {
+    let mut windows = Windows::of(object);
     for charge in charges {
-        let window =
-            windows.iter_mut().find(|w| w.window == charge.kind && w.start.0.as_microsecond() == charge.start_us);
-        if let Some(window) = window {
-            window.used_tokens += charge.tokens;
+        let (kind, start_us) = (charge.meter.kind(), charge.start_us);
+        let list = windows.list_mut(charge.meter);
+        if let Some(window) = list.iter_mut().find(|w| w.window == kind && w.start.0.as_microsecond() == start_us) {
+            window.used_tokens += charge.amount;
         }
     }
-    for window in &mut windows {
-        window.limit = limit_of(object, window.window).unwrap_or(window.limit);
-        window.remaining_tokens = (window.limit - window.used_tokens).max(0);
-    }
+    let as_specified = |list: &mut Vec<TokenWindow>, unit: fn(TokenWindowKind) -> Meter| {
+        for window in list {
+            window.limit = limit_of(object, unit(window.window)).unwrap_or(window.limit);
+            window.remaining_tokens = (window.limit - window.used_tokens).max(0);
+        }
+    };
+    as_specified(&mut windows.tokens, Meter::Tokens);
+    as_specified(&mut windows.cost, Meter::Usd);
     windows
 }
 
-/// The `kind` limit `object`'s spec sets now.
-fn limit_of<K: Budgeted>(object: &K, kind: TokenWindowKind) -> Option<i64> {
-    object.limits()?.token_windows().find(|(k, _)| *k == kind).map(|(_, limit)| limit)
+/// The `meter` limit `object`'s spec sets now.
+fn limit_of<K: Budgeted>(object: &K, meter: Meter) -> Option<i64> {
+    let limits = object.limits()?;
+    match meter {
+        Meter::Tokens(kind) => limits.token_windows().find(|(k, _)| *k == kind).map(|(_, limit)| limit),
+        Meter::Usd(kind) => limits.cost_windows().find(|(k, _)| *k == kind).map(|(_, limit)| limit),
+    }
 }
 
-/// The Event on the object whose `kind` window is spent: once per window, from the
+/// The Event on the object whose `meter` window is spent: once per window, from the
 /// replica whose claim found it so.
-pub(super) async fn publish_spent(recorder: &Recorder, object: &ObjectReference, kind: TokenWindowKind, limit: u64) {
+pub(super) async fn publish_spent(recorder: &Recorder, object: &ObjectReference, meter: Meter, limit: u64) {
     let whose =
         if object.kind.as_deref() == Some("Project") { "all tokens of this Project together" } else { "this token" };
-    let retry = match kind {
+    let retry = match meter.kind() {
         TokenWindowKind::Lifetime => "for good".to_string(),
         _ => "until the window resets".to_string(),
     };
+    let (reason, amount) = match meter {
+        Meter::Tokens(_) => ("TokenBudgetSpent", format!("{limit} LLM tokens")),
+        Meter::Usd(_) => ("CostBudgetSpent", format!("${}", format_usd(i64::try_from(limit).unwrap_or(i64::MAX)))),
+    };
     let event = Event {
         type_: EventType::Warning,
-        reason: "TokenBudgetSpent".into(),
+        reason: reason.into(),
         note: Some(format!(
-            "limits.{} ({limit} LLM tokens {}, for {whose}) is used up or held by requests in flight; requests are refused {retry}",
-            kind.field(),
-            windows::per(kind),
+            "limits.{} ({amount} {}, for {whose}) is used up or held by requests in flight; requests are refused {retry}",
+            meter.field(),
+            windows::per(meter.kind()),
         )),
         action: "RefuseRequests".into(),
         secondary: None,

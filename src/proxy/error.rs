@@ -9,6 +9,7 @@ use super::Body;
 use crate::api::TokenWindowKind;
 use crate::index::Denial;
 use crate::proxy::paths::PathError;
+use crate::windows::Meter;
 
 /// Why the proxy answered instead of the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +38,12 @@ pub(crate) enum ProxyError {
     /// A budget of LLM tokens (`tokensPerDay`, `tokensPerMonth`, `lifetimeTokens`) is spent.
     #[error("token budget spent")]
     TokenBudgetSpent,
+    /// A budget in US dollars (`costPerMonth`) is spent.
+    #[error("cost budget spent")]
+    CostBudgetSpent,
+    /// A cost budget applies and the Project's PriceList has no price for the model.
+    #[error("model not priced")]
+    ModelNotPriced,
     /// The Project the token was minted for no longer exists.
     #[error("project deleted")]
     ProjectDeleted,
@@ -93,10 +100,14 @@ impl ProxyError {
             | Self::TokenRevoked
             | Self::TokenExpired
             | Self::ProjectDeleted => StatusCode::UNAUTHORIZED,
-            Self::TokenExhausted | Self::RateLimited | Self::TokensRateLimited | Self::TokenBudgetSpent => {
-                StatusCode::TOO_MANY_REQUESTS
+            Self::TokenExhausted
+            | Self::RateLimited
+            | Self::TokensRateLimited
+            | Self::TokenBudgetSpent
+            | Self::CostBudgetSpent => StatusCode::TOO_MANY_REQUESTS,
+            Self::ProjectInactive | Self::NamespaceNotAllowed | Self::ModelNotAllowed | Self::ModelNotPriced => {
+                StatusCode::FORBIDDEN
             }
-            Self::ProjectInactive | Self::NamespaceNotAllowed | Self::ModelNotAllowed => StatusCode::FORBIDDEN,
             Self::ModelRequired | Self::ModelAmbiguous => StatusCode::BAD_REQUEST,
             Self::ProjectKeyInvalid | Self::NotReady | Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::EndpointNotFound => StatusCode::NOT_FOUND,
@@ -118,6 +129,8 @@ impl ProxyError {
             Self::TokenExhausted => "token_exhausted",
             Self::RateLimited | Self::TokensRateLimited => "rate_limit_exceeded",
             Self::TokenBudgetSpent => "token_budget_exceeded",
+            Self::CostBudgetSpent => "cost_budget_exceeded",
+            Self::ModelNotPriced => "model_not_priced",
             Self::ProjectDeleted => "project_deleted",
             Self::ProjectInactive => "project_inactive",
             Self::NamespaceNotAllowed => "namespace_not_allowed",
@@ -144,10 +157,12 @@ impl ProxyError {
             | Self::TokenRevoked
             | Self::TokenExpired
             | Self::ProjectDeleted => "authentication_error",
-            Self::ProjectInactive | Self::NamespaceNotAllowed | Self::ModelNotAllowed => "permission_error",
+            Self::ProjectInactive | Self::NamespaceNotAllowed | Self::ModelNotAllowed | Self::ModelNotPriced => {
+                "permission_error"
+            }
             Self::ModelRequired | Self::ModelAmbiguous => "invalid_request_error",
             // OpenAI's type for a spent budget, which waiting (a while) does not restore.
-            Self::TokenExhausted | Self::TokenBudgetSpent => "insufficient_quota",
+            Self::TokenExhausted | Self::TokenBudgetSpent | Self::CostBudgetSpent => "insufficient_quota",
             // OpenAI's types for rate limits, which the SDKs wait out and retry.
             Self::RateLimited => "requests",
             Self::TokensRateLimited => "tokens",
@@ -216,6 +231,12 @@ impl ProxyError {
             Self::TokenBudgetSpent => {
                 "This token's budget of LLM tokens (spec.limits) is spent: wait for the window to reset, or ask for a larger budget."
             }
+            Self::CostBudgetSpent => {
+                "This token's budget in US dollars (spec.limits.costPerMonth) is spent: wait for the next month, or ask for a larger budget."
+            }
+            Self::ModelNotPriced => {
+                "This token's spending is limited (spec.limits.costPerMonth) and the Project's PriceList has no price for this model: ask a cluster admin to price it."
+            }
             Self::ModelRequired => {
                 "This token may use only some models (spec.limits.models), so the request must name its model where the proxy reads it."
             }
@@ -231,7 +252,8 @@ impl ProxyError {
     /// The JSON response, with `message` in place of the usual one.
     pub(crate) fn into_response_saying(self, message: &str) -> Response<Body> {
         let param =
-            matches!(self, Self::ModelNotAllowed | Self::ModelRequired | Self::ModelAmbiguous).then_some("model");
+            matches!(self, Self::ModelNotAllowed | Self::ModelRequired | Self::ModelAmbiguous | Self::ModelNotPriced)
+                .then_some("model");
         let body = serde_json::json!({
             "error": { "message": message, "type": self.kind(), "code": self.code(), "param": param }
         });
@@ -240,7 +262,7 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
         // The official SDKs retry every 429 unless told not to: a spent cap is final.
-        if matches!(self, Self::TokenExhausted | Self::TokenBudgetSpent) {
+        if matches!(self, Self::TokenExhausted | Self::TokenBudgetSpent | Self::CostBudgetSpent) {
             headers.insert("x-should-retry", header::HeaderValue::from_static("false"));
         }
         response
@@ -319,48 +341,55 @@ impl Refused {
         Self { error: ProxyError::RateLimited, detail: Some(message), headers }
     }
 
-    /// A spent window of a limit on LLM tokens: `whose` `kind` window starting at
-    /// `start_us` holds no more of its `limit` tokens at `now_us`. A minute is a rate
-    /// limit the SDKs wait out; a day, a month or the lifetime is a spent budget they do
-    /// not retry.
-    pub(crate) fn tokens_spent(whose: Whose, kind: TokenWindowKind, limit: u64, start_us: i64, now_us: i64) -> Self {
+    /// A spent window of a budget: `whose` `meter` window starting at `start_us` holds
+    /// no more of its `limit` at `now_us`. A minute is a rate limit the SDKs wait out; a
+    /// day, a month or the lifetime is a spent budget they do not retry.
+    pub(crate) fn budget_spent(whose: Whose, meter: Meter, limit: u64, start_us: i64, now_us: i64) -> Self {
+        let kind = meter.kind();
         let (who, field) = match whose {
-            Whose::Token => ("this token may use", format!("spec.limits.{}", kind.field())),
+            Whose::Token => ("this token may use", format!("spec.limits.{}", meter.field())),
             Whose::Project => (
                 "the Project of this token may use, for all its tokens together,",
-                format!("the Project's spec.limits.{}", kind.field()),
+                format!("the Project's spec.limits.{}", meter.field()),
             ),
         };
+        let amount = amount(meter, limit);
         let per = crate::windows::per(kind);
         let end_us = crate::windows::end(kind, start_us);
         let retry_in = end_us.map(|end| ((end - now_us).max(0) as u64).div_ceil(1_000_000));
-        let mut headers =
-            vec![("x-ratelimit-limit-tokens", limit.to_string()), ("x-ratelimit-remaining-tokens", "0".to_string())];
+        let mut headers = Vec::new();
+        if !meter.is_cost() {
+            headers.push(("x-ratelimit-limit-tokens", limit.to_string()));
+            headers.push(("x-ratelimit-remaining-tokens", "0".to_string()));
+        }
         if let Some(retry_in) = retry_in {
             headers.push(("retry-after", retry_in.to_string()));
-            headers.push(("x-ratelimit-reset-tokens", format!("{retry_in}s")));
+            if !meter.is_cost() {
+                headers.push(("x-ratelimit-reset-tokens", format!("{retry_in}s")));
+            }
         }
+        let spent = if meter.is_cost() { ProxyError::CostBudgetSpent } else { ProxyError::TokenBudgetSpent };
         let (error, message) = match (kind, end_us) {
             (TokenWindowKind::Minute, _) => (
                 ProxyError::TokensRateLimited,
                 format!(
-                    "Rate limit reached: {who} {limit} LLM tokens per minute ({field}), over every proxy replica. The next minute starts in {} s.",
+                    "Rate limit reached: {who} {amount} per minute ({field}), over every proxy replica. The next minute starts in {} s.",
                     retry_in.unwrap_or(60)
                 ),
             ),
             (_, Some(end_us)) => {
                 let resets = jiff::Timestamp::from_microsecond(end_us).map(|t| t.to_string()).unwrap_or_default();
                 (
-                    ProxyError::TokenBudgetSpent,
+                    spent,
                     format!(
-                        "Budget spent: {who} {limit} LLM tokens {per} ({field}), over every proxy replica, and they are used up. It resets at {resets}; for more now, ask for a larger limit."
+                        "Budget spent: {who} {amount} {per} ({field}), over every proxy replica, and it is used up. It resets at {resets}; for more now, ask for a larger limit."
                     ),
                 )
             }
             (_, None) => (
-                ProxyError::TokenBudgetSpent,
+                spent,
                 format!(
-                    "Budget spent: {who} {limit} LLM tokens {per} ({field}), and they are used up: ask for a larger limit{}.",
+                    "Budget spent: {who} {amount} {per} ({field}), and it is used up: ask for a larger limit{}.",
                     if whose == Whose::Token { ", or create a new ProxyToken" } else { "" }
                 ),
             ),
@@ -368,26 +397,35 @@ impl Refused {
         Self { error, detail: Some(message), headers }
     }
 
-    /// A window of a limit on LLM tokens whose rest is reserved by requests in flight:
-    /// retryable, since their answers may leave some of it.
-    pub(crate) fn tokens_held(whose: Whose, kind: TokenWindowKind, limit: u64) -> Self {
+    /// A budget window whose rest is reserved by requests in flight: retryable, since
+    /// their answers may leave some of it.
+    pub(crate) fn budget_held(whose: Whose, meter: Meter, limit: u64) -> Self {
         let (who, field) = match whose {
-            Whose::Token => ("this token's", format!("spec.limits.{}", kind.field())),
+            Whose::Token => ("this token's", format!("spec.limits.{}", meter.field())),
             Whose::Project => {
-                ("the Project's (all its tokens together)", format!("the Project's spec.limits.{}", kind.field()))
+                ("the Project's (all its tokens together)", format!("the Project's spec.limits.{}", meter.field()))
             }
         };
         let message = format!(
-            "Rate limit reached: the rest of {who} {limit} LLM tokens {} ({field}) is reserved by requests in flight. Retry in a few seconds: their usage decides whether any is left.",
-            crate::windows::per(kind)
+            "Rate limit reached: the rest of {who} {} {} ({field}) is reserved by requests in flight. Retry in a few seconds: their usage decides whether any is left.",
+            amount(meter, limit),
+            crate::windows::per(meter.kind())
         );
-        let headers = vec![
-            ("retry-after", HELD_RETRY_SECONDS.to_string()),
-            ("x-ratelimit-limit-tokens", limit.to_string()),
-            ("x-ratelimit-remaining-tokens", "0".to_string()),
-            ("x-ratelimit-reset-tokens", format!("{HELD_RETRY_SECONDS}s")),
-        ];
+        let mut headers = vec![("retry-after", HELD_RETRY_SECONDS.to_string())];
+        if !meter.is_cost() {
+            headers.push(("x-ratelimit-limit-tokens", limit.to_string()));
+            headers.push(("x-ratelimit-remaining-tokens", "0".to_string()));
+            headers.push(("x-ratelimit-reset-tokens", format!("{HELD_RETRY_SECONDS}s")));
+        }
         Self { error: ProxyError::TokensRateLimited, detail: Some(message), headers }
+    }
+
+    /// A cost budget applies and `model` has no price in the PriceList `price_list`.
+    pub(crate) fn not_priced(model: &str, price_list: &str) -> Self {
+        let message = format!(
+            "The model {model:?} has no price in the PriceList {price_list:?}, and this token's spending is limited (spec.limits.costPerMonth of the token or its Project), so the proxy cannot charge it. Ask a cluster admin to price it (kubectl get pricelist {price_list} -o yaml), or use a priced model."
+        );
+        Self { error: ProxyError::ModelNotPriced, detail: Some(message), headers: Vec::new() }
     }
 
     /// The JSON response.
@@ -408,5 +446,13 @@ impl Refused {
 impl From<ProxyError> for Refused {
     fn from(error: ProxyError) -> Self {
         Self { error, detail: None, headers: Vec::new() }
+    }
+}
+
+/// `limit` as a message states it: "800 LLM tokens", "$50.00".
+fn amount(meter: Meter, limit: u64) -> String {
+    match meter {
+        Meter::Tokens(_) => format!("{limit} LLM tokens"),
+        Meter::Usd(_) => format!("${}", crate::pricing::format_usd(i64::try_from(limit).unwrap_or(i64::MAX))),
     }
 }

@@ -28,7 +28,8 @@ pub(crate) use error::{ProxyError, Refused};
 pub(crate) use forward::Upstream;
 
 use crate::index::{Route, watch::SharedTable};
-use crate::metrics::{Metrics, Name, TokenUsageLabels};
+use crate::metrics::{Metrics, Name, SpendLabels, TokenUsageLabels};
+use crate::pricing::Price;
 use crate::proxy::quota::Quota;
 use crate::token::{self, TokenHash};
 
@@ -110,7 +111,7 @@ impl Proxy {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let (response, route, outcome, upstream_time) = match self.route_and_forward(request).await {
-            Ok((response, route, reservation, upstream_time)) => {
+            Ok((response, Admitted { route, reservation, price }, upstream_time)) => {
                 let outcome = match response.status().as_u16() {
                     200..=399 => "upstream_2xx",
                     400..=499 => "upstream_4xx",
@@ -126,7 +127,8 @@ impl Proxy {
                         }
                     }
                 } else {
-                    (self.tap_usage(response, &route, reservation, counted), Some(route), outcome, Some(upstream_time))
+                    let response = self.tap_usage(response, &route, reservation, price, counted);
+                    (response, Some(route), outcome, Some(upstream_time))
                 }
             }
             Err((refused, route)) => {
@@ -146,12 +148,14 @@ impl Proxy {
     /// Streams the upstream body back, counting the tokens it reports when `counted`
     /// (a successful answer of an endpoint that reports usage) and it is JSON or an
     /// event stream: a file download whose bytes contain `"usage"` counts nothing. The
-    /// token limits' `reservation` is settled with that usage when the body ends.
+    /// budgets' `reservation` is settled with that usage when the body ends, and its
+    /// cost at `price` (that of the request's model, where one is known) is counted.
     fn tap_usage(
         &self,
         response: Response<Incoming>,
         route: &Route,
         reservation: Option<budget::Reservation>,
+        price: Option<Price>,
         counted: bool,
     ) -> Response<Body> {
         let metrics = self.metrics.clone();
@@ -181,7 +185,16 @@ impl Proxy {
                     return;
                 };
                 if let Some(reservation) = reservation {
-                    reservation.settle(usage.prompt.saturating_add(usage.completion));
+                    reservation.settle(budget::Used { prompt: usage.prompt, completion: usage.completion });
+                }
+                if let Some(price) = price {
+                    let labels = SpendLabels {
+                        project: Name(token.project.clone()),
+                        token_namespace: Name(token.namespace.clone()),
+                        token_name: Name(token.name.clone()),
+                    };
+                    let dollars = price.cost(usage.prompt, usage.completion) as f64 / 1e6;
+                    metrics.upstream_cost.get_or_create(&labels).inc_by(dollars);
                 }
                 for (kind, count) in [("prompt", usage.prompt), ("completion", usage.completion)] {
                     let labels = TokenUsageLabels {
@@ -200,7 +213,7 @@ impl Proxy {
     async fn route_and_forward(
         &self,
         request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Route, Option<budget::Reservation>, Duration), (Refused, Option<Route>)> {
+    ) -> Result<(Response<Incoming>, Admitted, Duration), (Refused, Option<Route>)> {
         let refused = |error: ProxyError| (Refused::from(error), None);
         check_header_size(request.headers()).map_err(refused)?;
         paths::check(request.method(), request.uri().path()).map_err(|e| refused(e.into()))?;
@@ -213,8 +226,8 @@ impl Proxy {
         let route = table.authorize(&hash, now).map_err(|d| refused(d.into()))?;
         drop(table);
         // Before the quota: a refused model spends none of the token's budget.
-        let request = match model::admit(request, &route, self.model_lookahead).await {
-            Ok(request) => request,
+        let (request, price) = match model::admit(request, &route, self.model_lookahead).await {
+            Ok(admitted) => admitted,
             Err(refusal) => return Err((refusal, Some(route))),
         };
         // Now, not when the headers came: the model check may have waited for the body.
@@ -222,16 +235,24 @@ impl Proxy {
         if request.method() == hyper::Method::GET && request.uri().path() == "/v1/models" && listing::limited(&route) {
             listing::prepare(&mut request);
         }
-        let reservation = match self.quota.admit(hash, &route, now_us()).await {
+        let reservation = match self.quota.admit(hash, &route, now_us(), price).await {
             Ok(reservation) => reservation,
             Err(error) => return Err((error, Some(route))),
         };
         let sent = Instant::now();
         match self.upstream.forward(request, &route).await {
-            Ok(response) => Ok((response, route, reservation, sent.elapsed())),
+            Ok(response) => Ok((response, Admitted { route, reservation, price }, sent.elapsed())),
             Err(error) => Err((error.into(), Some(route))),
         }
     }
+}
+
+/// A request on its way upstream: its route, its reservations in the budgets, and the
+/// price of its model where a cost budget needed it.
+struct Admitted {
+    route: Route,
+    reservation: Option<budget::Reservation>,
+    price: Option<Price>,
 }
 
 /// Refuses more than [`MAX_HEADERS`] headers or [`MAX_HEADER_BYTES`] of them.

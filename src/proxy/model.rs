@@ -1,5 +1,5 @@
-//! Finding the model a request names, for the model allowlists, without reading more of
-//! the body than that and without keeping it in memory.
+//! Finding the model a request names, for the model allowlists and the prices of cost
+//! budgets, without reading more of the body than that and without keeping it in memory.
 //!
 //! `body → scanner (JSON object or multipart form) → model`: the proxy holds the bytes
 //! it has read until the scanner finds the model (at most `lookahead` bytes), checks the
@@ -17,6 +17,7 @@ use hyper::{Method, Request};
 
 use super::error::{ProxyError, Refused};
 use crate::index::Route;
+use crate::pricing::Price;
 
 /// Endpoints whose POST body names the model the request uses.
 const NAMING_A_MODEL: &[&str] = &[
@@ -664,10 +665,12 @@ pub(crate) async fn admit(
     request: Request<Incoming>,
     route: &Route,
     lookahead: usize,
-) -> Result<Request<Replayed>, Refused> {
+) -> Result<(Request<Replayed>, Option<Price>), Refused> {
     let lists = [(route.token.models.as_ref(), "ProxyToken"), (route.project.models.as_ref(), "Project")];
-    if lists.iter().all(|(list, _)| list.is_none()) {
-        return Ok(request.map(Replayed::whole));
+    let limited = lists.iter().any(|(list, _)| list.is_some());
+    let priced = route.token.window_limits.has_cost() || route.project.window_limits.has_cost();
+    if !limited && !priced {
+        return Ok((request.map(Replayed::whole), None));
     }
     let check = |model: &str| -> Result<(), Refused> {
         for (list, owner) in lists {
@@ -683,23 +686,40 @@ pub(crate) async fn admit(
         }
         Ok(())
     };
+    // The price its answer is charged at, where a cost budget applies.
+    let price = |model: &str| -> Result<Option<Price>, Refused> {
+        if !priced {
+            return Ok(None);
+        }
+        match route.project.prices.as_ref().and_then(|prices| prices.price(model)) {
+            Some(price) => Ok(Some(price)),
+            None => Err(Refused::not_priced(model, &route.project.price_list)),
+        }
+    };
+    let limit = match limited {
+        true => "may use only some models (spec.limits.models)",
+        false => "has a budget in US dollars (spec.limits.costPerMonth), priced by model",
+    };
     let required = |why: &str| {
         Refused::saying(
             ProxyError::ModelRequired,
-            format!(
-                "This token may use only some models (spec.limits.models), so the proxy must read the request's model, and {why}."
-            ),
+            format!("This token {limit}, so the proxy must read the request's model, and {why}."),
         )
     };
     let content_type = request.headers().get(hyper::header::CONTENT_TYPE).map(|v| v.as_bytes());
     match source(request.method(), request.uri().path(), content_type) {
-        Source::Nothing => Ok(request.map(Replayed::whole)),
-        Source::Path(model) => check(&model).map(|()| request.map(Replayed::whole)),
+        Source::Nothing => Ok((request.map(Replayed::whole), None)),
+        // Reading a model's description reports no usage: nothing to price.
+        Source::Path(model) => check(&model).map(|()| (request.map(Replayed::whole), None)),
         Source::Hidden => Err(Refused::saying(
             ProxyError::ModelNotAllowed,
-            "Batches cannot be created with a token whose models are limited (spec.limits.models): their models are in the input file, which the proxy does not read.".into(),
+            format!(
+                "Batches cannot be created with a token that {limit}: their models are in the input file, which the proxy does not read."
+            ),
         )),
-        Source::UnknownFormat => Err(required("its Content-Type is neither application/json nor multipart/form-data with a boundary")),
+        Source::UnknownFormat => {
+            Err(required("its Content-Type is neither application/json nor multipart/form-data with a boundary"))
+        }
         Source::Body(scanner) => {
             let (parts, body) = request.into_parts();
             let (scan, body) = read_model(body, scanner, lookahead).await.map_err(|e| match e {
@@ -708,13 +728,13 @@ pub(crate) async fn admit(
                     "the first {lookahead} bytes of the body do not name one: send the model field first (the official SDKs do), or ask a cluster admin to raise LLMPROXY_MODEL_LOOKAHEAD_BYTES"
                 )),
             })?;
-            match scan {
-                Scan::Model(model) => check(&model)?,
+            let price = match scan {
+                Scan::Model(model) => check(&model).and_then(|()| price(&model))?,
                 Scan::NoModel | Scan::More => return Err(required("the body names none")),
                 Scan::Malformed("the body names its model twice") => return Err(ProxyError::ModelAmbiguous.into()),
                 Scan::Malformed(why) => return Err(required(&format!("{why} here"))),
-            }
-            Ok(Request::from_parts(parts, body))
+            };
+            Ok((Request::from_parts(parts, body), price))
         }
     }
 }

@@ -16,9 +16,10 @@
 //! nothing), serves only from them, and drops what is left when the minute ends. No
 //! minute ever admits more than the limit, over every replica.
 //!
-//! LLM-token limits claim shares of each window in `status.tokenWindows` the same way;
-//! requests reserve from them and settle with the upstream's reported usage (see
-//! `budget`). The request that finds a budget spent writes `spentAt` and an Event.
+//! LLM-token limits and cost budgets claim shares of each window in
+//! `status.tokenWindows` and `status.costWindows` the same way; requests reserve from
+//! them and settle with the upstream's reported usage (see `budget`). The request that
+//! finds a budget spent writes `spentAt` and an Event.
 //!
 //! Flushes are exact: each carries this process's next sequence number, written with
 //! the count into `status.usageFlushes`. A flush whose answer is lost (the write may or
@@ -38,15 +39,16 @@ use serde_json::json;
 use kube::runtime::events::{Recorder, Reporter};
 
 use super::budget::{Charge, Reservation, Reserve, TokenShares, Unused};
-use super::budget_claims::{self, Owner, TokenClaim, WindowClaim, WindowFlush};
+use super::budget_claims::{self, Owner, TokenClaim, WindowClaim, WindowFlush, Windows};
 use super::error::Whose;
 use super::{ProxyError, Refused};
-use crate::api::{ProxyToken, TokenWindow, TokenWindowKind};
+use crate::api::{ProxyToken, TokenWindowKind};
 use crate::index::DigestHasher;
 use crate::index::Route;
 use crate::metrics::{BudgetLabels, Metrics, Name, ProjectBudgetLabels, ResultLabels};
+use crate::pricing::Price;
 use crate::token::TokenHash;
-use crate::windows::{self, TokenLimits};
+use crate::windows::{self, Meter, WindowLimits};
 
 /// Field manager of the proxies' status writes.
 pub(crate) const PROXY_MANAGER: &str = "llm-proxy-proxy";
@@ -82,20 +84,30 @@ struct Counter {
 }
 
 /// Sets `owner`'s remaining-budget gauges from its `windows` as stored.
-fn report_remaining(metrics: &Metrics, owner: &Owner, windows: &[TokenWindow]) {
-    for window in windows {
-        let label = window_label(window.window);
-        let gauge = match owner {
-            Owner::Token { namespace, name } => metrics.token_budget_remaining.get_or_create(&BudgetLabels {
-                token_namespace: Name(Arc::from(namespace.as_str())),
-                token_name: Name(Arc::from(name.as_str())),
-                window: label,
-            }),
-            Owner::Project { name } => metrics
-                .project_budget_remaining
-                .get_or_create(&ProjectBudgetLabels { project: Name(Arc::from(name.as_str())), window: label }),
+fn report_remaining(metrics: &Metrics, owner: &Owner, windows: &Windows) {
+    for (meter, window) in windows.iter() {
+        let window_label = window_label(window.window);
+        let token_labels = |namespace: &str, name: &str| BudgetLabels {
+            token_namespace: Name(Arc::from(namespace)),
+            token_name: Name(Arc::from(name)),
+            window: window_label,
         };
-        gauge.set(window.remaining_tokens);
+        let project_labels = |name: &str| ProjectBudgetLabels { project: Name(Arc::from(name)), window: window_label };
+        let (remaining, dollars) = (window.remaining_tokens, window.remaining_tokens as f64 / 1e6);
+        match (owner, meter) {
+            (Owner::Token { namespace, name }, Meter::Tokens(_)) => {
+                metrics.token_budget_remaining.get_or_create(&token_labels(namespace, name)).set(remaining);
+            }
+            (Owner::Token { namespace, name }, Meter::Usd(_)) => {
+                metrics.token_cost_remaining.get_or_create(&token_labels(namespace, name)).set(dollars);
+            }
+            (Owner::Project { name }, Meter::Tokens(_)) => {
+                metrics.project_budget_remaining.get_or_create(&project_labels(name)).set(remaining);
+            }
+            (Owner::Project { name }, Meter::Usd(_)) => {
+                metrics.project_cost_remaining.get_or_create(&project_labels(name)).set(dollars);
+            }
+        }
     }
 }
 
@@ -181,26 +193,29 @@ impl Quota {
 
     /// Admits one request with `route`'s token: always for unlimited tokens, from the
     /// replica's blocks (claiming new ones when empty) for rate-limited and capped ones.
-    /// With token limits, the reservation to settle with the response's usage.
+    /// With token limits or cost budgets, the reservation to settle with the response's
+    /// usage, priced at `price` (that of the request's model).
     pub(crate) async fn admit(
         &self,
         hash: TokenHash,
         route: &Route,
         now_us: i64,
+        price: Option<Price>,
     ) -> Result<Option<Reservation>, Refused> {
         let counter = self.counter(hash, route);
         // Token windows first, the token's then its Project's: a refusal there spends no
         // request slot. A refusal after them drops the reservation, which gives it back.
         let mut reservation = Reservation::default();
-        if !route.token.token_limits.is_empty() {
+        reservation.price_at(price);
+        if !route.token.window_limits.is_empty() {
             let owner = Owner::Token { namespace: counter.namespace.clone(), name: counter.name.clone() };
-            let (shares, limits) = (&counter.tokens, route.token.token_limits);
+            let (shares, limits) = (&counter.tokens, route.token.window_limits);
             self.reserve_tokens(&owner, shares, limits, now_us, Whose::Token, &mut reservation).await?;
         }
         let project = route.project.has_limits().then(|| self.project_counter(&route.project.uid, &route.project.name));
-        if let Some(project) = project.as_ref().filter(|_| !route.project.token_limits.is_empty()) {
+        if let Some(project) = project.as_ref().filter(|_| !route.project.window_limits.is_empty()) {
             let owner = Owner::Project { name: project.name.clone() };
-            let (shares, limits) = (&project.tokens, route.project.token_limits);
+            let (shares, limits) = (&project.tokens, route.project.window_limits);
             self.reserve_tokens(&owner, shares, limits, now_us, Whose::Project, &mut reservation).await?;
         }
         let reservation = (!reservation.is_empty()).then_some(reservation);
@@ -279,39 +294,39 @@ impl Quota {
         &self,
         owner: &Owner,
         shares: &Arc<TokenShares>,
-        limits: TokenLimits,
+        limits: WindowLimits,
         now_us: i64,
         whose: Whose,
         reservation: &mut Reservation,
     ) -> Result<(), Refused> {
-        let spent = |kind, limit, start_us| Refused::tokens_spent(whose, kind, limit, start_us, now_us);
-        for (kind, limit) in limits.iter() {
-            let estimate = shares.estimate(limit);
+        let spent = |meter, limit, start_us| Refused::budget_spent(whose, meter, limit, start_us, now_us);
+        for (meter, limit) in limits.iter() {
+            let (kind, estimate) = (meter.kind(), shares.estimate(meter, limit));
             let mut claimed_once = false;
             loop {
-                let start_us = match shares.reserve(kind, windows::start(kind, now_us), estimate, limit, now_us) {
+                let start_us = match shares.reserve(meter, windows::start(kind, now_us), estimate, limit, now_us) {
                     Reserve::Taken { start_us } => {
-                        reservation.add(shares, kind, start_us, estimate, limit);
+                        reservation.add(shares, meter, start_us, estimate, limit);
                         break;
                     }
-                    Reserve::Spent { start_us } => return Err(spent(kind, limit, start_us)),
-                    Reserve::Held { .. } => return Err(Refused::tokens_held(whose, kind, limit)),
+                    Reserve::Spent { start_us } => return Err(spent(meter, limit, start_us)),
+                    Reserve::Held { .. } => return Err(Refused::budget_held(whose, meter, limit)),
                     Reserve::Short { start_us, .. } => start_us,
                 };
                 let _one_claim_at_a_time = shares.claiming.lock().await;
                 // Another request may have claimed while this one waited.
-                let need = match shares.reserve(kind, start_us, estimate, limit, now_us) {
+                let need = match shares.reserve(meter, start_us, estimate, limit, now_us) {
                     Reserve::Taken { start_us } => {
-                        reservation.add(shares, kind, start_us, estimate, limit);
+                        reservation.add(shares, meter, start_us, estimate, limit);
                         break;
                     }
-                    Reserve::Spent { start_us } => return Err(spent(kind, limit, start_us)),
-                    Reserve::Held { .. } => return Err(Refused::tokens_held(whose, kind, limit)),
+                    Reserve::Spent { start_us } => return Err(spent(meter, limit, start_us)),
+                    Reserve::Held { .. } => return Err(Refused::budget_held(whose, meter, limit)),
                     Reserve::Short { need, .. } if claimed_once => need.max(estimate),
                     Reserve::Short { need, .. } => need,
                 };
                 claimed_once = true;
-                let claimed = self.claim_tokens(owner, shares, kind, limit, start_us, need).await;
+                let claimed = self.claim_tokens(owner, shares, meter, limit, start_us, need).await;
                 let result = match &claimed {
                     TokenClaim::Granted { .. } => "tokens_claimed",
                     TokenClaim::Spent { .. } => "tokens_spent",
@@ -390,7 +405,7 @@ impl Quota {
             .unwrap_or(Err(WindowClaim::Unavailable))
     }
 
-    /// Claims a share of `need` tokens or more of `owner`'s `kind` window starting at
+    /// Claims a share of `need` tokens (or micro-dollars) or more of `owner`'s `meter` window starting at
     /// `start_us` and adds it to `shares` (on the main runtime, as [`Quota::claim`]:
     /// a share written is a share used, even if the request waiting for it goes away).
     /// Publishes the Event when this claim finds the window spent first.
@@ -398,7 +413,7 @@ impl Quota {
         &self,
         owner: &Owner,
         shares: &Arc<TokenShares>,
-        kind: TokenWindowKind,
+        meter: Meter,
         limit: u64,
         start_us: i64,
         need: i64,
@@ -407,17 +422,17 @@ impl Quota {
         let (recorder, metrics) = (self.recorder.clone(), self.metrics.clone());
         self.runtime
             .spawn(async move {
-                let (claimed, stored) = budget_claims::claim(client, &owner, kind, limit, start_us, need).await;
+                let (claimed, stored) = budget_claims::claim(client, &owner, meter, limit, start_us, need).await;
                 match claimed {
-                    TokenClaim::Granted { tokens, last } => shares.grant(kind, start_us, tokens, last),
+                    TokenClaim::Granted { tokens, last } => shares.grant(meter, start_us, tokens, last),
                     TokenClaim::Spent { .. } => {
                         let until_us = jiff::Timestamp::now().as_microsecond() + SPENT_RECHECK_US;
-                        shares.mark_spent(kind, start_us, until_us);
+                        shares.mark_spent(meter, start_us, until_us);
                     }
                     // Asked again after a second, not on every request meanwhile.
                     TokenClaim::Held => {
                         let until_us = jiff::Timestamp::now().as_microsecond() + 1_000_000;
-                        shares.mark_held(kind, start_us, until_us);
+                        shares.mark_held(meter, start_us, until_us);
                     }
                     TokenClaim::Unavailable => {}
                 }
@@ -426,7 +441,7 @@ impl Quota {
                     if claimed == (TokenClaim::Spent { first: true }) {
                         // Not awaited: the requests queued behind this claim need not wait.
                         tokio::spawn(async move {
-                            budget_claims::publish_spent(&recorder, &stored.object, kind, limit).await;
+                            budget_claims::publish_spent(&recorder, &stored.object, meter, limit).await;
                         });
                     }
                 }
@@ -519,8 +534,8 @@ impl Quota {
     /// Gives each owner's unused shares back.
     async fn give_back_shares(&self, unused: Vec<(Owner, Vec<Unused>)>) {
         for (owner, shares) in unused {
-            for (kind, start_us, tokens) in shares {
-                if let Err(error) = budget_claims::give_back(self.client.clone(), &owner, kind, start_us, tokens).await
+            for (meter, start_us, amount) in shares {
+                if let Err(error) = budget_claims::give_back(self.client.clone(), &owner, meter, start_us, amount).await
                 {
                     tracing::warn!(%error, ?owner, "giving an unused share back failed");
                 }
@@ -530,12 +545,12 @@ impl Quota {
 
     /// Gives back this replica's idle share of every window in `windows` that is held:
     /// other replicas are refusing for want of it.
-    async fn release_held(&self, owner: &Owner, shares: &TokenShares, windows: &[TokenWindow]) {
-        for window in windows.iter().filter(|w| w.held_since.is_some()) {
+    async fn release_held(&self, owner: &Owner, shares: &TokenShares, windows: &Windows) {
+        for (meter, window) in windows.iter().filter(|(_, w)| w.held_since.is_some()) {
             let start_us = window.start.0.as_microsecond();
-            let idle = shares.take_idle(window.window, start_us);
+            let idle = shares.take_idle(meter, start_us);
             if idle > 0 {
-                let given = budget_claims::give_back(self.client.clone(), owner, window.window, start_us, idle).await;
+                let given = budget_claims::give_back(self.client.clone(), owner, meter, start_us, idle).await;
                 if let Err(error) = given {
                     tracing::warn!(%error, ?owner, "giving an idle share back failed");
                 }
@@ -627,7 +642,7 @@ pub(crate) fn block_size(max: i64) -> i64 {
     (max / 16).clamp(1, 1000)
 }
 
-/// Writes `flush` into `requestCount` and `tokenWindows` unless `status.usageFlushes`
+/// Writes `flush` into `requestCount`, `tokenWindows` and `costWindows` unless `status.usageFlushes`
 /// shows it already was (its answer was lost), recording it there in the same write.
 /// Returns the token windows as written.
 async fn add_usage(
@@ -636,14 +651,14 @@ async fn add_usage(
     replica: &str,
     flush: &Flush,
     last_used_us: i64,
-) -> Result<Vec<TokenWindow>, kube::Error> {
+) -> Result<Windows, kube::Error> {
     let api = Api::<ProxyToken>::namespaced(client.clone(), &counter.namespace);
     let last_used = jiff::Timestamp::from_microsecond(last_used_us).map(crate::api::micros).ok();
     retry_on_conflict(|| async {
         let token = api.get_status(&counter.name).await?;
         let status = token.status.clone().unwrap_or_default();
         if status.usage_flushes.iter().any(|f| f.replica == replica && f.sequence >= flush.sequence) {
-            return Ok(status.token_windows);
+            return Ok(Windows::of(&token));
         }
         let windows = budget_claims::charge(&token, &flush.tokens);
         let newer = match (&status.last_used_at, &last_used) {
@@ -651,14 +666,13 @@ async fn add_usage(
             _ => true,
         };
         let flushes = budget_claims::flushes_with(&status.usage_flushes, replica, flush.sequence);
+        let mut fields = windows.patch();
+        fields["requestCount"] = json!(status.request_count.unwrap_or(0) + flush.delta);
+        fields["lastUsedAt"] = json!(if newer { last_used.clone() } else { status.last_used_at.clone() });
+        fields["usageFlushes"] = json!(flushes);
         let patch = json!({
             "metadata": { "resourceVersion": token.resource_version() },
-            "status": {
-                "requestCount": status.request_count.unwrap_or(0) + flush.delta,
-                "lastUsedAt": if newer { last_used.clone() } else { status.last_used_at.clone() },
-                "usageFlushes": flushes,
-                "tokenWindows": windows,
-            },
+            "status": fields,
         });
         api.patch_status(&counter.name, &params(), &Patch::Merge(&patch)).await?;
         Ok(windows)
@@ -794,8 +808,12 @@ mod tests {
                         continue;
                     }
                     let mut held = state.lock().unwrap();
+                    // A merge patch: null removes the field.
                     for (field, value) in patch["status"].as_object().unwrap() {
-                        held[field] = value.clone();
+                        match value {
+                            serde_json::Value::Null => drop(held.as_object_mut().unwrap().remove(field)),
+                            value => held[field] = value.clone(),
+                        }
                     }
                     version += 1;
                     if lost < lose {

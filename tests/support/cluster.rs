@@ -122,7 +122,7 @@ pub async fn client() -> Client {
     Client::try_from(config).expect("building the client")
 }
 
-/// Applies `crds/llmproxy.io.yaml` and waits until both CRDs are established.
+/// Applies `crds/llmproxy.io.yaml` and waits until every CRD in it is established.
 pub async fn install_crds(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let text = std::fs::read_to_string(repo().join("crds/llmproxy.io.yaml")).unwrap();

@@ -246,6 +246,7 @@ impl Env {
                 allowed_namespaces: Some(AllowedNamespaces { from: NamespacesFrom::All, selector: None }),
                 tokens_not_before: None,
                 limits: None,
+                price_list: None,
             },
         );
         project.metadata.labels = Some([(TEST_LABEL.to_string(), self.id.clone())].into());
