@@ -13,10 +13,11 @@ use crate::api::PriceListSpec;
 const MICROS: i64 = 1_000_000;
 
 /// `text` ("50", "2.50", "0.075") as micro-dollars; `None` unless it is a decimal with
-/// at most six places (the API server has checked that much already).
+/// at most six places (the API server has checked that much of specs, which have at most
+/// nine whole digits; a status may say more, after an overrun).
 pub(crate) fn parse_usd(text: &str) -> Option<i64> {
     let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-    let digits = |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
+    let digits = |s: &str| !s.is_empty() && s.len() <= 12 && s.bytes().all(|b| b.is_ascii_digit());
     if !digits(whole) || (text.contains('.') && !digits(fraction)) || fraction.len() > 6 {
         return None;
     }
@@ -104,7 +105,7 @@ mod tests {
         assert_eq!(parse_usd("2.50"), Some(2_500_000));
         assert_eq!(parse_usd("0.075"), Some(75_000));
         assert_eq!(parse_usd("0.000001"), Some(1));
-        for bad in ["", ".5", "5.", "1.0000001", "-1", "1e3", "1,5", "1234567890"] {
+        for bad in ["", ".5", "5.", "1.0000001", "-1", "1e3", "1,5", "1234567890123"] {
             assert_eq!(parse_usd(bad), None, "{bad:?}");
         }
         assert_eq!(format_usd(50_000_000), "50.00");

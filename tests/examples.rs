@@ -350,7 +350,7 @@ async fn the_quickstart_and_the_workflows_work_end_to_end_from_kubectl_apply() {
     ok(&run_kubectl(&["apply", "-f", &write(&env, &format!("{project}-prices.yaml"), &text)]), "price list");
     let listed = ok(&run_kubectl(&["get", "pricelist", &prices, "-o", "json"]), "get price list");
     let listed: Value = serde_json::from_str(&listed).unwrap();
-    assert_eq!(listed["spec"]["models"].as_array().map(Vec::len), Some(10), "{listed}");
+    assert_eq!(listed["spec"]["models"].as_array().map(Vec::len), Some(20), "{listed}");
     let budget = path("workflows/cost-budget.patch.yaml");
     let dry_run =
         ["patch", "project", &project, "--type", "merge", "--patch-file", &budget, "--dry-run=server", "-o", "json"];

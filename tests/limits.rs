@@ -767,7 +767,9 @@ async fn a_monthly_cost_budget_is_priced_from_the_price_list_and_holds_across_re
     .await;
     assert_eq!(refused.status, 403, "{}", refused.body);
     let message = refused.json()["error"]["message"].as_str().unwrap_or_default().to_string();
-    assert!(message.contains(&format!(r#"The model "m" has no price in the PriceList "{prices}""#)), "{message}");
+    let missing =
+        format!(r#"The model "m" cannot be priced: the PriceList "{prices}" the Project prices from does not exist"#);
+    assert!(message.contains(&missing), "{message}");
     assert!(env.upstream.requests().is_empty());
 
     kubectl_apply(
@@ -797,6 +799,12 @@ spec:
     .await;
     let unpriced = chat(&env, &secret, "gpt-4o").await;
     assert_eq!((unpriced.status, unpriced.error_code()), (403, "model_not_priced".to_string()), "{}", unpriced.body);
+    let message = unpriced.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains(&format!(r#"The model "gpt-4o" has no price in the PriceList "{prices}""#)), "{message}");
+    // An answer that reports no usage could not be charged: refused, not free.
+    let speech = post(&env, &secret, "/v1/audio/speech", r#"{"model":"m","input":"hi","voice":"alloy"}"#).await;
+    assert_eq!((speech.status, speech.error_code()), (403, "model_not_allowed".to_string()), "{}", speech.body);
+    assert!(speech.body.contains("its answer reports no token usage"), "{}", speech.body);
     let warmed = env.upstream.requests().len() as i64;
 
     let results = support::slow_burst(&ports, &secret, 60, 300).await;

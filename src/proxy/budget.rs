@@ -76,9 +76,8 @@ pub(super) struct TokenShares {
     shares: std::sync::Mutex<[Share; windows::SLOTS]>,
     /// Serialises claims: one API round trip per short share, not one per request.
     pub(super) claiming: tokio::sync::Mutex<()>,
-    /// Usage of the latest answers, in tokens and in micro-dollars (the estimate each
-    /// request reserves is their most).
-    recent: [std::sync::Mutex<Recent>; 2],
+    /// Usage of the latest answers (the estimate each request reserves is their most).
+    recent: std::sync::Mutex<Recent>,
     /// Usage not yet written.
     pending: std::sync::Mutex<Vec<Charge>>,
     /// The latest reservation, Unix microseconds: shares of a token idle for a while go
@@ -90,32 +89,41 @@ pub(super) struct TokenShares {
 /// known, few enough that one outsized answer stops weighing after a while.
 const REMEMBERED: usize = 16;
 
-/// Usage of the latest answers, in a ring.
+/// Usage of the latest answers, in a ring: prompt and completion tokens.
 #[derive(Default)]
 struct Recent {
-    usage: [i64; REMEMBERED],
+    usage: [(u64, u64); REMEMBERED],
     next: usize,
     seen: bool,
 }
 
 impl TokenShares {
-    /// Tokens a request reserves in a window of `limit`: the most one of the last 16
-    /// answers used on this replica; before any answer has reported usage, a share (a
-    /// sixteenth of the limit), so that at most sixteen requests, plus one per replica,
-    /// are in flight on a token whose requests' size nobody knows yet.
-    pub(super) fn estimate(&self, meter: Meter, limit: u64) -> i64 {
-        let recent = self.recent[usize::from(meter.is_cost())].lock().expect("token usage poisoned");
-        match recent.seen {
-            false => share_size(i64::try_from(limit).unwrap_or(i64::MAX)),
-            true => recent.usage.iter().copied().max().unwrap_or(1).max(1),
+    /// What a request reserves in a `meter` window of `limit`: the most one of the last
+    /// 16 answers on this replica used, in tokens, or cost at `price` (that of this
+    /// request's model, so a costlier model reserves more); before any answer has
+    /// reported usage, a share (a sixteenth of the limit), so that at most sixteen
+    /// requests, plus one per replica, are in flight on a token whose requests' size
+    /// nobody knows yet.
+    pub(super) fn estimate(&self, meter: Meter, limit: u64, price: Option<Price>) -> i64 {
+        let recent = self.recent.lock().expect("token usage poisoned");
+        let cold = share_size(i64::try_from(limit).unwrap_or(i64::MAX));
+        if !recent.seen {
+            return cold;
         }
+        let answers = recent.usage.iter().copied();
+        let most = match (meter, price) {
+            (Meter::Tokens(_), _) => answers.map(|(prompt, completion)| (prompt + completion) as i64).max(),
+            (Meter::Usd(_), Some(price)) => answers.map(|(prompt, completion)| price.cost(prompt, completion)).max(),
+            (Meter::Usd(_), None) => Some(cold),
+        };
+        most.unwrap_or(1).max(1)
     }
 
-    /// Remembers what one answer used, in `meter`'s unit.
-    fn learn(&self, meter: Meter, used: i64) {
-        let mut recent = self.recent[usize::from(meter.is_cost())].lock().expect("token usage poisoned");
+    /// Remembers what one answer used.
+    fn learn(&self, prompt: u64, completion: u64) {
+        let mut recent = self.recent.lock().expect("token usage poisoned");
         let at = recent.next;
-        recent.usage[at] = used;
+        recent.usage[at] = (prompt, completion);
         recent.next = (at + 1) % REMEMBERED;
         recent.seen = true;
     }
@@ -311,6 +319,11 @@ impl Reservation {
         self.price = price;
     }
 
+    /// The price of the request's model, where a cost budget needed it.
+    pub(super) fn price(&self) -> Option<Price> {
+        self.price
+    }
+
     /// Whether nothing is reserved.
     pub(super) fn is_empty(&self) -> bool {
         self.parts.is_empty()
@@ -344,11 +357,9 @@ impl Reservation {
                 Meter::Usd(_) => cost.unwrap_or(part.unreported),
             };
             part.shares.settle(part.meter, part.start_us, part.estimate, used);
-            // Once per token or Project and unit, however many windows the request is in.
-            let same_unit =
-                |p: &Part| Arc::ptr_eq(&p.shares, &part.shares) && p.meter.is_cost() == part.meter.is_cost();
-            if !self.parts[..i].iter().any(same_unit) {
-                part.shares.learn(part.meter, used);
+            // Once per token or Project, however many of its windows the request is in.
+            if !self.parts[..i].iter().any(|p| Arc::ptr_eq(&p.shares, &part.shares)) {
+                part.shares.learn(prompt, completion);
             }
         }
     }
@@ -390,10 +401,10 @@ mod tests {
         shares.grant(DAY, 100, 40, false);
         let first = reserve_all(&shares, 1);
         // Before any answer: a sixteenth of the limit.
-        assert_eq!(shares.estimate(DAY, 800), 50);
+        assert_eq!(shares.estimate(DAY, 800, None), 50);
         first.settle(tokens(16));
         // Then the most of the latest answers.
-        assert_eq!(shares.estimate(DAY, 800), 16);
+        assert_eq!(shares.estimate(DAY, 800, None), 16);
         assert_eq!(shares.shares.lock().unwrap()[1].left, 40 - 16);
         let second = reserve_all(&shares, 16);
         assert_eq!(shares.shares.lock().unwrap()[1].left, 8);
@@ -448,13 +459,13 @@ mod tests {
         let shares = Arc::new(TokenShares::default());
         shares.grant(DAY, 100, 5000, false);
         reserve_all(&shares, 1).settle(tokens(5000));
-        assert_eq!(shares.estimate(DAY, 800), 5000);
+        assert_eq!(shares.estimate(DAY, 800, None), 5000);
         for _ in 0..15 {
-            shares.learn(DAY, 10);
+            shares.learn(10, 0);
         }
-        assert_eq!(shares.estimate(DAY, 800), 5000);
-        shares.learn(DAY, 10);
-        assert_eq!(shares.estimate(DAY, 800), 10, "forgotten after sixteen more");
+        assert_eq!(shares.estimate(DAY, 800, None), 5000);
+        shares.learn(10, 0);
+        assert_eq!(shares.estimate(DAY, 800, None), 10, "forgotten after sixteen more");
         shares.mark_spent(DAY, 100, 10);
         assert_eq!(shares.reserve(DAY, 100, 50, 800, 0), Reserve::Spent { start_us: 100 });
         assert_eq!(shares.reserve(DAY, 100, 50, 8000, 0), Reserve::Short { start_us: 100, need: 50 });
@@ -501,8 +512,13 @@ mod tests {
             pending,
             [Charge { meter: DAY, start_us: 100, amount: 1500 }, Charge { meter: COST, start_us: 100, amount: 7500 }]
         );
-        // Each unit learns its own size.
-        assert_eq!((shares.estimate(DAY, 800), shares.estimate(COST, 16_000_000)), (1500, 7500));
+        // The next request reserves what the largest answer would cost at its own price:
+        // a model ten times dearer reserves ten times more.
+        let price = Price { input: 2_500_000, output: 10_000_000 };
+        assert_eq!(shares.estimate(DAY, 800, None), 1500);
+        assert_eq!(shares.estimate(COST, 16_000_000, Some(price)), 7500);
+        let dearer = Price { input: 25_000_000, output: 100_000_000 };
+        assert_eq!(shares.estimate(COST, 16_000_000, Some(dearer)), 75_000);
         // No price known: the cost budget is charged a whole share (a sixteenth).
         let mut unpriced = Reservation::default();
         let Reserve::Taken { start_us } = shares.reserve(COST, 100, 10, 16_000_000, 0) else { panic!("not taken") };

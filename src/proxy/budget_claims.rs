@@ -453,7 +453,7 @@ pub(super) fn charge<K: Budgeted>(object: &K, charges: &[Charge]) -> Windows {
         let (kind, start_us) = (charge.meter.kind(), charge.start_us);
         let list = windows.list_mut(charge.meter);
         if let Some(window) = list.iter_mut().find(|w| w.window == kind && w.start.0.as_microsecond() == start_us) {
-            window.used_tokens += charge.amount;
+            window.used_tokens = window.used_tokens.saturating_add(charge.amount);
         }
     }
     let as_specified = |list: &mut Vec<TokenWindow>, unit: fn(TokenWindowKind) -> Meter| {

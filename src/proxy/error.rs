@@ -420,10 +420,15 @@ impl Refused {
         Self { error: ProxyError::TokensRateLimited, detail: Some(message), headers }
     }
 
-    /// A cost budget applies and `model` has no price in the PriceList `price_list`.
-    pub(crate) fn not_priced(model: &str, price_list: &str) -> Self {
+    /// A cost budget applies and `model` has no price in the PriceList `price_list`
+    /// (`listed`: whether that list exists).
+    pub(crate) fn not_priced(model: &str, price_list: &str, listed: bool) -> Self {
+        let missing = match listed {
+            true => format!("has no price in the PriceList {price_list:?}"),
+            false => format!("cannot be priced: the PriceList {price_list:?} the Project prices from does not exist"),
+        };
         let message = format!(
-            "The model {model:?} has no price in the PriceList {price_list:?}, and this token's spending is limited (spec.limits.costPerMonth of the token or its Project), so the proxy cannot charge it. Ask a cluster admin to price it (kubectl get pricelist {price_list} -o yaml), or use a priced model."
+            "The model {model:?} {missing}, and this token is under a budget in US dollars (spec.limits.costPerMonth of the token or its Project), so the proxy cannot charge it. Use a priced model, or ask a cluster admin to price this one."
         );
         Self { error: ProxyError::ModelNotPriced, detail: Some(message), headers: Vec::new() }
     }

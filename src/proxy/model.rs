@@ -35,6 +35,16 @@ const NAMING_A_MODEL: &[&str] = &[
     "/v1/fine_tuning/jobs",
 ];
 
+/// Whether `method path` uses a model at a cost its answer does not report (audio,
+/// image variations, fine-tuning): refused under a cost budget, which could not charge
+/// it. Moderations are free.
+fn unmetered(method: &Method, path: &str) -> bool {
+    method == Method::POST
+        && NAMING_A_MODEL.contains(&path)
+        && path != "/v1/moderations"
+        && !super::paths::reports_usage(method, path)
+}
+
 /// Endpoints that use models the proxy cannot see (a batch's models are in its input
 /// file): refused while a model allowlist applies.
 const HIDING_THE_MODEL: &[&str] = &["/v1/batches"];
@@ -693,13 +703,24 @@ pub(crate) async fn admit(
         }
         match route.project.prices.as_ref().and_then(|prices| prices.price(model)) {
             Some(price) => Ok(Some(price)),
-            None => Err(Refused::not_priced(model, &route.project.price_list)),
+            None => Err(Refused::not_priced(model, &route.project.price_list, route.project.prices.is_some())),
         }
     };
     let limit = match limited {
         true => "may use only some models (spec.limits.models)",
-        false => "has a budget in US dollars (spec.limits.costPerMonth), priced by model",
+        false => {
+            "is under a budget in US dollars (spec.limits.costPerMonth of the token or its Project), priced by model"
+        }
     };
+    if priced && unmetered(request.method(), request.uri().path()) {
+        return Err(Refused::saying(
+            ProxyError::ModelNotAllowed,
+            format!(
+                "{} cannot be sent with a token under a budget in US dollars (spec.limits.costPerMonth of the token or its Project): its answer reports no token usage, so the proxy cannot charge it. Use a token without a cost budget for it.",
+                request.uri().path()
+            ),
+        ));
+    }
     let required = |why: &str| {
         Refused::saying(
             ProxyError::ModelRequired,

@@ -289,7 +289,7 @@ impl Quota {
     }
 
     /// Reserves this request's estimate in every limited window of `owner` (into
-    /// `reservation`), claiming shares where this replica's are short.
+    /// `reservation`, priced at its price), claiming shares where this replica's are short.
     async fn reserve_tokens(
         &self,
         owner: &Owner,
@@ -301,7 +301,7 @@ impl Quota {
     ) -> Result<(), Refused> {
         let spent = |meter, limit, start_us| Refused::budget_spent(whose, meter, limit, start_us, now_us);
         for (meter, limit) in limits.iter() {
-            let (kind, estimate) = (meter.kind(), shares.estimate(meter, limit));
+            let (kind, estimate) = (meter.kind(), shares.estimate(meter, limit, reservation.price()));
             let mut claimed_once = false;
             loop {
                 let start_us = match shares.reserve(meter, windows::start(kind, now_us), estimate, limit, now_us) {
@@ -327,11 +327,15 @@ impl Quota {
                 };
                 claimed_once = true;
                 let claimed = self.claim_tokens(owner, shares, meter, limit, start_us, need).await;
-                let result = match &claimed {
-                    TokenClaim::Granted { .. } => "tokens_claimed",
-                    TokenClaim::Spent { .. } => "tokens_spent",
-                    TokenClaim::Held => "tokens_held",
-                    TokenClaim::Unavailable => "tokens_failed",
+                let result = match (&claimed, meter.is_cost()) {
+                    (TokenClaim::Granted { .. }, false) => "tokens_claimed",
+                    (TokenClaim::Spent { .. }, false) => "tokens_spent",
+                    (TokenClaim::Held, false) => "tokens_held",
+                    (TokenClaim::Unavailable, false) => "tokens_failed",
+                    (TokenClaim::Granted { .. }, true) => "cost_claimed",
+                    (TokenClaim::Spent { .. }, true) => "cost_spent",
+                    (TokenClaim::Held, true) => "cost_held",
+                    (TokenClaim::Unavailable, true) => "cost_failed",
                 };
                 self.metrics.quota_claims.get_or_create(&ResultLabels { result }).inc();
                 if claimed == TokenClaim::Unavailable {
