@@ -80,6 +80,14 @@ bench: cluster-up
 bench-writes: cluster-up
     bash benches/api-writes.sh
 
+# HTTPS upstream (a local CA) vs plain, HTTP/2 vs HTTP/1.1 upstream, fresh handshake cost.
+bench-tls: cluster-up
+    bash benches/tls.sh
+
+# Concurrent long SSE streams (1,000 and 10,000) direct, through nginx and through llm-proxy.
+bench-streams *ARGS: cluster-up
+    bash benches/streams.sh {{ARGS}}
+
 # Run the whole system locally and send one request through the proxy.
 demo: build cluster-up
     bash hack/demo.sh up

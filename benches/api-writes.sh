@@ -24,10 +24,9 @@ command -v oha >/dev/null 2>&1 || cargo install oha --version 1.16.0 --locked --
 cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fake-upstream --quiet
 tests/cluster/cluster.sh up >/dev/null
 rm -rf "$state" && mkdir -p "$state"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 trap cleanup EXIT
-start() { local name=$1; shift; "$@" >"$state/$name.log" 2>&1 & pids+=($!); }
 
 $kubectl apply --server-side -f crds/llmproxy.io.yaml >/dev/null
 $kubectl wait --for condition=established crd/proxytokens.llmproxy.io >/dev/null

@@ -44,10 +44,9 @@ cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fa
 for p in "${installs[@]}"; do wait "$p"; done
 tests/cluster/cluster.sh up >/dev/null
 mkdir -p "$state"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 trap cleanup EXIT
-start() { local name=$1; shift; "$@" >"$state/$name.log" 2>&1 & pids+=($!); }
 
 # --- the cluster side: a project and many tokens, minted by a real controller -------
 $kubectl apply --server-side -f crds/llmproxy.io.yaml >/dev/null
@@ -141,12 +140,7 @@ YAML
 start litellm env LITELLM_LOCAL_MODEL_COST_MAP=True "$litellm_venv/bin/litellm" --config "$state/litellm.yaml" --host 127.0.0.1 --port "$litellm_port" --num_workers 2
 for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$litellm_port/health/liveliness" >/dev/null && break; sleep 0.2; done
 
-cat >"$state/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '{"model":"m","messages":[{"role":"user","content":"hi"}]}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $token"
-LUA
+wrk_chat_script "$state/post.lua" "$token"
 sed "s/Bearer $token/Bearer sk-bench-litellm-master/" "$state/post.lua" >"$state/post-litellm.lua"
 sed "s/Bearer $token/Bearer $models_token/" "$state/post.lua" >"$state/post-models.lua"
 
@@ -158,10 +152,7 @@ latency() {
   oha -z "$DURATION" -q "$3" -c 4 --latency-correction --no-tui --output-format json -m POST \
     -H "Authorization: Bearer $bearer" -H 'Content-Type: application/json' \
     -d '{"model":"m","messages":[{"role":"user","content":"hi"}]}' "$2/v1/chat/completions" >"$state/oha-$1.json"
-  python3 -c 'import json, sys
-d = json.load(open(sys.argv[1])); p = d["latencyPercentiles"]
-assert d["summary"]["successRate"] == 1, "requests failed: %s" % d.get("errorDistribution")
-print("%.3f %.3f %.3f" % (p["p50"] * 1000, p["p99"] * 1000, p["p99.9"] * 1000))' "$state/oha-$1.json"
+  oha_percentiles "$state/oha-$1.json"
 }
 # cpu_ticks PID -> user + system CPU time of PID, in clock ticks
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

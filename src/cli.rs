@@ -96,6 +96,14 @@ struct ProxyArgs {
     /// a moment after it is told to stop; clients sent to it meanwhile are still served.
     #[arg(long, env = "LLMPROXY_SHUTDOWN_DELAY_SECONDS", default_value_t = 0)]
     shutdown_delay_seconds: u64,
+    /// A PEM file of CA certificates to trust for upstream TLS, besides the public web
+    /// roots: for upstreams behind a private CA (a self-hosted model, an internal gateway).
+    #[arg(long, env = "LLMPROXY_UPSTREAM_CA_FILE")]
+    upstream_ca_file: Option<std::path::PathBuf>,
+    /// Offer HTTP/2 to HTTPS upstreams (by ALPN) as well as HTTP/1.1. Off by default:
+    /// one HTTP/1.1 connection per concurrent request measured faster (benches/tls.md).
+    #[arg(long, env = "LLMPROXY_UPSTREAM_HTTP2")]
+    upstream_http2: bool,
     /// Milliseconds between writes of usage (requestCount, lastUsedAt) to token status.
     #[arg(long, env = "LLMPROXY_USAGE_FLUSH_MILLIS", default_value_t = 2000)]
     usage_flush_millis: u64,
@@ -144,6 +152,25 @@ pub enum Error {
     /// The OS random number generator failed.
     #[error("reading the OS random number generator")]
     Random(#[from] getrandom::Error),
+    /// `--upstream-ca-file` could not be read as PEM certificates.
+    #[error(
+        "reading the upstream CA certificates in {path} (--upstream-ca-file: a PEM file of CERTIFICATE blocks): {reason}"
+    )]
+    UpstreamCa { path: std::path::PathBuf, reason: String },
+}
+
+/// The CA certificates of the PEM file at `path`: at least one, every block parsed.
+fn read_upstream_ca(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, Error> {
+    use rustls::pki_types::pem::PemObject;
+    let failed = |reason: String| Error::UpstreamCa { path: path.to_path_buf(), reason };
+    let certificates = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| failed(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| failed(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(failed("it holds no certificate".into()));
+    }
+    Ok(certificates)
 }
 
 /// Entry point of the `llm-proxy` binary.
@@ -191,6 +218,8 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
         idle_timeout: Duration::from_secs(args.upstream_idle_timeout_seconds),
         max_request_body: args.max_request_body_bytes,
         model_lookahead: args.model_lookahead_bytes,
+        upstream_ca: args.upstream_ca_file.as_deref().map(read_upstream_ca).transpose()?.unwrap_or_default(),
+        upstream_http2: args.upstream_http2,
     };
     let threads = match args.worker_threads {
         Some(threads) if threads > 0 => threads,

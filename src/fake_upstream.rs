@@ -8,7 +8,9 @@
 //! Request headers steer it: `x-fake-chunks` (stream chunks, default 5),
 //! `x-fake-chunk-delay-ms` (pause between chunks, default 0), `x-fake-break-after`
 //! (drop the connection after this many chunks), `x-fake-status` (answer with this
-//! status), `x-fake-delay-ms` (pause before answering).
+//! status), `x-fake-delay-ms` (pause before answering), `x-fake-timestamps: 1` (each
+//! stream chunk carries `"sent_us"`, when it was sent in Unix microseconds, for the
+//! streams benchmark to measure each chunk's delay).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -71,9 +73,59 @@ impl FakeUpstream {
             Box::pin(async move { Ok::<_, Infallible>(answer(request, record.then_some(log)).await) })
                 as std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>
         };
-        let connections = server::Connections::new(server::ConnectionLimits::default());
+        // A stand-in for a provider's API: it takes whatever a benchmark opens.
+        let limits =
+            server::ConnectionLimits { max_connections: 1 << 20, max_per_client: 1 << 20, ..Default::default() };
+        let connections = server::Connections::new(limits);
         tokio::spawn(server::serve(listener, handler, std::future::pending(), Duration::ZERO, connections));
         Self { url, requests }
+    }
+
+    /// Serves HTTPS on `listener` with `tls` (HTTP/1.1 and HTTP/2 by ALPN); `record` as
+    /// in [`FakeUpstream::serve`]. Its URL names `localhost`, which the certificate
+    /// must.
+    pub fn serve_tls(listener: TcpListener, tls: std::sync::Arc<rustls::ServerConfig>, record: bool) -> Self {
+        let port = listener.local_addr().expect("bound listener has an address").port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let log = requests.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (acceptor, log) = (acceptor.clone(), log.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else { return };
+                    let service = hyper::service::service_fn(move |request| {
+                        let log = log.clone();
+                        async move { Ok::<_, Infallible>(answer(request, record.then_some(log)).await) }
+                    });
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Self { url: format!("https://localhost:{port}"), requests }
+    }
+
+    /// A server TLS config from PEM files: the certificate chain and its private key.
+    pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> std::io::Result<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let invalid = |e: &dyn std::fmt::Display| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| invalid(&e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(&e))?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(&e))?;
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| invalid(&e))?
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .map_err(|e| invalid(&e))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
     }
 
     /// The latest request: one clone, however many came before.
@@ -95,6 +147,9 @@ async fn answer(request: Request<Incoming>, log: Option<Arc<Mutex<Vec<Recorded>>
     let (parts, body) = request.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let chunks_sent_at = Arc::new(Mutex::new(Vec::new()));
+    // Only recorded requests keep their chunks' times: a benchmark's streams would grow
+    // the lists without end.
+    let chunk_log = log.is_some().then(|| chunks_sent_at.clone());
     if let Some(log) = log {
         log.lock().expect("request log poisoned").push(Recorded {
             method: parts.method.to_string(),
@@ -108,7 +163,7 @@ async fn answer(request: Request<Incoming>, log: Option<Arc<Mutex<Vec<Recorded>>
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let mut response = respond(&parts, &body, chunks_sent_at);
+    let mut response = respond(&parts, &body, chunk_log);
     // `x-fake-response-header: name: value`, repeatable: headers the answer carries.
     for line in parts.headers.get_all("x-fake-response-header") {
         let Some((name, value)) = line.to_str().ok().and_then(|l| l.split_once(':')) else { continue };
@@ -122,7 +177,7 @@ async fn answer(request: Request<Incoming>, log: Option<Arc<Mutex<Vec<Recorded>>
 fn respond(
     parts: &hyper::http::request::Parts,
     body: &Bytes,
-    chunks_sent_at: Arc<Mutex<Vec<SystemTime>>>,
+    chunks_sent_at: Option<Arc<Mutex<Vec<SystemTime>>>>,
 ) -> Response<Body> {
     let status = header_num(&parts.headers, "x-fake-status", 200);
     if status != 200 {
@@ -138,6 +193,7 @@ fn respond(
             header_num(&parts.headers, "x-fake-chunks", 5),
             Duration::from_millis(header_num(&parts.headers, "x-fake-chunk-delay-ms", 0)),
             header_num(&parts.headers, "x-fake-break-after", u64::MAX),
+            header_num(&parts.headers, "x-fake-timestamps", 0) == 1,
             chunks_sent_at,
         ),
         _ => json(StatusCode::OK, COMPLETION),
@@ -161,7 +217,13 @@ fn json(status: StatusCode, body: &'static str) -> Response<Body> {
         .expect("static response is valid")
 }
 
-fn stream(chunks: u64, delay: Duration, break_after: u64, sent_at: Arc<Mutex<Vec<SystemTime>>>) -> Response<Body> {
+fn stream(
+    chunks: u64,
+    delay: Duration,
+    break_after: u64,
+    stamped: bool,
+    sent_at: Option<Arc<Mutex<Vec<SystemTime>>>>,
+) -> Response<Body> {
     let events = futures::stream::iter(0..=chunks).then(move |i| {
         let sent_at = sent_at.clone();
         async move {
@@ -173,12 +235,19 @@ fn stream(chunks: u64, delay: Duration, break_after: u64, sent_at: Arc<Mutex<Vec
             }
             let data = if i == chunks {
                 "data: {\"id\":\"chatcmpl-fake\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"fake-model\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":5,\"total_tokens\":14}}\n\ndata: [DONE]\n\n".to_string()
+            } else if stamped {
+                let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_micros();
+                format!(
+                    "data: {{\"id\":\"chatcmpl-fake\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"fake-model\",\"sent_us\":{now},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"chunk{i} \"}},\"finish_reason\":null}}]}}\n\n"
+                )
             } else {
                 format!(
                     "data: {{\"id\":\"chatcmpl-fake\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"fake-model\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"chunk{i} \"}},\"finish_reason\":null}}]}}\n\n"
                 )
             };
-            sent_at.lock().expect("chunk log poisoned").push(SystemTime::now());
+            if let Some(sent_at) = &sent_at {
+                sent_at.lock().expect("chunk log poisoned").push(SystemTime::now());
+            }
             Ok::<_, crate::proxy::BoxError>(Frame::data(Bytes::from(data)))
         }
     });

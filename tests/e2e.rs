@@ -644,3 +644,85 @@ async fn a_token_secret_exists_only_once_every_replica_accepts_the_token() {
     let _ = eventually(WAIT, || async { secrets.get_opt("after").await.ok()? }).await;
     assert!(started.elapsed() < Duration::from_secs(5), "minting waited {:?} for a stopped replica", started.elapsed());
 }
+
+/// A CA and a certificate for `localhost` signed by it, made with openssl in `dir`:
+/// (ca.pem, server.pem, server.key).
+fn private_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=llm-proxy test CA"],
+        ]
+        .concat(),
+    );
+    openssl(&[&["req"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat());
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
+}
+
+/// An upstream behind a private CA (a self-hosted model, an internal gateway) is
+/// trusted only when the proxy is given the CA (`--upstream-ca-file`); without it the
+/// request is refused, never sent unverified; a file that holds no certificate stops
+/// the proxy with a message that names the flag.
+#[tokio::test]
+async fn an_upstream_behind_a_private_ca_is_trusted_only_through_the_ca_file() {
+    let mut env = Env::new("private-ca").await;
+    let (ca, cert, key) = private_ca(&support::repo().join(format!("target/test-logs/{}-ca", env.id)));
+    let tls = llm_proxy::fake_upstream::FakeUpstream::tls_config(&cert, &key).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = llm_proxy::fake_upstream::FakeUpstream::serve_tls(listener, std::sync::Arc::new(tls), true);
+    env.start_controller();
+    env.put_key("tls-key", TEST_KEY, "tls").await;
+    let mut project = env.project("tls");
+    project.spec.upstream.url = upstream.url.clone();
+    Api::<Project>::all(env.client.clone()).create(&PostParams::default(), &project).await.unwrap();
+    env.create_token("t", token_spec(&env.scoped("tls"))).await;
+    env.wait_token("t", TokenPhase::Active).await;
+    let token = env.token_secret("t").await["token"].clone();
+
+    let (plain, trusting) =
+        ([support::free_port(), support::free_port()], [support::free_port(), support::free_port()]);
+    env.start_proxy_as("proxy-plain", plain[0], plain[1], &[]).await;
+    env.start_proxy_as("proxy-ca", trusting[0], trusting[1], &["--upstream-ca-file", ca.to_str().unwrap()]).await;
+    assert_eq!(support::chat_on(plain[0], &token).await, "upstream_error", "an unknown CA is not trusted");
+    assert!(upstream.requests().is_empty(), "nothing was sent over an unverified connection");
+    assert_eq!(support::chat_on(trusting[0], &token).await, "", "the given CA is trusted");
+    let sent = upstream.last_request().unwrap();
+    assert_eq!(sent.header("authorization"), Some(format!("Bearer {TEST_KEY}")));
+
+    let not_pem = support::repo().join(format!("target/test-logs/{}-not-a-ca.pem", env.id));
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let (port, admin) = (support::free_port().to_string(), support::free_port().to_string());
+    let (listen, admin) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{admin}"));
+    let ops = env.ops.clone();
+    let args = ["proxy", "--namespace", &ops, "--listen-addr", &listen, "--admin-addr", &admin];
+    let bad = [&args[..], &["--upstream-ca-file", not_pem.to_str().unwrap()]].concat();
+    env.spawn_with_env("proxy-bad-ca", &bad, &[("RUST_LOG", "info")], &support::kubeconfig());
+    assert!(!env.wait_for_exit("proxy-bad-ca", Duration::from_secs(10)).await.success());
+    let said = std::fs::read_to_string(env.log_path("proxy-bad-ca")).unwrap();
+    assert!(said.contains("--upstream-ca-file") && said.contains("holds no certificate"), "{said}");
+}

@@ -1,12 +1,30 @@
 //! `fake-upstream`: serves [`llm_proxy::fake_upstream`] on an address, for the local
-//! demo and the benchmarks. Usage: `fake-upstream [ADDR]` (default 127.0.0.1:18080).
+//! demo and the benchmarks. Usage: `fake-upstream [ADDR] [--tls CERT.pem KEY.pem]
+//! [--http1]` (default 127.0.0.1:18080; with `--tls`, HTTPS with that certificate,
+//! offering HTTP/2 and HTTP/1.1 by ALPN, or HTTP/1.1 alone with `--http1`).
 #![forbid(unsafe_code)]
+
+use llm_proxy::fake_upstream::FakeUpstream;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:18080".to_string());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addr = args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "127.0.0.1:18080".to_string());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    let upstream = llm_proxy::fake_upstream::FakeUpstream::serve(listener, false);
+    let upstream = match args.iter().position(|a| a == "--tls") {
+        Some(at) => {
+            let (Some(cert), Some(key)) = (args.get(at + 1), args.get(at + 2)) else {
+                eprintln!("usage: fake-upstream [ADDR] [--tls CERT.pem KEY.pem] [--http1]");
+                std::process::exit(2);
+            };
+            let mut tls = FakeUpstream::tls_config(cert.as_ref(), key.as_ref())?;
+            if args.iter().any(|a| a == "--http1") {
+                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            }
+            FakeUpstream::serve_tls(listener, std::sync::Arc::new(tls), false)
+        }
+        None => FakeUpstream::serve(listener, false),
+    };
     println!("fake upstream listening on {}", upstream.url);
     std::future::pending::<()>().await;
     Ok(())

@@ -3,11 +3,12 @@
 //!
 //! In: the upstream body's frames. Out: the same frames, unchanged and undelayed, and at
 //! the end of the body one call of the `on_usage` callback, with the usage if the body
-//! had one (a body cut short calls nothing). Only a bounded tail of the
-//! body is kept — its last frames, shared with the response rather than copied: a JSON
-//! response's usage object and a stream's final chunk are both at the end.
+//! had one (a body cut short calls nothing). What is kept is a bounded copy of the body
+//! from its latest `"usage"` key on: a JSON response's usage object and a stream's final
+//! chunk are both at the end. A copy, not the frames themselves: a frame shares the
+//! connection's read buffer, and keeping a stream's last frames kept a read buffer each
+//! (400 KiB a stream, measured by `just bench-streams`).
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -15,8 +16,15 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use serde::Deserialize;
 
-/// How much of the end of a body is kept to find the usage object.
+/// Most bytes kept from the latest `"usage"` key on: the object and what follows it.
 const TAIL: usize = 16 * 1024;
+
+/// Bytes of the body kept from before the current frame, to find a key that a frame
+/// boundary splits (with the colon and brace after it).
+const CARRY: usize = 32;
+
+/// The key a usage object follows.
+const KEY: &[u8] = b"\"usage\"";
 
 /// Prompt and completion tokens of one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,10 +38,11 @@ pub(crate) struct TokenUsage {
 /// A body that passes frames through and reports usage at its end.
 pub(crate) struct UsageTap<B, F: FnOnce(Option<TokenUsage>)> {
     inner: B,
-    /// The last frames; all but the oldest fit in [`TAIL`] bytes.
-    tail: VecDeque<Bytes>,
-    /// Bytes in `tail` after its oldest frame.
-    newer_len: usize,
+    /// The body from its latest `"usage"` key that may open an object, at most [`TAIL`]
+    /// bytes; empty before one.
+    tail: Vec<u8>,
+    /// The body's last bytes so far (up to [`CARRY`]).
+    carry: Vec<u8>,
     on_usage: Option<F>,
 }
 
@@ -41,34 +50,62 @@ impl<B, F: FnOnce(Option<TokenUsage>)> UsageTap<B, F> {
     /// Wraps `inner`; `on_usage` runs once, when the body ends, with its usage object if
     /// it has one.
     pub(crate) fn new(inner: B, on_usage: F) -> Self {
-        Self { inner, tail: VecDeque::new(), newer_len: 0, on_usage: Some(on_usage) }
+        Self { inner, tail: Vec::new(), carry: Vec::new(), on_usage: Some(on_usage) }
     }
 
-    fn keep(&mut self, data: &Bytes) {
+    fn keep(&mut self, data: &[u8]) {
         if data.is_empty() {
             return;
         }
-        if !self.tail.is_empty() {
-            self.newer_len += data.len();
+        // The latest key in this frame, or one that began in the carried bytes.
+        let in_frame = latest_object_key(data);
+        let in_carry = || {
+            let joined: Vec<u8> = self.carry.iter().chain(&data[..data.len().min(CARRY)]).copied().collect();
+            latest_object_key(&joined).filter(|at| *at < self.carry.len())
+        };
+        match (in_frame, in_frame.is_none().then(in_carry).flatten()) {
+            (Some(at), _) => {
+                self.tail.clear();
+                self.extend_tail(&data[at..]);
+            }
+            (None, Some(at)) => {
+                self.tail.clear();
+                let carried = self.carry[at..].to_vec();
+                self.extend_tail(&carried);
+                self.extend_tail(data);
+            }
+            (None, None) if !self.tail.is_empty() => self.extend_tail(data),
+            (None, None) => {}
         }
-        self.tail.push_back(data.clone());
-        while self.newer_len > TAIL {
-            self.tail.pop_front();
-            self.newer_len -= self.tail.front().map_or(0, Bytes::len);
-        }
+        let from = data.len().saturating_sub(CARRY);
+        self.carry.extend_from_slice(&data[from..]);
+        let excess = self.carry.len().saturating_sub(CARRY);
+        self.carry.drain(..excess);
+    }
+
+    fn extend_tail(&mut self, data: &[u8]) {
+        let room = TAIL.saturating_sub(self.tail.len());
+        self.tail.extend_from_slice(&data[..data.len().min(room)]);
     }
 
     fn finish(&mut self) {
         let tail = std::mem::take(&mut self.tail);
         let Some(report) = self.on_usage.take() else { return };
-        let usage = match tail.len() {
-            0 => None,
-            // Most answers are one frame: search it where it lies.
-            1 => find_usage(&tail[0]),
-            _ => find_usage(&tail.iter().flat_map(|frame| frame.iter().copied()).collect::<Vec<u8>>()),
-        };
-        report(usage);
+        report(find_usage(&tail));
     }
+}
+
+/// Where the last `"usage"` key in `bytes` begins whose value is, or may be (the bytes
+/// end first), an object: a `"usage": null` does not count.
+fn latest_object_key(bytes: &[u8]) -> Option<usize> {
+    memchr::memmem::rfind_iter(bytes, KEY).find(|&at| {
+        let mut rest = bytes[at + KEY.len()..].iter().copied().skip_while(u8::is_ascii_whitespace);
+        match rest.next() {
+            None => true,
+            Some(b':') => rest.find(|b| !b.is_ascii_whitespace()).is_none_or(|b| b == b'{'),
+            Some(_) => false,
+        }
+    })
 }
 
 impl<B, F> Body for UsageTap<B, F>
@@ -85,6 +122,7 @@ where
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
+                    let data: &Bytes = data;
                     this.keep(data);
                 }
                 // A body of known length ends with its last frame: hyper does not poll again.
@@ -110,7 +148,6 @@ where
 /// The last `"usage": {…}` object in the tail of a JSON body or an SSE stream. Text
 /// inside JSON strings cannot match: its quotes are escaped.
 pub(crate) fn find_usage(tail: &[u8]) -> Option<TokenUsage> {
-    const KEY: &[u8] = b"\"usage\"";
     let mut end = tail.len();
     while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
         end = at;
@@ -183,7 +220,7 @@ mod tests {
         let mut forwarded = Vec::new();
         while let Some(frame) = tap.frame().await {
             forwarded.extend_from_slice(frame.unwrap().data_ref().unwrap());
-            assert!(tap.newer_len <= TAIL, "the kept tail grew to {} bytes", tap.newer_len);
+            assert!(tap.tail.len() <= TAIL, "the kept tail grew to {} bytes", tap.tail.len());
         }
         assert_eq!(forwarded, body, "frames pass through unchanged");
         assert_eq!(report.try_recv(), Ok(Some(TokenUsage { prompt: 21, completion: 4 })));
@@ -193,5 +230,44 @@ mod tests {
     fn responses_api_names_are_understood() {
         let body = br#"{"usage":{"input_tokens":4,"output_tokens":2}}"#;
         assert_eq!(find_usage(body), Some(TokenUsage { prompt: 4, completion: 2 }));
+    }
+
+    /// Runs `frames` through a tap; returns the usage it reported and the most it kept.
+    async fn tap(frames: Vec<&[u8]>) -> (Option<TokenUsage>, usize) {
+        use http_body_util::{BodyExt, StreamBody};
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+            frames.into_iter().map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+        let (found, report) = std::sync::mpsc::channel();
+        let mut tap = UsageTap::new(StreamBody::new(futures::stream::iter(frames)), move |usage| {
+            found.send(usage).unwrap();
+        });
+        let mut most = 0;
+        while let Some(frame) = tap.frame().await {
+            frame.unwrap();
+            most = most.max(tap.tail.len() + tap.carry.len());
+        }
+        (report.try_recv().unwrap(), most)
+    }
+
+    #[tokio::test]
+    async fn a_long_stream_keeps_only_its_last_bytes_and_a_null_usage_resets_nothing() {
+        let chunk =
+            b"data: {\"object\":\"chat.completion.chunk\",\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\n";
+        let with_null = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+        let last = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":5}}\n\n";
+        let mut frames: Vec<&[u8]> = std::iter::repeat_n(chunk.as_slice(), 1000).collect();
+        frames.push(last);
+        frames.push(with_null);
+        frames.push(b"data: [DONE]\n\n");
+        let (usage, most) = tap(frames).await;
+        assert_eq!(usage, Some(TokenUsage { prompt: 9, completion: 5 }));
+        // Nothing kept before the usage object: the bytes carried, then the object on.
+        assert!(most < 200, "kept {most} bytes");
+        // A key split by a frame boundary, with its colon and brace.
+        let (usage, _) =
+            tap(vec![b"data: {\"choices\":[],\"us", b"age\"", b" : ", b"{\"prompt_tokens\":2}}\n\n"]).await;
+        assert_eq!(usage, Some(TokenUsage { prompt: 2, completion: 0 }));
+        let (usage, _) = tap(vec![chunk, with_null, b"data: [DONE]\n\n"]).await;
+        assert_eq!(usage, None);
     }
 }

@@ -57,6 +57,10 @@ pub(crate) struct ProxySettings {
     pub max_request_body: u64,
     /// Most body bytes read to find the model when a model allowlist applies.
     pub model_lookahead: usize,
+    /// CA certificates trusted for upstream TLS besides the public web roots.
+    pub upstream_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Offer HTTP/2 to HTTPS upstreams; otherwise HTTP/1.1 only.
+    pub upstream_http2: bool,
 }
 
 impl Default for ProxySettings {
@@ -67,6 +71,8 @@ impl Default for ProxySettings {
             idle_timeout: Duration::from_secs(300),
             max_request_body: 32 * 1024 * 1024,
             model_lookahead: 1024 * 1024,
+            upstream_ca: Vec::new(),
+            upstream_http2: false,
         }
     }
 }
