@@ -170,6 +170,14 @@ fn read_upstream_ca(path: &std::path::Path) -> Result<Vec<rustls::pki_types::Cer
     if certificates.is_empty() {
         return Err(failed("it holds no certificate".into()));
     }
+    // A certificate the trust store cannot use would silently trust nothing.
+    let (_, unusable) = rustls::RootCertStore::empty().add_parsable_certificates(certificates.iter().cloned());
+    if unusable > 0 {
+        return Err(failed(format!(
+            "{unusable} of its {} certificates are not usable CA certificates",
+            certificates.len()
+        )));
+    }
     Ok(certificates)
 }
 

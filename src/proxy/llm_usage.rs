@@ -57,25 +57,32 @@ impl<B, F: FnOnce(Option<TokenUsage>)> UsageTap<B, F> {
         if data.is_empty() {
             return;
         }
-        // The latest key in this frame, or one that began in the carried bytes.
-        let in_frame = latest_object_key(data);
+        // The latest key in this frame that opens an object, or else one that began in
+        // the carried bytes and opens one in this frame. A key whose value the frame
+        // cuts off is decided by the next frame, from the carried bytes.
+        let carried = self.carry.len();
         let in_carry = || {
-            let joined: Vec<u8> = self.carry.iter().chain(&data[..data.len().min(CARRY)]).copied().collect();
-            latest_object_key(&joined).filter(|at| *at < self.carry.len())
+            let mut joined = [0u8; 2 * CARRY];
+            let prefix = &data[..data.len().min(CARRY)];
+            joined[..carried].copy_from_slice(&self.carry);
+            joined[carried..carried + prefix.len()].copy_from_slice(prefix);
+            latest_object_key(&joined[..carried + prefix.len()], carried)
         };
-        match (in_frame, in_frame.is_none().then(in_carry).flatten()) {
-            (Some(at), _) => {
+        match latest_object_key(data, data.len()) {
+            Some(at) => {
                 self.tail.clear();
                 self.extend_tail(&data[at..]);
             }
-            (None, Some(at)) => {
-                self.tail.clear();
-                let carried = self.carry[at..].to_vec();
-                self.extend_tail(&carried);
-                self.extend_tail(data);
-            }
-            (None, None) if !self.tail.is_empty() => self.extend_tail(data),
-            (None, None) => {}
+            None => match in_carry() {
+                Some(at) => {
+                    let kept = self.carry[at..].to_vec();
+                    self.tail.clear();
+                    self.extend_tail(&kept);
+                    self.extend_tail(data);
+                }
+                None if !self.tail.is_empty() => self.extend_tail(data),
+                None => {}
+            },
         }
         let from = data.len().saturating_sub(CARRY);
         self.carry.extend_from_slice(&data[from..]);
@@ -95,16 +102,13 @@ impl<B, F: FnOnce(Option<TokenUsage>)> UsageTap<B, F> {
     }
 }
 
-/// Where the last `"usage"` key in `bytes` begins whose value is, or may be (the bytes
-/// end first), an object: a `"usage": null` does not count.
-fn latest_object_key(bytes: &[u8]) -> Option<usize> {
-    memchr::memmem::rfind_iter(bytes, KEY).find(|&at| {
-        let mut rest = bytes[at + KEY.len()..].iter().copied().skip_while(u8::is_ascii_whitespace);
-        match rest.next() {
-            None => true,
-            Some(b':') => rest.find(|b| !b.is_ascii_whitespace()).is_none_or(|b| b == b'{'),
-            Some(_) => false,
-        }
+/// Where the last `"usage"` key in `bytes` that begins before `before` begins, of
+/// those whose value is seen to open an object: a `"usage": null` does not count, nor
+/// does a key whose value `bytes` ends before.
+fn latest_object_key(bytes: &[u8], before: usize) -> Option<usize> {
+    memchr::memmem::rfind_iter(bytes, KEY).filter(|&at| at < before).find(|&at| {
+        let mut rest = bytes[at + KEY.len()..].iter().copied().filter(|b| !b.is_ascii_whitespace());
+        rest.next() == Some(b':') && rest.next() == Some(b'{')
     })
 }
 
@@ -269,5 +273,9 @@ mod tests {
         assert_eq!(usage, Some(TokenUsage { prompt: 2, completion: 0 }));
         let (usage, _) = tap(vec![chunk, with_null, b"data: [DONE]\n\n"]).await;
         assert_eq!(usage, None);
+        // A later key whose value a frame boundary cuts off, then `null`: the earlier
+        // object still counts.
+        let (usage, _) = tap(vec![last, b"data: {\"choices\":[],\"usage\":", b"null}\n\n", b"data: [DONE]\n\n"]).await;
+        assert_eq!(usage, Some(TokenUsage { prompt: 9, completion: 5 }));
     }
 }
