@@ -28,13 +28,7 @@ rm -rf "$state" && mkdir -p "$state"
 . benches/lib.sh
 trap cleanup EXIT
 
-$kubectl apply --server-side -f crds/llmproxy.io.yaml >/dev/null
-$kubectl wait --for condition=established crd/proxytokens.llmproxy.io >/dev/null
-for ns in writes-ops writes-apps; do $kubectl create namespace "$ns" --dry-run=client -o yaml | $kubectl apply -f - >/dev/null; done
-$kubectl delete proxytokens -n writes-apps --all --wait=false >/dev/null 2>&1 || true
-$kubectl -n writes-ops create secret generic writes-key --from-literal=apiKey=sk-bench-0123456789abcdefghijklmnop \
-  --dry-run=client -o yaml | $kubectl label -f - --local -o yaml llmproxy.io/api-key=true |
-  $kubectl annotate -f - --local -o yaml 'llmproxy.io/projects=*' | $kubectl apply -f - >/dev/null
+bench_cluster writes-ops writes-apps writes-key '*'
 run=$(date +%s)
 # Limits far above what the run spends: the figures are the steady state, not refusals.
 cat <<YAML | $kubectl apply --server-side -f - >/dev/null

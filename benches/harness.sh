@@ -49,14 +49,7 @@ mkdir -p "$state"
 trap cleanup EXIT
 
 # --- the cluster side: a project and many tokens, minted by a real controller -------
-$kubectl apply --server-side -f crds/llmproxy.io.yaml >/dev/null
-$kubectl wait --for condition=established crd/proxytokens.llmproxy.io >/dev/null
-for ns in bench-ops bench-apps; do $kubectl create namespace "$ns" --dry-run=client -o yaml | $kubectl apply -f - >/dev/null; done
-$kubectl delete proxytokens -n bench-apps --all --wait=false >/dev/null 2>&1 || true
-# A key Secret must say it is one, and which Projects may use it.
-$kubectl -n bench-ops create secret generic bench-key --from-literal=apiKey=sk-bench-0123456789abcdefghijklmnop \
-  --dry-run=client -o yaml | $kubectl label -f - --local -o yaml llmproxy.io/api-key=true |
-  $kubectl annotate -f - --local -o yaml llmproxy.io/projects=bench,bench-models | $kubectl apply -f - >/dev/null
+bench_cluster bench-ops bench-apps bench-key bench,bench-models
 # bench-models: the same with a model allowlist, for its cost per request.
 cat <<YAML | $kubectl apply -f - >/dev/null
 apiVersion: llmproxy.io/v1alpha1

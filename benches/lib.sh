@@ -24,3 +24,17 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $2"
 LUA
 }
+
+# bench_cluster OPS APPS KEY PROJECTS: the CRDs (established), namespaces OPS and APPS
+# (APPS without the ProxyTokens of earlier runs), and in OPS the key Secret KEY, labelled
+# as an API key and bound to PROJECTS (comma-separated names, or '*'). Needs $kubectl.
+bench_cluster() {
+  $kubectl apply --server-side -f crds/llmproxy.io.yaml >/dev/null
+  $kubectl wait --for condition=established crd/projects.llmproxy.io crd/proxytokens.llmproxy.io \
+    crd/pricelists.llmproxy.io >/dev/null
+  for ns in "$1" "$2"; do $kubectl create namespace "$ns" --dry-run=client -o yaml | $kubectl apply -f - >/dev/null; done
+  $kubectl delete proxytokens -n "$2" --all --wait=false >/dev/null 2>&1 || true
+  $kubectl -n "$1" create secret generic "$3" --from-literal=apiKey=sk-bench-0123456789abcdefghijklmnop \
+    --dry-run=client -o yaml | $kubectl label -f - --local -o yaml llmproxy.io/api-key=true |
+    $kubectl annotate -f - --local -o yaml "llmproxy.io/projects=$4" | $kubectl apply -f - >/dev/null
+}

@@ -4,7 +4,7 @@
 # llm-proxy, in one run on this machine. Per path: streams that arrived whole and in
 # order, time to first byte, each chunk's delay (upstream send → client arrival, one
 # clock) and, for the proxies, resident memory per open stream and CPU. Writes
-# benches/streams.md.
+# benches/streams.md (with --quick, .cluster/bench-streams.md).
 #
 # STREAMS_COUNTS (default "1000 10000"), STREAMS_SECONDS (default 60), STREAMS_INTERVAL_MS
 # (default 50); `--quick`: 1,000 streams for 15 s.
@@ -14,7 +14,9 @@ cd "$(dirname "$0")/.."
 COUNTS=${STREAMS_COUNTS:-1000 10000}
 SECONDS_HELD=${STREAMS_SECONDS:-60}
 INTERVAL=${STREAMS_INTERVAL_MS:-50}
-if [ "${1:-}" = --quick ]; then COUNTS=1000 SECONDS_HELD=15; fi
+report_file=benches/streams.md
+# --quick is for development: its figures go to the state folder, not the record.
+if [ "${1:-}" = --quick ]; then COUNTS=1000 SECONDS_HELD=15 report_file=.cluster/bench-streams.md; fi
 RAMP=2000 # new streams per second: 10,000 open in 5 s, no listen queue overflows
 target=${CARGO_TARGET_DIR:-target}/release
 state=.cluster/bench-streams
@@ -50,12 +52,7 @@ rm -rf "$state" && mkdir -p "$state"
 trap cleanup EXIT
 
 # --- one project and one token, minted by the controller ------------------------------
-$kubectl apply --server-side -f crds/llmproxy.io.yaml >/dev/null
-$kubectl wait --for condition=established crd/proxytokens.llmproxy.io crd/pricelists.llmproxy.io >/dev/null
-for ns in streams-ops streams-apps; do $kubectl create namespace "$ns" --dry-run=client -o yaml | $kubectl apply -f - >/dev/null; done
-$kubectl -n streams-ops create secret generic streams-key --from-literal=apiKey=sk-bench-0123456789abcdefghijklmnop \
-  --dry-run=client -o yaml | $kubectl label -f - --local -o yaml llmproxy.io/api-key=true |
-  $kubectl annotate -f - --local -o yaml llmproxy.io/projects=streams | $kubectl apply -f - >/dev/null
+bench_cluster streams-ops streams-apps streams-key streams
 run_id=$(date +%s)
 cat <<YAML | $kubectl apply -f - >/dev/null
 apiVersion: llmproxy.io/v1alpha1
@@ -188,5 +185,5 @@ PY
   echo
   echo "$report"
   [ -n "$capped_note" ] && echo "$capped_note"
-} >benches/streams.md
-cat benches/streams.md
+} >"$report_file"
+cat "$report_file"

@@ -42,12 +42,7 @@ start upstream-plain "$target/fake-upstream" "127.0.0.1:$plain_port"
 start upstream-tls "$target/fake-upstream" "127.0.0.1:$tls_port" --tls "$state/server.pem" "$state/server.key"
 
 # --- three Projects, one per upstream, and a token of each ------------------------------
-$kubectl apply --server-side -f crds/llmproxy.io.yaml >/dev/null
-$kubectl wait --for condition=established crd/proxytokens.llmproxy.io crd/pricelists.llmproxy.io >/dev/null
-for ns in tls-ops tls-apps; do $kubectl create namespace "$ns" --dry-run=client -o yaml | $kubectl apply -f - >/dev/null; done
-$kubectl -n tls-ops create secret generic tls-key --from-literal=apiKey=sk-bench-0123456789abcdefghijklmnop \
-  --dry-run=client -o yaml | $kubectl label -f - --local -o yaml llmproxy.io/api-key=true |
-  $kubectl annotate -f - --local -o yaml 'llmproxy.io/projects=*' | $kubectl apply -f - >/dev/null
+bench_cluster tls-ops tls-apps tls-key '*'
 run_id=$(date +%s)
 for p in plain:http://127.0.0.1:$plain_port tls:https://localhost:$tls_port; do
   cat <<YAML | $kubectl apply -f - >/dev/null

@@ -402,14 +402,7 @@ async fn a_daily_token_budget_holds_across_three_replicas_and_is_charged_from_re
 
     // The official SDK takes it as final: one attempt, no retries.
     let refused_before = refusals(&env).await;
-    let script = r#"
-import openai
-try:
-    openai.OpenAI(max_retries=3).chat.completions.create(model="m", messages=[])
-except openai.RateLimitError as e:
-    print(e.status_code, e.code)
-"#;
-    let (said, stderr) = env.sdk(script, &secret).await;
+    let (said, stderr) = sdk_rate_limit_error(&env, &secret).await;
     assert_eq!(said.trim(), "429 token_budget_exceeded", "{stderr}");
     assert_eq!(refusals(&env).await - refused_before, 1, "the SDK did not retry");
 
@@ -422,6 +415,19 @@ except openai.RateLimitError as e:
         said.push(support::curl("GET", &format!("http://127.0.0.1:{port}/metrics"), &[], None).await.body);
     }
     assert!(said.iter().any(|metrics| metrics.contains(&gauge)), "{said:?}");
+}
+
+/// What the official SDK, allowed three retries, raises for one chat request with
+/// `secret`: the status and code of its `RateLimitError` (nothing if none), and stderr.
+async fn sdk_rate_limit_error(env: &Env, secret: &str) -> (String, String) {
+    let script = r#"
+import openai
+try:
+    openai.OpenAI(max_retries=3).chat.completions.create(model="m", messages=[])
+except openai.RateLimitError as e:
+    print(e.status_code, e.code)
+"#;
+    env.sdk(script, secret).await
 }
 
 /// `token_budget_exceeded` refusals proxy-a has answered.
@@ -859,14 +865,7 @@ spec:
     })
     .await;
     assert_eq!(events.iter().filter(|r| *r == "CostBudgetSpent").count(), 1, "one Event, from one replica");
-    let script = r#"
-import openai
-try:
-    openai.OpenAI(max_retries=3).chat.completions.create(model="m", messages=[])
-except openai.RateLimitError as e:
-    print(e.status_code, e.code)
-"#;
-    let (said, stderr) = env.sdk(script, &secret).await;
+    let (said, stderr) = sdk_rate_limit_error(&env, &secret).await;
     assert_eq!(said.trim(), "429 cost_budget_exceeded", "{stderr}");
 
     // Metrics: the spend per token, and what is left of its budget.
