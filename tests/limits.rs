@@ -233,9 +233,7 @@ async fn a_minute_never_admits_more_than_requests_per_minute_across_replicas() {
     let mut env = Env::new("rpm").await;
     env.start_controller();
     // proxy-a is the Env's own proxy, where env.sdk sends the SDK.
-    let ports = [env.proxy_port, support::free_port()];
-    env.start_proxy_as("proxy-a", ports[0], env.proxy_admin_port, &[]).await;
-    env.start_proxy_as("proxy-b", ports[1], support::free_port(), &[]).await;
+    let (ports, _) = env.start_proxies::<2>().await;
     env.create_project("p").await;
     let secret = limited_token(&env, "rpm", Some(Limits { requests_per_minute: Some(20), ..Limits::default() })).await;
 
@@ -309,11 +307,7 @@ async fn a_daily_token_budget_holds_across_three_replicas_and_is_charged_from_re
     const PER_REQUEST: i64 = 16; // the fake upstream's usage: 9 prompt + 7 completion
     let mut env = Env::new("tpd").await;
     env.start_controller();
-    let ports = [env.proxy_port, support::free_port(), support::free_port()];
-    let admin = [env.proxy_admin_port, support::free_port(), support::free_port()];
-    for (i, role) in ["proxy-a", "proxy-b", "proxy-c"].into_iter().enumerate() {
-        env.start_proxy_as(role, ports[i], admin[i], &[]).await;
-    }
+    let (ports, admin) = env.start_proxies::<3>().await;
     env.create_project("p").await;
     let secret = limited_token(&env, "tpd", Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() })).await;
 
@@ -536,11 +530,7 @@ async fn a_project_budget_is_shared_by_all_its_tokens_across_replicas() {
     const PER_REQUEST: i64 = 16;
     let mut env = Env::new("ptpd").await;
     env.start_controller();
-    let ports = [env.proxy_port, support::free_port()];
-    let admin = [env.proxy_admin_port, support::free_port()];
-    for (i, role) in ["proxy-a", "proxy-b"].into_iter().enumerate() {
-        env.start_proxy_as(role, ports[i], admin[i], &[]).await;
-    }
+    let (ports, admin) = env.start_proxies::<2>().await;
     env.create_project("p").await;
     let name = env.scoped("p");
     let gitops = serde_json::json!({
@@ -647,9 +637,7 @@ async fn an_idle_replica_gives_its_share_back_and_the_budget_is_spent_whole() {
     const PER_REQUEST: i64 = 16;
     let mut env = Env::new("idle-share").await;
     env.start_controller();
-    let ports = [env.proxy_port, support::free_port()];
-    env.start_proxy_as("proxy-a", ports[0], env.proxy_admin_port, &[]).await;
-    env.start_proxy_as("proxy-b", ports[1], support::free_port(), &[]).await;
+    let (ports, _) = env.start_proxies::<2>().await;
     env.create_project("p").await;
     let secret = limited_token(&env, "idle", Some(Limits { tokens_per_day: Some(BUDGET), ..Limits::default() })).await;
 
@@ -745,11 +733,7 @@ async fn a_monthly_cost_budget_is_priced_from_the_price_list_and_holds_across_re
     const BUDGET: i64 = 500_000; // "0.50"
     let mut env = Env::new("cost").await;
     env.start_controller();
-    let ports = [env.proxy_port, support::free_port()];
-    let admin = [env.proxy_admin_port, support::free_port()];
-    for (i, role) in ["proxy-a", "proxy-b"].into_iter().enumerate() {
-        env.start_proxy_as(role, ports[i], admin[i], &[]).await;
-    }
+    let (ports, admin) = env.start_proxies::<2>().await;
     env.create_project("p").await;
     let (project, prices) = (env.scoped("p"), env.scoped("prices"));
     // The Project prices from its own list, and shares a larger budget among its tokens.

@@ -167,6 +167,18 @@ impl Env {
         [self.proxy_port, port]
     }
 
+    /// Starts `N` proxy processes, `proxy-a`, `proxy-b`, …, the first on the test's
+    /// proxy ports, and waits until each is ready: their API and admin ports.
+    pub async fn start_proxies<const N: usize>(&mut self) -> ([u16; N], [u16; N]) {
+        let ports: [u16; N] = std::array::from_fn(|i| if i == 0 { self.proxy_port } else { free_port() });
+        let admin: [u16; N] = std::array::from_fn(|i| if i == 0 { self.proxy_admin_port } else { free_port() });
+        for i in 0..N {
+            let role = format!("proxy-{}", char::from(b'a' + i as u8));
+            self.start_proxy_as(&role, ports[i], admin[i], &[]).await;
+        }
+        (ports, admin)
+    }
+
     /// Starts another proxy process named `role` on `port` (admin on `admin`) with
     /// `extra` flags, and waits until it is ready.
     pub async fn start_proxy_as(&mut self, role: &str, port: u16, admin: u16, extra: &[&str]) {
