@@ -72,9 +72,10 @@ image tag="llm-proxy:dev":
 image-local tag="llm-proxy:dev":
     bash hack/image.sh {{tag}}
 
-# Benchmarks: direct vs nginx vs llm-proxy, minting throughput; writes BENCHMARKS.md.
-bench: cluster-up
-    bash benches/harness.sh
+# Benchmarks: direct vs nginx vs llm-proxy, minting, propagation, scale; writes BENCHMARKS.md
+# (`just bench --quick`: a shorter run for development, into .cluster/bench.md).
+bench *ARGS: cluster-up
+    bash benches/harness.sh {{ARGS}}
 
 # API-server writes per second of each kind of limit: three proxies, 1,000 req/s on one token.
 bench-writes: cluster-up

@@ -73,11 +73,11 @@ spec: {projectRef: {name: writes-shared-$run}, duration: 720h}
 YAML
 
 start upstream "$target/fake-upstream" "127.0.0.1:$up_port"
-start controller "$target/llm-proxy" controller --namespace writes-ops --label-selector llmproxy.io/bench-writes=1 \
+start controller "${image_env[@]}" "$target/llm-proxy" controller --namespace writes-ops --label-selector llmproxy.io/bench-writes=1 \
   --proxy-url "http://127.0.0.1:${proxy_ports[0]}" --admin-addr "127.0.0.1:$ctrl_admin" --leader-elect=false
 for i in $(seq 0 $((REPLICAS - 1))); do
   port=${proxy_ports[$i]}
-  start "proxy-$i" "$target/llm-proxy" proxy --namespace writes-ops --label-selector llmproxy.io/bench-writes=1 \
+  start "proxy-$i" "${image_env[@]}" "$target/llm-proxy" proxy --namespace writes-ops --label-selector llmproxy.io/bench-writes=1 \
     --listen-addr "127.0.0.1:$port" --admin-addr "127.0.0.1:$((port + 1))" --worker-threads 1 \
     --usage-flush-millis "$FLUSH_MS" --identity "proxy-$i"
   until curl -sf "http://127.0.0.1:$((port + 1))/readyz" >/dev/null; do sleep 0.05; done

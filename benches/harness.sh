@@ -9,9 +9,19 @@
 # and the upstream share the machine's cores. nginx and llm-proxy are measured with one
 # worker each (worker_processes 1, --worker-threads 1) and with their defaults for this
 # machine (one per core).
+#
+# `--quick` is for development: 3 s per run, 100 tokens, 20 propagation trials, 10,000
+# tokens at scale, no LiteLLM; its report goes to .cluster/bench.md, not BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+quick=false
+if [ "${1:-}" = --quick ]; then
+  quick=true
+  : "${BENCH_DURATION:=3s}" "${BENCH_TOKENS:=100}" "${BENCH_PROPAGATION_TRIALS:=20}"
+  : "${BENCH_SCALE_TOKENS:=10000}" "${BENCH_SCALE_PROJECTS:=100}"
+  export BENCH_PROPAGATION_TRIALS BENCH_SCALE_TOKENS BENCH_SCALE_PROJECTS
+fi
 DURATION=${BENCH_DURATION:-10s}
 TOKENS=${BENCH_TOKENS:-1000}
 RATE=${BENCH_RATE:-1000}
@@ -36,11 +46,25 @@ if ! command -v oha >/dev/null 2>&1; then
 fi
 # LiteLLM proxy, pinned exactly (neighbouring versions do not install here).
 litellm_venv=$cache/litellm-venv
-if ! "$litellm_venv/bin/litellm" --version >/dev/null 2>&1; then
+if ! $quick && ! "$litellm_venv/bin/litellm" --version >/dev/null 2>&1; then
   (python3 -m venv "$litellm_venv" &&
     "$litellm_venv/bin/pip" install --quiet --disable-pip-version-check "litellm[proxy]==1.106.12") & installs+=($!)
 fi
-cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fake-upstream --bench propagation --bench scale --quiet
+cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fake-upstream --quiet
+# The Rust benches are built without whole-program optimisation: from cold, each would
+# cost another single-threaded fat-LTO link of about 4 minutes, for code that drives the
+# API server or times the table in process 10 tokens against 100,000 in the same build
+# (its nanoseconds are about 8 % above those of an LTO build). bench_bin NAME -> its path.
+bench_bin() {
+  cargo rustc --release --locked --features fake-upstream --bench "$1" --quiet --message-format=json-render-diagnostics \
+    -- -C lto=off -C codegen-units=16 |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("target", {}).get("name") == sys.argv[1] and m.get("executable"): print(m["executable"])' "$1"
+}
+propagation_bin=$(bench_bin propagation)
+scale_bin=$(bench_bin scale)
 for p in "${installs[@]}"; do wait "$p"; done
 tests/cluster/cluster.sh up >/dev/null
 mkdir -p "$state"
@@ -70,7 +94,7 @@ spec:
   limits: {models: ["gpt-4o-mini", "gpt-4.1*", "m"]}
 YAML
 start upstream "$target/fake-upstream" "127.0.0.1:$up_port"
-start controller "$target/llm-proxy" controller --namespace bench-ops --label-selector llmproxy.io/bench=1 \
+start controller "${image_env[@]}" "$target/llm-proxy" controller --namespace bench-ops --label-selector llmproxy.io/bench=1 \
   --proxy-url "http://127.0.0.1:$proxy_port" --admin-addr "127.0.0.1:$ctrl_admin" --leader-elect=false
 sleep 1
 manifest=$state/tokens.yaml
@@ -90,12 +114,12 @@ models_token=$($kubectl -n bench-apps get secret "r$run_id-models" -o jsonpath='
 
 # --- the data plane ------------------------------------------------------------------
 sync_start=$(date +%s.%N)
-start proxy "$target/llm-proxy" proxy --namespace bench-ops --label-selector llmproxy.io/bench=1 \
+start proxy "${image_env[@]}" "$target/llm-proxy" proxy --namespace bench-ops --label-selector llmproxy.io/bench=1 \
   --listen-addr "127.0.0.1:$proxy_port" --admin-addr "127.0.0.1:$admin_port" --worker-threads 1
 until curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null; do sleep 0.05; done
 sync_secs=$(echo "$(date +%s.%N) - $sync_start" | bc)
 proxy_pid=${pids[-1]}
-start proxy-n "$target/llm-proxy" proxy --namespace bench-ops --label-selector llmproxy.io/bench=1 \
+start proxy-n "${image_env[@]}" "$target/llm-proxy" proxy --namespace bench-ops --label-selector llmproxy.io/bench=1 \
   --listen-addr "127.0.0.1:$proxy_n_port" --admin-addr "127.0.0.1:$admin_n_port"
 until curl -sf "http://127.0.0.1:$admin_n_port/readyz" >/dev/null; do sleep 0.05; done
 
@@ -122,16 +146,18 @@ nginx_conf nginx-n.conf auto "$nginx_n_port"
 stop_nginx() { for c in nginx.conf nginx-n.conf; do nginx -c "$PWD/$state/$c" -p "$PWD/$state" -s stop 2>/dev/null || true; done; }
 trap 'cleanup; stop_nginx' EXIT
 
-# LiteLLM refuses to start without a master key; clients then authenticate with it.
-cat >"$state/litellm.yaml" <<YAML
+if ! $quick; then
+  # LiteLLM refuses to start without a master key; clients then authenticate with it.
+  cat >"$state/litellm.yaml" <<YAML
 model_list:
   - model_name: m
     litellm_params: {model: openai/m, api_base: "http://127.0.0.1:$up_port/v1", api_key: sk-bench-litellm}
 general_settings: {master_key: sk-bench-litellm-master}
 YAML
-# No network here: use the model cost map LiteLLM ships instead of fetching one.
-start litellm env LITELLM_LOCAL_MODEL_COST_MAP=True "$litellm_venv/bin/litellm" --config "$state/litellm.yaml" --host 127.0.0.1 --port "$litellm_port" --num_workers 2
-for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$litellm_port/health/liveliness" >/dev/null && break; sleep 0.2; done
+  # No network here: use the model cost map LiteLLM ships instead of fetching one.
+  start litellm env LITELLM_LOCAL_MODEL_COST_MAP=True "$litellm_venv/bin/litellm" --config "$state/litellm.yaml" --host 127.0.0.1 --port "$litellm_port" --num_workers 2
+  for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$litellm_port/health/liveliness" >/dev/null && break; sleep 0.2; done
+fi
 
 wrk_chat_script "$state/post.lua" "$token"
 sed "s/Bearer $token/Bearer sk-bench-litellm-master/" "$state/post.lua" >"$state/post-litellm.lua"
@@ -169,14 +195,16 @@ declare -A lat thr url
 url=([direct]=http://127.0.0.1:$up_port [nginx]=http://127.0.0.1:$nginx_port [ours]=http://127.0.0.1:$proxy_port
   [ours_models]=http://127.0.0.1:$proxy_port
   [nginx_n]=http://127.0.0.1:$nginx_n_port [ours_n]=http://127.0.0.1:$proxy_n_port [litellm]=http://127.0.0.1:$litellm_port)
-for name in direct nginx ours ours_models nginx_n ours_n litellm; do
+names=(direct nginx ours ours_models nginx_n ours_n)
+$quick || names+=(litellm)
+for name in "${names[@]}"; do
   rate=$RATE
   [ "$name" = litellm ] && rate=$LITELLM_RATE
   lat[$name]=$(latency "$name" "${url[$name]}" "$rate")
   thr[$name]=$(throughput "$name" "${url[$name]}")
 done
 # LiteLLM cannot take the common rate: its added latency is measured against direct at its own rate.
-lat[direct_litellm]=$(latency direct_litellm "${url[direct]}" "$LITELLM_RATE")
+$quick || lat[direct_litellm]=$(latency direct_litellm "${url[direct]}" "$LITELLM_RATE")
 
 # Streams: time to first byte and total, 20 streams of 20 chunks 10 ms apart.
 ttfb() {
@@ -196,8 +224,8 @@ cleanup
 pids=()
 
 # Propagation and scale (Rust benches against the same control plane).
-propagation=$(BENCH_PROXY_BIN=$target/llm-proxy cargo bench --quiet --locked --bench propagation 2>/dev/null | grep '^|')
-scale=$(BENCH_PROXY_BIN=$target/llm-proxy cargo bench --quiet --locked --bench scale 2>/dev/null | grep '^-')
+propagation=$(BENCH_PROXY_BIN=$target/llm-proxy "$propagation_bin" 2>/dev/null | grep '^|')
+scale=$(BENCH_PROXY_BIN=$target/llm-proxy "${image_env[@]}" "$scale_bin" 2>/dev/null | grep '^-')
 
 field() { echo "$1" | cut -d' ' -f"$2"; }
 # added NAME COLUMN [BASELINE]: NAME's latency percentile minus the direct path's
@@ -211,7 +239,7 @@ row() { # row LABEL NAME [BASELINE]
 secs() { printf '%.2f' "$1"; }
 threads=$(nproc)
 report=$(cat <<MD
-## Run of $(date -u +%Y-%m-%d) — \`just bench\`
+## Run of $(date -u +%Y-%m-%d) — \`just bench$($quick && echo " --quick")\`
 
 Machine: $threads cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB; load generator, proxies and the fake upstream share the cores.
 Load: POST /v1/chat/completions with a fixed JSON answer. Latency: oha $(oha --version | cut -d' ' -f2), open loop at $RATE req/s over 4 connections for $DURATION, corrected for coordinated omission (LiteLLM at $LITELLM_RATE req/s, against direct at the same rate). Throughput: wrk, closed loop, 16 connections (2 threads) for $DURATION.
@@ -225,11 +253,11 @@ $(row "llm-proxy, 1 thread (auth + key swap + usage + access log)" ours)
 $(row "llm-proxy, 1 thread, token and project with a model allowlist" ours_models)
 $(row "nginx, worker_processes auto ($threads)" nginx_n)
 $(row "llm-proxy, default threads ($threads)" ours_n)
-$(row "LiteLLM 1.106.12 proxy, 2 workers (at $LITELLM_RATE req/s)" litellm direct_litellm)
+$($quick || row "LiteLLM 1.106.12 proxy, 2 workers (at $LITELLM_RATE req/s)" litellm direct_litellm)
 
 - Added latency ours / nginx, one worker each: p50 $(ratio "$(added ours 1)" "$(added nginx 1)"), p99 $(ratio "$(added ours 2)" "$(added nginx 2)"), p99.9 $(ratio "$(added ours 3)" "$(added nginx 3)"); with defaults: p50 $(ratio "$(added ours_n 1)" "$(added nginx_n 1)"), p99 $(ratio "$(added ours_n 2)" "$(added nginx_n 2)"), p99.9 $(ratio "$(added ours_n 3)" "$(added nginx_n 3)").
 - Model allowlist (the body read up to its model and checked against two lists, the rest scanned on): throughput $(ratio "${thr[ours_models]}" "${thr[ours]}")× that without one; the one-thread proxy's CPU time per request $(cat "$state/cpu-ours_models") µs with it, $(cat "$state/cpu-ours") µs without (user + system, over each wrk run); added p50 $(added ours_models 1) ms vs $(added ours 1) ms.
-- Throughput ours / nginx: $(ratio "${thr[ours]}" "${thr[nginx]}") with one worker each, $(ratio "${thr[ours_n]}" "${thr[nginx_n]}") with defaults; ours / LiteLLM: $(ratio "${thr[ours_n]}" "${thr[litellm]}").
+- Throughput ours / nginx: $(ratio "${thr[ours]}" "${thr[nginx]}") with one worker each, $(ratio "${thr[ours_n]}" "${thr[nginx_n]}") with defaults; ours / LiteLLM: $($quick && echo "not run with --quick" || ratio "${thr[ours_n]}" "${thr[litellm]}").
 - Streams (20 chunks, 10 ms apart; mean of 20): time to first byte direct $(printf "%.3f" "$direct_ttfb") ms, through llm-proxy $(printf "%.3f" "$ours_ttfb") ms (added $(printf "%.3f" "$(echo "$ours_ttfb - $direct_ttfb" | bc)") ms); total $direct_total ms vs $ours_total ms.
 - Controller: $TOKENS ProxyTokens minted in $(secs "$mint_secs") s ($(echo "scale=1; $TOKENS / $mint_secs" | bc) tokens/s).
 - Proxy: initial sync of $TOKENS tokens in $(secs "$sync_secs") s (process start to ready); resident memory $rss_mb MB after the runs.
@@ -246,12 +274,16 @@ $scale
 MD
 )
 echo "$report"
+if $quick; then
+  echo "$report" >.cluster/bench.md
+  exit 0
+fi
 # The hand-written analysis below the marker survives a new run.
 analysis=$(sed -n '/^<!-- analysis -->$/,$p' BENCHMARKS.md 2>/dev/null || true)
 {
   echo "# Benchmarks"
   echo
-  echo "Reproduce with \`just bench\` (BENCH_DURATION, BENCH_TOKENS, BENCH_RATE, BENCH_LITELLM_RATE adjust it). Raw oha/wrk output: \`.cluster/bench/\`."
+  echo "Reproduce with \`just bench\` (\`just bench --quick\` for a shorter run that writes \`.cluster/bench.md\`; BENCH_DURATION, BENCH_TOKENS, BENCH_RATE, BENCH_LITELLM_RATE adjust it). Raw oha/wrk output: \`.cluster/bench/\`."
   echo
   echo "$report"
   if [ -n "$analysis" ]; then

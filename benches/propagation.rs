@@ -24,7 +24,6 @@ use llm_proxy::index::Kind;
 use llm_proxy::token::Token;
 use serde_json::json;
 
-const TRIALS: usize = 100;
 const LABEL: &str = "llmproxy.io/bench-propagation";
 const NS: &str = "bench-propagation";
 
@@ -32,6 +31,8 @@ type HttpClient = hyper_util::client::legacy::Client<hyper_util::client::legacy:
 
 #[tokio::main]
 async fn main() {
+    // Trials of each change (100; `just bench --quick` runs 20).
+    let trials: usize = std::env::var("BENCH_PROPAGATION_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     let client = Client::try_default().await.expect("KUBECONFIG must point at the local control plane");
     let upstream = FakeUpstream::start().await.unwrap();
     let apply = PatchParams::apply("bench").force();
@@ -55,7 +56,7 @@ async fn main() {
     // Tokens written straight into status (as a controller would): this measures the proxy.
     let tokens: Api<ProxyToken> = Api::namespaced(client.clone(), NS);
     let mut secrets = Vec::new();
-    for i in 0..TRIALS + 1 {
+    for i in 0..trials + 1 {
         let name = format!("t{i}");
         let token = Token::mint().unwrap();
         let object = json!({
@@ -94,7 +95,7 @@ async fn main() {
     };
     // Wait until every token routes.
     let started = Instant::now();
-    while status_of(&secrets[TRIALS]).await != 200 {
+    while status_of(&secrets[trials]).await != 200 {
         assert!(started.elapsed() < Duration::from_secs(30), "proxy never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -107,7 +108,7 @@ async fn main() {
     }
 
     let (mut revoke, mut revoke_all) = (Vec::new(), Vec::new());
-    for (i, token) in secrets.iter().take(TRIALS).enumerate() {
+    for (i, token) in secrets.iter().take(trials).enumerate() {
         assert_eq!(status_of(token).await, 200);
         let t0 = Instant::now();
         let changed = tokens
@@ -124,9 +125,9 @@ async fn main() {
         settle().await;
     }
 
-    let probe = &secrets[TRIALS];
+    let probe = &secrets[trials];
     let (mut deactivate, mut deactivate_all) = (Vec::new(), Vec::new());
-    for _ in 0..TRIALS {
+    for _ in 0..trials {
         let t0 = Instant::now();
         let changed = projects
             .patch("bench-propagation", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "active": false } })))
@@ -159,7 +160,7 @@ async fn main() {
         }
     };
     let (mut rotate, mut rotate_all) = (Vec::new(), Vec::new());
-    for i in 1..=TRIALS {
+    for i in 1..=trials {
         let expected = format!("Bearer {}", key(i));
         let t0 = Instant::now();
         let changed = put_key(key(i)).await;
@@ -175,14 +176,14 @@ async fn main() {
     // The same key change made the other way: the Project pointed at a new, existing
     // Secret. Measured like the rotation, so the two rows compare the two paths.
     let key_secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
-    for i in 1..=TRIALS {
+    for i in 1..=trials {
         let name = format!("key-{i}");
-        let secret = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": key_metadata(&name), "stringData": { "apiKey": key(TRIALS + i) } });
+        let secret = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": key_metadata(&name), "stringData": { "apiKey": key(trials + i) } });
         key_secrets.patch(&name, &apply, &Patch::Apply(&secret)).await.unwrap();
     }
     let (mut repoint, mut repoint_all) = (Vec::new(), Vec::new());
-    for i in 1..=TRIALS {
-        let expected = format!("Bearer {}", key(TRIALS + i));
+    for i in 1..=trials {
+        let expected = format!("Bearer {}", key(trials + i));
         let t0 = Instant::now();
         let to = json!({ "spec": { "apiKeySecretRef": { "name": format!("key-{i}") } } });
         let changed = projects.patch("bench-propagation", &PatchParams::default(), &Patch::Merge(&to)).await.unwrap();
@@ -208,7 +209,7 @@ async fn main() {
     ] {
         let (p50, p99, max) = summary(first);
         let (all_p50, all_p99, all_max) = summary(all);
-        println!("| {what} | {TRIALS} | {p50:.1} | {p99:.1} | {max:.1} | {all_p50:.1} | {all_p99:.1} | {all_max:.1} |");
+        println!("| {what} | {trials} | {p50:.1} | {p99:.1} | {max:.1} | {all_p50:.1} | {all_p99:.1} | {all_max:.1} |");
     }
 }
 

@@ -68,13 +68,13 @@ kind: ProxyToken
 metadata: {name: s$run_id, namespace: streams-apps, labels: {llmproxy.io/bench-streams: "1"}}
 spec: {projectRef: {name: streams}, duration: 720h}
 YAML
-start controller "$target/llm-proxy" controller --namespace streams-ops --label-selector llmproxy.io/bench-streams=1 \
+start controller "${image_env[@]}" "$target/llm-proxy" controller --namespace streams-ops --label-selector llmproxy.io/bench-streams=1 \
   --admin-addr "127.0.0.1:$ctrl_admin" --leader-elect=false
 until [ "$($kubectl -n streams-apps get proxytoken "s$run_id" -o jsonpath='{.status.phase}')" = Active ]; do sleep 0.2; done
 token=$($kubectl -n streams-apps get secret "s$run_id" -o jsonpath='{.data.token}' | base64 -d)
 
 start upstream "$target/fake-upstream" "127.0.0.1:$up_port"
-start proxy env RUST_LOG=warn "$target/llm-proxy" proxy --namespace streams-ops --label-selector llmproxy.io/bench-streams=1 \
+start proxy "${image_env[@]}" RUST_LOG=warn "$target/llm-proxy" proxy --namespace streams-ops --label-selector llmproxy.io/bench-streams=1 \
   --listen-addr "127.0.0.1:$proxy_port" --admin-addr "127.0.0.1:$admin_port" --worker-threads 1 \
   --max-connections "$max_streams" --max-connections-per-client "$max_streams"
 proxy_pid=${pids[-1]}

@@ -60,7 +60,7 @@ metadata: {name: r$run_id-${p%%:*}, namespace: tls-apps, labels: {llmproxy.io/be
 spec: {projectRef: {name: bench-${p%%:*}}, duration: 720h}
 YAML
 done
-start controller "$target/llm-proxy" controller --namespace tls-ops --label-selector llmproxy.io/bench-tls=1 \
+start controller "${image_env[@]}" "$target/llm-proxy" controller --namespace tls-ops --label-selector llmproxy.io/bench-tls=1 \
   --admin-addr "127.0.0.1:$admin0" --leader-elect=false
 declare -A token
 for p in plain tls; do
@@ -70,10 +70,10 @@ done
 kill "${pids[-1]}"
 # A proxy process serves both Projects (each row sends its Project's token); a second
 # one offers HTTP/2 to the upstream.
-start proxy "$target/llm-proxy" proxy --namespace tls-ops --label-selector llmproxy.io/bench-tls=1 \
+start proxy "${image_env[@]}" "$target/llm-proxy" proxy --namespace tls-ops --label-selector llmproxy.io/bench-tls=1 \
   --listen-addr "127.0.0.1:$ours" --admin-addr "127.0.0.1:$((admin0 + 1))" --worker-threads 1 \
   --upstream-ca-file "$state/ca.pem"
-start proxy-h2 "$target/llm-proxy" proxy --namespace tls-ops --label-selector llmproxy.io/bench-tls=1 \
+start proxy-h2 "${image_env[@]}" "$target/llm-proxy" proxy --namespace tls-ops --label-selector llmproxy.io/bench-tls=1 \
   --listen-addr "127.0.0.1:$ours_h2" --admin-addr "127.0.0.1:$((admin0 + 2))" --worker-threads 1 \
   --upstream-ca-file "$state/ca.pem" --upstream-http2
 for admin in $((admin0 + 1)) $((admin0 + 2)); do

@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use bytes::Bytes;
+use hyper::header::HeaderValue;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -14,9 +16,32 @@ const MIN_KEY_LEN: usize = 20;
 /// Longest key accepted.
 const MAX_KEY_LEN: usize = 512;
 
-/// An upstream API key. `Debug` and `Display` show only the masked hint.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiKey(Zeroizing<String>);
+/// An upstream API key, and the `Authorization` value that sends it, made once per key
+/// rather than per request. `Debug` and `Display` show only the masked hint.
+#[derive(Clone)]
+pub struct ApiKey {
+    key: Zeroizing<String>,
+    /// `Bearer <key>`, marked sensitive; its bytes are wiped when the last request
+    /// holding a copy of the value is done with it.
+    authorization: HeaderValue,
+}
+
+impl PartialEq for ApiKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for ApiKey {}
+
+/// Bytes wiped on drop, as the owner of a shared [`Bytes`].
+struct Wiped(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for Wiped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// Why a project has no usable key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,23 +133,32 @@ impl ApiKey {
         if !well_formed {
             return Err(KeyProblem::InvalidFormat);
         }
-        Ok(Self(Zeroizing::new(text.to_string())))
+        let bearer = Wiped(Zeroizing::new(format!("Bearer {text}").into_bytes()));
+        let mut authorization =
+            HeaderValue::from_maybe_shared(Bytes::from_owner(bearer)).map_err(|_| KeyProblem::InvalidFormat)?;
+        authorization.set_sensitive(true);
+        Ok(Self { key: Zeroizing::new(text.to_string()), authorization })
     }
 
-    /// The key, for the upstream `Authorization` header only.
+    /// The key itself.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.key
+    }
+
+    /// The upstream `Authorization` header value, `Bearer <key>` (a shared copy).
+    pub fn authorization(&self) -> HeaderValue {
+        self.authorization.clone()
     }
 
     /// `sk-…Ab12`: the prefix and the last four characters.
     pub fn hint(&self) -> String {
-        let tail = &self.0[self.0.len() - 4..];
+        let tail = &self.key[self.key.len() - 4..];
         format!("sk-…{tail}")
     }
 
     /// A short, one-way fingerprint that tells rotations apart without revealing the key.
     pub fn fingerprint(&self) -> String {
-        let digest = Sha256::digest(self.0.as_bytes());
+        let digest = Sha256::digest(self.key.as_bytes());
         digest[..6].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
@@ -154,6 +188,16 @@ mod tests {
         assert_eq!(format!("{key:?}"), "ApiKey(sk-…Ab12)");
         assert_eq!(key.to_string(), "sk-…Ab12");
         assert_eq!(ApiKey::parse(format!("{KEY}\n").as_bytes()).unwrap(), key);
+    }
+
+    #[test]
+    fn the_authorization_value_is_made_once_and_marked_sensitive() {
+        let key = ApiKey::parse(format!("{KEY}\n").as_bytes()).unwrap();
+        let value = key.authorization();
+        assert_eq!(value, format!("Bearer {KEY}").as_str());
+        assert!(value.is_sensitive());
+        assert_eq!(format!("{value:?}"), "Sensitive");
+        assert_eq!(key.authorization().as_bytes().as_ptr(), value.as_bytes().as_ptr(), "a shared copy, not a new one");
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub fn spawn_proxy(namespace: &str, label: &str) -> (std::process::Child, u16, u
         .args(["proxy", "--namespace", namespace, "--label-selector", &format!("{label}=1")])
         .args(["--listen-addr", &format!("127.0.0.1:{port}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
         .env("RUST_LOG", "warn")
+        // As the image sets it (Dockerfile).
+        .env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
         .spawn()
         .unwrap();
     (proxy, port, admin)

@@ -1,11 +1,15 @@
 //! The routing table: an immutable snapshot the proxy reads on every request.
 //!
-//! Plain data, no kube or hyper types. `authorize` is the whole hot-path decision:
+//! Plain data, no kube types; upstream URLs and keys are kept parsed as `http` types,
+//! ready for the request. `authorize` is the whole hot-path decision:
 //! token hash in, a [`Route`] (owned `Arc`s, no copies) or a [`Denial`] out.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
+
+use hyper::Uri;
+use hyper::http::uri::{self, Authority, PathAndQuery, Scheme};
 
 use crate::api::AllowedNamespaces;
 use crate::apikey::{ApiKey, KeyProblem};
@@ -15,13 +19,16 @@ use crate::pricing::Prices;
 use crate::token::TokenHash;
 use crate::windows::WindowLimits;
 
+pub use super::token_map::TokenMap;
+
 /// A token the proxy knows, as of the last watch event.
+///
+/// `repr(C)` keeps the fields [`RouteTable::authorize`] reads first, next to the
+/// reference count it bumps, so a token not used recently costs one cache miss or two,
+/// not one per field.
 #[derive(Debug, Clone, PartialEq)]
+#[repr(C)]
 pub struct TokenRoute {
-    /// Namespace of the ProxyToken.
-    pub namespace: Arc<str>,
-    /// Name of the ProxyToken.
-    pub name: Arc<str>,
     /// Name of its Project.
     pub project: Arc<str>,
     /// `metadata.uid` of the Project it was minted for (`None`: minted before tokens
@@ -31,12 +38,16 @@ pub struct TokenRoute {
     pub issued_at_us: i64,
     /// When it expires, in Unix microseconds.
     pub expires_at_us: i64,
-    /// `spec.revoked`, or the controller already marked it `Revoked`.
-    pub revoked: bool,
     /// Lifetime cap on forwarded requests.
     pub max_requests: Option<u64>,
     /// Requests already counted in its status.
     pub request_count: u64,
+    /// `spec.revoked`, or the controller already marked it `Revoked`.
+    pub revoked: bool,
+    /// Namespace of the ProxyToken.
+    pub namespace: Arc<str>,
+    /// Name of the ProxyToken.
+    pub name: Arc<str>,
     /// `spec.limits.models`: the models its requests may name (`None`: any).
     pub models: Option<ModelAllowlist>,
     /// `spec.limits.requestsPerMinute`, over every replica.
@@ -60,6 +71,8 @@ pub struct ProjectRoute {
     pub tokens_not_before_us: Option<i64>,
     /// Upstream base URL, without a trailing slash.
     pub upstream: Arc<str>,
+    /// The same, parsed (`None`: not a URL the proxy can send to).
+    pub upstream_url: Option<UpstreamUrl>,
     /// The upstream key, or why there is none.
     pub key: Result<Arc<ApiKey>, KeyProblem>,
     /// `spec.allowedNamespaces`: which namespaces' tokens it serves ([`crate::grant`]).
@@ -80,6 +93,37 @@ impl ProjectRoute {
     /// Whether it limits its tokens' requests together (windows the proxies account).
     pub fn has_limits(&self) -> bool {
         !self.window_limits.is_empty() || self.requests_per_minute.is_some()
+    }
+}
+
+/// An upstream base URL, parsed once: each request's path and query are joined to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamUrl {
+    scheme: Scheme,
+    authority: Authority,
+    /// The URL's own path, without a trailing slash (empty for none).
+    path: Arc<str>,
+}
+
+impl UpstreamUrl {
+    /// Parses `url`: a scheme, a host and an optional path (a trailing slash is ignored).
+    pub fn parse(url: &str) -> Option<Self> {
+        let parts = url.parse::<Uri>().ok()?.into_parts();
+        let path = parts.path_and_query.as_ref().map_or("", |pq| pq.as_str()).trim_end_matches('/');
+        Some(Self { scheme: parts.scheme?, authority: parts.authority?, path: Arc::from(path) })
+    }
+
+    /// Where a request for `path_and_query` goes: the request's own path and query
+    /// after the URL's path.
+    pub fn join(&self, path_and_query: Option<&PathAndQuery>) -> Option<Uri> {
+        let mut parts = uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(match path_and_query {
+            Some(pq) if self.path.is_empty() => pq.clone(),
+            pq => PathAndQuery::try_from(format!("{}{}", self.path, pq.map_or("/", |pq| pq.as_str()))).ok()?,
+        });
+        Uri::from_parts(parts).ok()
     }
 }
 
@@ -117,7 +161,7 @@ pub struct Route {
 }
 
 /// Token hashes are SHA-256 outputs, already uniformly distributed: their first eight
-/// bytes are a perfect hash, and clients cannot choose which hashes the table holds.
+/// bytes are a perfect hash, and clients cannot choose which hashes a map holds.
 #[derive(Default)]
 pub struct DigestHasher(u64);
 
@@ -132,9 +176,6 @@ impl Hasher for DigestHasher {
         }
     }
 }
-
-/// Tokens by hash.
-pub type TokenMap = HashMap<TokenHash, Arc<TokenRoute>, BuildHasherDefault<DigestHasher>>;
 
 /// FNV-1a for project names: they are chosen by cluster admins, not by clients, so
 /// nobody can flood the map, and short names hash far cheaper than with SipHash.
@@ -171,7 +212,7 @@ pub struct RouteTable {
     pub generation: u64,
     /// All three watches have listed once; before that the proxy refuses everything.
     pub ready: bool,
-    pub(crate) tokens: Arc<TokenMap>,
+    pub(crate) tokens: TokenMap,
     pub(crate) projects: ProjectMap,
     pub(crate) namespaces: Arc<NamespaceLabels>,
 }

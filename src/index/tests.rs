@@ -350,3 +350,44 @@ fn an_exhausted_token_of_an_inactive_project_is_exhausted_as_its_status_says() {
         crate::controller::proxytoken::lifecycle(&capped, Some(&project("prod", false)), true, at(ISSUED_US).0);
     assert_eq!(verdict.phase, TokenPhase::Exhausted);
 }
+
+#[test]
+fn tokens_share_one_copy_of_their_project_and_namespace_names() {
+    let (first, second) = (Token::mint().unwrap(), Token::mint().unwrap());
+    let mut index = synced(&first);
+    index.apply(Change::Token(Event::Apply(token("api", "prod", &second))));
+    let table = index.snapshot();
+    let a = table.authorize(&first.hash(), ISSUED_US + 1).unwrap();
+    let b = table.authorize(&second.hash(), ISSUED_US + 1).unwrap();
+    assert!(Arc::ptr_eq(&a.token.project, &b.token.project));
+    assert!(Arc::ptr_eq(&a.token.project, &a.project.name), "the project's own name is the same copy");
+    assert!(Arc::ptr_eq(&a.token.namespace, &b.token.namespace));
+    // A relist frees the copies nothing uses any more.
+    index.apply(Change::Token(Event::Init));
+    index.apply(Change::Token(Event::InitDone));
+    drop((a, b, table));
+    index.apply(Change::Token(Event::Init));
+    index.apply(Change::Token(Event::InitDone));
+    assert!(!index.strings.contains("apps"), "no token left in namespace apps");
+    assert!(index.strings.contains("prod"), "the project still uses its name");
+}
+
+#[test]
+fn a_request_path_is_joined_to_the_upstream_url_and_its_own_path() {
+    let join = |base: &str, path: &str| {
+        let pq: hyper::http::uri::PathAndQuery = path.parse().unwrap();
+        UpstreamUrl::parse(base).unwrap().join(Some(&pq)).unwrap().to_string()
+    };
+    assert_eq!(join("https://api.openai.com", "/v1/models?limit=2"), "https://api.openai.com/v1/models?limit=2");
+    assert_eq!(join("https://api.openai.com/", "/v1/models"), "https://api.openai.com/v1/models");
+    assert_eq!(
+        join("http://10.0.0.7:8080/openai/", "/v1/chat/completions"),
+        "http://10.0.0.7:8080/openai/v1/chat/completions"
+    );
+    assert_eq!(
+        UpstreamUrl::parse("https://api.openai.com").unwrap().join(None).unwrap().to_string(),
+        "https://api.openai.com/"
+    );
+    assert_eq!(UpstreamUrl::parse("not a url"), None);
+    assert_eq!(UpstreamUrl::parse("/just/a/path"), None, "no scheme or host");
+}

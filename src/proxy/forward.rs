@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, Uri, Version};
+use hyper::header::{self, HeaderMap, HeaderName};
+use hyper::{Request, Response, Version};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -90,10 +90,8 @@ impl Upstream {
         if declared.is_some_and(|length| length > self.max_request_body) {
             return Err(ProxyError::PayloadTooLarge);
         }
-        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let uri: Uri =
-            format!("{}{}", route.project.upstream, path_and_query).parse().map_err(|_| ProxyError::UpstreamError)?;
-        *request.uri_mut() = uri;
+        let upstream = route.project.upstream_url.as_ref().ok_or(ProxyError::UpstreamError)?;
+        *request.uri_mut() = upstream.join(request.uri().path_and_query()).ok_or(ProxyError::UpstreamError)?;
         // The pooled connection decides the wire version (ALPN); the client's own
         // version (h2c, HTTP/1.0) has nothing to do with it.
         *request.version_mut() = Version::HTTP_11;
@@ -104,11 +102,7 @@ impl Upstream {
         for name in STRIPPED_REQUEST_HEADERS {
             headers.remove(*name);
         }
-        // The header value itself is hyper's (not wiped); this copy is.
-        let bearer = zeroize::Zeroizing::new(format!("Bearer {}", route.key.expose()));
-        let mut authorization = HeaderValue::from_str(&bearer).map_err(|_| ProxyError::ProjectKeyInvalid)?;
-        authorization.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, authorization);
+        headers.insert(header::AUTHORIZATION, route.key.authorization());
 
         // Bodies without a declared length are cut off at the limit while they stream.
         let request = request.map(|body| Limited::new(body, self.max_request_body as usize));
@@ -190,6 +184,8 @@ fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
 
 #[cfg(test)]
 mod tests {
+    use hyper::header::HeaderValue;
+
     use super::*;
 
     #[test]
@@ -208,6 +204,7 @@ mod tests {
 
 #[cfg(test)]
 mod fuzz {
+    use hyper::header::HeaderValue;
     use proptest::prelude::*;
 
     use super::*;
