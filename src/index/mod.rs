@@ -21,7 +21,7 @@ use kube::runtime::watcher::Event;
 use zeroize::Zeroizing;
 
 pub use table::{
-    Denial, DigestHasher, NameHasher, NamespaceLabels, ProjectMap, ProjectRoute, Route, RouteTable, TokenMap,
+    Denial, DigestHasher, NameHasher, NamespaceLabels, ProjectMap, ProjectRoute, Route, RouteTable, TokenMap, TokenRef,
     TokenRoute, UpstreamUrl,
 };
 
@@ -349,7 +349,7 @@ impl Index {
                 for (key, route) in listed {
                     if let Some((hash, route)) = route {
                         self.token_keys.insert(key, hash);
-                        routes.push((hash, Arc::new(route)));
+                        routes.push((hash, route));
                     }
                 }
                 self.tokens = TokenMap::from_entries(routes);
@@ -375,7 +375,7 @@ impl Index {
         {
             self.tokens.remove(&old);
         }
-        self.tokens.insert(hash, Arc::new(route));
+        self.tokens.insert(hash, route);
     }
 
     fn remove_token(&mut self, key: &(String, String)) {
