@@ -50,11 +50,13 @@ if ! $quick && ! "$litellm_venv/bin/litellm" --version >/dev/null 2>&1; then
   (python3 -m venv "$litellm_venv" &&
     "$litellm_venv/bin/pip" install --quiet --disable-pip-version-check "litellm[proxy]==1.106.12") & installs+=($!)
 fi
-cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fake-upstream --quiet
 # The Rust benches are built without whole-program optimisation: from cold, each would
 # cost another single-threaded fat-LTO link of about 4 minutes, for code that drives the
 # API server or times the table in process 10 tokens against 100,000 in the same build
-# (its nanoseconds are about 8 % above those of an LTO build). bench_bin NAME -> its path.
+# (its nanoseconds are about 8 % above those of an LTO build). Building a bench builds
+# the package's binaries as well (llm-proxy and fake-upstream with fat LTO, as always),
+# with the dev-dependencies' features: a separate `cargo build --bin` would compile the
+# dependencies a second time without them. bench_bin NAME -> its path.
 bench_bin() {
   cargo rustc --release --locked --features fake-upstream --bench "$1" --quiet --message-format=json-render-diagnostics \
     -- -C lto=off -C codegen-units=16 |
@@ -131,7 +133,8 @@ pid $PWD/$state/$1.pid;
 error_log $PWD/$state/$1-error.log;
 events { worker_connections 1024; }
 http {
-  access_log off;
+  # Buffered, as llm-proxy's is (one write per 64 KiB or 100 ms): both log every request.
+  access_log $PWD/$state/$1-access.log combined buffer=64k flush=100ms;
   upstream fake { server 127.0.0.1:$up_port; keepalive 64; }
   server {
     listen 127.0.0.1:$3;
@@ -243,12 +246,12 @@ report=$(cat <<MD
 
 Machine: $threads cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB; load generator, proxies and the fake upstream share the cores.
 Load: POST /v1/chat/completions with a fixed JSON answer. Latency: oha $(oha --version | cut -d' ' -f2), open loop at $RATE req/s over 4 connections for $DURATION, corrected for coordinated omission (LiteLLM at $LITELLM_RATE req/s, against direct at the same rate). Throughput: wrk, closed loop, 16 connections (2 threads) for $DURATION.
-Routing table: 1 project, $TOKENS tokens, loaded from the local API server. llm-proxy logs every request (access log on).
+Routing table: 1 project, $TOKENS tokens, loaded from the local API server. Both proxies log every request (nginx's access log buffered, 64 KiB or 100 ms, as llm-proxy's).
 
 | path | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | added p99.9 ms | req/s at 16 conns |
 |---|---|---|---|---|---|---|---|
 $(row "direct (client → upstream)" direct)
-$(row "nginx, 1 worker (plain reverse proxy, no auth)" nginx)
+$(row "nginx, 1 worker (plain reverse proxy, no auth, access log)" nginx)
 $(row "llm-proxy, 1 thread (auth + key swap + usage + access log)" ours)
 $(row "llm-proxy, 1 thread, token and project with a model allowlist" ours_models)
 $(row "nginx, worker_processes auto ($threads)" nginx_n)

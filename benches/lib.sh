@@ -8,7 +8,8 @@ start() { local name=$1; shift; "$@" >"$state/$name.log" 2>&1 & pids+=($!); }
 
 # What the image sets for llm-proxy (Dockerfile): glibc's malloc asks for transparent
 # huge pages, so a large routing table costs fewer TLB misses. Prefix proxy commands with it.
-image_env=(env GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
+# BENCH_GLIBC_TUNABLES= (empty) measures without it.
+image_env=(env "GLIBC_TUNABLES=${BENCH_GLIBC_TUNABLES-glibc.malloc.hugetlb=1}")
 
 # oha_percentiles FILE -> "p50 p99 p99.9" in milliseconds, from an oha JSON report;
 # fails the run if any request failed.
