@@ -71,6 +71,7 @@ fn start_private(flags: &[String]) -> Cluster {
         .expect("running tests/cluster/cluster.sh build");
     assert!(built.status.success(), "building the control plane failed:\n{}", String::from_utf8_lossy(&built.stderr));
     let binary = String::from_utf8(built.stdout).unwrap().trim().to_string();
+    remove_stale_clusters();
     let dir = std::env::temp_dir().join(format!("llmproxy-cluster-{}", std::process::id()));
     let mut child = Command::new(binary)
         .args(["up", "--exit-with-parent", "--dir"])
@@ -84,6 +85,23 @@ fn start_private(flags: &[String]) -> Cluster {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert!(!line.trim().is_empty(), "control plane did not start; see {}", dir.with_extension("log").display());
     Cluster { kubeconfig: line.trim().into(), _private: Some(child) }
+}
+
+/// Removes what the private control planes of finished test processes left in the
+/// temporary folder (etcd's data, certificates, logs: over 100 MB each), named for the
+/// process that started them.
+fn remove_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name.strip_prefix("llmproxy-cluster-").map(|rest| rest.trim_end_matches(".log")) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let path = entry.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
 }
 
 /// The Kubernetes release of the local control plane, e.g. `1.34.4` (named only in
