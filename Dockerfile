@@ -10,7 +10,7 @@ WORKDIR /src
 # names must exist for cargo to read it: empty stand-ins for the binaries and benches.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src/bin/kubectl-llmproxy benches && touch src/lib.rs \
-    && for main in src/main.rs src/bin/fake-upstream.rs src/bin/kubectl-llmproxy/main.rs benches/propagation.rs benches/scale.rs benches/streams.rs; do \
+    && for main in src/main.rs src/bin/fake-upstream.rs src/bin/kubectl-llmproxy/main.rs benches/propagation.rs benches/scale.rs benches/streams.rs benches/dashboard.rs; do \
          echo 'fn main() {}' > "$main"; done \
     && cargo build --release --locked \
     && rm -rf src

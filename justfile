@@ -89,6 +89,19 @@ bench-tls: cluster-up
 bench-streams *ARGS: cluster-up
     bash benches/streams.sh {{ARGS}}
 
+# Every dashboard page's time with 1,000 Projects and 10,000 ProxyTokens, beside the API
+# calls it makes (writes benches/dashboard.md).
+bench-dashboard: cluster-up
+    #!/usr/bin/env bash
+    set -euo pipefail
+    table=$(cargo bench --locked --quiet --bench dashboard)
+    { printf '# Dashboard pages\n\n`just bench-dashboard`, %s, %s cores:\n\n%s\n' "$(date -u +%F)" "$(nproc)" "$table"; } > benches/dashboard.md
+    cat benches/dashboard.md
+
+# The dashboard's screenshots in docs/dashboard/, from its browser test (tests/dashboard.rs).
+screenshots: cluster-up
+    LLMPROXY_SCREENSHOTS=docs cargo test --locked --test dashboard
+
 # Run the whole system locally and send one request through the proxy.
 demo: build cluster-up
     bash hack/demo.sh up

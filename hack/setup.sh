@@ -26,8 +26,10 @@ if ! cargo deny --version 2>/dev/null | grep -qx "cargo-deny $deny_version"; the
 fi
 
 # curl for the tests; for the node mode (tests/cluster/node): containerd, runc and the CNI
-# plugins, busybox for workload pods; buildah and debootstrap build the image (hack/image.sh).
-packages=(curl containerd runc containernetworking-plugins busybox-static buildah debootstrap iptables iproute2)
+# plugins, busybox for workload pods; buildah and debootstrap build the image (hack/image.sh);
+# Chromium and its WebDriver for the dashboard tests (tests/dashboard.rs).
+packages=(curl containerd runc containernetworking-plugins busybox-static buildah debootstrap iptables iproute2
+  chromium chromium-driver fonts-dejavu-core)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

@@ -163,6 +163,13 @@ impl ApiKey {
     }
 }
 
+/// What a form that takes a Project's key says when the controller would refuse `raw`
+/// ("Invalid API key format"), or `None` when its format is accepted: the same rule the
+/// controller applies, checked before the key is stored.
+pub fn key_format_problem(raw: &str) -> Option<String> {
+    ApiKey::parse(raw.as_bytes()).err().map(|problem| problem.message("", "", "", ""))
+}
+
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ApiKey({})", self.hint())
@@ -188,6 +195,13 @@ mod tests {
         assert_eq!(format!("{key:?}"), "ApiKey(sk-…Ab12)");
         assert_eq!(key.to_string(), "sk-…Ab12");
         assert_eq!(ApiKey::parse(format!("{KEY}\n").as_bytes()).unwrap(), key);
+    }
+
+    #[test]
+    fn forms_check_a_key_with_the_controllers_rule() {
+        assert_eq!(key_format_problem(KEY), None);
+        assert_eq!(key_format_problem("not-a-key").as_deref(), Some("Invalid API key format"));
+        assert_eq!(key_format_problem("sk-short").as_deref(), Some("Invalid API key format"));
     }
 
     #[test]

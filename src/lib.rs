@@ -19,6 +19,7 @@
 
 pub mod api;
 mod apikey;
+pub use apikey::key_format_problem;
 pub mod cli;
 mod controller;
 mod crd;

@@ -33,6 +33,9 @@ pub struct Env {
     pub proxy_admin_port: u16,
     children: Vec<(String, Child)>,
     log_dir: PathBuf,
+    /// `--label-selector` of the controller and proxies: this test's objects only, or
+    /// (`None`) every object, as an installation handles them.
+    selector: Option<String>,
 }
 
 impl Env {
@@ -54,6 +57,7 @@ impl Env {
         let log_dir = repo().join("target/test-logs");
         std::fs::create_dir_all(&log_dir).unwrap();
         Self {
+            selector: Some(format!("{TEST_LABEL}={id}")),
             client,
             upstream: FakeUpstream::start().await.unwrap(),
             proxy_port: free_port(),
@@ -64,6 +68,14 @@ impl Env {
             children: Vec::new(),
             log_dir,
         }
+    }
+
+    /// Makes the controller and proxies started from now on handle every Project and
+    /// ProxyToken of the cluster, as an installation does, not only this test's: for a
+    /// test with a control plane of its own, whose objects are made the way users make
+    /// them (unlabelled).
+    pub fn handle_every_object(&mut self) {
+        self.selector = None;
     }
 
     /// A new world with its controller and proxy already running.
@@ -129,7 +141,7 @@ impl Env {
     /// `kubeconfig`. Every controller of a test competes for the same Lease.
     /// Returns its admin port (`/metrics`).
     pub fn start_controller_as(&mut self, role: &str, extra: &[&str], kubeconfig: &Path) -> u16 {
-        let selector = format!("{TEST_LABEL}={}", self.id);
+        let selector = self.selector.clone();
         let admin_port = free_port();
         let admin = format!("127.0.0.1:{admin_port}");
         let (ops, proxy_url, lease) = (self.ops.clone(), self.proxy_url(), format!("llm-proxy-{}", self.id));
@@ -137,8 +149,6 @@ impl Env {
             "controller",
             "--namespace",
             &ops,
-            "--label-selector",
-            &selector,
             "--proxy-url",
             &proxy_url,
             "--lease-name",
@@ -148,6 +158,9 @@ impl Env {
             "--identity",
             role,
         ];
+        if let Some(selector) = &selector {
+            args.extend(["--label-selector", selector]);
+        }
         args.extend_from_slice(extra);
         self.spawn_with(role, &args, kubeconfig);
         admin_port
@@ -187,21 +200,14 @@ impl Env {
 
     /// Like [`Env::start_proxy_as`], as the identity of `kubeconfig`.
     pub async fn start_proxy_with(&mut self, role: &str, port: u16, admin: u16, extra: &[&str], kubeconfig: &Path) {
-        let selector = format!("{TEST_LABEL}={}", self.id);
+        let selector = self.selector.clone();
         let listen = format!("127.0.0.1:{port}");
         let admin_addr = format!("127.0.0.1:{admin}");
         let ops = self.ops.clone();
-        let mut args = vec![
-            "proxy",
-            "--namespace",
-            &ops,
-            "--label-selector",
-            &selector,
-            "--listen-addr",
-            &listen,
-            "--admin-addr",
-            &admin_addr,
-        ];
+        let mut args = vec!["proxy", "--namespace", &ops, "--listen-addr", &listen, "--admin-addr", &admin_addr];
+        if let Some(selector) = &selector {
+            args.extend(["--label-selector", selector]);
+        }
         args.extend_from_slice(extra);
         self.spawn_with(role, &args, kubeconfig);
         let ready = format!("http://127.0.0.1:{admin}/readyz");

@@ -9,9 +9,11 @@
 //! - `env`: one test's world ([`Env`]): namespaces, processes, objects;
 //! - `http`: real clients over real sockets (curl, hyper, the Python SDK);
 //! - `chart`: the Helm chart rendered by the helm `hack/setup.sh` builds;
-//! - `relay`: a cuttable TCP relay in front of the API server.
+//! - `relay`: a cuttable TCP relay in front of the API server;
+//! - `browser`: the dashboard process and headless Chromium to use it.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+mod browser;
 mod chart;
 mod cluster;
 mod env;
@@ -26,6 +28,8 @@ use std::time::{Duration, Instant};
 
 use llm_proxy::api::{ProjectRef, ProxyTokenSpec};
 
+#[allow(unused_imports)] // only the dashboard tests use it
+pub use browser::*;
 pub use cluster::*;
 pub use env::*;
 pub use http::*;

@@ -3,6 +3,7 @@
 //! types and the replica reports of the `llm_proxy` library.
 #![forbid(unsafe_code)]
 
+mod dashboard;
 mod plugin;
 
 use clap::Parser;

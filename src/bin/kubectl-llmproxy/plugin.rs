@@ -95,6 +95,13 @@ enum Command {
         #[command(flatten)]
         wait: Wait,
     },
+    /// Serve the dashboard on 127.0.0.1: every page and action of this plugin in a
+    /// browser, acting as your kubeconfig's user. Ctrl-C stops it.
+    Dashboard {
+        /// Port on 127.0.0.1 (0: any free port). The address to open is printed.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
     /// Revoke one token. Cannot be undone.
     RevokeToken {
         name: String,
@@ -123,12 +130,15 @@ pub enum Error {
         "the change was made, but {behind} of {live} live proxy replicas did not enforce it within {seconds} s ({names}): check those proxies' logs and their connection to the API server (kubectl llmproxy replicas)"
     )]
     NotEnforced { behind: usize, live: usize, seconds: u64, names: String },
+    /// The dashboard could not listen or serve.
+    #[error("serving the dashboard on 127.0.0.1 (another --port?)")]
+    Serve(#[source] std::io::Error),
 }
 
 /// Field manager of every write the plugin makes, so `managedFields` says who changed what.
-const FIELD_MANAGER: &str = "kubectl-llmproxy";
+pub(crate) const FIELD_MANAGER: &str = "kubectl-llmproxy";
 
-fn patch_params() -> PatchParams {
+pub(crate) fn patch_params() -> PatchParams {
     PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() }
 }
 
@@ -137,7 +147,7 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     Ok((key.to_string(), value.to_string()))
 }
 
-fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+pub(crate) fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let what = what.into();
     move |source| Error::Api { what, source }
 }
@@ -163,6 +173,10 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             enforced.after(wait, Kind::Project, &changed.metadata, said).await
         }
         Command::Replicas => replicas(&enforced).await,
+        Command::Dashboard { port } => {
+            crate::dashboard::serve(client, port, cli.operator_namespace).await.map_err(Error::Serve)?;
+            Ok(String::new())
+        }
         Command::CreateToken { project, name, namespace, duration, max_requests, wait_seconds, labels, wait } => {
             let spec = ProxyTokenSpec {
                 project_ref: ProjectRef { name: project },
@@ -371,12 +385,50 @@ async fn create_token(
     enforced: &Enforcement,
     enforce_wait: Wait,
 ) -> Result<String, Error> {
-    let name = &token.name_any();
-    let tokens: Api<ProxyToken> = Api::namespaced(client.clone(), namespace);
-    tokens
-        .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }, &token)
+    let created = create(client, namespace, &token).await?;
+    // The token prints only once every live replica accepts it, with --wait.
+    let minted = mint(client, namespace, &created.name_any(), wait).await?;
+    let propagation = enforced.after(enforce_wait, Kind::Token, &minted.metadata, String::new()).await?;
+    let propagation = propagation.trim_start_matches('\n');
+    let (namespace, name, secret) = (&minted.namespace, &minted.name, &minted.secret_name);
+    let mut out = format!(
+        "Token {namespace}/{name} (shown once; it is also in Secret {namespace}/{secret}):\n\n  {}\n",
+        minted.value.as_str()
+    );
+    for (title, snippet) in snippets(&minted) {
+        let _ = write!(out, "\n{title}:\n  {}\n", snippet.replace('\n', "\n  "));
+    }
+    out.push_str(propagation);
+    Ok(out)
+}
+
+/// Creates the ProxyToken `token` in `namespace` under the plugin's field manager.
+pub(crate) async fn create(client: &Client, namespace: &str, token: &ProxyToken) -> Result<ProxyToken, Error> {
+    let name = token.name_any();
+    Api::<ProxyToken>::namespaced(client.clone(), namespace)
+        .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }, token)
         .await
-        .map_err(api_err(format!("creating ProxyToken {namespace}/{name}")))?;
+        .map_err(api_err(format!("creating ProxyToken {namespace}/{name}")))
+}
+
+/// A token the controller minted, read once from its Secret.
+pub(crate) struct Minted {
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) secret_name: String,
+    /// The token itself: shown once, then dropped (and wiped).
+    pub(crate) value: zeroize::Zeroizing<String>,
+    /// `OPENAI_BASE_URL` of the Secret: the proxy's `/v1`.
+    pub(crate) base_url: String,
+    /// The ProxyToken's metadata when it was seen minted.
+    pub(crate) metadata: ObjectMeta,
+}
+
+/// Waits up to `wait` for the controller to mint ProxyToken `namespace`/`name`, then reads
+/// the token from its Secret. A token the controller refuses (inactive project, namespace
+/// not allowed) fails with the controller's own words.
+pub(crate) async fn mint(client: &Client, namespace: &str, name: &str, wait: Duration) -> Result<Minted, Error> {
+    let tokens: Api<ProxyToken> = Api::namespaced(client.clone(), namespace);
     let started = std::time::Instant::now();
     let token = loop {
         let token = tokens.get(name).await.map_err(api_err(format!("reading ProxyToken {namespace}/{name}")))?;
@@ -393,10 +445,7 @@ async fn create_token(
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
-    // The token prints only once every live replica accepts it, with --wait.
-    let propagation = enforced.after(enforce_wait, Kind::Token, &token.metadata, String::new()).await?;
-    let propagation = propagation.trim_start_matches('\n');
-    let secret_name = token.status.and_then(|s| s.secret_name).unwrap_or_else(|| name.to_string());
+    let secret_name = token.status.as_ref().and_then(|s| s.secret_name.clone()).unwrap_or_else(|| name.to_string());
     let secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get(&secret_name)
         .await
@@ -409,13 +458,35 @@ async fn create_token(
             .map(|v| String::from_utf8_lossy(&v.0).to_string())
             .unwrap_or_default()
     };
-    let (value, base_url) = (field(keys::TOKEN), field(keys::OPENAI_BASE_URL));
-    Ok(format!(
-        "Token {namespace}/{name} (shown once; it is also in Secret {namespace}/{secret_name}):\n\n  {value}\n\n\
-         curl:\n  curl {base_url}/chat/completions -H 'Authorization: Bearer {value}' \\\n    \
-         -H 'Content-Type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\n\
-         Python:\n  from openai import OpenAI\n  client = OpenAI(api_key=\"{value}\", base_url=\"{base_url}\")\n\n\
-         Node:\n  import OpenAI from \"openai\";\n  const client = new OpenAI({{ apiKey: \"{value}\", baseURL: \"{base_url}\" }});\n\n\
-         In a pod: envFrom: [{{secretRef: {{name: {secret_name}}}}}]\n{propagation}"
-    ))
+    Ok(Minted {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        value: zeroize::Zeroizing::new(field(keys::TOKEN)),
+        base_url: field(keys::OPENAI_BASE_URL),
+        secret_name,
+        metadata: token.metadata,
+    })
+}
+
+/// How to use a minted token: curl, the Python and Node SDKs, and a pod's `envFrom`.
+/// The plugin prints these; the dashboard shows the same.
+pub(crate) fn snippets(minted: &Minted) -> [(&'static str, String); 4] {
+    let (value, base_url, secret) = (minted.value.as_str(), &minted.base_url, &minted.secret_name);
+    [
+        (
+            "curl",
+            format!(
+                "curl {base_url}/chat/completions -H 'Authorization: Bearer {value}' \\\n  \
+                 -H 'Content-Type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
+            ),
+        ),
+        ("Python", format!("from openai import OpenAI\nclient = OpenAI(api_key=\"{value}\", base_url=\"{base_url}\")")),
+        (
+            "Node",
+            format!(
+                "import OpenAI from \"openai\";\nconst client = new OpenAI({{ apiKey: \"{value}\", baseURL: \"{base_url}\" }});"
+            ),
+        ),
+        ("In a pod", format!("envFrom: [{{secretRef: {{name: {secret}}}}}]")),
+    ]
 }
