@@ -673,12 +673,18 @@ fn post_params() -> PostParams {
     PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }
 }
 
-/// A Kubernetes name (DNS-1123 label or subdomain): nothing else is routed, so no path
-/// segment needs decoding.
+/// A Kubernetes name (a DNS-1123 subdomain: dot-separated labels of lowercase letters,
+/// digits and '-', each starting and ending with a letter or digit): nothing else is
+/// routed, so no path segment needs decoding and none can be `..` in an API URL.
 fn is_name(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 253
-        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    let label = |l: &str| {
+        let bytes = l.as_bytes();
+        !bytes.is_empty()
+            && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+            && bytes[0] != b'-'
+            && bytes[bytes.len() - 1] != b'-'
+    };
+    text.len() <= 253 && text.split('.').all(label)
 }
 
 /// The page status and text for a failed API call: the API server's message verbatim
@@ -733,4 +739,25 @@ fn secure(headers: &mut hyper::HeaderMap) {
     set(headers, "cross-origin-opener-policy", "same-origin");
     set(headers, "cross-origin-resource-policy", "same-origin");
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_kubernetes_names_are_routed() {
+        for name in ["a", "prod-api", "team.prod-api", "0"] {
+            assert!(is_name(name), "{name}");
+        }
+        for name in ["", "..", ".", "a..b", "-a", "a-", "A", "a_b", "a%2e", ".a", "a."] {
+            assert!(!is_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_link_cannot_make_the_page_say_anything_else() {
+        assert!(notice("deactivated").is_some());
+        assert_eq!(notice("<b>hello</b>"), None);
+    }
 }
