@@ -240,7 +240,7 @@ impl Index {
                     key,
                     grant: p.grant.clone(),
                     models: p.models.clone(),
-                    window_limits: p.window_limits,
+                    window_limits: p.window_limits.clone(),
                     requests_per_minute: p.requests_per_minute,
                     prices: self.price_lists.get(&*p.price_list).cloned(),
                     price_list: p.price_list.clone(),

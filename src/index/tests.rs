@@ -391,3 +391,11 @@ fn a_request_path_is_joined_to_the_upstream_url_and_its_own_path() {
     assert_eq!(UpstreamUrl::parse("not a url"), None);
     assert_eq!(UpstreamUrl::parse("/just/a/path"), None, "no scheme or host");
 }
+
+#[test]
+fn a_token_route_stays_small() {
+    // Every token's route sits in a slot of the map, at most half full: its size is the
+    // memory of 100,000 tokens. Budgets are one pointer (most tokens have none).
+    assert!(std::mem::size_of::<TokenRoute>() <= 168, "{}", std::mem::size_of::<TokenRoute>());
+    assert_eq!(std::mem::size_of::<crate::windows::WindowLimits>(), 8);
+}

@@ -209,13 +209,13 @@ impl Quota {
         reservation.price_at(price);
         if !route.token.window_limits.is_empty() {
             let owner = Owner::Token { namespace: counter.namespace.clone(), name: counter.name.clone() };
-            let (shares, limits) = (&counter.tokens, route.token.window_limits);
+            let (shares, limits) = (&counter.tokens, &route.token.window_limits);
             self.reserve_tokens(&owner, shares, limits, now_us, Whose::Token, &mut reservation).await?;
         }
         let project = route.project.has_limits().then(|| self.project_counter(&route.project.uid, &route.project.name));
         if let Some(project) = project.as_ref().filter(|_| !route.project.window_limits.is_empty()) {
             let owner = Owner::Project { name: project.name.clone() };
-            let (shares, limits) = (&project.tokens, route.project.window_limits);
+            let (shares, limits) = (&project.tokens, &route.project.window_limits);
             self.reserve_tokens(&owner, shares, limits, now_us, Whose::Project, &mut reservation).await?;
         }
         let reservation = (!reservation.is_empty()).then_some(reservation);
@@ -294,7 +294,7 @@ impl Quota {
         &self,
         owner: &Owner,
         shares: &Arc<TokenShares>,
-        limits: WindowLimits,
+        limits: &WindowLimits,
         now_us: i64,
         whose: Whose,
         reservation: &mut Reservation,
