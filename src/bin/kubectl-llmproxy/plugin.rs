@@ -136,9 +136,9 @@ pub enum Error {
 }
 
 /// Field manager of every write the plugin makes, so `managedFields` says who changed what.
-pub(crate) const FIELD_MANAGER: &str = "kubectl-llmproxy";
+const FIELD_MANAGER: &str = "kubectl-llmproxy";
 
-pub(crate) fn patch_params() -> PatchParams {
+fn patch_params() -> PatchParams {
     PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() }
 }
 
@@ -147,7 +147,7 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     Ok((key.to_string(), value.to_string()))
 }
 
-pub(crate) fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let what = what.into();
     move |source| Error::Api { what, source }
 }
@@ -403,7 +403,7 @@ async fn create_token(
 }
 
 /// Creates the ProxyToken `token` in `namespace` under the plugin's field manager.
-pub(crate) async fn create(client: &Client, namespace: &str, token: &ProxyToken) -> Result<ProxyToken, Error> {
+async fn create(client: &Client, namespace: &str, token: &ProxyToken) -> Result<ProxyToken, Error> {
     let name = token.name_any();
     Api::<ProxyToken>::namespaced(client.clone(), namespace)
         .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }, token)
