@@ -9,6 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use hyper::Uri;
+use hyper::header::HeaderValue;
 use hyper::http::uri::{self, Authority, PathAndQuery, Scheme};
 
 use crate::api::AllowedNamespaces;
@@ -103,6 +104,8 @@ pub struct UpstreamUrl {
     authority: Authority,
     /// The URL's own path, without a trailing slash (empty for none).
     path: Arc<str>,
+    /// The `Host` header of an HTTP/1.1 request to it: the authority without a default port.
+    host: HeaderValue,
 }
 
 impl UpstreamUrl {
@@ -110,7 +113,18 @@ impl UpstreamUrl {
     pub fn parse(url: &str) -> Option<Self> {
         let parts = url.parse::<Uri>().ok()?.into_parts();
         let path = parts.path_and_query.as_ref().map_or("", |pq| pq.as_str()).trim_end_matches('/');
-        Some(Self { scheme: parts.scheme?, authority: parts.authority?, path: Arc::from(path) })
+        let (scheme, authority) = (parts.scheme?, parts.authority?);
+        let default_port = match scheme.as_str() {
+            "https" => Some(443),
+            "http" => Some(80),
+            _ => None,
+        };
+        let host = match authority.port_u16() {
+            Some(port) if Some(port) == default_port => HeaderValue::from_str(authority.host()),
+            _ => HeaderValue::from_str(authority.as_str()),
+        }
+        .ok()?;
+        Some(Self { scheme, authority, path: Arc::from(path), host })
     }
 
     /// Where a request for `path_and_query` goes: the request's own path and query
@@ -119,11 +133,32 @@ impl UpstreamUrl {
         let mut parts = uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(match path_and_query {
-            Some(pq) if self.path.is_empty() => pq.clone(),
-            pq => PathAndQuery::try_from(format!("{}{}", self.path, pq.map_or("/", |pq| pq.as_str()))).ok()?,
-        });
+        parts.path_and_query = Some(self.path_and_query(path_and_query)?);
         Uri::from_parts(parts).ok()
+    }
+
+    /// The path and query of a request for `path_and_query` on this upstream (what an
+    /// HTTP/1.1 request line carries).
+    pub fn path_and_query(&self, path_and_query: Option<&PathAndQuery>) -> Option<PathAndQuery> {
+        match path_and_query {
+            Some(pq) if self.path.is_empty() => Some(pq.clone()),
+            pq => PathAndQuery::try_from(format!("{}{}", self.path, pq.map_or("/", |pq| pq.as_str()))).ok(),
+        }
+    }
+
+    /// The scheme: `http` or `https` (the CRD's schema admits no other).
+    pub fn scheme(&self) -> &Scheme {
+        &self.scheme
+    }
+
+    /// Host and port, as in the URL.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The value of an HTTP/1.1 request's `Host` header for this upstream.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.host
     }
 }
 

@@ -388,6 +388,12 @@ fn a_request_path_is_joined_to_the_upstream_url_and_its_own_path() {
         UpstreamUrl::parse("https://api.openai.com").unwrap().join(None).unwrap().to_string(),
         "https://api.openai.com/"
     );
+    let host = |base: &str| UpstreamUrl::parse(base).unwrap().host_header().to_str().unwrap().to_owned();
+    assert_eq!(host("https://api.openai.com/v1"), "api.openai.com");
+    assert_eq!(host("https://api.openai.com:443"), "api.openai.com", "the default port is left out");
+    assert_eq!(host("http://10.0.0.7:80/openai"), "10.0.0.7");
+    assert_eq!(host("http://10.0.0.7:8080/openai"), "10.0.0.7:8080");
+    assert_eq!(host("https://[::1]:8443"), "[::1]:8443");
     assert_eq!(UpstreamUrl::parse("not a url"), None);
     assert_eq!(UpstreamUrl::parse("/just/a/path"), None, "no scheme or host");
 }

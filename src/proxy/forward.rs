@@ -7,17 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName};
 use hyper::{Request, Response, Version};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::ProxySettings;
 use super::error::ProxyError;
 use super::model::{Replayed, SecondModel};
+use super::pool::{Pool, Pooled};
 use crate::index::Route;
 use http_body_util::{LengthLimitError, Limited};
 
@@ -29,55 +27,32 @@ const STRIPPED_REQUEST_HEADERS: &[&str] = &["openai-organization", "openai-proje
 /// organization and project the real key belongs to, and its cookies.
 const STRIPPED_RESPONSE_HEADERS: &[&str] = &["openai-organization", "openai-project", "set-cookie"];
 
-/// The pooled upstream client, built once.
-#[derive(Clone)]
+/// A request body on its way upstream: cut off at the size limit.
+type Outgoing = Limited<Replayed>;
+
+/// A response body from the upstream.
+pub(crate) type UpstreamBody = Pooled<Outgoing>;
+
+/// The upstream client of one serving thread, with its connections.
 pub(crate) struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Limited<Replayed>>,
+    pool: Pool<Outgoing>,
     response_timeout: Duration,
     max_request_body: u64,
 }
 
 /// Most bytes buffered from one upstream connection before the response reads them.
-const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
+pub(crate) const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
 
 impl Upstream {
     /// Builds the client: TLS (the public web roots and `settings.upstream_ca`) or plain
     /// HTTP; HTTP/1.1, or HTTP/2 where ALPN offers it if `settings.upstream_http2`.
     pub(crate) fn new(settings: &ProxySettings) -> Self {
-        let (connect_timeout, response_timeout) = (settings.connect_timeout, settings.response_timeout);
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        let (_, ignored) = roots.add_parsable_certificates(settings.upstream_ca.iter().cloned());
-        if ignored > 0 {
-            tracing::warn!(ignored, "some upstream CA certificates are not usable trust anchors and are ignored");
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports TLS 1.2 and 1.3")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1();
-        // HTTP/1.1 unless asked: with one connection per concurrent request it measured
-        // about 1.25× the throughput of HTTP/2, at a lower p50 (benches/tls.md).
-        let https = match settings.upstream_http2 {
-            true => https.enable_http2().wrap_connector(http),
-            false => https.wrap_connector(http),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            // The idle timeout only works with a timer set.
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            // hyper grows a connection's read buffer while reads fill it, up to 400 KiB:
-            // with thousands of streams and a proxy behind on CPU, every upstream
-            // connection got there (2.7 GB for 9,750 streams, `just bench-streams`).
-            // 16 KiB bounds a response head more generously than nginx's 4–8 KiB.
-            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
-            .timer(TokioTimer::new())
-            .build(https);
-        Self { client, response_timeout, max_request_body: settings.max_request_body }
+        // hyper grows a connection's read buffer while reads fill it, up to 400 KiB:
+        // with thousands of streams and a proxy behind on CPU, every upstream
+        // connection got there (2.7 GB for 9,750 streams, `just bench-streams`).
+        // 16 KiB bounds a response head more generously than nginx's 4–8 KiB.
+        let pool = Pool::new(connector(settings), UPSTREAM_READ_BUFFER);
+        Self { pool, response_timeout: settings.response_timeout, max_request_body: settings.max_request_body }
     }
 
     /// Forwards `request` to the route's upstream. The response body is not read here.
@@ -85,15 +60,15 @@ impl Upstream {
         &self,
         mut request: Request<Replayed>,
         route: &Route,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|length| length > self.max_request_body) {
             return Err(ProxyError::PayloadTooLarge);
         }
         let upstream = route.project.upstream_url.as_ref().ok_or(ProxyError::UpstreamError)?;
         *request.uri_mut() = upstream.join(request.uri().path_and_query()).ok_or(ProxyError::UpstreamError)?;
-        // The pooled connection decides the wire version (ALPN); the client's own
-        // version (h2c, HTTP/1.0) has nothing to do with it.
+        // The connection decides the wire version (ALPN); the client's own version
+        // (h2c, HTTP/1.0) has nothing to do with it.
         *request.version_mut() = Version::HTTP_11;
 
         let headers = request.headers_mut();
@@ -106,7 +81,7 @@ impl Upstream {
 
         // Bodies without a declared length are cut off at the limit while they stream.
         let request = request.map(|body| Limited::new(body, self.max_request_body as usize));
-        let mut response = match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+        let mut response = match tokio::time::timeout(self.response_timeout, self.pool.send(upstream, request)).await {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(error)) if caused_by::<LengthLimitError>(&error) => return Err(ProxyError::PayloadTooLarge),
             // Cut before its end: the upstream never got a complete request.
@@ -123,6 +98,33 @@ impl Upstream {
             headers.remove(*name);
         }
         Ok(response)
+    }
+}
+
+/// How the proxy connects to upstreams: TCP with `settings.connect_timeout`, then TLS
+/// (the public web roots and `settings.upstream_ca`) for `https`; ALPN offers HTTP/2
+/// only if `settings.upstream_http2`.
+pub(crate) fn connector(settings: &ProxySettings) -> HttpsConnector<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    http.set_nodelay(true);
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let (_, ignored) = roots.add_parsable_certificates(settings.upstream_ca.iter().cloned());
+    if ignored > 0 {
+        tracing::warn!(ignored, "some upstream CA certificates are not usable trust anchors and are ignored");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1();
+    // HTTP/1.1 unless asked: with one connection per concurrent request it measured
+    // about 1.25× the throughput of HTTP/2, at a lower p50 (benches/tls.md).
+    match settings.upstream_http2 {
+        true => https.enable_http2().wrap_connector(http),
+        false => https.wrap_connector(http),
     }
 }
 

@@ -8,12 +8,11 @@
 //! upstream answer rather than passed on unfiltered.
 
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, header};
 use serde_json::Value;
 
 use super::error::{ProxyError, Refused};
-use super::{Body, full};
+use super::{Body, UpstreamBody, full};
 use crate::index::Route;
 
 /// Most bytes of a model listing the proxy reads to narrow it.
@@ -30,7 +29,7 @@ pub(crate) fn prepare<B>(request: &mut Request<B>) {
 }
 
 /// The upstream's `response` to a listing, narrowed to what `route` allows.
-pub(crate) async fn narrow(response: Response<Incoming>, route: &Route) -> Result<Response<Body>, Refused> {
+pub(crate) async fn narrow(response: Response<UpstreamBody>, route: &Route) -> Result<Response<Body>, Refused> {
     if response.status() != StatusCode::OK {
         return Ok(response.map(|body| body.map_err(Into::into).boxed()));
     }

@@ -7,11 +7,12 @@
 mod budget;
 mod budget_claims;
 mod error;
-mod forward;
+pub(crate) mod forward;
 mod listing;
 pub(crate) mod llm_usage;
 mod model;
 pub(crate) mod paths;
+pub(crate) mod pool;
 pub(crate) mod quota;
 pub(crate) mod server;
 pub(crate) mod stream;
@@ -25,7 +26,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, header};
 
 pub(crate) use error::{ProxyError, Refused};
-pub(crate) use forward::Upstream;
+pub(crate) use forward::{Upstream, UpstreamBody};
 
 use crate::index::{Route, watch::SharedTable};
 use crate::metrics::{Metrics, Name, SpendLabels, TokenUsageLabels};
@@ -158,7 +159,7 @@ impl Proxy {
     /// cost at `price` (that of the request's model, where one is known) is counted.
     fn tap_usage(
         &self,
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         route: &Route,
         reservation: Option<budget::Reservation>,
         price: Option<Price>,
@@ -219,7 +220,7 @@ impl Proxy {
     async fn route_and_forward(
         &self,
         request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Admitted, Duration), (Refused, Option<Route>)> {
+    ) -> Result<(Response<UpstreamBody>, Admitted, Duration), (Refused, Option<Route>)> {
         let refused = |error: ProxyError| (Refused::from(error), None);
         check_header_size(request.headers()).map_err(refused)?;
         paths::check(request.method(), request.uri().path()).map_err(|e| refused(e.into()))?;
