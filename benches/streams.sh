@@ -7,7 +7,8 @@
 # benches/streams.md (with --quick, .cluster/bench-streams.md).
 #
 # STREAMS_COUNTS (default "1000 10000"), STREAMS_SECONDS (default 60), STREAMS_INTERVAL_MS
-# (default 50); `--quick`: 1,000 streams for 15 s.
+# (default 50); `--quick`: 1,000 streams for 15 s. BENCH_PROXY_BIN: another llm-proxy
+# binary for the proxy (to compare two commits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,7 +75,7 @@ until [ "$($kubectl -n streams-apps get proxytoken "s$run_id" -o jsonpath='{.sta
 token=$($kubectl -n streams-apps get secret "s$run_id" -o jsonpath='{.data.token}' | base64 -d)
 
 start upstream "$target/fake-upstream" "127.0.0.1:$up_port"
-start proxy "${image_env[@]}" RUST_LOG=warn "$target/llm-proxy" proxy --namespace streams-ops --label-selector llmproxy.io/bench-streams=1 \
+start proxy "${image_env[@]}" RUST_LOG=warn "${BENCH_PROXY_BIN:-$target/llm-proxy}" proxy --namespace streams-ops --label-selector llmproxy.io/bench-streams=1 \
   --listen-addr "127.0.0.1:$proxy_port" --admin-addr "127.0.0.1:$admin_port" --worker-threads 1 \
   --max-connections "$max_streams" --max-connections-per-client "$max_streams"
 proxy_pid=${pids[-1]}

@@ -20,6 +20,8 @@
 pub mod api;
 mod apikey;
 pub use apikey::key_format_problem;
+#[cfg(feature = "fake-upstream")]
+pub mod bare_forwarder;
 pub mod cli;
 mod controller;
 mod crd;

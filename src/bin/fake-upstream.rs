@@ -2,6 +2,10 @@
 //! demo and the benchmarks. Usage: `fake-upstream [ADDR] [--tls CERT.pem KEY.pem]
 //! [--http1]` (default 127.0.0.1:18080; with `--tls`, HTTPS with that certificate,
 //! offering HTTP/2 and HTTP/1.1 by ALPN, or HTTP/1.1 alone with `--http1`).
+//!
+//! `fake-upstream ADDR --forward-to URL` serves instead [`llm_proxy::bare_forwarder`]
+//! on one thread: the proxy's HTTP server and upstream pool with nothing in between,
+//! the floor `benches/ab.sh` measures the proxy against.
 #![forbid(unsafe_code)]
 
 use llm_proxy::fake_upstream::FakeUpstream;
@@ -10,6 +14,15 @@ use llm_proxy::fake_upstream::FakeUpstream;
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addr = args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "127.0.0.1:18080".to_string());
+    if let Some(at) = args.iter().position(|a| a == "--forward-to") {
+        let Some(upstream) = args.get(at + 1) else {
+            eprintln!("usage: fake-upstream ADDR --forward-to URL");
+            std::process::exit(2);
+        };
+        let listener = std::net::TcpListener::bind(&addr)?;
+        println!("bare forwarder listening on http://{addr}, forwarding to {upstream}");
+        return llm_proxy::bare_forwarder::serve(listener, upstream, 1).await;
+    }
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     let upstream = match args.iter().position(|a| a == "--tls") {
         Some(at) => {
