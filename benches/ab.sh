@@ -129,9 +129,9 @@ echo "- throughput / nginx: floor $(ratio "$(rps floor)" "$(rps nginx)"), A $(ra
 echo "- CPU per request / nginx: floor $(ratio "$(cpu floor)" "$(cpu nginx)"), A $(ratio "$(cpu a)" "$(cpu nginx)"), B $(ratio "$(cpu b)" "$(cpu nginx)"); B / A $(ratio "$(cpu b)" "$(cpu a)")"
 
 # BENCH_INSTRUCTIONS=N: each proxy once more under callgrind, which counts the
-# instructions it executes (the same count on every run, whatever the neighbours do:
-# this is the figure to trust for changes of a few per cent): N chat completions one at a
-# time, then N streamed ones of 20 chunks; instructions per request over every thread.
+# instructions it executes (within 0.1 – 3 % from run to run, whatever the neighbours do,
+# where wrk rounds move by ±10 %; the proxy's background work is counted too): N chat
+# completions one at a time, then N streamed ones of 20 chunks; instructions per request.
 if [ -n "${BENCH_INSTRUCTIONS:-}" ]; then
   command -v valgrind >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
   command -v oha >/dev/null 2>&1 || cargo install oha --version 1.16.0 --locked --quiet
