@@ -67,23 +67,9 @@ done
 for admin in $((admin0 + 1)) $((admin0 + 2)); do
   until curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null; do sleep 0.05; done
 done
-cat >"$state/nginx.conf" <<NGINX
-worker_processes 1;
-pid $PWD/$state/nginx.pid;
-error_log $PWD/$state/nginx-error.log;
-events { worker_connections 4096; }
-http {
-  access_log $PWD/$state/nginx-access.log combined buffer=64k flush=1s;
-  upstream up { server 127.0.0.1:$up_port; keepalive 64; }
-  server {
-    listen 127.0.0.1:$nginx_port;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
-  }
-}
-NGINX
-nginx -c "$PWD/$state/nginx.conf" -p "$PWD/$state"
+nginx_conf nginx.conf 1 "$nginx_port" "$up_port"
 sleep 0.3
-pid[nginx]=$(pgrep -P "$(cat "$state/nginx.pid")" | head -1)
+pid[nginx]=$(pgrep -P "$(cat "$state/nginx.conf.pid")" | head -1)
 pid[floor]=${pids[1]}
 wrk_chat_script "$state/post.lua" "$token"
 

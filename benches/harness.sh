@@ -125,27 +125,8 @@ start proxy-n "${image_env[@]}" "$target/llm-proxy" proxy --namespace bench-ops 
   --listen-addr "127.0.0.1:$proxy_n_port" --admin-addr "127.0.0.1:$admin_n_port"
 until curl -sf "http://127.0.0.1:$admin_n_port/readyz" >/dev/null; do sleep 0.05; done
 
-# nginx CONF WORKERS PORT
-nginx_conf() {
-  cat >"$state/$1" <<NGINX
-worker_processes $2;
-pid $PWD/$state/$1.pid;
-error_log $PWD/$state/$1-error.log;
-events { worker_connections 1024; }
-http {
-  # Buffered, as llm-proxy's is (one write per 64 KiB or 100 ms): both log every request.
-  access_log $PWD/$state/$1-access.log combined buffer=64k flush=100ms;
-  upstream fake { server 127.0.0.1:$up_port; keepalive 64; }
-  server {
-    listen 127.0.0.1:$3;
-    location / { proxy_pass http://fake; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
-  }
-}
-NGINX
-  nginx -c "$PWD/$state/$1" -p "$PWD/$state"
-}
-nginx_conf nginx.conf 1 "$nginx_port"
-nginx_conf nginx-n.conf auto "$nginx_n_port"
+nginx_conf nginx.conf 1 "$nginx_port" "$up_port"
+nginx_conf nginx-n.conf auto "$nginx_n_port" "$up_port"
 stop_nginx() { for c in nginx.conf nginx-n.conf; do nginx -c "$PWD/$state/$c" -p "$PWD/$state" -s stop 2>/dev/null || true; done; }
 trap 'cleanup; stop_nginx' EXIT
 

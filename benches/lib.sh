@@ -43,3 +43,25 @@ bench_cluster() {
     --dry-run=client -o yaml | $kubectl label -f - --local -o yaml llmproxy.io/api-key=true |
     $kubectl annotate -f - --local -o yaml "llmproxy.io/projects=$4" | $kubectl apply -f - >/dev/null
 }
+
+# nginx_conf CONF WORKERS PORT UPSTREAM_PORT: starts nginx with $state/CONF, WORKERS
+# worker processes, as a plain reverse proxy on PORT to the fake upstream on
+# UPSTREAM_PORT (keep-alive, no buffering) with a buffered access log, as llm-proxy's is
+# (one write per 64 KiB or 100 ms): both log every request. Its pid is in $state/CONF.pid.
+nginx_conf() {
+  cat >"$state/$1" <<NGINX
+worker_processes $2;
+pid $PWD/$state/$1.pid;
+error_log $PWD/$state/$1-error.log;
+events { worker_connections 1024; }
+http {
+  access_log $PWD/$state/$1-access.log combined buffer=64k flush=100ms;
+  upstream fake { server 127.0.0.1:$4; keepalive 64; }
+  server {
+    listen 127.0.0.1:$3;
+    location / { proxy_pass http://fake; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
+  }
+}
+NGINX
+  nginx -c "$PWD/$state/$1" -p "$PWD/$state"
+}
