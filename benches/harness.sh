@@ -34,10 +34,14 @@ up_port=19100 nginx_port=19101 proxy_port=19102 admin_port=19103 ctrl_admin=1910
 nginx_n_port=19106 proxy_n_port=19107 admin_n_port=19108
 cache=${LLMPROXY_CACHE:-$HOME/.cache/llm-proxy}
 
-need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }; }
-need wrk wrk
-need bc bc
-need nginx nginx-light
+# Debian's packages for the missing commands, with one index update for all of them.
+missing=()
+for pair in wrk:wrk bc:bc nginx:nginx-light; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+if (( ${#missing[@]} )); then
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 # Peers install in the background while our release build runs: its fat-LTO links
 # keep one core busy for minutes and leave the other to them.
 installs=()
@@ -50,28 +54,13 @@ if ! $quick && ! "$litellm_venv/bin/litellm" --version >/dev/null 2>&1; then
   (python3 -m venv "$litellm_venv" &&
     "$litellm_venv/bin/pip" install --quiet --disable-pip-version-check "litellm[proxy]==1.106.12") & installs+=($!)
 fi
-# The Rust benches are built without whole-program optimisation: from cold, each would
-# cost another single-threaded fat-LTO link of about 4 minutes, for code that drives the
-# API server or times the table in process 10 tokens against 100,000 in the same build
-# (its nanoseconds are about 8 % above those of an LTO build). Building a bench builds
-# the package's binaries as well (llm-proxy and fake-upstream with fat LTO, as always),
-# with the dev-dependencies' features: a separate `cargo build --bin` would compile the
-# dependencies a second time without them. bench_bin NAME -> its path.
-bench_bin() {
-  cargo rustc --release --locked --features fake-upstream --bench "$1" --quiet --message-format=json-render-diagnostics \
-    -- -C lto=off -C codegen-units=16 |
-    python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("target", {}).get("name") == sys.argv[1] and m.get("executable"): print(m["executable"])' "$1"
-}
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 propagation_bin=$(bench_bin propagation)
 scale_bin=$(bench_bin scale)
 for p in "${installs[@]}"; do wait "$p"; done
 tests/cluster/cluster.sh up >/dev/null
 mkdir -p "$state"
-# shellcheck source=benches/lib.sh
-. benches/lib.sh
 trap cleanup EXIT
 
 # --- the cluster side: a project and many tokens, minted by a real controller -------

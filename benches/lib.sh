@@ -6,6 +6,24 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 start() { local name=$1; shift; "$@" >"$state/$name.log" 2>&1 & pids+=($!); }
 
+# The Rust benches are built without whole-program optimisation: from cold, each would
+# cost another single-threaded fat-LTO link of about 4 minutes, for code that drives the
+# API server, times the table in process 10 tokens against 100,000 in the same build
+# (its nanoseconds are about 8 % above those of an LTO build), or is the streams'
+# client, the same for every path it measures. Building a bench builds
+# the package's binaries as well (llm-proxy and fake-upstream with fat LTO, as always),
+# with the dev-dependencies' features: a separate `cargo build --bin` would compile the
+# dependencies a second time without them. Without the default features the kubectl
+# plugin, which no bench runs, is left out: one fat-LTO link fewer. bench_bin NAME -> its path.
+bench_bin() {
+  cargo rustc --release --locked --no-default-features --features fake-upstream --bench "$1" --quiet --message-format=json-render-diagnostics \
+    -- -C lto=off -C codegen-units=16 |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("target", {}).get("name") == sys.argv[1] and m.get("executable"): print(m["executable"])' "$1"
+}
+
 # What the image sets for llm-proxy (Dockerfile): glibc's malloc asks for transparent
 # huge pages, so a large routing table costs fewer TLB misses. Prefix proxy commands with it.
 # BENCH_GLIBC_TUNABLES= (empty) measures without it.

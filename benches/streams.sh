@@ -44,12 +44,11 @@ for count in $COUNTS; do
   counts="$counts $count"
 done
 COUNTS=$counts
-cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fake-upstream --bench streams --quiet
-client=$(ls -t "$target"/deps/streams-* | grep -v '\.d$' | head -1)
-tests/cluster/cluster.sh up >/dev/null
-rm -rf "$state" && mkdir -p "$state"
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
+client=$(bench_bin streams)
+tests/cluster/cluster.sh up >/dev/null
+rm -rf "$state" && mkdir -p "$state"
 trap cleanup EXIT
 
 # --- one project and one token, minted by the controller ------------------------------
