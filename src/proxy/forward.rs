@@ -27,8 +27,11 @@ const STRIPPED_REQUEST_HEADERS: &[&str] = &["openai-organization", "openai-proje
 /// organization and project the real key belongs to, and its cookies.
 const STRIPPED_RESPONSE_HEADERS: &[&str] = &["openai-organization", "openai-project", "set-cookie"];
 
-/// A request body on its way upstream: cut off at the size limit.
-type Outgoing = Limited<Replayed>;
+/// A request body on its way upstream: cut off at the size limit. Boxed: hyper's
+/// channel to each upstream connection allocates 32 request slots up front, and a slot
+/// holds the whole `Request<Outgoing>` — 17.7 KiB per connection with the body inline
+/// (heaptrack, 1,000 open streams), about half of that with a pointer to it.
+type Outgoing = Box<Limited<Replayed>>;
 
 /// A response body from the upstream.
 pub(crate) type UpstreamBody = Pooled<Outgoing>;
@@ -80,7 +83,7 @@ impl Upstream {
         headers.insert(header::AUTHORIZATION, route.key.authorization());
 
         // Bodies without a declared length are cut off at the limit while they stream.
-        let request = request.map(|body| Limited::new(body, self.max_request_body as usize));
+        let request = request.map(|body| Box::new(Limited::new(body, self.max_request_body as usize)));
         let mut response = match tokio::time::timeout(self.response_timeout, self.pool.send(upstream, request)).await {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(error)) if caused_by::<LengthLimitError>(&error) => return Err(ProxyError::PayloadTooLarge),

@@ -275,6 +275,11 @@ pub(crate) async fn serve<H, F>(
         .max_header_list_size(MAX_REQUEST_HEAD as u32)
         .keep_alive_interval(HTTP2_PING_INTERVAL)
         .keep_alive_timeout(HTTP2_PING_TIMEOUT);
+    let builders = Arc::new(Builders {
+        http1: builder.clone().http1_only(),
+        http2: builder.clone().http2_only(),
+        either: builder,
+    });
     let ConnectionLimits { header_timeout, idle_timeout, .. } = connections.limits;
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -324,8 +329,16 @@ pub(crate) async fn serve<H, F>(
                 }
             }
         });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
+        let (builders, watcher) = (builders.clone(), graceful.watcher());
+        let connection = async move {
+            let builder = match sniff(&stream).await {
+                Ok(Protocol::Http1) => &builders.http1,
+                Ok(Protocol::Http2) => &builders.http2,
+                Ok(Protocol::Unknown) => &builders.either,
+                Err(error) => return Err(error.into()),
+            };
+            watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await
+        };
         let timed_out = connections.timed_out.clone();
         tokio::spawn(async move {
             let _place = place;
@@ -345,6 +358,45 @@ pub(crate) async fn serve<H, F>(
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(drain_secs = drain.as_secs(), "connections still open after the drain time; closing them");
     }
+}
+
+/// The connection builders of one listener: HTTP/1 only, HTTP/2 only, and either (hyper-util
+/// reads the first bytes to choose).
+struct Builders {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+    either: auto::Builder<TokioExecutor>,
+}
+
+/// What a client speaks, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): it opens with the connection preface.
+    Http2,
+    /// A part of the preface so far; hyper-util reads on to decide.
+    Unknown,
+}
+
+/// The first bytes of every HTTP/2 connection (RFC 9113, section 3.4).
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells the protocol of `stream` by peeking at its first bytes, leaving them unread.
+///
+/// hyper-util can tell it too, by reading up to 24 bytes and handing them back in front
+/// of the stream; hyper's HTTP/1 connection then reads those few bytes alone, finds the
+/// head incomplete, and doubles its read buffer to 16 KiB for every connection (heaptrack,
+/// 1,000 open streams). Peeking costs the same one system call as that first read.
+async fn sniff(stream: &tokio::net::TcpStream) -> std::io::Result<Protocol> {
+    let mut first = [0; HTTP2_PREFACE.len()];
+    let peeked = stream.peek(&mut first).await?;
+    Ok(match &first[..peeked] {
+        // Closed before a byte: HTTP/1 ends it quietly.
+        [] => Protocol::Http1,
+        bytes if !HTTP2_PREFACE.starts_with(bytes) => Protocol::Http1,
+        bytes if bytes.len() == HTTP2_PREFACE.len() => Protocol::Http2,
+        _ => Protocol::Unknown,
+    })
 }
 
 /// Serves on `threads` threads a handler made per thread by `make_handler`, until
@@ -440,5 +492,51 @@ pub(crate) fn admin_handler(
             );
         }
         std::future::ready(Ok(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{HTTP2_PREFACE, Protocol, sniff};
+
+    /// What `sniff` says of a connection whose client sent `sent` (then closed it, if
+    /// `close`), and that the bytes were left for the server to read.
+    async fn sniffed(sent: &[u8], close: bool) -> Protocol {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(sent).await.unwrap();
+        if close {
+            client.shutdown().await.unwrap();
+        }
+        let protocol = sniff(&server).await.unwrap();
+        let mut unread = vec![0; sent.len() + 1];
+        let peeked = server.peek(&mut unread).await.unwrap();
+        assert_eq!(&unread[..peeked], sent, "sniffing must not consume bytes");
+        protocol
+    }
+
+    #[tokio::test]
+    async fn http1_is_told_from_its_first_byte() {
+        assert_eq!(sniffed(b"POST /v1/chat/completions HTTP/1.1\r\n", false).await, Protocol::Http1);
+        // "P" alone could still become the preface; "PO" cannot.
+        assert_eq!(sniffed(b"PO", false).await, Protocol::Http1);
+        assert_eq!(sniffed(b"GET / HTTP/1.0\r\n\r\n", true).await, Protocol::Http1);
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_is_http2_and_a_part_of_it_undecided() {
+        let mut opening = HTTP2_PREFACE.to_vec();
+        opening.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // an empty SETTINGS frame
+        assert_eq!(sniffed(&opening, false).await, Protocol::Http2);
+        assert_eq!(sniffed(&HTTP2_PREFACE[..10], false).await, Protocol::Unknown);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_without_a_byte_is_left_to_http1() {
+        assert_eq!(sniffed(b"", true).await, Protocol::Http1);
     }
 }
