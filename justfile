@@ -31,10 +31,12 @@ e2e: cluster-up
     cargo test --locked --tests --test '*'
 
 # cargo fmt --check, clippy with warnings as errors, and cargo-deny (licenses, bans,
-# sources: deny.toml; advisories need GitHub, unreachable here).
+# sources: deny.toml; advisories need GitHub, unreachable here). cargo-deny reads every
+# platform's crates, and builds fetch only this one's: `cargo fetch` gets the rest.
 lint:
     cargo fmt --all -- --check
     cargo clippy --locked --all-targets -- -D warnings
+    cargo fetch --locked --quiet
     cargo deny --offline --log-level error check licenses bans sources
 
 # Regenerate crds/ and the chart's copy from the Rust types.
