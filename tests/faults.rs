@@ -101,9 +101,14 @@ async fn bad_requests_get_the_documented_error_and_the_proxy_stays_healthy() {
     args.push(&models);
     let (status, body) = raw_curl(&args).await;
     assert_eq!((status, code(&body).as_str()), (431, "headers_too_large"), "header flood: {body}");
-    // A head past what a connection may buffer (64 KiB) gets hyper's bare 431.
+    // A head past what a connection may buffer (64 KiB) is refused with 431: by hyper,
+    // bare, when it overflows the connection's read buffer, or with the documented error
+    // when hyper's buffer had grown enough to hold it (which depends on how its reads
+    // fell) and the proxy's own 32 KiB check refuses it.
     let huge = format!("X-Huge: {}", "v".repeat(80 * 1024));
-    assert_eq!(raw_curl(&["-H", &huge, &models]).await, (431, String::new()), "header buffer");
+    let (status, body) = raw_curl(&["-H", &huge, &models]).await;
+    assert_eq!(status, 431, "header buffer: {body}");
+    assert!(body.is_empty() || code(&body) == "headers_too_large", "header buffer: {body}");
 
     // Still healthy and serving.
     assert_eq!(
