@@ -211,7 +211,6 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     // a restarted process numbers its flushes from 1 again.
     let process = format!("{}-{:08x}", args.identity.clone().unwrap_or_else(default_identity), getrandom::u32()?);
     let quota = Arc::new(Quota::new(client.clone(), metrics.clone(), process));
-    quota::spawn_flusher(quota.clone(), Duration::from_millis(args.usage_flush_millis));
     let table = watch::spawn(
         client.clone(),
         metrics.clone(),
@@ -220,6 +219,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
             label_selector: args.common.label_selector.clone(),
         },
     );
+    quota::spawn_flusher(quota.clone(), table.clone(), Duration::from_millis(args.usage_flush_millis));
     let settings = ProxySettings {
         connect_timeout: Duration::from_secs(args.connect_timeout_seconds),
         response_timeout: Duration::from_secs(args.upstream_timeout_seconds),

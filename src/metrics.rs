@@ -59,6 +59,9 @@ pub struct SpendLabels {
     pub token_name: Name,
 }
 
+/// The `window` label values of the budget gauges.
+pub(crate) const BUDGET_WINDOWS: [&str; 4] = ["Minute", "Day", "Month", "Lifetime"];
+
 /// Labels of `llmproxy_token_budget_remaining` and `llmproxy_token_cost_remaining_usd`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BudgetLabels {
@@ -258,6 +261,26 @@ impl Metrics {
         text
     }
 
+    /// Drops every series of one ProxyToken (its usage, spend and remaining budgets):
+    /// called once the token is gone, or `/metrics` and the process would grow with
+    /// every token ever used.
+    pub fn forget_token(&self, project: &Arc<str>, namespace: &Arc<str>, name: &Arc<str>) {
+        let (project, token_namespace, token_name) =
+            (Name(project.clone()), Name(namespace.clone()), Name(name.clone()));
+        for kind in ["prompt", "completion"] {
+            let (project, token_namespace, token_name) = (project.clone(), token_namespace.clone(), token_name.clone());
+            self.upstream_tokens.remove(&TokenUsageLabels { project, token_namespace, token_name, kind });
+        }
+        let spend = SpendLabels { project, token_namespace: token_namespace.clone(), token_name: token_name.clone() };
+        self.upstream_cost.remove(&spend);
+        for window in BUDGET_WINDOWS {
+            let labels =
+                BudgetLabels { token_namespace: token_namespace.clone(), token_name: token_name.clone(), window };
+            self.token_budget_remaining.remove(&labels);
+            self.token_cost_remaining.remove(&labels);
+        }
+    }
+
     /// Records one request's outcome and timings.
     pub fn request(&self, project: &Arc<str>, outcome: &'static str, total: Duration, upstream: Option<Duration>) {
         self.requests.get_or_create(&RequestLabels { project: Name(project.clone()), outcome }).inc();
@@ -271,5 +294,38 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forgetting_a_token_drops_its_series_and_nobody_elses() {
+        let metrics = Metrics::new();
+        let name = |s: &str| Name(Arc::from(s));
+        for token in ["web", "batch"] {
+            let usage = |kind| TokenUsageLabels {
+                project: name("p"),
+                token_namespace: name("apps"),
+                token_name: name(token),
+                kind,
+            };
+            metrics.upstream_tokens.get_or_create(&usage("prompt")).inc_by(9);
+            metrics.upstream_tokens.get_or_create(&usage("completion")).inc_by(7);
+            let spend = SpendLabels { project: name("p"), token_namespace: name("apps"), token_name: name(token) };
+            metrics.upstream_cost.get_or_create(&spend).inc_by(0.5);
+            for window in BUDGET_WINDOWS {
+                let budget = BudgetLabels { token_namespace: name("apps"), token_name: name(token), window };
+                metrics.token_budget_remaining.get_or_create(&budget).set(10);
+                metrics.token_cost_remaining.get_or_create(&budget).set(1.0);
+            }
+        }
+        metrics.forget_token(&Arc::from("p"), &Arc::from("apps"), &Arc::from("web"));
+        let text = metrics.encode();
+        assert!(!text.contains(r#"token_name="web""#), "{text}");
+        // Two usage kinds, the spend and four windows of two gauges.
+        assert_eq!(text.matches(r#"token_name="batch""#).count(), 2 + 1 + 2 * BUDGET_WINDOWS.len(), "{text}");
     }
 }

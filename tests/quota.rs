@@ -288,6 +288,47 @@ except openai.RateLimitError as e:
     assert!(headers.contains(&("x-should-retry".into(), "false".into())), "{headers:?}");
 }
 
+/// Deleting a ProxyToken takes its series off the proxies' `/metrics` (a cluster that
+/// mints and deletes tokens all day must not grow them), and requests counted but not
+/// yet written when it went are dropped with a note, not retried on every flush.
+#[tokio::test]
+async fn a_deleted_token_leaves_the_metrics_and_is_not_retried() {
+    let mut env = Env::new("deleted").await;
+    env.start_controller();
+    let (fast, fast_admin, slow) = (free_port(), free_port(), free_port());
+    env.start_proxy_as("proxy-fast", fast, fast_admin, FAST_FLUSH).await;
+    // Flushes at start and then every ten minutes: its count of the token waits for the
+    // last flush, at shutdown.
+    env.start_proxy_as("proxy-slow", slow, free_port(), &["--usage-flush-millis", "600000"]).await;
+    env.create_project("p").await;
+    let gone = env.minted("p", "gone").await;
+    let kept = env.minted("p", "kept").await;
+    for token in [&gone, &kept] {
+        assert_eq!(burst(&[fast, slow], token, 2).await.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [200, 200]);
+    }
+    let metrics = format!("http://127.0.0.1:{fast_admin}/metrics");
+    let series = |name: &str| format!(r#"token_name="{name}""#);
+    assert!(reqwest_text(&metrics).await.contains(&series("gone")));
+
+    let tokens = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps);
+    tokens.delete("gone", &Default::default()).await.unwrap();
+    eventually(WAIT, || async { tokens.get_opt("gone").await.unwrap().is_none().then_some(()) }).await;
+    let text = eventually(WAIT, || async {
+        let text = reqwest_text(&metrics).await;
+        (!text.contains(&series("gone"))).then_some(text)
+    })
+    .await;
+    assert!(text.contains(&series("kept")), "{text}");
+    assert_eq!(burst(&[fast], &gone, 1).await[0].0, 401);
+
+    env.signal("proxy-slow", "TERM");
+    let log = std::fs::read_to_string(env.log_path("proxy-slow")).unwrap();
+    assert!(log.contains("the ProxyToken is gone; its last usage is not recorded"), "{log}");
+    assert!(!log.contains("writing usage failed"), "{log}");
+    // The kept token's count from that replica was written at its shutdown.
+    eventually(WAIT, || async { (token(&env, "kept").await.status?.request_count? == 2).then_some(()) }).await;
+}
+
 async fn reqwest_text(url: &str) -> String {
     support::curl("GET", url, &[], None).await.body
 }

@@ -26,7 +26,7 @@
 //! may not have happened) is retried with the same number, and the retry finds it there
 //! when it did: counted once, never twice, never lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -44,8 +44,9 @@ use super::error::Whose;
 use super::{ProxyError, Refused};
 use crate::api::{ProxyToken, TokenWindowKind};
 use crate::index::DigestHasher;
-use crate::index::Route;
-use crate::metrics::{BudgetLabels, Metrics, Name, ProjectBudgetLabels, ResultLabels};
+use crate::index::watch::SharedTable;
+use crate::index::{Route, RouteTable};
+use crate::metrics::{BUDGET_WINDOWS, BudgetLabels, Metrics, Name, ProjectBudgetLabels, ResultLabels};
 use crate::pricing::Price;
 use crate::token::TokenHash;
 use crate::windows::{self, Meter, WindowLimits};
@@ -69,6 +70,8 @@ struct Flush {
 struct Counter {
     namespace: String,
     name: String,
+    /// Its Project's name, a label of its metric series.
+    project: Arc<str>,
     /// Requests forwarded and not yet written to `status.requestCount`.
     unflushed: AtomicU64,
     /// Latest use, Unix microseconds.
@@ -112,11 +115,13 @@ fn report_remaining(metrics: &Metrics, owner: &Owner, windows: &Windows) {
 }
 
 fn window_label(kind: TokenWindowKind) -> &'static str {
+    // One list of the labels: `Metrics::forget_token` removes a series of each.
+    let [minute, day, month, lifetime] = BUDGET_WINDOWS;
     match kind {
-        TokenWindowKind::Minute => "Minute",
-        TokenWindowKind::Day => "Day",
-        TokenWindowKind::Month => "Month",
-        TokenWindowKind::Lifetime => "Lifetime",
+        TokenWindowKind::Minute => minute,
+        TokenWindowKind::Day => day,
+        TokenWindowKind::Month => month,
+        TokenWindowKind::Lifetime => lifetime,
     }
 }
 
@@ -375,6 +380,7 @@ impl Quota {
                 Arc::new(Counter {
                     namespace: route.token.namespace.to_string(),
                     name: route.token.name.to_string(),
+                    project: route.token.project.clone(),
                     unflushed: AtomicU64::new(0),
                     last_used_us: AtomicI64::new(0),
                     block: tokio::sync::Mutex::new(0),
@@ -481,6 +487,12 @@ impl Quota {
                     report_remaining(&self.metrics, &owner, &windows);
                     self.release_held(&owner, &counter.tokens, &windows).await;
                 }
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    // Deleted: its last counts have nowhere to go. Retrying would fail
+                    // on every flush from now on, and a new token of the same name must
+                    // not inherit them.
+                    tracing::info!(namespace = %counter.namespace, name = %counter.name, requests = flush.delta, "the ProxyToken is gone; its last usage is not recorded");
+                }
                 Err(error) => {
                     // Written or not, nobody can tell yet: the retry finds out.
                     *counter.in_doubt.lock().expect("flush state poisoned") = Some(flush);
@@ -510,6 +522,36 @@ impl Quota {
                     tracing::warn!(%error, project = %project.name, "writing usage failed; will retry");
                 }
             }
+        }
+    }
+
+    /// Forgets the tokens that left the routing table (their ProxyToken was deleted)
+    /// once nothing of theirs is left to write: their counters and their metric series.
+    /// Without it both grew with every token this replica ever served, and every flush
+    /// walked them all. A request still in flight with such a token counts nothing more.
+    pub(crate) fn forget_gone(&self, table: &RouteTable) {
+        if !table.ready {
+            return;
+        }
+        let mut counters = self.counters.write().expect("usage map poisoned");
+        let mut gone = Vec::new();
+        counters.retain(|hash, counter| {
+            let keep = table.has_token(hash)
+                || counter.unflushed.load(Ordering::Relaxed) > 0
+                || counter.in_doubt.lock().expect("flush state poisoned").is_some();
+            if !keep {
+                gone.push(counter.clone());
+            }
+            keep
+        });
+        if gone.is_empty() {
+            return;
+        }
+        // A token minted again under a new hash is the same object: its series stay.
+        let live: HashSet<(&str, &str)> = counters.values().map(|c| (c.namespace.as_str(), c.name.as_str())).collect();
+        for counter in gone.iter().filter(|c| !live.contains(&(c.namespace.as_str(), c.name.as_str()))) {
+            let (namespace, name) = (Arc::from(counter.namespace.as_str()), Arc::from(counter.name.as_str()));
+            self.metrics.forget_token(&counter.project, &namespace, &name);
         }
     }
 
@@ -700,8 +742,9 @@ async fn give_back(client: &Client, counter: &Counter, unused: i64) -> Result<()
     .await
 }
 
-/// Flushes `usage` every `interval` until the process ends, and gives idle shares back.
-pub(crate) fn spawn_flusher(quota: Arc<Quota>, interval: Duration) {
+/// Flushes `usage` every `interval` until the process ends, gives idle shares back and
+/// forgets the tokens that left `table`.
+pub(crate) fn spawn_flusher(quota: Arc<Quota>, table: SharedTable, interval: Duration) {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -709,6 +752,7 @@ pub(crate) fn spawn_flusher(quota: Arc<Quota>, interval: Duration) {
             ticker.tick().await;
             quota.flush().await;
             quota.release_idle().await;
+            quota.forget_gone(&table.load());
         }
     });
 }
@@ -757,6 +801,7 @@ mod tests {
         Counter {
             namespace: "apps".into(),
             name: "web".into(),
+            project: Arc::from("p"),
             unflushed: AtomicU64::new(0),
             last_used_us: AtomicI64::new(0),
             block: tokio::sync::Mutex::new(6),
@@ -857,6 +902,93 @@ mod tests {
         assert_eq!(held["requestCount"], json!(7), "{held}");
         assert_eq!(held["usageFlushes"][0]["sequence"], json!(2));
         assert!(web.in_doubt.lock().unwrap().is_none());
+    }
+
+    /// A client whose API server knows no token any more: every request gets 404.
+    fn token_deleted() -> Client {
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<hyper::Request<Body>, hyper::Response<Body>>();
+        tokio::spawn(async move {
+            while let Some((_, respond)) = handle.next_request().await {
+                let body = json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+                    "message": "proxytokens.llmproxy.io \"web\" not found",
+                });
+                let response = hyper::Response::builder().status(404).body(Body::from(body.to_string().into_bytes()));
+                respond.send_response(response.unwrap());
+            }
+        });
+        Client::new(service, "apps")
+    }
+
+    /// A synced routing table that holds the token `apps/web` under `hash`, or no token.
+    fn table(hash: Option<TokenHash>) -> RouteTable {
+        use crate::index::{Change, Index};
+        use kube::runtime::watcher::Event;
+        let mut index = Index::new();
+        index.apply(Change::Project(Event::Init));
+        index.apply(Change::Project(Event::InitDone));
+        index.apply(Change::Secret(Event::Init));
+        index.apply(Change::Secret(Event::InitDone));
+        index.apply(Change::Namespace(Event::Init));
+        index.apply(Change::Namespace(Event::InitDone));
+        index.apply(Change::PriceList(Event::Init));
+        index.apply(Change::PriceList(Event::InitDone));
+        index.apply(Change::Token(Event::Init));
+        if let Some(hash) = hash {
+            let token = crate::fixtures::token("web", "apps", "p");
+            let minted = crate::fixtures::minted(token, &hash.to_string(), jiff::Timestamp::now());
+            index.apply(Change::Token(Event::InitApply(minted)));
+        }
+        index.apply(Change::Token(Event::InitDone));
+        let table = index.snapshot();
+        assert!(table.ready && table.token_count() == usize::from(hash.is_some()));
+        table
+    }
+
+    #[tokio::test]
+    async fn a_token_that_left_the_table_is_forgotten_with_its_series_once_written() {
+        let metrics = Arc::new(Metrics::new());
+        let quota = Quota::new(token_deleted(), metrics.clone(), "proxy-a-1f2e3d4c".into());
+        let hash = TokenHash([7; 32]);
+        let web = Arc::new(counter());
+        quota.counters.write().unwrap().insert(hash, web.clone());
+        let labels = |name: &str| crate::metrics::TokenUsageLabels {
+            project: Name(Arc::from("p")),
+            token_namespace: Name(Arc::from("apps")),
+            token_name: Name(Arc::from(name)),
+            kind: "prompt",
+        };
+        metrics.upstream_tokens.get_or_create(&labels("web")).inc_by(9);
+        metrics.upstream_tokens.get_or_create(&labels("other")).inc_by(9);
+        let known = |quota: &Quota| quota.counters.read().unwrap().contains_key(&hash);
+
+        quota.forget_gone(&table(Some(hash)));
+        assert!(known(&quota), "still in the table");
+        quota.forget_gone(&RouteTable::default());
+        assert!(known(&quota), "a table not yet synced knows nothing");
+        web.unflushed.store(1, Ordering::SeqCst);
+        quota.forget_gone(&table(None));
+        assert!(known(&quota), "a count not yet written");
+        web.unflushed.store(0, Ordering::SeqCst);
+        quota.forget_gone(&table(None));
+        assert!(!known(&quota));
+        let text = metrics.encode();
+        assert!(!text.contains(r#"token_name="web""#) && text.contains(r#"token_name="other""#), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_deleted_tokens_last_counts_are_dropped_not_retried_forever() {
+        let quota = Quota::new(token_deleted(), Arc::new(Metrics::new()), "proxy-a-1f2e3d4c".into());
+        let web = Arc::new(counter());
+        quota.counters.write().unwrap().insert(TokenHash([7; 32]), web.clone());
+        web.unflushed.store(3, Ordering::SeqCst);
+        quota.flush().await;
+        // It used to be kept in doubt and tried again on every flush, for ever.
+        assert!(web.in_doubt.lock().unwrap().is_none());
+        assert_eq!(web.unflushed.load(Ordering::SeqCst), 0);
+        quota.forget_gone(&table(None));
+        assert!(quota.counters.read().unwrap().is_empty());
     }
 
     #[test]
