@@ -237,18 +237,23 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let drain = Duration::from_secs(args.drain_seconds);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let terminating = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Installed before the listeners start: a signal is never missed between two waits.
+    let mut signals = StopSignals::new();
     tokio::spawn({
         let terminating = terminating.clone();
         let delay = Duration::from_secs(args.shutdown_delay_seconds);
         async move {
-            shutdown_signal().await;
+            signals.next().await;
             terminating.store(true, std::sync::atomic::Ordering::Relaxed);
             if !delay.is_zero() {
                 tracing::info!(
                     delay_secs = delay.as_secs(),
-                    "stopping: serving on, not ready, until endpoints drop this replica"
+                    "stopping: serving on, not ready, until endpoints drop this replica (signal again to skip)"
                 );
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = signals.next() => tracing::info!("stopping now: signalled again during the delay"),
+                }
             }
             let _ = stop.send(true);
         }
@@ -377,10 +382,29 @@ fn default_identity() -> String {
 
 /// Resolves on SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    StopSignals::new().next().await;
+}
+
+/// SIGTERM and SIGINT (Ctrl-C), from the moment this is made: each arrival wakes one
+/// [`StopSignals::next`], even one that arrived while nobody waited.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            term: signal(SignalKind::terminate()).expect("installing the SIGTERM handler"),
+            interrupt: signal(SignalKind::interrupt()).expect("installing the SIGINT handler"),
+        }
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }

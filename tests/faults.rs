@@ -222,6 +222,24 @@ async fn during_the_shutdown_delay_new_connections_are_served_while_not_ready() 
     let _env = stopping.await.unwrap();
 }
 
+/// A second SIGTERM (or Ctrl-C) during the shutdown delay ends the delay: an admin who
+/// stops a replica by hand need not wait it out.
+#[tokio::test]
+async fn a_second_signal_cuts_the_shutdown_delay_short() {
+    let (mut env, _token, _port) = started("delay-twice", &["--shutdown-delay-seconds", "120"]).await;
+    let readyz = format!("http://127.0.0.1:{}/readyz", env.proxy_admin_port);
+    env.send_signal("proxy", "TERM");
+    support::eventually(support::WAIT, || async {
+        (support::http_get_status(&readyz).await == Some(503)).then_some(())
+    })
+    .await;
+    env.send_signal("proxy", "TERM");
+    let status = env.wait_for_exit("proxy", Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(env.log_path("proxy")).unwrap();
+    assert!(log.contains("signalled again during the delay"), "{log}");
+}
+
 /// `--drain-seconds` is a cut-off: a stream that outlasts it is ended when it runs out
 /// and the process exits, not kept open for the stream's whole length. On the way out
 /// the proxy gives its unused budget block back.

@@ -244,6 +244,12 @@ impl Env {
     }
 
     /// Sends `signal` (e.g. "KILL", "TERM") to the process `role` and waits for it to exit.
+    /// Sends `signal` to process `role` and leaves it running ([`Env::signal`] waits).
+    pub fn send_signal(&self, role: &str, signal: &str) {
+        let (_, child) = self.children.iter().find(|(r, _)| r == role).unwrap_or_else(|| panic!("no process {role}"));
+        Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+    }
+
     pub fn signal(&mut self, role: &str, signal: &str) {
         let index = self.children.iter().position(|(r, _)| r == role).unwrap_or_else(|| panic!("no process {role}"));
         let (_, mut child) = self.children.remove(index);
