@@ -120,7 +120,7 @@ echo "- CPU per request / nginx: floor $(ratio "$(cpu floor)" "$(cpu nginx)"), A
 # completions one at a time, then N streamed ones of 20 chunks; instructions per request.
 if [ -n "${BENCH_INSTRUCTIONS:-}" ]; then
   command -v valgrind >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
-  command -v oha >/dev/null 2>&1 || cargo install oha --version 1.16.0 --locked --quiet
+  ensure_oha
   n=$BENCH_INSTRUCTIONS
   # count SIDE LABEL BODY [HEADER] -> instructions per request; the profile is kept as
   # $state/callgrind-SIDE-LABEL.out (callgrind_annotate reads it).

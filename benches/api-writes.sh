@@ -20,12 +20,12 @@ export KUBECONFIG=${KUBECONFIG:-$PWD/.cluster/kubeconfig}
 up_port=19200 ctrl_admin=19201
 proxy_ports=(19202 19204 19206)
 
-command -v oha >/dev/null 2>&1 || cargo install oha --version 1.16.0 --locked --quiet
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+ensure_oha
 cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fake-upstream --quiet
 tests/cluster/cluster.sh up >/dev/null
 rm -rf "$state" && mkdir -p "$state"
-# shellcheck source=benches/lib.sh
-. benches/lib.sh
 trap cleanup EXIT
 
 bench_cluster writes-ops writes-apps writes-key '*'

@@ -34,10 +34,16 @@ up_port=19100 nginx_port=19101 proxy_port=19102 admin_port=19103 ctrl_admin=1910
 nginx_n_port=19106 proxy_n_port=19107 admin_n_port=19108
 cache=${LLMPROXY_CACHE:-$HOME/.cache/llm-proxy}
 
-# Debian's packages for the missing commands, with one index update for all of them.
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+# Debian's packages for the missing commands (and for building oha: OpenSSL's headers,
+# pkg-config), with one index update for all of them.
 missing=()
 for pair in wrk:wrk bc:bc nginx:nginx-light; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+for package in libssl-dev pkg-config; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
 done
 if (( ${#missing[@]} )); then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -45,17 +51,13 @@ fi
 # Peers install in the background while our release build runs: its fat-LTO links
 # keep one core busy for minutes and leave the other to them.
 installs=()
-if ! command -v oha >/dev/null 2>&1; then
-  cargo install oha --version 1.16.0 --locked --quiet & installs+=($!)
-fi
+ensure_oha & installs+=($!)
 # LiteLLM proxy, pinned exactly (neighbouring versions do not install here).
 litellm_venv=$cache/litellm-venv
 if ! $quick && ! "$litellm_venv/bin/litellm" --version >/dev/null 2>&1; then
   (python3 -m venv "$litellm_venv" &&
     "$litellm_venv/bin/pip" install --quiet --disable-pip-version-check "litellm[proxy]==1.106.12") & installs+=($!)
 fi
-# shellcheck source=benches/lib.sh
-. benches/lib.sh
 propagation_bin=$(bench_bin propagation)
 scale_bin=$(bench_bin scale)
 for p in "${installs[@]}"; do wait "$p"; done
@@ -204,6 +206,11 @@ field() { echo "$1" | cut -d' ' -f"$2"; }
 # added NAME COLUMN [BASELINE]: NAME's latency percentile minus the direct path's
 added() { echo "scale=3; $(field "${lat[$1]}" "$2") - $(field "${lat[${3:-direct}]}" "$2")" | bc | sed 's/^\./0./; s/^-\./-0./'; }
 ratio() { echo "scale=2; $1 / $2" | bc | sed 's/^\./0./; s/^-\./-0./'; }
+# added_ratio OURS NGINX: ours / nginx of two added latencies, or nginx's figure when it
+# adds under 0.02 ms, within a run's spread (it even comes out negative): no ratio then.
+added_ratio() {
+  if [ "$(echo "$2 < 0.02" | bc)" = 1 ]; then echo "– (nginx adds $2 ms)"; else ratio "$1" "$2"; fi
+}
 row() { # row LABEL NAME [BASELINE]
   local base=${3:-direct} a1=– a2=– a3=–
   if [ "$2" != direct ]; then a1=$(added "$2" 1 "$base") a2=$(added "$2" 2 "$base") a3=$(added "$2" 3 "$base"); fi
@@ -228,7 +235,7 @@ $(row "nginx, worker_processes auto ($threads)" nginx_n)
 $(row "llm-proxy, default threads ($threads)" ours_n)
 $($quick || row "LiteLLM 1.106.12 proxy, 2 workers (at $LITELLM_RATE req/s)" litellm direct_litellm)
 
-- Added latency ours / nginx, one worker each: p50 $(ratio "$(added ours 1)" "$(added nginx 1)"), p99 $(ratio "$(added ours 2)" "$(added nginx 2)"), p99.9 $(ratio "$(added ours 3)" "$(added nginx 3)"); with defaults: p50 $(ratio "$(added ours_n 1)" "$(added nginx_n 1)"), p99 $(ratio "$(added ours_n 2)" "$(added nginx_n 2)"), p99.9 $(ratio "$(added ours_n 3)" "$(added nginx_n 3)").
+- Added latency ours / nginx, one worker each: p50 $(added_ratio "$(added ours 1)" "$(added nginx 1)"), p99 $(added_ratio "$(added ours 2)" "$(added nginx 2)"), p99.9 $(added_ratio "$(added ours 3)" "$(added nginx 3)"); with defaults: p50 $(added_ratio "$(added ours_n 1)" "$(added nginx_n 1)"), p99 $(added_ratio "$(added ours_n 2)" "$(added nginx_n 2)"), p99.9 $(added_ratio "$(added ours_n 3)" "$(added nginx_n 3)").
 - Model allowlist (the body read up to its model and checked against two lists, the rest scanned on): throughput $(ratio "${thr[ours_models]}" "${thr[ours]}")× that without one; the one-thread proxy's CPU time per request $(cat "$state/cpu-ours_models") µs with it, $(cat "$state/cpu-ours") µs without (user + system, over each wrk run); added p50 $(added ours_models 1) ms vs $(added ours 1) ms.
 - Throughput ours / nginx: $(ratio "${thr[ours]}" "${thr[nginx]}") with one worker each, $(ratio "${thr[ours_n]}" "${thr[nginx_n]}") with defaults; ours / LiteLLM: $($quick && echo "not run with --quick" || ratio "${thr[ours_n]}" "${thr[litellm]}").
 - Streams (20 chunks, 10 ms apart; mean of 20): time to first byte direct $(printf "%.3f" "$direct_ttfb") ms, through llm-proxy $(printf "%.3f" "$ours_ttfb") ms (added $(printf "%.3f" "$(echo "$ours_ttfb - $direct_ttfb" | bc)") ms); total $direct_total ms vs $ours_total ms.

@@ -24,6 +24,25 @@ for line in sys.stdin:
     if m.get("target", {}).get("name") == sys.argv[1] and m.get("executable"): print(m["executable"])' "$1"
 }
 
+# ensure_oha: the latency load generator, oha 1.16.0 from crates.io, unless installed.
+# Built against Debian's OpenSSL (its `native-tls` feature) instead of its default
+# rustls on aws-lc: compiling aws-lc, the long pole of a cold `just bench`, took ~10 of
+# its 20 minutes on two cores; this way oha builds in ~3. The benches use its TLS only
+# as a client (`--cacert`), where either library does.
+ensure_oha() {
+  command -v oha >/dev/null 2>&1 && return
+  local missing=() package
+  for package in libssl-dev pkg-config; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+  done
+  if (( ${#missing[@]} )); then
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # In a target dir of its own (cargo's temporary one): sharing CARGO_TARGET_DIR with the
+  # benches' build would make each wait for the other's lock.
+  env -u CARGO_TARGET_DIR cargo install oha --version 1.16.0 --locked --quiet --no-default-features --features native-tls
+}
+
 # What the image sets for llm-proxy (Dockerfile): glibc's malloc asks for transparent
 # huge pages, so a large routing table costs fewer TLB misses. Prefix proxy commands with it.
 # BENCH_GLIBC_TUNABLES= (empty) measures without it.

@@ -1,7 +1,8 @@
 //! Scale benchmark: the routing table with many projects and tokens.
 //!
 //! 1. Hot-path lookup cost (`RouteTable::authorize`, SHA-256 included) with 10 and with
-//!    100,000 tokens, in process.
+//!    100,000 tokens, in process, and the floor a scattered lookup cannot go below on
+//!    this machine (one cache miss to memory).
 //! 2. With the local control plane (KUBECONFIG): create `BENCH_SCALE_PROJECTS` Projects
 //!    (default 1,000) and `BENCH_SCALE_TOKENS` ProxyTokens (default 100,000) with minted
 //!    status, start the release proxy, and measure its initial sync time and resident
@@ -100,6 +101,40 @@ fn lookup_cost(n: usize) -> [f64; 3] {
     [measure(16), measure(4096), measure(n)]
 }
 
+/// Nanoseconds per step of a random walk through `bytes` of memory, one 64-byte line per
+/// step, each address read from the line before: what a cache miss costs on this machine
+/// when nothing overlaps it. A scattered lookup must read its token's record from memory
+/// at least once, so the lookup among 10 plus one such miss is the least a lookup among
+/// 100,000 can cost, whatever the table's layout.
+fn dependent_miss_ns(bytes: usize) -> f64 {
+    let lines = bytes / 64;
+    // Sattolo's shuffle: a single cycle through every line, so the walk never settles
+    // into a short loop that would stay in cache.
+    let mut order: Vec<usize> = (0..lines).collect();
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    for i in (1..lines).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        order.swap(i, (state % i as u64) as usize);
+    }
+    let mut next = vec![[0usize; 8]; lines];
+    for (i, &to) in order.iter().enumerate() {
+        next[i][0] = to;
+    }
+    let steps = 4_000_000;
+    (0..3)
+        .map(|_| {
+            let mut at = 0;
+            let started = Instant::now();
+            for _ in 0..steps {
+                at = black_box(next[at][0]);
+            }
+            started.elapsed().as_nanos() as f64 / steps as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Mean microseconds to apply one batch of `changed` token events to an index of `n`
 /// tokens and publish its snapshot, while the previous snapshot is still held (as the
 /// proxy's readers hold it). The objects are built beforehand: only the index counts.
@@ -156,6 +191,13 @@ async fn main() {
         small[2],
         large[2],
         large[2] / small[2],
+    );
+    // Larger than the leaves of 100,000 tokens (~50 MB) and than any cache here.
+    let miss = dependent_miss_ns(128 << 20);
+    println!(
+        "- Memory floor for that last pattern: one dependent load that misses every cache costs {miss:.0} ns here (random walk over 128 MB), so a lookup among 100,000 that must read one record from memory costs at least {:.0} ns, ratio {:.2}.",
+        small[2] + miss,
+        (small[2] + miss) / small[2],
     );
     let update = [10, 10_000, 100_000].map(|n| update_cost(n, 1));
     let update_many = [10, 10_000, 100_000].map(|n| update_cost(n, 10));

@@ -21,12 +21,12 @@ plain_port=19300 tls_port=19301 nginx_plain=19303 nginx_tls=19304 ours=19305 our
 for tool in wrk:wrk bc:bc nginx:nginx-light openssl:openssl; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${tool#*:}" >/dev/null; }
 done
-command -v oha >/dev/null 2>&1 || cargo install oha --version 1.16.0 --locked --quiet
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+ensure_oha
 cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fake-upstream --quiet
 tests/cluster/cluster.sh up >/dev/null
 rm -rf "$state" && mkdir -p "$state"
-# shellcheck source=benches/lib.sh
-. benches/lib.sh
 trap 'cleanup; nginx -c "$PWD/$state/nginx.conf" -p "$PWD/$state" -s stop 2>/dev/null || true' EXIT
 
 # --- a local CA and a certificate for localhost -----------------------------------------
@@ -150,7 +150,7 @@ row() { # row LABEL NAME BASELINE
   echo "# TLS to the upstream — \`just bench-tls\`"
   echo
   echo "$(date -u +%Y-%m-%d), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); load generator, proxies and fake upstreams share the cores."
-  echo "Latency: oha, open loop at $RATE req/s over 4 connections for $DURATION, corrected for coordinated omission. Throughput: wrk, 16 connections for $DURATION."
+  echo "Latency: oha (its TLS client: OpenSSL), open loop at $RATE req/s over 4 connections for $DURATION, corrected for coordinated omission. Throughput: wrk, 16 connections for $DURATION."
   echo "One worker each (nginx worker_processes 1, llm-proxy --worker-threads 1), both writing an access log (nginx buffered). The upstream's certificate is signed by a CA this run makes; TLS 1.3, P-256."
   echo "Added latency: against the direct path of the same protocol."
   echo
