@@ -237,7 +237,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let drain = Duration::from_secs(args.drain_seconds);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let terminating = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Installed before the listeners start: a signal is never missed between two waits.
+    // Installed once, here: a second signal is never missed between the two waits below.
     let mut signals = StopSignals::new();
     tokio::spawn({
         let terminating = terminating.clone();

@@ -528,28 +528,38 @@ impl Quota {
     /// Forgets the tokens that left the routing table (their ProxyToken was deleted)
     /// once nothing of theirs is left to write: their counters and their metric series.
     /// Without it both grew with every token this replica ever served, and every flush
-    /// walked them all. A request still in flight with such a token counts nothing more.
+    /// walked them all. A request still in flight with such a token counts nothing more
+    /// (a stream that ends after this may bring its usage series back, until a restart).
     pub(crate) fn forget_gone(&self, table: &RouteTable) {
         if !table.ready {
             return;
         }
-        let mut counters = self.counters.write().expect("usage map poisoned");
-        let mut gone = Vec::new();
-        counters.retain(|hash, counter| {
-            let keep = table.has_token(hash)
-                || counter.unflushed.load(Ordering::Relaxed) > 0
-                || counter.in_doubt.lock().expect("flush state poisoned").is_some();
-            if !keep {
-                gone.push(counter.clone());
-            }
-            keep
-        });
+        let done = |counter: &Counter| {
+            counter.unflushed.load(Ordering::Relaxed) == 0
+                && counter.in_doubt.lock().expect("flush state poisoned").is_none()
+        };
+        // Found under the read lock, which requests share: at 100,000 counters the walk
+        // takes milliseconds, and the write lock would hold every request up meanwhile.
+        let gone: Vec<TokenHash> = {
+            let counters = self.counters.read().expect("usage map poisoned");
+            counters.iter().filter(|(hash, counter)| !table.has_token(hash) && done(counter)).map(|(h, _)| *h).collect()
+        };
         if gone.is_empty() {
             return;
         }
+        let mut counters = self.counters.write().expect("usage map poisoned");
+        // Checked again: a request still in flight may have counted since.
+        let mut forgotten: Vec<Arc<Counter>> = Vec::new();
+        for hash in gone {
+            if counters.get(&hash).is_some_and(|counter| done(counter)) {
+                forgotten.extend(counters.remove(&hash));
+            }
+        }
+        drop(counters);
         // A token minted again under a new hash is the same object: its series stay.
+        let counters = self.counters.read().expect("usage map poisoned");
         let live: HashSet<(&str, &str)> = counters.values().map(|c| (c.namespace.as_str(), c.name.as_str())).collect();
-        for counter in gone.iter().filter(|c| !live.contains(&(c.namespace.as_str(), c.name.as_str()))) {
+        for counter in forgotten.iter().filter(|c| !live.contains(&(c.namespace.as_str(), c.name.as_str()))) {
             let (namespace, name) = (Arc::from(counter.namespace.as_str()), Arc::from(counter.name.as_str()));
             self.metrics.forget_token(&counter.project, &namespace, &name);
         }
