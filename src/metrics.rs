@@ -5,8 +5,10 @@
 //! the reconcilers. Out: the text exposition format. Label values are fixed strings
 //! (error codes, kinds) or names of Kubernetes objects, never anything a client sends.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -15,6 +17,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::index::NameHasher;
 
 /// A label value shared with the routing table without copying it per request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -281,13 +285,39 @@ impl Metrics {
         }
     }
 
-    /// Records one request's outcome and timings.
-    pub fn request(&self, project: &Arc<str>, outcome: &'static str, total: Duration, upstream: Option<Duration>) {
-        self.requests.get_or_create(&RequestLabels { project: Name(project.clone()), outcome }).inc();
+    /// Records one forwarded request's timings.
+    pub fn latencies(&self, total: Duration, upstream: Option<Duration>) {
         if let Some(upstream) = upstream {
             self.upstream_latency.observe(upstream.as_secs_f64());
             self.added_latency.observe(total.saturating_sub(upstream).as_secs_f64());
         }
+    }
+}
+
+/// One serving thread's handles on `llmproxy_requests_total`, by project and outcome.
+/// The family's own lookup — a lock all threads share, SipHash over the labels, and a
+/// clone of the project's name whose count every thread then writes — cost more than
+/// the count; a thread finds its handle here by the name's address, in a map only it
+/// locks.
+#[derive(Default)]
+pub(crate) struct RequestCounters {
+    handles: Mutex<RequestHandles>,
+}
+
+/// Handles by the address of the project's (interned) name and the outcome; the name is
+/// held, so its address cannot be reused for another while its entry exists.
+type RequestHandles = HashMap<(usize, &'static str), (Arc<str>, Counter), BuildHasherDefault<NameHasher>>;
+
+impl RequestCounters {
+    /// Counts one request of `project` with `outcome` in `metrics`.
+    pub(crate) fn count(&self, metrics: &Metrics, project: &Arc<str>, outcome: &'static str) {
+        let key = (Arc::as_ptr(project).cast::<u8>() as usize, outcome);
+        let mut handles = self.handles.lock().expect("request counters poisoned");
+        let (_, counter) = handles.entry(key).or_insert_with(|| {
+            let labels = RequestLabels { project: Name(project.clone()), outcome };
+            (project.clone(), metrics.requests.get_or_create_owned(&labels))
+        });
+        counter.inc();
     }
 }
 
@@ -300,6 +330,27 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_threads_request_counters_count_into_the_shared_series() {
+        let metrics = Metrics::new();
+        let (one, two) = (RequestCounters::default(), RequestCounters::default());
+        // The same name in two allocations (before and after a re-intern) is one series.
+        let (name, same_name, other) = (Arc::from("p"), Arc::from("p"), Arc::from("q"));
+        one.count(&metrics, &name, "upstream_2xx");
+        one.count(&metrics, &name, "upstream_2xx");
+        two.count(&metrics, &same_name, "upstream_2xx");
+        two.count(&metrics, &name, "token_expired");
+        one.count(&metrics, &other, "upstream_2xx");
+        let text = metrics.encode();
+        for expected in [
+            r#"llmproxy_requests_total{project="p",outcome="upstream_2xx"} 3"#,
+            r#"llmproxy_requests_total{project="p",outcome="token_expired"} 1"#,
+            r#"llmproxy_requests_total{project="q",outcome="upstream_2xx"} 1"#,
+        ] {
+            assert!(text.contains(expected), "missing {expected}\n{text}");
+        }
+    }
 
     #[test]
     fn forgetting_a_token_drops_its_series_and_nobody_elses() {

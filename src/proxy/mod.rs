@@ -29,7 +29,7 @@ pub(crate) use error::{ProxyError, Refused};
 pub(crate) use forward::{Upstream, UpstreamBody};
 
 use crate::index::{Route, watch::SharedTable};
-use crate::metrics::{Metrics, Name, SpendLabels, TokenUsageLabels};
+use crate::metrics::{Metrics, Name, RequestCounters, SpendLabels, TokenUsageLabels};
 use crate::pricing::Price;
 use crate::proxy::quota::Quota;
 use crate::token::{self, TokenHash};
@@ -90,6 +90,8 @@ pub(crate) struct Proxy {
     upstream: Upstream,
     quota: std::sync::Arc<Quota>,
     metrics: std::sync::Arc<Metrics>,
+    /// This thread's handles on the request counter (a handler serves one thread).
+    requests: RequestCounters,
     idle_timeout: Duration,
     model_lookahead: usize,
 }
@@ -107,6 +109,7 @@ impl Proxy {
             upstream: Upstream::new(settings),
             quota,
             metrics,
+            requests: RequestCounters::default(),
             idle_timeout: settings.idle_timeout,
             model_lookahead: settings.model_lookahead,
         }
@@ -147,7 +150,8 @@ impl Proxy {
         static NO_PROJECT: std::sync::LazyLock<std::sync::Arc<str>> =
             std::sync::LazyLock::new(|| std::sync::Arc::from(""));
         let project = route.as_ref().map_or(&*NO_PROJECT, |r| &r.project.name);
-        self.metrics.request(project, outcome, elapsed, upstream_time);
+        self.requests.count(&self.metrics, project, outcome);
+        self.metrics.latencies(elapsed, upstream_time);
         access_log(&method, &path, response.status().as_u16(), elapsed, route.as_ref());
         Ok(response)
     }
