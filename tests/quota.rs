@@ -288,7 +288,7 @@ except openai.RateLimitError as e:
     assert!(headers.contains(&("x-should-retry".into(), "false".into())), "{headers:?}");
 }
 
-/// Deleting a ProxyToken takes its series off the proxies' `/metrics` (a cluster that
+/// Deleting a ProxyToken (`kubectl delete`) takes its series off the proxies' `/metrics` (a cluster that
 /// mints and deletes tokens all day must not grow them), and requests counted but not
 /// yet written when it went are dropped with a note, not retried on every flush.
 #[tokio::test]
@@ -310,8 +310,10 @@ async fn a_deleted_token_leaves_the_metrics_and_is_not_retried() {
     let series = |name: &str| format!(r#"token_name="{name}""#);
     assert!(reqwest_text(&metrics).await.contains(&series("gone")));
 
+    // As an admin does it; kubectl returns once the object is marked for deletion.
+    let deleted = support::run_kubectl(&["delete", "proxytoken", "gone", "-n", &env.apps, "--wait=false"]);
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
     let tokens = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps);
-    tokens.delete("gone", &Default::default()).await.unwrap();
     eventually(WAIT, || async { tokens.get_opt("gone").await.unwrap().is_none().then_some(()) }).await;
     let text = eventually(WAIT, || async {
         let text = reqwest_text(&metrics).await;
