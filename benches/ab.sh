@@ -25,11 +25,12 @@ up_port=19400 nginx_port=19401 a_port=19402 b_port=19403 floor_port=19404 admin0
 for tool in wrk:wrk nginx:nginx-light; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${tool#*:}" >/dev/null; }
 done
-cargo build --release --locked --features fake-upstream --bin fake-upstream --quiet
-tests/cluster/cluster.sh up >/dev/null 2>&1
-rm -rf "$state" && mkdir -p "$state"
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
+# The release fake-upstream, and the load generator for the instruction counts.
+load_bin=$(bench_bin load)
+tests/cluster/cluster.sh up >/dev/null 2>&1
+rm -rf "$state" && mkdir -p "$state"
 trap 'cleanup; nginx -c "$PWD/$state/nginx.conf" -p "$PWD/$state" -s stop 2>/dev/null || true' EXIT
 
 start upstream "$target/fake-upstream" "127.0.0.1:$up_port"
@@ -120,15 +121,16 @@ echo "- CPU per request / nginx: floor $(ratio "$(cpu floor)" "$(cpu nginx)"), A
 # completions one at a time, then N streamed ones of 20 chunks; instructions per request.
 if [ -n "${BENCH_INSTRUCTIONS:-}" ]; then
   command -v valgrind >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
-  ensure_oha
   n=$BENCH_INSTRUCTIONS
   # count SIDE LABEL BODY [HEADER] -> instructions per request; the profile is kept as
   # $state/callgrind-SIDE-LABEL.out (callgrind_annotate reads it).
   count() {
     callgrind_control -z "${pid[cg]}" >/dev/null 2>&1
     callgrind_control -i on "${pid[cg]}" >/dev/null 2>&1
-    oha -n "$n" -c 1 --no-tui -m POST -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
-      ${4:+-H "$4"} -d "$3" "http://127.0.0.1:19405/v1/chat/completions" >"$state/oha-callgrind.txt"
+    "$load_bin" --requests "$n" --connections 1 --method POST --header "Authorization: Bearer $token" \
+      --header 'Content-Type: application/json' ${4:+--header "$4"} --body "$3" \
+      "http://127.0.0.1:19405/v1/chat/completions" >"$state/load-callgrind.json"
+    python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["errors"] == 0, d["first_error"]' "$state/load-callgrind.json"
     callgrind_control -i off "${pid[cg]}" >/dev/null 2>&1
     callgrind_control -d "${pid[cg]}" >/dev/null 2>&1
     sleep 1

@@ -22,8 +22,7 @@ proxy_ports=(19202 19204 19206)
 
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
-ensure_oha
-cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fake-upstream --quiet
+load_bin=$(bench_bin load)
 tests/cluster/cluster.sh up >/dev/null
 rm -rf "$state" && mkdir -p "$state"
 trap cleanup EXIT
@@ -113,10 +112,10 @@ for kind in "${kinds[@]}"; do
   started=$(date +%s.%N)
   loads=()
   for port in "${proxy_ports[@]}"; do
-    oha -z "${DURATION}s" -q "$((RATE / REPLICAS))" -c 4 --no-tui --output-format json -m POST \
-      -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
-      -d '{"model":"m","messages":[{"role":"user","content":"hi"}]}' \
-      "http://127.0.0.1:$port/v1/chat/completions" >"$state/oha-$kind-$port.json" &
+    "$load_bin" --duration "$DURATION" --rate "$((RATE / REPLICAS))" --connections 4 --method POST \
+      --header "Authorization: Bearer $token" --header 'Content-Type: application/json' \
+      --body '{"model":"m","messages":[{"role":"user","content":"hi"}]}' \
+      "http://127.0.0.1:$port/v1/chat/completions" >"$state/load-$kind-$port.json" &
     loads+=($!)
   done
   wait "${loads[@]}"
@@ -126,12 +125,7 @@ for kind in "${kinds[@]}"; do
   writes=$(($(requests PATCH) - writes_before)) reads=$(($(requests GET) - reads_before))
   conflicts=$(($(requests PATCH 409) - conflicts_before))
   answered=$(python3 -c 'import json, sys
-ok = 0; total = 0
-for f in sys.argv[2:]:
-    d = json.load(open(f)); s = d["summary"]
-    codes = d.get("statusCodeDistribution", {})
-    ok += codes.get("200", 0)
-print(ok / float(sys.argv[1]))' "$DURATION" "$state"/oha-"$kind"-*.json)
+print(sum(json.load(open(f))["ok"] for f in sys.argv[2:]) / float(sys.argv[1]))' "$DURATION" "$state"/load-"$kind"-*.json)
   # Stated in the README: flushes (one per replica and interval for the token, one more
   # for a limited Project) plus claims (one per block of requests or share of tokens,
   # and one per replica and minute window); conflicts come on top, each retried.
@@ -153,7 +147,7 @@ done
 {
   echo
   echo "$REPLICAS proxy processes (one worker thread each) on one token, ${RATE} req/s offered for ${DURATION} s"
-  echo "(oha, open loop, a third to each), flush interval ${FLUSH_MS} ms; writes and reads are the API"
+  echo "(benches/load.rs, open loop, a third to each), flush interval ${FLUSH_MS} ms; writes and reads are the API"
   echo "server's own counts of PATCH and GET on proxytokens/status and projects/status in the window,"
   echo "divided by its length (the load plus one flush interval). \`just bench-writes\`, $(date -u +%Y-%m-%d)."
 } >>"$out"

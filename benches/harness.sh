@@ -3,7 +3,7 @@
 # run, with the same fast fake upstream, plus controller minting throughput and stream
 # time-to-first-byte. Prints one table and writes it to BENCHMARKS.md.
 #
-# Load generators: oha (crates.io) open-loop at a fixed rate well below saturation for
+# Load generators: benches/load.rs open-loop at a fixed rate well below saturation for
 # latency percentiles (p50/p99/p99.9, corrected for coordinated omission), wrk (Debian)
 # closed-loop at 16 connections for throughput at saturation. The generator, the proxies
 # and the upstream share the machine's cores. nginx and llm-proxy are measured with one
@@ -36,22 +36,17 @@ cache=${LLMPROXY_CACHE:-$HOME/.cache/llm-proxy}
 
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
-# Debian's packages for the missing commands (and for building oha: OpenSSL's headers,
-# pkg-config), with one index update for all of them.
+# Debian's packages for the missing commands, with one index update for all of them.
 missing=()
 for pair in wrk:wrk bc:bc nginx:nginx-light; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
-for package in libssl-dev pkg-config; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
-done
 if (( ${#missing[@]} )); then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# Peers install in the background while our release build runs: its fat-LTO links
-# keep one core busy for minutes and leave the other to them.
+# LiteLLM installs in the background while our release build runs: its fat-LTO link
+# keeps one core busy for minutes and leaves the other to it.
 installs=()
-ensure_oha & installs+=($!)
 # LiteLLM proxy, pinned exactly (neighbouring versions do not install here).
 litellm_venv=$cache/litellm-venv
 if ! $quick && ! "$litellm_venv/bin/litellm" --version >/dev/null 2>&1; then
@@ -60,6 +55,7 @@ if ! $quick && ! "$litellm_venv/bin/litellm" --version >/dev/null 2>&1; then
 fi
 propagation_bin=$(bench_bin propagation)
 scale_bin=$(bench_bin scale)
+load_bin=$(bench_bin load)
 for p in "${installs[@]}"; do wait "$p"; done
 tests/cluster/cluster.sh up >/dev/null
 mkdir -p "$state"
@@ -138,15 +134,15 @@ wrk_chat_script "$state/post.lua" "$token"
 sed "s/Bearer $token/Bearer sk-bench-litellm-master/" "$state/post.lua" >"$state/post-litellm.lua"
 sed "s/Bearer $token/Bearer $models_token/" "$state/post.lua" >"$state/post-models.lua"
 
-# latency NAME URL RATE -> "p50_ms p99_ms p999_ms" (oha, open loop at RATE req/s)
+# latency NAME URL RATE -> "p50_ms p99_ms p999_ms" (benches/load.rs, open loop at RATE req/s)
 latency() {
   local bearer=$token
   [ "$1" = litellm ] && bearer=sk-bench-litellm-master
   [ "$1" = ours_models ] && bearer=$models_token
-  oha -z "$DURATION" -q "$3" -c 4 --latency-correction --no-tui --output-format json -m POST \
-    -H "Authorization: Bearer $bearer" -H 'Content-Type: application/json' \
-    -d '{"model":"m","messages":[{"role":"user","content":"hi"}]}' "$2/v1/chat/completions" >"$state/oha-$1.json"
-  oha_percentiles "$state/oha-$1.json"
+  "$load_bin" --duration "$DURATION" --rate "$3" --connections 4 --method POST \
+    --header "Authorization: Bearer $bearer" --header 'Content-Type: application/json' \
+    --body '{"model":"m","messages":[{"role":"user","content":"hi"}]}' "$2/v1/chat/completions" >"$state/load-$1.json"
+  load_percentiles "$state/load-$1.json"
 }
 # cpu_ticks PID -> user + system CPU time of PID, in clock ticks
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -222,7 +218,7 @@ report=$(cat <<MD
 ## Run of $(date -u +%Y-%m-%d) — \`just bench$($quick && echo " --quick")\`
 
 Machine: $threads cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB; load generator, proxies and the fake upstream share the cores.
-Load: POST /v1/chat/completions with a fixed JSON answer. Latency: oha $(oha --version | cut -d' ' -f2), open loop at $RATE req/s over 4 connections for $DURATION, corrected for coordinated omission (LiteLLM at $LITELLM_RATE req/s, against direct at the same rate). Throughput: wrk, closed loop, 16 connections (2 threads) for $DURATION.
+Load: POST /v1/chat/completions with a fixed JSON answer. Latency: \`benches/load.rs\` (tokio + hyper, one thread), open loop at $RATE req/s over 4 connections for $DURATION, corrected for coordinated omission (LiteLLM at $LITELLM_RATE req/s, against direct at the same rate). Throughput: wrk, closed loop, 16 connections (2 threads) for $DURATION.
 Routing table: 1 project, $TOKENS tokens, loaded from the local API server. Both proxies log every request (nginx's access log buffered, 64 KiB or 100 ms, as llm-proxy's).
 
 | path | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | added p99.9 ms | req/s at 16 conns |
@@ -263,7 +259,7 @@ analysis=$(sed -n '/^<!-- analysis -->$/,$p' BENCHMARKS.md 2>/dev/null || true)
 {
   echo "# Benchmarks"
   echo
-  echo "Reproduce with \`just bench\` (\`just bench --quick\` for a shorter run that writes \`.cluster/bench.md\`; BENCH_DURATION, BENCH_TOKENS, BENCH_RATE, BENCH_LITELLM_RATE adjust it). Raw oha/wrk output: \`.cluster/bench/\`."
+  echo "Reproduce with \`just bench\` (\`just bench --quick\` for a shorter run that writes \`.cluster/bench.md\`; BENCH_DURATION, BENCH_TOKENS, BENCH_RATE, BENCH_LITELLM_RATE adjust it). Raw load generator and wrk output: \`.cluster/bench/\`."
   echo
   echo "$report"
   if [ -n "$analysis" ]; then

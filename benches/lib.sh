@@ -9,9 +9,9 @@ start() { local name=$1; shift; "$@" >"$state/$name.log" 2>&1 & pids+=($!); }
 # The Rust benches are built without whole-program optimisation: from cold, each would
 # cost another single-threaded fat-LTO link of about 4 minutes, for code that drives the
 # API server, times the table in process 10 tokens against 100,000 in the same build
-# (its nanoseconds are about 8 % above those of an LTO build), or is the streams'
-# client, the same for every path it measures. Building a bench builds
-# the package's binaries as well (llm-proxy and fake-upstream with fat LTO, as always),
+# (its nanoseconds are about 8 % above those of an LTO build), or is a client (the load
+# generator, the streams' client), the same for every path it measures. Building a bench
+# builds the package's binaries as well (llm-proxy and fake-upstream with fat LTO, as always),
 # with the dev-dependencies' features: a separate `cargo build --bin` would compile the
 # dependencies a second time without them. Without the default features the kubectl
 # plugin, which no bench runs, is left out: one fat-LTO link fewer. bench_bin NAME -> its path.
@@ -24,37 +24,18 @@ for line in sys.stdin:
     if m.get("target", {}).get("name") == sys.argv[1] and m.get("executable"): print(m["executable"])' "$1"
 }
 
-# ensure_oha: the latency load generator, oha 1.16.0 from crates.io, unless installed.
-# Built against Debian's OpenSSL (its `native-tls` feature) instead of its default
-# rustls on aws-lc: compiling aws-lc, the long pole of a cold `just bench`, took ~10 of
-# its 20 minutes on two cores; this way oha builds in ~3. The benches use its TLS only
-# as a client (`--cacert`), where either library does.
-ensure_oha() {
-  command -v oha >/dev/null 2>&1 && return
-  local missing=() package
-  for package in libssl-dev pkg-config; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
-  done
-  if (( ${#missing[@]} )); then
-    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
-  # In a target dir of its own (cargo's temporary one): sharing CARGO_TARGET_DIR with the
-  # benches' build would make each wait for the other's lock.
-  env -u CARGO_TARGET_DIR cargo install oha --version 1.16.0 --locked --quiet --no-default-features --features native-tls
-}
-
 # What the image sets for llm-proxy (Dockerfile): glibc's malloc asks for transparent
 # huge pages, so a large routing table costs fewer TLB misses. Prefix proxy commands with it.
 # BENCH_GLIBC_TUNABLES= (empty) measures without it.
 image_env=(env "GLIBC_TUNABLES=${BENCH_GLIBC_TUNABLES-glibc.malloc.hugetlb=1}")
 
-# oha_percentiles FILE -> "p50 p99 p99.9" in milliseconds, from an oha JSON report;
-# fails the run if any request failed.
-oha_percentiles() {
+# load_percentiles FILE -> "p50 p99 p99.9" in milliseconds, from a report of the load
+# generator (benches/load.rs); fails the run if any request failed.
+load_percentiles() {
   python3 -c 'import json, sys
-d = json.load(open(sys.argv[1])); p = d["latencyPercentiles"]
-assert d["summary"]["successRate"] == 1, "requests failed: %s" % d.get("errorDistribution")
-print("%.3f %.3f %.3f" % (p["p50"] * 1000, p["p99"] * 1000, p["p99.9"] * 1000))' "$1"
+d = json.load(open(sys.argv[1]))
+assert d["errors"] == 0, "%d requests failed, the first: %s" % (d["errors"], d["first_error"])
+print("%.3f %.3f %.3f" % (d["p50_ms"], d["p99_ms"], d["p999_ms"]))' "$1"
 }
 
 # wrk_chat_script FILE TOKEN: a wrk script that POSTs a small chat completion with TOKEN.

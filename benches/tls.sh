@@ -23,8 +23,7 @@ for tool in wrk:wrk bc:bc nginx:nginx-light openssl:openssl; do
 done
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
-ensure_oha
-cargo build --release --locked --features fake-upstream --bin llm-proxy --bin fake-upstream --quiet
+load_bin=$(bench_bin load)
 tests/cluster/cluster.sh up >/dev/null
 rm -rf "$state" && mkdir -p "$state"
 trap 'cleanup; nginx -c "$PWD/$state/nginx.conf" -p "$PWD/$state" -s stop 2>/dev/null || true' EXIT
@@ -107,12 +106,13 @@ nginx -c "$PWD/$state/nginx.conf" -p "$PWD/$state"
 sleep 0.3
 
 body='{"model":"m","messages":[{"role":"user","content":"hi"}]}'
-# latency NAME URL TOKEN [oha args] -> "p50 p99 p999" in ms
+# latency NAME URL TOKEN [load generator args] -> "p50 p99 p999" in ms
 latency() {
   local name=$1 url=$2 bearer=$3; shift 3
-  oha -z "$DURATION" -q "$RATE" -c 4 --latency-correction --no-tui --output-format json -m POST "$@" \
-    -H "Authorization: Bearer $bearer" -H 'Content-Type: application/json' -d "$body" "$url/v1/chat/completions" >"$state/oha-$name.json"
-  oha_percentiles "$state/oha-$name.json"
+  "$load_bin" --duration "$DURATION" --rate "$RATE" --connections 4 --method POST "$@" \
+    --header "Authorization: Bearer $bearer" --header 'Content-Type: application/json' --body "$body" \
+    "$url/v1/chat/completions" >"$state/load-$name.json"
+  load_percentiles "$state/load-$name.json"
 }
 # throughput NAME URL TOKEN -> req/s (wrk, 16 connections)
 throughput() {
@@ -150,7 +150,7 @@ row() { # row LABEL NAME BASELINE
   echo "# TLS to the upstream — \`just bench-tls\`"
   echo
   echo "$(date -u +%Y-%m-%d), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); load generator, proxies and fake upstreams share the cores."
-  echo "Latency: oha (its TLS client: OpenSSL), open loop at $RATE req/s over 4 connections for $DURATION, corrected for coordinated omission. Throughput: wrk, 16 connections for $DURATION."
+  echo "Latency: \`benches/load.rs\` (tokio + hyper, one thread; its TLS client: rustls), open loop at $RATE req/s over 4 connections for $DURATION, corrected for coordinated omission. Throughput: wrk, 16 connections for $DURATION."
   echo "One worker each (nginx worker_processes 1, llm-proxy --worker-threads 1), both writing an access log (nginx buffered). The upstream's certificate is signed by a CA this run makes; TLS 1.3, P-256."
   echo "Added latency: against the direct path of the same protocol."
   echo
