@@ -92,6 +92,10 @@ impl FakeUpstream {
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                // As HTTP servers do (ours, nginx): without it, the first answer on a
+                // connection, written after TLS 1.3's session tickets, waits for the
+                // client's delayed ACK of them (40 ms).
+                let _ = stream.set_nodelay(true);
                 let (acceptor, log) = (acceptor.clone(), log.clone());
                 tokio::spawn(async move {
                     let Ok(stream) = acceptor.accept(stream).await else { return };
