@@ -7,10 +7,12 @@
 FROM rust:1.95.0-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them. Every target Cargo.toml
-# names must exist for cargo to read it: empty stand-ins for the binaries and benches.
+# names must exist for cargo to read it: empty stand-ins for the binaries and benches
+# (the benches are read from Cargo.toml, so a new one needs no edit here).
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src/bin/kubectl-llmproxy benches && touch src/lib.rs \
-    && for main in src/main.rs src/bin/fake-upstream.rs src/bin/kubectl-llmproxy/main.rs benches/propagation.rs benches/scale.rs benches/streams.rs benches/dashboard.rs; do \
+    && benches=$(sed -n '/^\[\[bench\]\]/{n;s/^name = "\(.*\)"$/benches\/\1.rs/p;}' Cargo.toml) \
+    && for main in src/main.rs src/bin/fake-upstream.rs src/bin/kubectl-llmproxy/main.rs $benches; do \
          echo 'fn main() {}' > "$main"; done \
     && cargo build --release --locked \
     && rm -rf src
