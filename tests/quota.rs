@@ -309,19 +309,36 @@ async fn a_deleted_token_leaves_the_metrics_and_is_not_retried() {
     let metrics = format!("http://127.0.0.1:{fast_admin}/metrics");
     let series = |name: &str| format!(r#"token_name="{name}""#);
     assert!(reqwest_text(&metrics).await.contains(&series("gone")));
+    // A stream that outlives its token (5 s, past the deletion and many flushes)
+    // reports its usage at its end: that must not bring the series back for good.
+    let auth = format!("Bearer {gone}");
+    let url = format!("http://127.0.0.1:{fast}/v1/chat/completions");
+    let sent = env.upstream.requests().len();
+    let stream = tokio::spawn(async move {
+        let headers = [("authorization", auth.as_str()), ("x-fake-chunks", "50"), ("x-fake-chunk-delay-ms", "100")];
+        support::curl("POST", &url, &headers, Some(r#"{"model":"m","messages":[],"stream":true}"#)).await
+    });
+    eventually(WAIT, || async { (env.upstream.requests().len() > sent).then_some(()) }).await;
 
     // As an admin does it; kubectl returns once the object is marked for deletion.
     let deleted = support::run_kubectl(&["delete", "proxytoken", "gone", "-n", &env.apps, "--wait=false"]);
     assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
     let tokens = Api::<ProxyToken>::namespaced(env.client.clone(), &env.apps);
     eventually(WAIT, || async { tokens.get_opt("gone").await.unwrap().is_none().then_some(()) }).await;
+    assert_eq!(burst(&[fast], &gone, 1).await[0].0, 401);
+    assert!(!stream.is_finished(), "the stream must outlive its token here; lengthen it");
+    let streamed = stream.await.unwrap();
+    assert!(streamed.status == 200 && streamed.body.contains(r#""prompt_tokens":9"#), "{}", streamed.body);
     let text = eventually(WAIT, || async {
         let text = reqwest_text(&metrics).await;
         (!text.contains(&series("gone"))).then_some(text)
     })
     .await;
     assert!(text.contains(&series("kept")), "{text}");
-    assert_eq!(burst(&[fast], &gone, 1).await[0].0, 401);
+    // Five flushes later, still gone.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let text = reqwest_text(&metrics).await;
+    assert!(!text.contains(&series("gone")), "{text}");
 
     env.signal("proxy-slow", "TERM");
     let log = std::fs::read_to_string(env.log_path("proxy-slow")).unwrap();

@@ -121,7 +121,7 @@ impl Proxy {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let (response, route, outcome, upstream_time) = match self.route_and_forward(request).await {
-            Ok((response, Admitted { route, reservation, price }, upstream_time)) => {
+            Ok((response, Admitted { route, reservation, price, answering }, upstream_time)) => {
                 let outcome = match response.status().as_u16() {
                     200..=399 => "upstream_2xx",
                     400..=499 => "upstream_4xx",
@@ -137,7 +137,7 @@ impl Proxy {
                         }
                     }
                 } else {
-                    let response = self.tap_usage(response, &route, reservation, price, counted);
+                    let response = self.tap_usage(response, &route, reservation, answering, price, counted);
                     (response, Some(route), outcome, Some(upstream_time))
                 }
             }
@@ -161,11 +161,13 @@ impl Proxy {
     /// event stream: a file download whose bytes contain `"usage"` counts nothing. The
     /// budgets' `reservation` is settled with that usage when the body ends, and its
     /// cost at `price` (that of the request's model, where one is known) is counted.
+    /// `answering` is held until then: the token's series cannot go before it counted.
     fn tap_usage(
         &self,
         response: Response<UpstreamBody>,
         route: &Route,
         reservation: Option<budget::Reservation>,
+        answering: quota::Answering,
         price: Option<Price>,
         counted: bool,
     ) -> Response<Body> {
@@ -179,7 +181,7 @@ impl Proxy {
             let guarded = stream::Guarded::new(body, idle, event_stream);
             if !counted {
                 // Dropped with the request: an answer that reports no usage costs none.
-                drop(reservation);
+                drop((reservation, answering));
                 return guarded.boxed();
             }
             // A body cut short (the client went away) is charged what it reserved.
@@ -188,6 +190,7 @@ impl Proxy {
                 reservation.charge_if_cut();
             }
             llm_usage::UsageTap::new(guarded, move |usage: Option<llm_usage::TokenUsage>| {
+                let _answering = answering;
                 let Some(usage) = usage else {
                     // Ended without usage: a stream without `include_usage`.
                     if let Some(reservation) = reservation {
@@ -246,24 +249,26 @@ impl Proxy {
         if request.method() == hyper::Method::GET && request.uri().path() == "/v1/models" && listing::limited(&route) {
             listing::prepare(&mut request);
         }
-        let reservation = match self.quota.admit(hash, &route, now_us(), price).await {
-            Ok(reservation) => reservation,
+        let (reservation, answering) = match self.quota.admit(hash, &route, now_us(), price).await {
+            Ok(admitted) => admitted,
             Err(error) => return Err((error, Some(route))),
         };
         let sent = Instant::now();
         match self.upstream.forward(request, &route).await {
-            Ok(response) => Ok((response, Admitted { route, reservation, price }, sent.elapsed())),
+            Ok(response) => Ok((response, Admitted { route, reservation, price, answering }, sent.elapsed())),
             Err(error) => Err((error.into(), Some(route))),
         }
     }
 }
 
-/// A request on its way upstream: its route, its reservations in the budgets, and the
-/// price of its model where a cost budget needed it.
+/// A request on its way upstream: its route, its reservations in the budgets, the
+/// price of its model where a cost budget needed it, and its token's hold on its
+/// counters until the answer ends.
 struct Admitted {
     route: Route,
     reservation: Option<budget::Reservation>,
     price: Option<Price>,
+    answering: quota::Answering,
 }
 
 /// Refuses more than [`MAX_HEADERS`] headers or [`MAX_HEADER_BYTES`] of them.

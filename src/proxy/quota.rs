@@ -84,6 +84,28 @@ struct Counter {
     tokens: Arc<TokenShares>,
     /// A flush that failed without saying whether it was written: retried as it is.
     in_doubt: std::sync::Mutex<Option<Flush>>,
+    /// Its requests being answered (see [`Answering`]).
+    answering: AtomicU64,
+}
+
+/// One admitted request of a token, until its answer ends: while any is held, the
+/// token's counter and metric series stay. The usage a stream reports at its end is
+/// then counted before the series can go, never after, where it would bring them back
+/// for a token long deleted.
+pub(crate) struct Answering(Arc<Counter>);
+
+impl Answering {
+    fn new(counter: Arc<Counter>) -> Self {
+        counter.answering.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        // Release: what the answer counted is seen by `forget_gone` once it sees zero.
+        self.0.answering.fetch_sub(1, Ordering::Release);
+    }
 }
 
 /// Sets `owner`'s remaining-budget gauges from its `windows` as stored.
@@ -199,14 +221,15 @@ impl Quota {
     /// Admits one request with `route`'s token: always for unlimited tokens, from the
     /// replica's blocks (claiming new ones when empty) for rate-limited and capped ones.
     /// With token limits or cost budgets, the reservation to settle with the response's
-    /// usage, priced at `price` (that of the request's model).
+    /// usage, priced at `price` (that of the request's model); and the [`Answering`] to
+    /// hold until the answer ends.
     pub(crate) async fn admit(
         &self,
         hash: TokenHash,
         route: &Route,
         now_us: i64,
         price: Option<Price>,
-    ) -> Result<Option<Reservation>, Refused> {
+    ) -> Result<(Option<Reservation>, Answering), Refused> {
         let counter = self.counter(hash, route);
         // Token windows first, the token's then its Project's: a refusal there spends no
         // request slot. A refusal after them drops the reservation, which gives it back.
@@ -250,7 +273,7 @@ impl Quota {
         }
         counter.unflushed.fetch_add(1, Ordering::Relaxed);
         counter.last_used_us.fetch_max(now_us, Ordering::Relaxed);
-        Ok(reservation)
+        Ok((reservation, Answering::new(counter)))
     }
 
     /// Admits one request into `owner`'s share of the minute holding `now_us` (`window`),
@@ -387,6 +410,7 @@ impl Quota {
                     window: tokio::sync::Mutex::default(),
                     tokens: Arc::default(),
                     in_doubt: std::sync::Mutex::new(None),
+                    answering: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -526,16 +550,16 @@ impl Quota {
     }
 
     /// Forgets the tokens that left the routing table (their ProxyToken was deleted)
-    /// once nothing of theirs is left to write: their counters and their metric series.
-    /// Without it both grew with every token this replica ever served, and every flush
-    /// walked them all. A request still in flight with such a token counts nothing more
-    /// (a stream that ends after this may bring its usage series back, until a restart).
+    /// once nothing of theirs is left to write or being answered: their counters and
+    /// their metric series. Without it both grew with every token this replica ever
+    /// served, and every flush walked them all.
     pub(crate) fn forget_gone(&self, table: &RouteTable) {
         if !table.ready {
             return;
         }
         let done = |counter: &Counter| {
-            counter.unflushed.load(Ordering::Relaxed) == 0
+            counter.answering.load(Ordering::Acquire) == 0
+                && counter.unflushed.load(Ordering::Relaxed) == 0
                 && counter.in_doubt.lock().expect("flush state poisoned").is_none()
         };
         // Found under the read lock, which requests share: at 100,000 counters the walk
@@ -818,6 +842,7 @@ mod tests {
             window: tokio::sync::Mutex::default(),
             tokens: Arc::default(),
             in_doubt: std::sync::Mutex::new(None),
+            answering: AtomicU64::new(0),
         }
     }
 
@@ -981,6 +1006,10 @@ mod tests {
         quota.forget_gone(&table(None));
         assert!(known(&quota), "a count not yet written");
         web.unflushed.store(0, Ordering::SeqCst);
+        let streaming = Answering::new(web.clone());
+        quota.forget_gone(&table(None));
+        assert!(known(&quota), "a stream still being answered reports its usage at its end");
+        drop(streaming);
         quota.forget_gone(&table(None));
         assert!(!known(&quota));
         let text = metrics.encode();
