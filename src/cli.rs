@@ -203,7 +203,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 
 async fn run_proxy(args: ProxyArgs) -> Result<(), Error> {
     let client = client().await?;
-    let api = std::net::TcpListener::bind(args.listen_addr)
+    let api = crate::proxy::server::listen(args.listen_addr)
         .map_err(|source| Error::Bind { addr: args.listen_addr, source })?;
     let admin = bind(args.common.admin_addr).await?;
     let metrics = Arc::new(Metrics::new());

@@ -63,6 +63,15 @@ impl FakeUpstream {
         Ok(Self::serve(listener, true))
     }
 
+    /// A listener on `addr` (the first address it names) with the proxy's own backlog
+    /// ([`server::LISTEN_BACKLOG`]). A provider's API takes a burst of new connections,
+    /// and so must its stand-in: with the standard 128, its accept queue overflowed at
+    /// 9,750 streams, and the benchmarks measured the stand-in's SYN retries.
+    pub fn listen(addr: impl std::net::ToSocketAddrs) -> std::io::Result<std::net::TcpListener> {
+        let addr = addr.to_socket_addrs()?.next().ok_or_else(|| std::io::Error::other("the address names no host"))?;
+        server::listen(addr)
+    }
+
     /// Serves on `listener`; `record: false` skips the request log (benchmarks).
     pub fn serve(listener: TcpListener, record: bool) -> Self {
         let url = format!("http://{}", listener.local_addr().expect("bound listener has an address"));

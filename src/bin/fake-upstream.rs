@@ -19,11 +19,11 @@ async fn main() -> std::io::Result<()> {
             eprintln!("usage: fake-upstream ADDR --forward-to URL");
             std::process::exit(2);
         };
-        let listener = std::net::TcpListener::bind(&addr)?;
+        let listener = FakeUpstream::listen(&addr)?;
         println!("bare forwarder listening on http://{addr}, forwarding to {upstream}");
         return llm_proxy::bare_forwarder::serve(listener, upstream, 1).await;
     }
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    let listener = tokio::net::TcpListener::from_std(FakeUpstream::listen(&addr)?)?;
     let upstream = match args.iter().position(|a| a == "--tls") {
         Some(at) => {
             let (Some(cert), Some(key)) = (args.get(at + 1), args.get(at + 2)) else {

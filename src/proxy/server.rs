@@ -52,6 +52,23 @@ const HTTP1_HEADER_SLOTS: usize = 512;
 /// HTTP/1 buffer is ~400 KiB per connection.
 const MAX_REQUEST_HEAD: usize = 2 * super::MAX_HEADER_BYTES;
 
+/// Connections the kernel completes for the API listener before a serving thread
+/// accepts them. The standard library asks for 128, which a burst of new clients fills
+/// while the threads are busy (one thread saturated for 50 ms by 2,000 new streams a
+/// second, in `just bench-streams`), and a connection past it waits for its SYN to be
+/// sent again, a second or more. The kernel caps it at `net.core.somaxconn`.
+pub(crate) const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener for the API on `addr`, with a backlog of [`LISTEN_BACKLOG`]. Needs a
+/// runtime (tokio builds the socket); the listener returned is free of it.
+pub(crate) fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As the standard library's listeners: a restarted process can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
+}
+
 /// Streams one HTTP/2 connection may run at once (hyper's default is 200).
 const HTTP2_MAX_STREAMS: u32 = 100;
 
@@ -500,7 +517,22 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::{HTTP2_PREFACE, Protocol, sniff};
+    use super::{HTTP2_PREFACE, Protocol, listen, sniff};
+
+    /// 500 clients connect at once to a listener nobody accepts from yet: all of them
+    /// are let in by the kernel (with the standard library's backlog of 128, those past
+    /// it wait for SYN retries and time out here).
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_backlog_not_in_syn_retries() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects =
+            (0..500).map(|_| tokio::time::timeout(std::time::Duration::from_millis(700), TcpStream::connect(addr)));
+        let results = futures::future::join_all(connects).await;
+        let connected = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert_eq!(connected, 500);
+        drop(listener);
+    }
 
     /// What `sniff` says of a connection whose client sent `sent` (then closed it, if
     /// `close`), and that the bytes were left for the server to read.
