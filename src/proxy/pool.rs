@@ -8,7 +8,15 @@
 //!
 //! - An HTTP/1.1 connection carries one exchange at a time. It goes back to the pool
 //!   when its response body has been read to the end; a body dropped before its end
-//!   drops the connection, which hyper then closes (HTTP/1 cannot reuse it).
+//!   drops the connection, which closes it (HTTP/1 cannot reuse it).
+//! - An HTTP/1.1 connection has no task of its own: the request sending on it drives it
+//!   until the response head has come, then the response body does, as the server polls
+//!   it for its next frame. A chunk goes from the upstream's socket to the client's in
+//!   one task, with no hand-off between two; and when chunks have piled up (the thread
+//!   was busy), every one of them is decoded in that one poll, so hyper's server writes
+//!   them to the client together instead of one system call (and one wake-up of the
+//!   client) per chunk, as nginx does when it reads a backlog in one go. In the pool it
+//!   is not polled: taking it lets it notice first whether its upstream closed it.
 //! - An HTTP/2 connection (negotiated by ALPN, `--upstream-http2`) is shared by all
 //!   requests of the thread while it is open.
 //! - A request that a reused connection never took (the upstream closed it in between)
@@ -21,21 +29,24 @@
 //! connection back at its end.
 
 use std::collections::HashMap;
+use std::future::{Future, poll_fn};
 use std::hash::BuildHasherDefault;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::TrySendError;
 use hyper::client::conn::{http1, http2};
 use hyper::header;
 use hyper::http::uri::{Authority, Scheme};
 use hyper::{Request, Response, Uri, Version};
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::BoxError;
@@ -63,7 +74,7 @@ pub(crate) enum Failure {
 }
 
 /// Connections to upstreams, for requests with bodies of type `B`.
-pub(crate) struct Pool<B> {
+pub(crate) struct Pool<B: Body + 'static> {
     connector: HttpsConnector<HttpConnector>,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
@@ -86,19 +97,84 @@ impl Origin {
 type ByOrigin<T> = HashMap<Origin, T, BuildHasherDefault<NameHasher>>;
 
 /// What the pool holds between requests.
-struct Idle<B> {
+struct Idle<B: Body + 'static> {
     /// Idle HTTP/1.1 connections per upstream, each with the time it was handed back;
     /// the most recent last.
-    http1: ByOrigin<Vec<(http1::SendRequest<B>, Instant)>>,
+    http1: ByOrigin<Vec<(Box<Http1<B>>, Instant)>>,
     /// The open HTTP/2 connection to an upstream, if one was negotiated.
     http2: ByOrigin<http2::SendRequest<B>>,
     swept: Instant,
 }
 
 /// A connection taken for one request.
-enum Sender<B> {
-    Http1 { sender: http1::SendRequest<B>, reused: bool },
+enum Sender<B: Body + 'static> {
+    /// Boxed: it is about 1.8 KiB, moved from the pool to a request's future to its
+    /// response body and back.
+    Http1 {
+        connection: Box<Http1<B>>,
+        reused: bool,
+    },
     Http2(http2::SendRequest<B>),
+}
+
+/// What an HTTP/1.1 connection runs on: TCP, with TLS when the upstream is HTTPS.
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// An HTTP/1.1 connection: the handle a request goes in by, and the connection itself,
+/// which moves only when it is polled (see the module's notes).
+struct Http1<B: Body + 'static> {
+    sender: http1::SendRequest<B>,
+    /// `None` once it has ended; never polled again then.
+    connection: Option<http1::Connection<Io, B>>,
+}
+
+impl<B> Http1<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// Lets the connection read, decode and write what it can now; when it cannot go on,
+    /// `cx` is woken once it can. Whether it is still open.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(connection) = self.connection.as_mut() else { return false };
+        match Pin::new(connection).poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(result) => {
+                if let Err(error) = result {
+                    tracing::debug!(error = %crate::telemetry::Chain(&error), "upstream connection ended");
+                }
+                self.connection = None;
+                false
+            }
+        }
+    }
+
+    /// Lets an idle connection take in what happened while nobody polled it (its last
+    /// exchange ending, its upstream closing it), without waiting. Whether it is open.
+    fn settle(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop())) && !self.sender.is_closed()
+    }
+
+    /// Sends `request`, driving the connection until the response head has come.
+    async fn send(&mut self, request: Request<B>) -> Result<Response<Incoming>, TrySendError<Request<B>>> {
+        let mut response = pin!(self.sender.try_send_request(request));
+        poll_fn(|cx| {
+            // The response comes from the connection, driven here: its socket wakes this
+            // task, its answer need not (that would only poll the task once more).
+            let quiet = &mut Context::from_waker(Waker::noop());
+            if let Poll::Ready(response) = response.as_mut().poll(quiet) {
+                return Poll::Ready(response);
+            }
+            if self.drive(cx) {
+                response.as_mut().poll(quiet)
+            } else {
+                // Ended: it has answered the request, with an error if with nothing else.
+                response.as_mut().poll(cx)
+            }
+        })
+        .await
+    }
 }
 
 impl<B> Pool<B>
@@ -136,12 +212,12 @@ where
                     let response = sender.send_request(request).await.map_err(Failure::Exchange)?;
                     return Ok(response.map(|body| Pooled::new(body, None)));
                 }
-                Sender::Http1 { mut sender, reused } => {
+                Sender::Http1 { mut connection, reused } => {
                     to_origin_form(request.uri_mut());
                     request.headers_mut().insert(header::HOST, url.host_header().clone());
-                    match sender.try_send_request(request).await {
+                    match connection.send(request).await {
                         Ok(response) => {
-                            let lease = Lease { sender, origin, idle: self.idle.clone() };
+                            let lease = Lease { connection, origin, idle: self.idle.clone() };
                             return Ok(response.map(|body| Pooled::new(body, Some(lease))));
                         }
                         Err(mut error) => match error.take_message() {
@@ -177,22 +253,22 @@ where
         // for the next request; closed or stale ones go.
         let mut waiting = None;
         let mut taken = None;
-        while let Some((sender, since)) = list.pop() {
-            if sender.is_closed() || now.duration_since(since) >= IDLE_TIMEOUT {
+        while let Some((mut connection, since)) = list.pop() {
+            if now.duration_since(since) >= IDLE_TIMEOUT || !connection.settle() {
                 continue;
             }
-            if sender.is_ready() {
-                taken = Some(sender);
+            if connection.sender.is_ready() {
+                taken = Some(connection);
                 break;
             }
-            waiting.get_or_insert_with(Vec::new).push((sender, since));
+            waiting.get_or_insert_with(Vec::new).push((connection, since));
         }
         list.extend(waiting.into_iter().flatten().rev());
-        taken.map(|sender| Sender::Http1 { sender, reused: true })
+        taken.map(|connection| Sender::Http1 { connection, reused: true })
     }
 
-    /// A new connection to `url`'s upstream, HTTP/2 if ALPN chose it; its connection
-    /// task runs on this thread's runtime.
+    /// A new connection to `url`'s upstream, HTTP/2 if ALPN chose it (its connection task
+    /// runs on this thread's runtime; an HTTP/1.1 connection has none).
     async fn connect(&self, url: &UpstreamUrl, origin: &Origin) -> Result<Sender<B>, Failure> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx)).await.map_err(Failure::Connect)?;
@@ -210,12 +286,7 @@ where
             return Ok(Sender::Http2(sender));
         }
         let (sender, connection) = self.http1.handshake(io).await.map_err(Failure::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(error = %crate::telemetry::Chain(&error), "upstream connection ended");
-            }
-        });
-        Ok(Sender::Http1 { sender, reused: false })
+        Ok(Sender::Http1 { connection: Box::new(Http1 { sender, connection: Some(connection) }), reused: false })
     }
 
     /// Idle HTTP/1.1 connections (over every upstream), for tests.
@@ -225,12 +296,17 @@ where
     }
 }
 
-impl<B> Idle<B> {
+impl<B> Idle<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     /// Closes connections idle past [`IDLE_TIMEOUT`] or closed by their upstream.
     fn sweep(&mut self, now: Instant) {
         self.swept = now;
         self.http1.retain(|_, list| {
-            list.retain(|(sender, since)| !sender.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
+            list.retain_mut(|(connection, since)| now.duration_since(*since) < IDLE_TIMEOUT && connection.settle());
             !list.is_empty()
         });
         self.http2.retain(|_, sender| !sender.is_closed());
@@ -254,31 +330,32 @@ fn to_absolute_form(uri: &mut Uri, origin: &Origin) {
     }
 }
 
-/// The right to hand an HTTP/1.1 connection back to its pool.
-struct Lease<B> {
-    sender: http1::SendRequest<B>,
+/// An HTTP/1.1 connection a response is arriving on, and the right to hand it back to
+/// its pool.
+struct Lease<B: Body + 'static> {
+    connection: Box<Http1<B>>,
     origin: Origin,
     idle: Arc<Mutex<Idle<B>>>,
 }
 
-impl<B> Lease<B> {
+impl<B: Body + 'static> Lease<B> {
     fn hand_back(self) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.http1.entry(self.origin).or_default();
         if list.len() < MAX_IDLE {
-            list.push((self.sender, Instant::now()));
+            list.push((self.connection, Instant::now()));
         }
     }
 }
 
-/// A response body from the upstream; at its end its HTTP/1.1 connection goes back to
-/// the pool.
-pub(crate) struct Pooled<B> {
+/// A response body from the upstream; over HTTP/1.1 it drives its connection, and at its
+/// end the connection goes back to the pool.
+pub(crate) struct Pooled<B: Body + 'static> {
     inner: Incoming,
     lease: Option<Lease<B>>,
 }
 
-impl<B> Pooled<B> {
+impl<B: Body + 'static> Pooled<B> {
     fn new(inner: Incoming, lease: Option<Lease<B>>) -> Self {
         let mut body = Self { inner, lease };
         // No body (204, HEAD, a length of 0): the exchange is over already.
@@ -295,13 +372,38 @@ impl<B> Pooled<B> {
     }
 }
 
-impl<B> Body for Pooled<B> {
+impl<B> Body for Pooled<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let frame = match this.lease.as_mut() {
+            // HTTP/2 (its connection has a task of its own), or the body has ended.
+            None => ready!(Pin::new(&mut this.inner).poll_frame(cx)),
+            // Only the connection, driven here, puts frames in `inner`: its socket wakes
+            // this task when a frame may come, `inner` need not.
+            Some(lease) => {
+                let quiet = &mut Context::from_waker(Waker::noop());
+                match Pin::new(&mut this.inner).poll_frame(quiet) {
+                    Poll::Ready(frame) => frame,
+                    // Nothing decoded yet: the connection reads and decodes the next frame
+                    // (from what it has buffered, else from its socket), if it has one.
+                    Poll::Pending if lease.connection.drive(cx) => ready!(Pin::new(&mut this.inner).poll_frame(quiet)),
+                    Poll::Pending => {
+                        // Ended (its last frames, or why it failed, are in `inner`): not
+                        // reusable.
+                        this.lease = None;
+                        ready!(Pin::new(&mut this.inner).poll_frame(cx))
+                    }
+                }
+            }
+        };
         match &frame {
             // hyper's server stops polling a body that says it has ended, so the end is
             // also when the last byte of a known length has arrived.

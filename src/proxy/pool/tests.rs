@@ -179,3 +179,40 @@ async fn a_refused_connection_is_an_error_that_says_so() {
     let Err(error) = pool().send(&url, request(&url, "/v1/models")).await else { panic!("nothing listens there") };
     assert!(matches!(error, Failure::Connect(_)), "{error:?}");
 }
+
+#[tokio::test]
+async fn chunks_that_have_arrived_come_out_in_one_poll() {
+    // An upstream that writes the head and ten chunks of an event stream at once, then
+    // keeps the stream open.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = UpstreamUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = [0; 1024];
+        let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut head).await.unwrap();
+        let mut answer =
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for n in 0..10 {
+            let event = format!("data: {n}\n\n");
+            answer.extend_from_slice(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes());
+        }
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &answer).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let pool = pool();
+    let mut body = pool.send(&url, request(&url, "/v1/chat/completions")).await.unwrap().into_body();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // One poll of the reading task, as hyper's server makes to fill one write to its
+    // client: every chunk comes out, none waits for another task (the connection's) to run.
+    let frames = std::future::poll_fn(|cx| {
+        let mut frames = 0;
+        while let Poll::Ready(Some(frame)) = Pin::new(&mut body).poll_frame(cx) {
+            assert!(frame.unwrap().is_data());
+            frames += 1;
+        }
+        Poll::Ready(frames)
+    })
+    .await;
+    assert_eq!(frames, 10);
+}
