@@ -16,7 +16,8 @@
 //!   was busy), every one of them is decoded in that one poll, so hyper's server writes
 //!   them to the client together instead of one system call (and one wake-up of the
 //!   client) per chunk, as nginx does when it reads a backlog in one go. In the pool it
-//!   is not polled: taking it lets it notice first whether its upstream closed it.
+//!   is not polled: taking it lets it notice first whether its upstream closed it, and
+//!   one its upstream closed keeps its socket until then or the next sweep.
 //! - An HTTP/2 connection (negotiated by ALPN, `--upstream-http2`) is shared by all
 //!   requests of the thread while it is open.
 //! - A request that a reused connection never took (the upstream closed it in between)
