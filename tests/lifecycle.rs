@@ -58,8 +58,22 @@ async fn event_reasons(env: &Env, name: &str) -> Vec<String> {
     found.into_iter().filter_map(|e| e.reason).collect()
 }
 
+/// Waits for an Event `reason` about `name`; if it never comes, says which came instead
+/// and what the controller logged.
 async fn wait_event(env: &Env, name: &str, reason: &str) {
-    eventually(WAIT, || async { event_reasons(env, name).await.iter().any(|r| r == reason).then_some(()) }).await;
+    let started = std::time::Instant::now();
+    loop {
+        let seen = event_reasons(env, name).await;
+        if seen.iter().any(|r| r == reason) {
+            return;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "no {reason} event about {name} within {WAIT:?}; its events: {seen:?}; the operator's logs:\n{}",
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn now_rfc3339() -> String {

@@ -140,8 +140,15 @@ impl Context {
             action: event.action.into(),
             secondary: event.related,
         };
-        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
-            tracing::warn!(%error, %reason, "could not publish event");
+        let regarding = object.object_ref(&());
+        // Named here: the reconcile's span names the object reconciled, and a token's
+        // reconcile records events about its Project too.
+        let (kind, name) =
+            (regarding.kind.as_deref().unwrap_or_default(), regarding.name.as_deref().unwrap_or_default());
+        let namespace = regarding.namespace.as_deref().unwrap_or_default();
+        match self.recorder.publish(&event, &regarding).await {
+            Ok(()) => tracing::info!(%reason, kind, name, namespace, "event recorded"),
+            Err(error) => tracing::warn!(%error, %reason, kind, name, namespace, "could not publish event"),
         }
     }
 }
@@ -280,8 +287,15 @@ fn count<T, Q: std::error::Error + 'static>(
     let result = match result {
         Ok(_) => "ok",
         Err(kube::runtime::controller::Error::ReconcilerFailed(error, _)) => error.metric_label(),
-        Err(error) => {
+        // A trigger for an object the cache no longer holds: expected, nothing to do.
+        Err(error @ kube::runtime::controller::Error::ObjectNotFound(_)) => {
             tracing::debug!(%error, kind, "reconcile did not run");
+            "not_run"
+        }
+        // A watch failed: until it is back (with backoff), changes to these objects
+        // reach this controller late. An operator must see that.
+        Err(error) => {
+            tracing::warn!(error = %crate::telemetry::Chain(error), kind, "a watch failed; retrying");
             "not_run"
         }
     };
