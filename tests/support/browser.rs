@@ -209,7 +209,21 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         // Chromium outlives a killed chromedriver: end it by its profile, then the driver.
-        let _ = Command::new("pkill").arg("-f").arg(format!("--user-data-dir={}", self.profile.display())).status();
+        // `--` first: the pattern starts with dashes, and pkill would take it for an
+        // option, refuse it and leave every test's browser running.
+        let pattern = format!("--user-data-dir={}", self.profile.display());
+        let _ = Command::new("pkill").args(["-f", "--", &pattern]).status();
+        // It takes a moment to exit, writing to its profile until then.
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(10)
+            && Command::new("pgrep")
+                .args(["-f", "--", &pattern])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
