@@ -181,6 +181,17 @@ fn read_upstream_ca(path: &std::path::Path) -> Result<Vec<rustls::pki_types::Cer
     Ok(certificates)
 }
 
+impl Cli {
+    /// The client connections the command may hold at once, if it serves any (the
+    /// proxy): what the process's open files must make room for.
+    pub fn connections(&self) -> Option<usize> {
+        match &self.command {
+            Command::Proxy(args) => Some(args.max_connections as usize),
+            Command::Controller(_) | Command::Crd => None,
+        }
+    }
+}
+
 /// Entry point of the `llm-proxy` binary.
 pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {

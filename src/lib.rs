@@ -25,6 +25,7 @@ pub mod bare_forwarder;
 pub mod cli;
 mod controller;
 mod crd;
+pub mod descriptors;
 mod duration;
 pub mod enforcement;
 #[cfg(feature = "fake-upstream")]

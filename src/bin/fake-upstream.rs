@@ -10,8 +10,17 @@
 
 use llm_proxy::fake_upstream::FakeUpstream;
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
+/// Connections the benchmarks hold open at once here, at most (10,000 streams).
+const CONNECTIONS: usize = 16_384;
+
+fn main() -> std::io::Result<()> {
+    // While this is the process's only thread, as the proxy does: the direct path and
+    // the floor of `benches/streams.sh` would otherwise wait on the descriptor table.
+    llm_proxy::descriptors::prepare(CONNECTIONS);
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve())
+}
+
+async fn serve() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addr = args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or_else(|| "127.0.0.1:18080".to_string());
     if let Some(at) = args.iter().position(|a| a == "--forward-to") {
