@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Concurrent long streams (`just bench-streams`): 1,000 and 10,000 SSE streams held open
-# at once, a chunk every 50 ms, direct to the fake upstream, through nginx and through
-# llm-proxy, in one run on this machine. Per path: streams that arrived whole and in
+# at once, a chunk every 50 ms, direct to the fake upstream, through nginx, through the
+# floor (`fake-upstream --forward-to`: the proxy's own HTTP server and upstream pool with
+# nothing in between, as in `benches/ab.sh`) and through llm-proxy, in one run on this
+# machine. Per path: streams that arrived whole and in
 # order, time to first byte, each chunk's delay (upstream send → client arrival, one
 # clock) and, for the proxies, resident memory per open stream and CPU. Writes
 # benches/streams.md (with --quick, .cluster/bench-streams.md).
@@ -23,7 +25,7 @@ target=${CARGO_TARGET_DIR:-target}/release
 state=.cluster/bench-streams
 kubectl=${KUBECTL:-$HOME/.cache/llm-proxy/bin/kubectl}
 export KUBECONFIG=${KUBECONFIG:-$PWD/.cluster/kubeconfig}
-up_port=19200 nginx_port=19201 proxy_port=19202 admin_port=19203 ctrl_admin=19204
+up_port=19200 nginx_port=19201 proxy_port=19202 admin_port=19203 ctrl_admin=19204 floor_port=19205
 
 command -v nginx >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null; }
 command -v bc >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq bc >/dev/null; }
@@ -78,6 +80,8 @@ start proxy "${image_env[@]}" RUST_LOG=warn "${BENCH_PROXY_BIN:-$target/llm-prox
   --listen-addr "127.0.0.1:$proxy_port" --admin-addr "127.0.0.1:$admin_port" --worker-threads 1 \
   --max-connections "$max_streams" --max-connections-per-client "$max_streams"
 proxy_pid=${pids[-1]}
+start floor "${image_env[@]}" "$target/fake-upstream" "127.0.0.1:$floor_port" --forward-to "http://127.0.0.1:$up_port"
+floor_pid=${pids[-1]}
 until curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null; do sleep 0.05; done
 # nginx as an SSE reverse proxy is configured: unbuffered, HTTP/1.1 upstream keepalive.
 cat >"$state/nginx.conf" <<NGINX
@@ -134,6 +138,7 @@ run() {
 for count in $COUNTS; do
   run direct "http://127.0.0.1:$up_port" "" "$count"
   run nginx "http://127.0.0.1:$nginx_port" "$(nginx_pids)" "$count"
+  run floor "http://127.0.0.1:$floor_port" "$floor_pid" "$count"
   run ours "http://127.0.0.1:$proxy_port" "$proxy_pid" "$count"
 done
 
@@ -142,13 +147,14 @@ report=$(python3 - "$state" "$COUNTS" "$SECONDS_HELD" "$INTERVAL" <<'PY'
 import json, sys
 state, counts, seconds, interval = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
 labels = {"direct": "direct (client → upstream)", "nginx": "nginx, 1 worker (proxy_buffering off)",
+          "floor": "the floor: the proxy's server and pool, nothing else, 1 thread",
           "ours": "llm-proxy, 1 thread (auth + key swap + usage + access log)"}
 print("| streams | path | whole and in order | chunks received | run s | TTFB p99 ms | chunk delay p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | added p99.9 ms | memory per stream KiB | CPU cores |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 notes = []
 for count in map(int, counts):
     r = {}
-    for path in ("direct", "nginx", "ours"):
+    for path in ("direct", "nginx", "floor", "ours"):
         d = json.load(open(f"{state}/{path}-{count}.json"))
         idle, held, cores, wall = open(f"{state}/{path}-{count}.proc").read().split()
         d["wall"] = float(wall)
@@ -165,11 +171,13 @@ for count in map(int, counts):
               f"{added('delay_p99_ms')} | {added('delay_p999_ms')} | {mem} | {cpu} |")
         if d["errors"]:
             notes.append(f"- {count:,} streams, {path}: failed streams by cause: {d['errors']}")
-    o, n = r["ours"], r["nginx"]
+    n = r["nginx"]
     ratio = lambda a, b: "%.2f" % (a / b) if b > 0 and a >= 0 else "n/a"
-    notes.append(f"- {count:,} streams, ours / nginx: memory per stream {ratio(o['per_stream_kib'], n['per_stream_kib'])}, "
-                 f"added chunk delay p99 {ratio(o['delay_p99_ms'] - r['direct']['delay_p99_ms'], n['delay_p99_ms'] - r['direct']['delay_p99_ms'])}, "
-                 f"p99.9 {ratio(o['delay_p999_ms'] - r['direct']['delay_p999_ms'], n['delay_p999_ms'] - r['direct']['delay_p999_ms'])}, CPU {ratio(o['cores'], n['cores'])}.")
+    for path in ("ours", "floor"):
+        o = r[path]
+        notes.append(f"- {count:,} streams, {path} / nginx: memory per stream {ratio(o['per_stream_kib'], n['per_stream_kib'])}, "
+                     f"added chunk delay p99 {ratio(o['delay_p99_ms'] - r['direct']['delay_p99_ms'], n['delay_p99_ms'] - r['direct']['delay_p99_ms'])}, "
+                     f"p99.9 {ratio(o['delay_p999_ms'] - r['direct']['delay_p999_ms'], n['delay_p999_ms'] - r['direct']['delay_p999_ms'])}, CPU {ratio(o['cores'], n['cores'])}.")
 print()
 print("\n".join(notes))
 PY
@@ -180,6 +188,7 @@ PY
   echo "$(date -u +%Y-%m-%d), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB."
   echo "Each stream is its own HTTP/1.1 connection held for ${SECONDS_HELD} s, one chunk every ${INTERVAL} ms (fake upstream, chunks stamped when sent),"
   echo "opened at $RAMP a second; one client thread (\`benches/streams.rs\`), the upstream, and the proxy under test share the cores."
+  echo "The floor: \`fake-upstream --forward-to\` (\`src/bare_forwarder.rs\`), llm-proxy's HTTP server and upstream pool with no token check, key swap, usage, metrics or log."
   echo "Memory per stream: the proxy's resident memory with every stream open minus before, divided by the streams (nginx: master + worker)."
   echo "CPU: the proxy's user + system time over the run, in cores. Chunk delay: upstream send → client arrival; added: minus the direct path's."
   echo

@@ -26,7 +26,7 @@ pub async fn serve(listener: std::net::TcpListener, upstream: &str, threads: usi
     let url = UpstreamUrl::parse(upstream)
         .ok_or_else(|| std::io::Error::other(format!("{upstream:?} is not an http:// or https:// URL")))?;
     let make_handler = || {
-        let pool = Arc::new(Pool::<Incoming>::new(connector(&ProxySettings::default()), UPSTREAM_READ_BUFFER));
+        let pool = Arc::new(Pool::<Outgoing>::new(connector(&ProxySettings::default()), UPSTREAM_READ_BUFFER));
         let url = url.clone();
         move |request: Request<Incoming>| {
             let (pool, url) = (pool.clone(), url.clone());
@@ -34,11 +34,19 @@ pub async fn serve(listener: std::net::TcpListener, upstream: &str, threads: usi
         }
     };
     let (_keep_running, running) = tokio::sync::watch::channel(false);
-    let connections = server::Connections::new(server::ConnectionLimits::default());
+    // No caps: `benches/streams.sh` holds thousands of streams from one client here.
+    let limits =
+        server::ConnectionLimits { max_connections: usize::MAX, max_per_client: usize::MAX, ..Default::default() };
+    let connections = server::Connections::new(limits);
     server::serve_threads(listener, threads, make_handler, running, Duration::ZERO, connections).await
 }
 
-async fn forward(pool: &Pool<Incoming>, url: &UpstreamUrl, request: Request<Incoming>) -> Response<Body> {
+/// The request body boxed, as the proxy's (`forward::Outgoing`): inline, it would make
+/// each of the 32 slots hyper's channel to an upstream connection allocates at once as
+/// large, and this floor larger than the proxy in memory per connection.
+type Outgoing = Box<Incoming>;
+
+async fn forward(pool: &Pool<Outgoing>, url: &UpstreamUrl, request: Request<Incoming>) -> Response<Body> {
     let (mut parts, body) = request.into_parts();
     let Some(uri) = url.join(parts.uri.path_and_query()) else {
         return bad_gateway();
@@ -46,7 +54,7 @@ async fn forward(pool: &Pool<Incoming>, url: &UpstreamUrl, request: Request<Inco
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     parts.headers.remove(header::HOST);
-    match pool.send(url, Request::from_parts(parts, body)).await {
+    match pool.send(url, Request::from_parts(parts, Box::new(body))).await {
         Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
         Err(_) => bad_gateway(),
     }
