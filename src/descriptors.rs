@@ -38,7 +38,7 @@ pub struct Prepared {
     pub limit: Option<u64>,
     /// The soft limit before, if it was raised.
     pub raised_from: Option<u64>,
-    /// The table now has a slot for every descriptor below this.
+    /// The table now has a slot for every descriptor below this (0: it could not be grown).
     pub table: u64,
 }
 

@@ -356,10 +356,9 @@ async fn slow_upstreams_time_out_with_504() {
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
 }
 
-#[tokio::test]
-async fn a_proxy_that_has_not_synced_answers_503() {
-    // A kubeconfig pointing at nothing: the proxy can never finish its first sync.
-    let dir = std::env::temp_dir().join(format!("llmproxy-unsynced-{}", std::process::id()));
+/// A kubeconfig pointing at nothing: a proxy given it can never finish its first sync.
+fn dead_kubeconfig(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmproxy-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
     let dead = support::free_port();
@@ -370,6 +369,12 @@ async fn a_proxy_that_has_not_synced_answers_503() {
         ),
     )
     .unwrap();
+    kubeconfig
+}
+
+#[tokio::test]
+async fn a_proxy_that_has_not_synced_answers_503() {
+    let kubeconfig = dead_kubeconfig("unsynced");
     let (port, admin) = (support::free_port(), support::free_port());
     let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_llm-proxy"))
         .args(["proxy", "--namespace", "nowhere", "--listen-addr", &format!("127.0.0.1:{port}")])
@@ -395,6 +400,61 @@ async fn a_proxy_that_has_not_synced_answers_503() {
     let _ = proxy.wait();
     assert_eq!((response.status, response.error_code().as_str()), (503, "proxy_not_ready"));
     assert_eq!(readiness, Some(503));
+}
+
+/// A proxy started under `ulimit` settings (`sh -c 'ulimit …; exec llm-proxy proxy …'`, as
+/// a container runtime would set them), given `--max-connections`: its first log line
+/// about open files and the kernel's account of its open-files limit and descriptor table.
+async fn proxy_under_ulimit(ulimit: &str, max_connections: &str) -> (String, String, u64) {
+    use tokio::io::AsyncBufReadExt;
+    let kubeconfig = dead_kubeconfig("ulimit");
+    let (port, admin) = (support::free_port(), support::free_port());
+    let mut proxy = tokio::process::Command::new("sh")
+        .args(["-c", &format!("{ulimit} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_llm-proxy")])
+        .args(["proxy", "--namespace", "nowhere", "--max-connections", max_connections])
+        .args(["--listen-addr", &format!("127.0.0.1:{port}"), "--admin-addr", &format!("127.0.0.1:{admin}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(proxy.stdout.take().unwrap()).lines();
+    // Logged before the runtime starts, written out within 100 ms (the log's flush).
+    let line = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("open-files limit") {
+                return line;
+            }
+        }
+        panic!("the proxy ended without a word about its open files")
+    })
+    .await
+    .expect("no log line about open files");
+    let proc = format!("/proc/{}", proxy.id().unwrap());
+    let limits = std::fs::read_to_string(format!("{proc}/limits")).unwrap();
+    let open_files = limits.lines().find(|line| line.starts_with("Max open files")).unwrap().to_string();
+    let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
+    let table = status.lines().find_map(|line| line.strip_prefix("FDSize:")).unwrap().trim().parse().unwrap();
+    let _ = proxy.kill().await;
+    (line, open_files, table)
+}
+
+#[tokio::test]
+async fn the_proxy_makes_room_for_its_connections_or_says_what_to_raise() {
+    // A soft limit of 1,024 under a higher hard one, as many container runtimes set it:
+    // raised to the hard one, and the descriptor table sized for 3,000 connections.
+    let (line, open_files, table) = proxy_under_ulimit("ulimit -n 8000 && ulimit -Sn 1024", "3000").await;
+    assert_eq!(open_files.split_whitespace().collect::<Vec<_>>()[3..5], ["8000", "8000"], "{open_files}\n{line}");
+    assert!(table >= 6_000, "a table of {table} slots for 3,000 connections\n{line}");
+    assert!(
+        line.contains(r#""message":"open-files limit and descriptor table ready","limit":8000,"raised_from":1024"#),
+        "{line}"
+    );
+    // A hard limit below what --max-connections needs: a warning that says what to raise.
+    let (line, open_files, _) = proxy_under_ulimit("ulimit -n 1000", "4096").await;
+    assert_eq!(open_files.split_whitespace().collect::<Vec<_>>()[3..5], ["1000", "1000"], "{open_files}\n{line}");
+    assert!(line.contains(r#""level":"WARN""#), "{line}");
+    assert!(line.contains("raise the container's nofile limit") && line.contains(r#""limit":1000"#), "{line}");
 }
 
 #[tokio::test]
