@@ -20,6 +20,8 @@ use prometheus_client::registry::Registry;
 
 use crate::index::NameHasher;
 
+mod process;
+
 /// A label value shared with the routing table without copying it per request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Name(pub Arc<str>);
@@ -158,7 +160,10 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("llmproxy");
+        // The process's own figures under their standard names, ours under `llmproxy_`.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("llmproxy");
         let latency = || Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
         let metrics = Self {
             requests: Family::default(),
@@ -255,7 +260,7 @@ impl Metrics {
             "API connections closed at once because their client address held its share already",
             metrics.connections_refused.clone(),
         );
-        Self { registry, ..metrics }
+        Self { registry: root, ..metrics }
     }
 
     /// The text exposition.

@@ -403,9 +403,9 @@ async fn a_proxy_that_has_not_synced_answers_503() {
 }
 
 /// A proxy started under `ulimit` settings (`sh -c 'ulimit …; exec llm-proxy proxy …'`, as
-/// a container runtime would set them), given `--max-connections`: its first log line
-/// about open files and the kernel's account of its open-files limit and descriptor table.
-async fn proxy_under_ulimit(ulimit: &str, max_connections: &str) -> (String, String, u64) {
+/// a container runtime would set them), given `--max-connections`, once it has logged
+/// about its open files.
+async fn proxy_under_ulimit(ulimit: &str, max_connections: &str) -> UnderUlimit {
     use tokio::io::AsyncBufReadExt;
     let kubeconfig = dead_kubeconfig("ulimit");
     let (port, admin) = (support::free_port(), support::free_port());
@@ -431,19 +431,49 @@ async fn proxy_under_ulimit(ulimit: &str, max_connections: &str) -> (String, Str
     .await
     .expect("no log line about open files");
     let proc = format!("/proc/{}", proxy.id().unwrap());
-    let limits = std::fs::read_to_string(format!("{proc}/limits")).unwrap();
-    let open_files = limits.lines().find(|line| line.starts_with("Max open files")).unwrap().to_string();
-    let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
-    let table = status.lines().find_map(|line| line.strip_prefix("FDSize:")).unwrap().trim().parse().unwrap();
-    let _ = proxy.kill().await;
-    (line, open_files, table)
+    UnderUlimit { _proxy: proxy, line, proc, port, admin }
+}
+
+/// A proxy started by [`proxy_under_ulimit`], killed when dropped.
+struct UnderUlimit {
+    _proxy: tokio::process::Child,
+    /// Its log line about the open-files limit.
+    line: String,
+    /// Its `/proc/PID`.
+    proc: String,
+    port: u16,
+    admin: u16,
+}
+
+impl UnderUlimit {
+    /// The `Max open files` line of its limits.
+    fn open_files(&self) -> String {
+        let limits = std::fs::read_to_string(format!("{}/limits", self.proc)).unwrap();
+        limits.lines().find(|line| line.starts_with("Max open files")).unwrap().to_string()
+    }
+
+    /// A line of its `/proc/PID/status`, as a number.
+    fn status(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("{}/status", self.proc)).unwrap();
+        let value = status.lines().find_map(|line| line.strip_prefix(field)?.strip_prefix(':')).unwrap();
+        value.trim().trim_end_matches(" kB").parse().unwrap()
+    }
+
+    /// One of the figures on its `/metrics`.
+    async fn metric(&self, name: &str) -> f64 {
+        let text = curl("GET", &format!("http://127.0.0.1:{}/metrics", self.admin), &[], None).await.body;
+        let prefix = format!("{name} ");
+        let value = text.lines().find_map(|line| line.strip_prefix(&prefix));
+        value.and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
 }
 
 #[tokio::test]
 async fn the_proxy_makes_room_for_its_connections_or_says_what_to_raise() {
     // A soft limit of 1,024 under a higher hard one, as many container runtimes set it:
     // raised to the hard one, and the descriptor table sized for 3,000 connections.
-    let (line, open_files, table) = proxy_under_ulimit("ulimit -n 8000 && ulimit -Sn 1024", "3000").await;
+    let proxy = proxy_under_ulimit("ulimit -n 8000 && ulimit -Sn 1024", "3000").await;
+    let (line, open_files, table) = (&proxy.line, proxy.open_files(), proxy.status("FDSize"));
     assert_eq!(open_files.split_whitespace().collect::<Vec<_>>()[3..5], ["8000", "8000"], "{open_files}\n{line}");
     assert!(table >= 6_000, "a table of {table} slots for 3,000 connections\n{line}");
     assert!(
@@ -451,10 +481,43 @@ async fn the_proxy_makes_room_for_its_connections_or_says_what_to_raise() {
         "{line}"
     );
     // A hard limit below what --max-connections needs: a warning that says what to raise.
-    let (line, open_files, _) = proxy_under_ulimit("ulimit -n 1000", "4096").await;
+    let proxy = proxy_under_ulimit("ulimit -n 1000", "4096").await;
+    let (line, open_files) = (&proxy.line, proxy.open_files());
     assert_eq!(open_files.split_whitespace().collect::<Vec<_>>()[3..5], ["1000", "1000"], "{open_files}\n{line}");
     assert!(line.contains(r#""level":"WARN""#), "{line}");
     assert!(line.contains("raise the container's nofile limit") && line.contains(r#""limit":1000"#), "{line}");
+}
+
+/// `/metrics` says how full the proxy is: the standard `process_*` figures, the open
+/// descriptors against the limit first, agree with the kernel's account of the process.
+#[tokio::test]
+async fn the_proxy_reports_its_open_descriptors_against_its_limit() {
+    let proxy = proxy_under_ulimit("ulimit -n 8000 && ulimit -Sn 1024", "3000").await;
+    assert_eq!(proxy.metric("process_max_fds").await, 8000.0, "the raised limit, not the 1,024 it started with");
+    let before = proxy.metric("process_open_fds").await;
+    // 200 connections that say nothing yet (one address may hold 256): a descriptor each.
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        held.push(tokio::net::TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap());
+    }
+    eventually(WAIT, || async { (proxy.metric("llmproxy_connections_open").await == 200.0).then_some(()) }).await;
+    let open = proxy.metric("process_open_fds").await;
+    let listed = std::fs::read_dir(format!("{}/fd", proxy.proc)).unwrap().count() as f64;
+    assert!(open >= before + 200.0, "{before} descriptors open before 200 connections, {open} with them");
+    // The scrape's own connection is open while it counts; the watch's retries may
+    // open and close a socket in between.
+    assert!((open - listed).abs() <= 3.0, "{open} open descriptors reported, {listed} in /proc");
+    drop(held);
+    eventually(WAIT, || async { (proxy.metric("process_open_fds").await <= before + 3.0).then_some(()) }).await;
+
+    let rss = proxy.metric("process_resident_memory_bytes").await / 1024.0;
+    let kernel = proxy.status("VmRSS") as f64;
+    assert!((rss - kernel).abs() < kernel / 5.0, "{rss} KiB resident reported, {kernel} KiB by the kernel");
+    assert_eq!(proxy.metric("process_threads").await, proxy.status("Threads") as f64);
+    let started = proxy.metric("process_start_time_seconds").await;
+    let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(started <= now && now - started < 60.0, "started at {started}, now {now}");
+    assert!(proxy.metric("process_cpu_seconds_total").await > 0.0);
 }
 
 #[tokio::test]
