@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demos need on a fresh machine, idempotently:
 # just and cargo-deny (from crates.io), the official openai Python SDK in a venv, helm and
-# the local control plane with its node (built from Go modules), and Debian packages for
+# the local control plane with its node (built from Go modules), the Prometheus Operator's
+# ServiceMonitor CRD (from its Go module), and Debian packages for
 # the node and the image. Everything lands under $LLMPROXY_CACHE (default
 # ~/.cache/llm-proxy), ~/.cargo/bin or the system's packages, outside the clone, so
 # reruns are fast.
@@ -53,6 +54,20 @@ if ! "$cache/bin/helm" version --template '{{.Version}}' 2>/dev/null | grep -qx 
     -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version" \
     "helm.sh/helm/v3/cmd/helm@$helm_version"
 fi
+
+# The Prometheus Operator's ServiceMonitor CRD, what the chart's serviceMonitor.enabled
+# needs installed: taken from the operator's Go module (no other registry is reachable
+# here). The node test installs it and scrapes what the ServiceMonitors select.
+prometheus_operator_version=v0.85.0
+crds=$cache/crds/prometheus-operator-$prometheus_operator_version
+if [ ! -s "$crds/monitoring.coreos.com_servicemonitors.yaml" ]; then
+  echo "setup: fetching the Prometheus Operator's CRDs $prometheus_operator_version (Go module)..."
+  module=$(GOFLAGS=-mod=mod go mod download -json "github.com/prometheus-operator/prometheus-operator@$prometheus_operator_version" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')
+  mkdir -p "$crds"
+  cp "$module/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" "$crds/"
+fi
+ln -sfn "$crds" "$cache/crds/prometheus-operator"
 
 tests/cluster/cluster.sh build --node >/dev/null
 echo "setup: done (cache: $cache)"

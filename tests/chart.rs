@@ -14,7 +14,7 @@ use std::time::Duration;
 use support::Env;
 
 fn helm() -> std::path::PathBuf {
-    std::path::Path::new(&std::env::var("HOME").unwrap()).join(".cache/llm-proxy/bin/helm")
+    support::cache().join("bin/helm")
 }
 
 /// A client that acts as `user` (impersonation by the cluster admin).

@@ -16,11 +16,14 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, EvictParams, ListParams, LogParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, EvictParams, GroupVersionKind, ListParams, LogParams, PostParams,
+};
 use kube::{Api, Client};
 use llm_proxy::api::{Project, ProxyToken, TokenPhase};
 use llm_proxy::fake_upstream::FakeUpstream;
@@ -57,7 +60,7 @@ fn run(program: &std::path::Path, args: &[&str]) -> String {
 }
 
 fn helm(args: &[&str]) -> String {
-    run(&std::path::Path::new(&std::env::var("HOME").unwrap()).join(".cache/llm-proxy/bin/helm"), args)
+    run(&support::cache().join("bin/helm"), args)
 }
 
 fn kubectl(args: &[&str]) -> String {
@@ -231,7 +234,12 @@ async fn the_chart_on_a_real_node_serves_workloads_and_survives_day_two_operatio
     // helm install: both Deployments Ready through their probes, under the chart's
     // security contexts and RBAC.
     let installing = Instant::now();
-    helm_deploy("install", &[]);
+    // With the Prometheus Operator's own ServiceMonitor CRD (hack/setup.sh fetches it),
+    // so the chart's ServiceMonitors are checked against its schema and then followed.
+    let crd = support::cache().join("crds/prometheus-operator/monitoring.coreos.com_servicemonitors.yaml");
+    kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
+    kubectl(&["wait", "--for", "condition=Established", "crd/servicemonitors.monitoring.coreos.com"]);
+    helm_deploy("install", &["--set", "serviceMonitor.enabled=true"]);
     println!("helm install --wait: {:.1}s", installing.elapsed().as_secs_f64());
     for component in ["controller", "proxy"] {
         let pods = component_pods(&client, component).await;
@@ -335,6 +343,73 @@ async fn logs_and_metrics(client: &Client) {
     }
     let tokens = metrics.lines().find_map(|line| line.strip_prefix("llmproxy_routing_table_tokens "));
     assert_eq!(tokens, Some("1"), "{metrics}");
+    scraped_as_the_service_monitors_say(client).await;
+}
+
+/// What Prometheus would scrape, found as the Prometheus Operator finds it: each of the
+/// chart's ServiceMonitors selects Services by label, its endpoint names one of their
+/// ports, and the targets are the ready addresses of their EndpointSlices on that port.
+/// Every replica of both components must be a target, and answer with its metrics.
+async fn scraped_as_the_service_monitors_say(client: &Client) {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+        "servicemonitors",
+    );
+    let monitors: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &resource);
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let mut targets = Vec::new();
+    for component in ["proxy", "controller"] {
+        let monitor = monitors.get(&format!("{RELEASE}-{component}")).await.unwrap();
+        let spec = &monitor.data["spec"];
+        let selector = spec["selector"]["matchLabels"].as_object().unwrap();
+        let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap())).collect();
+        let (port, path) =
+            (spec["endpoints"][0]["port"].as_str().unwrap(), spec["endpoints"][0]["path"].as_str().unwrap());
+        let found = support::eventually(Duration::from_secs(60), || async {
+            let selected = services.list(&ListParams::default().labels(&selector.join(","))).await.ok()?.items;
+            let mut found = Vec::new();
+            for service in &selected {
+                let by_service = format!("kubernetes.io/service-name={}", service.metadata.name.as_deref().unwrap());
+                for slice in slices.list(&ListParams::default().labels(&by_service)).await.ok()?.items {
+                    let Some(number) = slice.ports.iter().flatten().find(|p| p.name.as_deref() == Some(port)) else {
+                        continue;
+                    };
+                    for endpoint in
+                        slice.endpoints.iter().filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                    {
+                        found.push(format!("http://{}:{}{path}", endpoint.addresses[0], number.port.unwrap()));
+                    }
+                }
+            }
+            // Two replicas of each component, and nothing else selected.
+            (selected.len() == 1 && found.len() == 2).then_some(found)
+        })
+        .await;
+        targets.extend(found.into_iter().map(|url| (component, url)));
+    }
+    // One pod of the release's namespace (the NetworkPolicies admit it) scrapes them all.
+    let script: String = targets.iter().map(|(_, url)| format!("echo '=== {url}'; wget -q -O- {url}; ")).collect();
+    start_pod(client, NS, "scrape-targets", BUSYBOX, None, &["sh", "-c", &script]).await;
+    let output = pod_output(client, NS, "scrape-targets", Duration::from_secs(60)).await;
+    let mut reconciles = 0;
+    for (component, url) in &targets {
+        let text = output.split(&format!("=== {url}\n")).nth(1).unwrap().split("=== ").next().unwrap();
+        assert!(text.ends_with("# EOF\n"), "{component} at {url} answered:\n{text}");
+        // Each proxy replica routes the quickstart's token; of the controllers, the leader
+        // has reconciled it (the other has nothing to count yet).
+        if *component == "proxy" {
+            assert!(text.contains("\nllmproxy_routing_table_tokens 1\n"), "proxy at {url}:\n{text}");
+        }
+        let open =
+            text.lines().find_map(|line| line.strip_prefix("process_open_fds ")).map(|v| v.parse::<f64>().unwrap());
+        assert!(open.is_some_and(|open| open > 0.0), "{component} at {url}:\n{text}");
+        if *component == "controller" {
+            reconciles += text.lines().filter(|line| line.starts_with("llmproxy_controller_reconciles_total{")).count();
+        }
+    }
+    assert!(reconciles > 0, "the leader's reconciles are among the controller targets' metrics:\n{output}");
+    println!("{} targets scraped as the ServiceMonitors select them", targets.len());
 }
 
 /// Two workloads keep requests and 2-second streams going through the Service while

@@ -1,6 +1,5 @@
 //! The Helm chart, rendered by the helm `hack/setup.sh` builds.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -14,10 +13,7 @@ use super::{Env, eventually, kubernetes_version, repo};
 impl Env {
     /// Renders `template` of the chart with `--set` values, as parsed YAML documents.
     pub fn render_chart(&self, release: &str, template: &str, set: &[String]) -> Vec<serde_json::Value> {
-        let helm = std::env::var("LLMPROXY_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap()).join(".cache/llm-proxy"))
-            .join("bin/helm");
+        let helm = super::cache().join("bin/helm");
         let mut command = Command::new(&helm);
         command.args(["template", release]).arg(repo().join("charts/llm-proxy"));
         command.args(["--namespace", &self.ops, "--kube-version", &kubernetes_version(), "--show-only", template]);

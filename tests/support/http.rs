@@ -1,6 +1,6 @@
 //! Real clients over real sockets: curl, hyper, and the official Python SDK.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Status of a plain GET, or `None` when nothing answers.
 pub async fn http_get_status(url: &str) -> Option<u16> {
@@ -66,10 +66,7 @@ pub fn sdk_python() -> PathBuf {
     if let Ok(path) = std::env::var("LLMPROXY_PYTHON") {
         return path.into();
     }
-    let cache = std::env::var("LLMPROXY_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap()).join(".cache/llm-proxy"));
-    let python = cache.join("venv/bin/python");
+    let python = super::cache().join("venv/bin/python");
     assert!(
         python.exists(),
         "{} is missing: run `just setup` (or tests/setup.sh) to install the openai SDK",

@@ -42,6 +42,14 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Where `hack/setup.sh` puts what it builds and fetches: `$LLMPROXY_CACHE`, by default
+/// `~/.cache/llm-proxy`.
+pub fn cache() -> PathBuf {
+    std::env::var("LLMPROXY_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/llm-proxy"))
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> T
 where
