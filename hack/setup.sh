@@ -62,10 +62,14 @@ prometheus_operator_version=v0.85.0
 crds=$cache/crds/prometheus-operator-$prometheus_operator_version
 if [ ! -s "$crds/monitoring.coreos.com_servicemonitors.yaml" ]; then
   echo "setup: fetching the Prometheus Operator's CRDs $prometheus_operator_version (Go module)..."
-  module=$(GOFLAGS=-mod=mod go mod download -json "github.com/prometheus-operator/prometheus-operator@$prometheus_operator_version" |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')
+  # With -json, go reports a failure inside the JSON: show it whole.
+  download=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$prometheus_operator_version") ||
+    { echo "setup: go mod download failed: $download" >&2; exit 1; }
+  module=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["Dir"])' "$download")
   mkdir -p "$crds"
-  cp "$module/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" "$crds/"
+  # Written whole or not at all, so a cut-short copy is never taken for the file.
+  install -m 0644 "$module/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" "$crds/.partial"
+  mv "$crds/.partial" "$crds/monitoring.coreos.com_servicemonitors.yaml"
 fi
 ln -sfn "$crds" "$cache/crds/prometheus-operator"
 

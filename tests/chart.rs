@@ -500,3 +500,62 @@ fn metrics_are_closed_to_other_namespaces_unless_selected() {
     let selected = json!({ "namespaceSelector": { "matchLabels": { "team": "monitoring" } } });
     assert_eq!(admin_sources(&monitored).iter().filter(|from| **from == selected).count(), 2);
 }
+
+/// With the Prometheus Operator, one ServiceMonitor per component, each selecting exactly
+/// one Service, whose named port leads to that component's pods' admin port; labels from
+/// `serviceMonitor.labels` are added, never in place of the chart's. Off by default. (The
+/// node test installs them against the operator's CRD and scrapes their targets.)
+#[test]
+fn service_monitors_select_each_components_admin_port() {
+    let render = |set: &[&str]| -> Vec<serde_json::Value> {
+        let mut command = std::process::Command::new(helm());
+        command.args(["template", "t"]).arg(support::repo().join("charts/llm-proxy"));
+        command.args(["--kube-version", &support::kubernetes_version()]);
+        for value in set {
+            command.args(["--set", value]);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8(output.stdout).unwrap();
+        serde_yaml::Deserializer::from_str(&text)
+            .filter_map(|doc| <Option<serde_json::Value> as serde::Deserialize>::deserialize(doc).unwrap())
+            .collect()
+    };
+    let of_kind = |docs: &[serde_json::Value], kind: &str| -> Vec<serde_json::Value> {
+        docs.iter().filter(|doc| doc["kind"] == kind).cloned().collect()
+    };
+    let subset = |labels: &serde_json::Value, of: &serde_json::Value| {
+        labels.as_object().unwrap().iter().all(|(key, value)| of[key] == *value)
+    };
+    assert!(of_kind(&render(&[]), "ServiceMonitor").is_empty());
+
+    let docs = render(&[
+        "serviceMonitor.enabled=true",
+        "serviceMonitor.labels.release=kube-prometheus-stack",
+        "serviceMonitor.labels.app\\.kubernetes\\.io/component=clash",
+    ]);
+    let monitors = of_kind(&docs, "ServiceMonitor");
+    let components: Vec<&str> =
+        monitors.iter().map(|m| m["metadata"]["labels"]["app.kubernetes.io/component"].as_str().unwrap()).collect();
+    assert_eq!(components, ["proxy", "controller"], "the chart's component label wins the clash");
+    for (monitor, component) in monitors.iter().zip(components) {
+        assert_eq!(monitor["metadata"]["labels"]["release"], "kube-prometheus-stack");
+        let services: Vec<_> = of_kind(&docs, "Service")
+            .into_iter()
+            .filter(|service| subset(&monitor["spec"]["selector"]["matchLabels"], &service["metadata"]["labels"]))
+            .collect();
+        assert_eq!(services.len(), 1, "{component}: {services:?}");
+        let endpoint = &monitor["spec"]["endpoints"][0];
+        assert_eq!((endpoint["path"].as_str(), endpoint["interval"].as_str()), (Some("/metrics"), Some("30s")));
+        let port = services[0]["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == endpoint["port"]);
+        assert_eq!(port.map(|p| p["targetPort"].clone()), Some(json!("admin")), "{component}");
+        let deployment = of_kind(&docs, "Deployment")
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == format!("t-llm-proxy-{component}"))
+            .unwrap();
+        let pod = &deployment["spec"]["template"];
+        assert!(subset(&services[0]["spec"]["selector"], &pod["metadata"]["labels"]), "{component}");
+        let ports = pod["spec"]["containers"][0]["ports"].as_array().unwrap();
+        assert!(ports.iter().any(|p| p["name"] == "admin" && p["containerPort"] == 9090), "{component}");
+    }
+}

@@ -237,6 +237,7 @@ async fn the_chart_on_a_real_node_serves_workloads_and_survives_day_two_operatio
     // With the Prometheus Operator's own ServiceMonitor CRD (hack/setup.sh fetches it),
     // so the chart's ServiceMonitors are checked against its schema and then followed.
     let crd = support::cache().join("crds/prometheus-operator/monitoring.coreos.com_servicemonitors.yaml");
+    assert!(crd.exists(), "{} is missing: run hack/setup.sh", crd.display());
     kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
     kubectl(&["wait", "--for", "condition=Established", "crd/servicemonitors.monitoring.coreos.com"]);
     helm_deploy("install", &["--set", "serviceMonitor.enabled=true"]);
@@ -376,7 +377,7 @@ async fn scraped_as_the_service_monitors_say(client: &Client) {
                         continue;
                     };
                     for endpoint in
-                        slice.endpoints.iter().filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                        slice.endpoints.iter().filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
                     {
                         found.push(format!("http://{}:{}{path}", endpoint.addresses[0], number.port.unwrap()));
                     }
