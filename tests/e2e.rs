@@ -188,8 +188,19 @@ async fn the_openai_python_sdk_works_through_the_proxy_streamed_or_not() {
     assert_eq!(result["error"]["status"], 401);
     assert_eq!(result["error"]["code"], "invalid_token");
 
+    assert_eq!(result["surface"], json!([200, 200, 200]));
+
     let seen = env.upstream.requests();
-    assert_eq!(seen.len(), 2, "the bad token must not reach the upstream");
+    assert_eq!(seen.len(), 5, "the bad token must not reach the upstream");
+    let calls: Vec<_> = seen[2..].iter().map(|r| format!("{} {}", r.method, r.path)).collect();
+    assert_eq!(
+        calls,
+        [
+            "POST /v1/vector_stores/vs_abc/search",
+            "DELETE /v1/vector_stores/vs_abc/files/file-abc",
+            "GET /v1/conversations/conv_abc/items"
+        ]
+    );
     for request in &seen {
         assert_eq!(request.header("authorization").as_deref(), Some(format!("Bearer {TEST_KEY}").as_str()));
         assert!(

@@ -59,6 +59,18 @@ const ENDPOINTS: &[(&str, &[Method])] = &[
     ("/v1/fine_tuning/jobs/*/checkpoints", GET),
     ("/v1/vector_stores", GET_POST),
     ("/v1/vector_stores/*", GET_POST_DELETE),
+    ("/v1/vector_stores/*/search", POST),
+    ("/v1/vector_stores/*/files", GET_POST),
+    ("/v1/vector_stores/*/files/*", GET_POST_DELETE),
+    ("/v1/vector_stores/*/files/*/content", GET),
+    ("/v1/vector_stores/*/file_batches", POST),
+    ("/v1/vector_stores/*/file_batches/*", GET),
+    ("/v1/vector_stores/*/file_batches/*/cancel", POST),
+    ("/v1/vector_stores/*/file_batches/*/files", GET),
+    ("/v1/conversations", POST),
+    ("/v1/conversations/*", GET_POST_DELETE),
+    ("/v1/conversations/*/items", GET_POST),
+    ("/v1/conversations/*/items/*", GET_DELETE),
 ];
 
 /// Endpoints whose answers report the tokens they used (`usage`), with POST.
@@ -134,6 +146,24 @@ mod tests {
         assert_eq!(check(&Method::GET, "/v1/models/ft:gpt-4o-mini:acme::abc123"), Ok(()));
         assert_eq!(check(&Method::DELETE, "/v1/files/file-abc"), Ok(()));
         assert_eq!(check(&Method::GET, "/v1/files/file-abc/content"), Ok(()));
+        // What the SDK's vector store and conversation resources call.
+        assert_eq!(check(&Method::POST, "/v1/vector_stores/vs_abc/search"), Ok(()));
+        assert_eq!(check(&Method::POST, "/v1/vector_stores/vs_abc/files"), Ok(()));
+        assert_eq!(check(&Method::DELETE, "/v1/vector_stores/vs_abc/files/file-abc"), Ok(()));
+        assert_eq!(check(&Method::GET, "/v1/vector_stores/vs_abc/files/file-abc/content"), Ok(()));
+        assert_eq!(check(&Method::POST, "/v1/vector_stores/vs_abc/file_batches/vsfb_abc/cancel"), Ok(()));
+        assert_eq!(check(&Method::GET, "/v1/vector_stores/vs_abc/file_batches/vsfb_abc/files"), Ok(()));
+        assert_eq!(check(&Method::POST, "/v1/conversations"), Ok(()));
+        assert_eq!(check(&Method::POST, "/v1/conversations/conv_abc/items"), Ok(()));
+        assert_eq!(check(&Method::DELETE, "/v1/conversations/conv_abc/items/msg_abc"), Ok(()));
+    }
+
+    #[test]
+    fn the_organization_admin_api_is_not_forwarded() {
+        // A project key cannot use them, and a workload has no business trying.
+        for path in ["/v1/organization/projects", "/v1/organization/users/user-abc", "/v1/organization/costs"] {
+            assert_eq!(check(&Method::GET, path), Err(PathError::NotFound), "{path}");
+        }
     }
 
     #[test]
@@ -161,6 +191,8 @@ mod tests {
         assert_eq!(check(&Method::GET, "/v1/embeddings"), Err(PathError::MethodNotAllowed));
         assert_eq!(check(&Method::PUT, "/v1/chat/completions"), Err(PathError::MethodNotAllowed));
         assert_eq!(check(&Method::DELETE, "/v1/models"), Err(PathError::MethodNotAllowed));
+        assert_eq!(check(&Method::GET, "/v1/vector_stores/vs_abc/search"), Err(PathError::MethodNotAllowed));
+        assert_eq!(check(&Method::GET, "/v1/conversations"), Err(PathError::MethodNotAllowed), "no listing");
     }
 }
 

@@ -37,10 +37,19 @@ try:
 except openai.AuthenticationError as e:
     error = {"status": e.status_code, "code": e.code, "message": e.message}
 
+# Vector stores and conversations, by the paths the SDK calls (answers left unparsed:
+# the fake upstream answers every other path with a chat completion).
+surface = [
+    client.vector_stores.with_raw_response.search("vs_abc", query="q").status_code,
+    client.vector_stores.files.with_raw_response.delete("file-abc", vector_store_id="vs_abc").status_code,
+    client.conversations.items.with_raw_response.list("conv_abc").status_code,
+]
+
 print(json.dumps({
     "content": completion.choices[0].message.content,
     "usage": completion.usage.total_tokens,
     "pieces": pieces,
     "first_chunk_at": first_chunk_at,
     "error": error,
+    "surface": surface,
 }))
