@@ -1,7 +1,7 @@
 //! The controller and the proxy started exactly as the chart's Deployments start them:
 //! the rendered args and environment (the Downward API filled in as the kubelet would),
 //! nothing added — so the chart's default, unfiltered watches of every namespace run
-//! too. A control plane of its own, since unfiltered processes would act on every other
+//! too; the proxy with two values set, to see them reach it. A control plane of its own, since unfiltered processes would act on every other
 //! test's objects. What differs from a pod: the listen addresses move to free ports, and
 //! the credentials are the admin's (tests/chart.rs runs the chart's RBAC identities).
 
@@ -13,17 +13,19 @@ use llm_proxy::api::TokenPhase;
 use serde_json::Value;
 use support::{Env, eventually};
 
-/// The args and environment of the first container of the Deployment in `template`,
-/// with the Downward API fields of pod `pod` in namespace `namespace` and `ports`
-/// replacing the listen addresses (variable name → port).
+/// The args and environment of the first container of the Deployment in `template`
+/// rendered with `set`, with the Downward API fields of pod `pod` in namespace
+/// `namespace` and `ports` replacing the listen addresses (variable name → port). In
+/// order: of two variables with one name, the later wins, in the process as in a pod.
 fn rendered(
     env: &Env,
     template: &str,
+    set: &[String],
     pod: &str,
     namespace: &str,
     ports: &[(&str, u16)],
 ) -> (Vec<String>, Vec<(String, String)>) {
-    let docs = env.render_chart("llm-proxy", template, &[]);
+    let docs = env.render_chart("llm-proxy", template, set);
     let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("a Deployment");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let args = container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
@@ -58,9 +60,11 @@ async fn controller_and_proxy_run_as_the_chart_renders_them() {
     let (ops, kubeconfig) = (env.ops.clone(), support::kubeconfig());
     let (port, admin, controller_admin) = (env.proxy_port, env.proxy_admin_port, support::free_port());
 
+    let set = ["proxy.maxRequestBodyBytes=65536", "proxy.extraEnv[0].name=RUST_LOG", "proxy.extraEnv[0].value=debug"];
     let (args, vars) = rendered(
         &env,
         "templates/proxy.yaml",
+        &set.map(String::from),
         "llm-proxy-proxy-7d4b9-x2x5q",
         &ops,
         &[("LLMPROXY_LISTEN_ADDR", port), ("LLMPROXY_ADMIN_ADDR", admin)],
@@ -72,6 +76,7 @@ async fn controller_and_proxy_run_as_the_chart_renders_them() {
     let (args, vars) = rendered(
         &env,
         "templates/controller.yaml",
+        &[],
         "llm-proxy-controller-5f6c7-abcde",
         &ops,
         &[("LLMPROXY_ADMIN_ADDR", controller_admin)],
@@ -98,4 +103,13 @@ async fn controller_and_proxy_run_as_the_chart_renders_them() {
     assert_eq!(secret["OPENAI_BASE_URL"], "http://llm-proxy-proxy.".to_string() + &ops + ".svc:8080/v1");
     eventually(Duration::from_secs(30), || async { support::chat_on(port, &token).await.is_empty().then_some(()) })
         .await;
+
+    // proxy.maxRequestBodyBytes reached the proxy: a body over it is refused.
+    let padded = format!(r#"{{"model":"m","messages":[],"user":"{}"}}"#, "x".repeat(70_000));
+    let (url, auth) = (format!("http://127.0.0.1:{port}/v1/chat/completions"), format!("Bearer {token}"));
+    let refused = support::curl("POST", &url, &[("authorization", &auth)], Some(&padded)).await;
+    assert_eq!((refused.status, refused.error_code().as_str()), (413, "payload_too_large"));
+    // proxy.extraEnv comes after the chart's variables, so its RUST_LOG=debug wins.
+    let log = std::fs::read_to_string(env.log_path("proxy")).unwrap();
+    assert!(log.contains(r#""level":"DEBUG""#), "no debug line in the proxy's log");
 }
