@@ -361,14 +361,14 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Error> {
             retry_period: Duration::from_secs((args.lease_duration_seconds / 15).max(1)),
         },
     );
-    tokio::select! {
-        () = elector.acquire() => {}
+    let renewed = tokio::select! {
+        renewed = elector.acquire() => renewed,
         () = shutdown_signal() => return Ok(()),
-    }
+    };
     tracing::info!(%identity, "leading: reconciling");
     tokio::select! {
         () = controller::run(client, settings, metrics.clone(), shutdown_signal()) => {}
-        () = elector.hold() => {
+        () = elector.hold(renewed) => {
             // Another replica may lead now; stop writing at once and let the pod restart.
             tracing::error!(%identity, "lost the leader lease; exiting");
             crate::telemetry::flush();

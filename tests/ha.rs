@@ -127,6 +127,31 @@ async fn a_leader_that_cannot_renew_stops_before_another_can_lead() {
     assert!(exited < led, "the standby led at {led} while the cut-off leader ran until {exited}");
 }
 
+/// A leader whose connections to the API server stay open but carry nothing (a dead
+/// network path: no error, no answer) stops before its Lease can lapse too: a renewal
+/// still waiting for its answer is abandoned at the deadline, not awaited.
+#[tokio::test]
+async fn a_leader_whose_renewal_hangs_stops_before_another_can_lead() {
+    let mut env = Env::new("hung-renew").await;
+    let relay = support::Relay::start(support::api_server_address()).await;
+    let via_relay = env.kubeconfig_via(&relay);
+    env.start_controller_as("stalled", LEASE, &via_relay);
+    eventually(Duration::from_secs(20), || async { logged_at(&env, "stalled", "leading: reconciling") }).await;
+    env.start_controller_as("standby", LEASE, &support::kubeconfig());
+
+    relay.stall();
+    let stalled = Instant::now();
+    let status = env.wait_for_exit("stalled", Duration::from_secs(10)).await;
+    println!("a leader whose requests hang stopped {:?} after the stall (lease 3 s)", stalled.elapsed());
+    assert!(!status.success(), "it exits with an error so its pod restarts: {status}");
+    let exited = logged_at(&env, "stalled", "lost the leader lease; exiting").expect("no exit line");
+    env.create_project("p").await;
+    env.create_token("after", token_spec(&env.scoped("p"))).await;
+    env.wait_token("after", TokenPhase::Active).await;
+    let led = eventually(Duration::from_secs(5), || async { logged_at(&env, "standby", "leading: reconciling") }).await;
+    assert!(exited < led, "the standby led at {led} while the stalled leader ran until {exited}");
+}
+
 /// A leader killed in the middle of minting a batch of tokens: every token is minted,
 /// and no token whose Secret was already written gets another value.
 #[tokio::test]

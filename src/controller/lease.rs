@@ -116,11 +116,13 @@ impl Elector {
         }
     }
 
-    /// Waits until this replica leads.
-    pub(crate) async fn acquire(&mut self) {
+    /// Waits until this replica leads; returns when the winning attempt began, the
+    /// instant the lease's term is counted from.
+    pub(crate) async fn acquire(&mut self) -> tokio::time::Instant {
         loop {
+            let started = tokio::time::Instant::now();
             match self.try_acquire_or_renew().await {
-                Ok(true) => return,
+                Ok(true) => return started,
                 Ok(false) => {}
                 Err(error) => {
                     tracing::warn!(error = %crate::telemetry::Chain(&error), "leader election attempt failed")
@@ -155,21 +157,29 @@ impl Elector {
         }
     }
 
-    /// Renews until the lease is lost (or cannot be renewed within the lease duration),
-    /// then returns: the caller must stop writing at once.
-    pub(crate) async fn hold(&mut self) {
-        let mut last_renewed = Instant::now();
+    /// Renews until the lease is lost, or is not renewed within the lease duration less a
+    /// retry period of the last renewal that began at `renewed` (as [`Self::acquire`]
+    /// returns it), then returns: the caller must stop writing at once. Counted from when
+    /// a renewal began, not when its answer came, and an attempt still waiting for its
+    /// answer at that deadline is abandoned: a request stuck on a dead connection must
+    /// not keep this replica leading while another one, seeing no renewal, takes over.
+    pub(crate) async fn hold(&mut self, mut renewed: tokio::time::Instant) {
+        let term = self.settings.lease_duration.saturating_sub(self.settings.retry_period);
         loop {
-            tokio::time::sleep(self.settings.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewed = Instant::now(),
-                Ok(false) => return,
-                Err(error) => {
-                    tracing::warn!(error = %crate::telemetry::Chain(&error), "lease renewal failed");
-                    // Give up before another replica may legitimately take over.
-                    if last_renewed.elapsed() + self.settings.retry_period >= self.settings.lease_duration {
-                        return;
-                    }
+            let deadline = renewed + term;
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + self.settings.retry_period)).await;
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("the leader lease was not renewed in time");
+                return;
+            }
+            let started = tokio::time::Instant::now();
+            match tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => renewed = started,
+                Ok(Ok(false)) => return,
+                Ok(Err(error)) => tracing::warn!(error = %crate::telemetry::Chain(&error), "lease renewal failed"),
+                Err(_) => {
+                    tracing::warn!("lease renewal got no answer before the lease could lapse");
+                    return;
                 }
             }
         }
