@@ -23,6 +23,21 @@ async fn merge(env: &Env, project: &str, patch: serde_json::Value) -> Result<Pro
         .await
 }
 
+/// Waits until ProxyToken `name`'s `Ready` condition has `status`; its phase and that condition.
+async fn token_ready(
+    env: &Env,
+    name: &str,
+    status: &str,
+) -> (Option<TokenPhase>, k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) {
+    let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
+    eventually(WAIT, || async {
+        let token_status = tokens.get(name).await.ok()?.status?;
+        let ready = token_status.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == status)?;
+        Some((token_status.phase, ready))
+    })
+    .await
+}
+
 async fn project(env: &Env, name: &str) -> Project {
     Api::<Project>::all(env.client.clone()).get(&env.scoped(name)).await.unwrap()
 }
@@ -369,6 +384,14 @@ async fn an_invalid_or_missing_key_is_reported_and_never_forwarded() {
     assert_eq!((status.reason.as_str(), status.message.as_str()), ("InvalidAPIKeyFormat", "Invalid API key format"));
     wait_event(&env, &env.scoped("p"), "InvalidAPIKeyFormat").await;
     assert_eq!(env.upstream.requests().len(), before, "nothing was forwarded with the bad key");
+    // The token is not Ready meanwhile (`kubectl wait --for=condition=Ready` holds), and
+    // says why; it stays Active: nothing about it needs changing.
+    let (phase, ready) = token_ready(&env, "app", "False").await;
+    assert_eq!((phase, ready.reason.as_str()), (Some(TokenPhase::Active), "ProjectKeyInvalid"));
+    assert!(ready.message.contains("InvalidAPIKeyFormat") && ready.message.contains("503"), "{}", ready.message);
+    env.put_key("p-key", TEST_KEY, "p").await;
+    until_chat(&env, &token, "").await;
+    token_ready(&env, "app", "True").await;
 
     Api::<Secret>::namespaced(env.client.clone(), &env.ops).delete("p-key", &DeleteParams::default()).await.unwrap();
     until_chat(&env, &token, "project_key_invalid").await;

@@ -233,9 +233,10 @@ fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action
 }
 
 /// Which Project events concern its tokens: a change of which object it is, of its spec,
-/// or of how far its deletion has gone; never its status (token counts), which would
-/// re-reconcile every token of a project on each of its status writes, O(n²) work for n
-/// tokens. Remembers one hash per Project and forgets it when the Project goes.
+/// of how far its deletion has gone, or of whether its key is valid (its tokens' `Ready`
+/// shows it); never the rest of its status (token counts), which would re-reconcile every
+/// token of a project on each of its status writes, O(n²) work for n tokens. Remembers
+/// one hash per Project and forgets it when the Project goes.
 #[derive(Default)]
 pub(crate) struct ProjectChanges {
     seen: HashMap<String, u64>,
@@ -274,6 +275,11 @@ impl ProjectChanges {
         // A Project deleted and created again is another object: its old tokens must learn.
         project.metadata.uid.hash(&mut hasher);
         project.finalizers().hash(&mut hasher);
+        let key = project
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == crate::api::project_conditions::API_KEY_VALID));
+        key.map(|c| (&c.status, &c.reason)).hash(&mut hasher);
         hasher.finish()
     }
 }
@@ -443,6 +449,20 @@ mod tests {
         p.status = Some(Default::default());
         assert!(!changes.changed(&p), "a status write is not a change");
         p.spec.active = false;
+        assert!(changes.changed(&p));
+        // Except the key's validity, which its tokens' Ready shows.
+        let key = |valid: bool, reason: &str| {
+            let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+            let mut conditions = crate::api::Conditions::new(&[], None, now);
+            let status = crate::api::ConditionStatus::from_bool(valid);
+            conditions.set(crate::api::project_conditions::API_KEY_VALID, status, reason, "");
+            conditions.finish()
+        };
+        p.status.as_mut().unwrap().conditions = key(false, "InvalidAPIKeyFormat");
+        assert!(changes.changed(&p));
+        p.status.as_mut().unwrap().tokens = Some(Default::default());
+        assert!(!changes.changed(&p), "token counts are not a change");
+        p.status.as_mut().unwrap().conditions = key(true, "Valid");
         assert!(changes.changed(&p));
 
         // Deletion requested (the finalizer keeps it), then the finalizer removed, then

@@ -40,6 +40,9 @@ pub(crate) const TOKEN_LABEL: &str = "llmproxy.io/proxytoken";
 pub(crate) struct Verdict {
     /// The phase.
     pub phase: TokenPhase,
+    /// Whether requests with the token are served now (`Ready`): an `Active` token is
+    /// not while its Project has no usable key.
+    pub ready: bool,
     /// Condition and Event reason.
     pub reason: &'static str,
     /// What a human reads.
@@ -48,9 +51,12 @@ pub(crate) struct Verdict {
 
 impl Verdict {
     fn new(phase: TokenPhase, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { phase, reason, message: message.into() }
+        Self { phase, ready: phase == TokenPhase::Active, reason, message: message.into() }
     }
 }
+
+/// The `Ready` reason of an `Active` token whose Project has no usable API key.
+pub(crate) const PROJECT_KEY_INVALID: &str = "ProjectKeyInvalid";
 
 /// The message the product shows when a token is requested for an inactive project.
 pub(crate) const INACTIVE_PROJECT_MESSAGE: &str = "Cannot generate tokens for inactive project";
@@ -164,8 +170,30 @@ pub(crate) fn lifecycle(
             "ProjectInactive",
             format!("Project {project_name} is inactive: requests are refused until a cluster admin reactivates it"),
         ),
-        Fate::Usable => Verdict::new(TokenPhase::Active, "Active", "Usable"),
+        Fate::Usable => match bound.and_then(key_refusal) {
+            // Not a fate of the token (it stays Active and works again with a good key),
+            // but what its users must know: the proxy answers 503 meanwhile.
+            Some(why) => Verdict {
+                ready: false,
+                ..Verdict::new(
+                    TokenPhase::Active,
+                    PROJECT_KEY_INVALID,
+                    format!(
+                        "Project {project_name} has no usable API key ({why}): requests get 503 project_key_invalid until a cluster admin fixes it; the token itself needs nothing"
+                    ),
+                )
+            },
+            None => Verdict::new(TokenPhase::Active, "Active", "Usable"),
+        },
     }
+}
+
+/// Why `project`'s API key is refused, as its `APIKeyValid` condition says; `None` while
+/// the key is valid (or not yet checked).
+fn key_refusal(project: &Project) -> Option<String> {
+    let status = project.status.as_ref()?;
+    let valid = status.conditions.iter().find(|c| c.type_ == crate::api::project_conditions::API_KEY_VALID)?;
+    (valid.status == "False").then(|| format!("APIKeyValid=False, {}: {}", valid.reason, valid.message))
 }
 
 /// `issuedAt + duration`.
@@ -235,8 +263,7 @@ pub(crate) fn status_for(
     } else {
         conditions.set(cond::ISSUED, ConditionStatus::False, verdict.reason, verdict.message.clone());
     }
-    let ready = verdict.phase == TokenPhase::Active;
-    conditions.set(cond::READY, ConditionStatus::from_bool(ready), verdict.reason, verdict.message.clone());
+    conditions.set(cond::READY, ConditionStatus::from_bool(verdict.ready), verdict.reason, verdict.message.clone());
     let mut status = ProxyTokenStatus {
         phase: Some(verdict.phase),
         expires_at: expires_at(token).map(crate::api::micros),

@@ -72,6 +72,30 @@ fn lifecycle_phases_in_order_of_precedence() {
     assert_eq!(lifecycle(&issued(0), Some(&open), false, at(3600)).phase, TokenPhase::Expired);
 }
 
+/// A Project without a usable key: its tokens stay Active (nothing about them is
+/// wrong) but are not Ready, and say why and what the proxy answers meanwhile.
+#[test]
+fn a_token_of_a_project_without_a_usable_key_is_active_but_not_ready() {
+    let mut keyless = project(true, Some(NamespacesFrom::All));
+    let mut conditions = crate::api::Conditions::new(&[], None, Time(at(0)));
+    let (reason, message) = ("SecretNotFound", "Secret ops/k not found: create it");
+    conditions.set(crate::api::project_conditions::API_KEY_VALID, ConditionStatus::False, reason, message);
+    keyless.status = Some(crate::api::ProjectStatus { conditions: conditions.finish(), ..Default::default() });
+    let verdict = lifecycle(&issued(0), Some(&keyless), true, at(10));
+    assert_eq!((verdict.phase, verdict.ready, verdict.reason), (TokenPhase::Active, false, PROJECT_KEY_INVALID));
+    assert!(verdict.message.contains("503 project_key_invalid") && verdict.message.contains("SecretNotFound"));
+    let (status, _) = status_for(&issued(0), &verdict, Time(at(10)), true, &no_replicas());
+    let ready = status.conditions.iter().find(|c| c.type_ == cond::READY).unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", PROJECT_KEY_INVALID));
+    assert_eq!(status.phase, Some(TokenPhase::Active));
+    // A lasting fate still comes first.
+    assert_eq!(lifecycle(&issued(0), Some(&keyless), true, at(3600)).phase, TokenPhase::Expired);
+    // Valid again, or never checked: Ready.
+    keyless.status.as_mut().unwrap().conditions[0].status = "True".into();
+    assert!(lifecycle(&issued(0), Some(&keyless), true, at(10)).ready);
+    assert!(lifecycle(&issued(0), Some(&project(true, Some(NamespacesFrom::All))), true, at(10)).ready);
+}
+
 #[test]
 fn a_token_is_bound_to_the_project_object_it_was_minted_for() {
     let mut original = project(true, Some(NamespacesFrom::All));
