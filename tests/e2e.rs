@@ -217,6 +217,65 @@ async fn the_openai_python_sdk_works_through_the_proxy_streamed_or_not() {
     assert!(first_received < last_sent - 0.5, "first chunk at {first_received}, last sent at {last_sent}");
 }
 
+/// Every request is one access line, written once its answer has been sent: the token
+/// and project it used (a refused token the proxy knows too), the time to the headers
+/// and to the answer's end, and the usage the upstream reported; never a token.
+#[tokio::test]
+async fn every_request_is_one_access_line_with_its_token_and_usage() {
+    let env = Env::running("access").await;
+    env.create_project("p").await;
+    let token = env.minted("p", "app").await;
+    let revoked = env.minted("p", "gone").await;
+    let tokens: Api<ProxyToken> = Api::namespaced(env.client.clone(), &env.apps);
+    let revoke = json!({ "spec": { "revoked": true } });
+    tokens.patch("gone", &PatchParams::default(), &Patch::Merge(revoke)).await.unwrap();
+    eventually(WAIT, || async { (env.chat(&revoked).await.error_code() == "token_revoked").then_some(()) }).await;
+
+    assert_eq!(env.chat(&token).await.status, 200);
+    let chat = format!("{}/v1/chat/completions", env.proxy_url());
+    let auth = format!("Bearer {token}");
+    let headers = [("authorization", auth.as_str()), ("x-fake-chunks", "5"), ("x-fake-chunk-delay-ms", "60")];
+    let body = r#"{"model":"fake-model","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#;
+    assert_eq!(curl("POST", &chat, &headers, Some(body)).await.status, 200);
+    let bad = llm_proxy::token::Token::mint().unwrap();
+    assert_eq!(env.chat(bad.expose()).await.error_code(), "token_not_found");
+
+    // The log is written in batches, every 100 ms.
+    let lines: Vec<serde_json::Value> = eventually(WAIT, || async {
+        let log = std::fs::read_to_string(env.log_path("proxy")).ok()?;
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["target"] == "access")
+            .collect();
+        let refused = lines.iter().filter(|l| l["status"] == 401).count();
+        (lines.iter().filter(|l| l["status"] == 200).count() == 2 && refused >= 2).then_some(lines)
+    })
+    .await;
+    let log = std::fs::read_to_string(env.log_path("proxy")).unwrap();
+    for secret in [token.as_str(), revoked.as_str(), bad.expose(), TEST_KEY] {
+        assert!(!log.contains(secret), "a token or key in the log");
+    }
+    let ok: Vec<_> = lines.iter().filter(|l| l["status"] == 200).collect();
+    let (plain, streamed) = (ok[0], ok[1]);
+    for line in &ok {
+        assert_eq!((&line["token_name"], &line["project"]), (&json!("app"), &json!(env.scoped("p"))), "{line}");
+        assert_eq!(line["token_namespace"], json!(env.apps));
+        assert_eq!(line["prompt_tokens"], 9, "{line}");
+    }
+    assert_eq!(plain["completion_tokens"], 7, "{plain}");
+    assert_eq!(streamed["completion_tokens"], 5, "{streamed}");
+    // The stream's line came at its end: five chunks 60 ms apart after the headers.
+    let (latency, duration) = (streamed["latency_us"].as_u64().unwrap(), streamed["duration_us"].as_u64().unwrap());
+    assert!(duration >= latency + 250_000, "headers after {latency} µs, the answer's end after {duration} µs");
+    // A refused token the proxy knows is named; one it does not know cannot be.
+    let (known, unknown): (Vec<_>, Vec<_>) =
+        lines.iter().filter(|l| l["status"] == 401).partition(|l| l["token_name"] == "gone");
+    assert!(!known.is_empty() && !unknown.is_empty(), "{lines:?}");
+    assert!(known.iter().all(|l| l["project"] == json!(env.scoped("p")) && l.get("prompt_tokens").is_none()));
+    assert!(unknown.iter().all(|l| l["token_name"] == "" && l["project"] == ""), "{unknown:?}");
+}
+
 #[tokio::test]
 async fn refusals_follow_the_error_table() {
     let env = Env::running("errors").await;

@@ -299,6 +299,11 @@ impl RouteTable {
         self.namespaces.get(namespace).is_some_and(|labels| crate::grant::admits(grant, labels))
     }
 
+    /// The token of hash `hash`, usable or not.
+    pub fn token(&self, hash: &TokenHash) -> Option<TokenRef> {
+        self.tokens.get(hash)
+    }
+
     /// Whether the table holds a token of hash `hash`, usable or not.
     pub fn has_token(&self, hash: &TokenHash) -> bool {
         self.tokens.get(hash).is_some()

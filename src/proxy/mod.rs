@@ -28,7 +28,7 @@ use hyper::{Request, Response, header};
 pub(crate) use error::{ProxyError, Refused};
 pub(crate) use forward::{Upstream, UpstreamBody};
 
-use crate::index::{Route, watch::SharedTable};
+use crate::index::{Route, TokenRef, watch::SharedTable};
 use crate::metrics::{Metrics, Name, RequestCounters, SpendLabels, TokenUsageLabels};
 use crate::pricing::Price;
 use crate::proxy::quota::Quota;
@@ -115,44 +115,51 @@ impl Proxy {
         }
     }
 
-    /// Handles one request; never fails (errors become JSON responses).
+    /// Handles one request; never fails (errors become JSON responses). Its access line
+    /// is written once the answer's body has been sent (or dropped), with the usage the
+    /// upstream reported; at once for an answer of the proxy's own.
     pub(crate) async fn handle(&self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let (response, route, outcome, upstream_time) = match self.route_and_forward(request).await {
-            Ok((response, Admitted { route, reservation, price, answering }, upstream_time)) => {
+        let (response, token, outcome, upstream_time) = match self.route_and_forward(request).await {
+            Ok((response, admitted, upstream_time)) => {
+                let route = &admitted.route;
                 let outcome = match response.status().as_u16() {
                     200..=399 => "upstream_2xx",
                     400..=499 => "upstream_4xx",
                     _ => "upstream_5xx",
                 };
                 let counted = paths::reports_usage(&method, &path) && response.status().is_success();
-                if method == hyper::Method::GET && path == "/v1/models" && listing::limited(&route) {
-                    match listing::narrow(response, &route).await {
-                        Ok(response) => (response, Some(route), outcome, Some(upstream_time)),
+                if method == hyper::Method::GET && path == "/v1/models" && listing::limited(route) {
+                    let (response, outcome) = match listing::narrow(response, route).await {
+                        Ok(response) => (response, outcome),
                         Err(refused) => {
                             let code = refused.error.code();
-                            (refused.into_response(), Some(route), code, Some(upstream_time))
+                            (refused.into_response(), code)
                         }
-                    }
+                    };
+                    AccessLine::new(method, path, response.status().as_u16(), started, Some(&route.token)).write();
+                    (response, Some(admitted.route.token), outcome, Some(upstream_time))
                 } else {
-                    let response = self.tap_usage(response, &route, reservation, answering, price, counted);
-                    (response, Some(route), outcome, Some(upstream_time))
+                    let status = response.status().as_u16();
+                    let (token, pending) =
+                        (route.token.clone(), AccessLine::new(method, path, status, started, Some(&route.token)));
+                    (self.tap_usage(response, admitted, counted, pending), Some(token), outcome, Some(upstream_time))
                 }
             }
-            Err((refused, route)) => {
+            Err((refused, token)) => {
                 let code = refused.error.code();
-                (refused.into_response(), route, code, None)
+                let response = refused.into_response();
+                AccessLine::new(method, path, response.status().as_u16(), started, token.as_ref()).write();
+                (response, token, code, None)
             }
         };
-        let elapsed = started.elapsed();
         static NO_PROJECT: std::sync::LazyLock<std::sync::Arc<str>> =
             std::sync::LazyLock::new(|| std::sync::Arc::from(""));
-        let project = route.as_ref().map_or(&*NO_PROJECT, |r| &r.project.name);
+        let project = token.as_ref().map_or(&*NO_PROJECT, |t| &t.project);
         self.requests.count(&self.metrics, project, outcome);
-        self.metrics.latencies(elapsed, upstream_time);
-        access_log(&method, &path, response.status().as_u16(), elapsed, route.as_ref());
+        self.metrics.latencies(started.elapsed(), upstream_time);
         Ok(response)
     }
 
@@ -162,17 +169,17 @@ impl Proxy {
     /// budgets' `reservation` is settled with that usage when the body ends, and its
     /// cost at `price` (that of the request's model, where one is known) is counted.
     /// `answering` is held until then: the token's series cannot go before it counted.
+    /// `line` is written when the body has ended or is dropped, with the usage if any.
     fn tap_usage(
         &self,
         response: Response<UpstreamBody>,
-        route: &Route,
-        reservation: Option<budget::Reservation>,
-        answering: quota::Answering,
-        price: Option<Price>,
+        admitted: Admitted,
         counted: bool,
+        mut line: AccessLine,
     ) -> Response<Body> {
+        let Admitted { route, reservation, price, answering } = admitted;
         let metrics = self.metrics.clone();
-        let token = route.token.clone();
+        let token = route.token;
         let content_type = response.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes());
         let event_stream = content_type.is_some_and(|v| v.starts_with(b"text/event-stream"));
         let counted = counted && (event_stream || content_type.is_some_and(|v| v.starts_with(b"application/json")));
@@ -182,15 +189,17 @@ impl Proxy {
             if !counted {
                 // Dropped with the request: an answer that reports no usage costs none.
                 drop((reservation, answering));
-                return guarded.boxed();
+                return Holding { inner: guarded, _held: line }.boxed();
             }
             // A body cut short (the client went away) is charged what it reserved.
             let mut reservation = reservation;
             if let Some(reservation) = &mut reservation {
                 reservation.charge_if_cut();
             }
+            // Written when the tap reports, or dropped with it when the body is cut short.
             llm_usage::UsageTap::new(guarded, move |usage: Option<llm_usage::TokenUsage>| {
                 let _answering = answering;
+                line.record(usage);
                 let Some(usage) = usage else {
                     // Ended without usage: a stream without `include_usage`.
                     if let Some(reservation) = reservation {
@@ -227,7 +236,7 @@ impl Proxy {
     async fn route_and_forward(
         &self,
         request: Request<Incoming>,
-    ) -> Result<(Response<UpstreamBody>, Admitted, Duration), (Refused, Option<Route>)> {
+    ) -> Result<(Response<UpstreamBody>, Admitted, Duration), (Refused, Option<TokenRef>)> {
         let refused = |error: ProxyError| (Refused::from(error), None);
         check_header_size(request.headers()).map_err(refused)?;
         paths::check(request.method(), request.uri().path()).map_err(|e| refused(e.into()))?;
@@ -237,12 +246,14 @@ impl Proxy {
             return Err(refused(ProxyError::NotReady));
         }
         let now = now_us();
-        let route = table.authorize(&hash, now).map_err(|d| refused(d.into()))?;
+        // A refused token the table knows is named in the access line and the metrics.
+        let route =
+            table.authorize(&hash, now).map_err(|d| (Refused::from(ProxyError::from(d)), table.token(&hash)))?;
         drop(table);
         // Before the quota: a refused model spends none of the token's budget.
         let (request, price) = match model::admit(request, &route, self.model_lookahead).await {
             Ok(admitted) => admitted,
-            Err(refusal) => return Err((refusal, Some(route))),
+            Err(refusal) => return Err((refusal, Some(route.token))),
         };
         // Now, not when the headers came: the model check may have waited for the body.
         let mut request = request;
@@ -251,12 +262,12 @@ impl Proxy {
         }
         let (reservation, answering) = match self.quota.admit(hash, &route, now_us(), price).await {
             Ok(admitted) => admitted,
-            Err(error) => return Err((error, Some(route))),
+            Err(error) => return Err((error, Some(route.token))),
         };
         let sent = Instant::now();
         match self.upstream.forward(request, &route).await {
             Ok(response) => Ok((response, Admitted { route, reservation, price, answering }, sent.elapsed())),
-            Err(error) => Err((error.into(), Some(route))),
+            Err(error) => Err((error.into(), Some(route.token))),
         }
     }
 }
@@ -300,18 +311,100 @@ fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
-fn access_log(method: &hyper::Method, path: &str, status: u16, latency: Duration, route: Option<&Route>) {
-    let (namespace, name, project) =
-        route.map_or(("", "", ""), |r| (&*r.token.namespace, &*r.token.name, &*r.project.name));
-    tracing::info!(
-        target: "access",
-        token_namespace = namespace,
-        token_name = name,
-        project,
-        method = method.as_str(),
-        path,
-        status,
-        latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
-        "request"
-    );
+/// One request's access line, written when it is dropped: with the request (an answer
+/// of the proxy's own), or with the answer's body once it has been sent, cut short, or
+/// its usage read.
+struct AccessLine {
+    method: hyper::Method,
+    path: String,
+    status: u16,
+    started: Instant,
+    /// Until the answer's headers.
+    headers_after: Duration,
+    /// The token, when the request named one the proxy knows (refused ones too).
+    token: Option<TokenRef>,
+    /// What the upstream reported it used, where the answer says.
+    usage: Option<llm_usage::TokenUsage>,
+}
+
+impl AccessLine {
+    /// The line of a request that began at `started`, its answer's headers ready now.
+    fn new(method: hyper::Method, path: String, status: u16, started: Instant, token: Option<&TokenRef>) -> Self {
+        let headers_after = started.elapsed();
+        Self { method, path, status, started, headers_after, token: token.cloned(), usage: None }
+    }
+
+    /// Writes it now.
+    fn write(self) {
+        drop(self);
+    }
+
+    /// Adds what the upstream reported it used.
+    fn record(&mut self, usage: Option<llm_usage::TokenUsage>) {
+        self.usage = usage;
+    }
+}
+
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        let (namespace, name, project) =
+            self.token.as_ref().map_or(("", "", ""), |t| (&*t.namespace, &*t.name, &*t.project));
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let (method, path, status) = (self.method.as_str(), self.path.as_str(), self.status);
+        let (latency_us, duration_us) = (micros(self.headers_after), micros(self.started.elapsed()));
+        match self.usage {
+            Some(usage) => tracing::info!(
+                target: "access",
+                token_namespace = namespace,
+                token_name = name,
+                project,
+                method,
+                path,
+                status,
+                latency_us,
+                duration_us,
+                prompt_tokens = usage.prompt,
+                completion_tokens = usage.completion,
+                "request"
+            ),
+            None => tracing::info!(
+                target: "access",
+                token_namespace = namespace,
+                token_name = name,
+                project,
+                method,
+                path,
+                status,
+                latency_us,
+                duration_us,
+                "request"
+            ),
+        }
+    }
+}
+
+/// A body that holds `_held` until it is dropped.
+struct Holding<B, T> {
+    inner: B,
+    _held: T,
+}
+
+impl<B: hyper::body::Body + Unpin, T: Unpin> hyper::body::Body for Holding<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
