@@ -17,6 +17,26 @@ fn helm() -> std::path::PathBuf {
     support::cache().join("bin/helm")
 }
 
+/// The chart as `helm template t` renders it with `set` (only `template`, unless empty),
+/// as parsed YAML documents.
+fn render(template: &str, set: &[&str]) -> Vec<serde_json::Value> {
+    let mut command = std::process::Command::new(helm());
+    command.args(["template", "t"]).arg(support::repo().join("charts/llm-proxy"));
+    command.args(["--kube-version", &support::kubernetes_version()]);
+    if !template.is_empty() {
+        command.args(["--show-only", template]);
+    }
+    for value in set {
+        command.args(["--set", value]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|doc| <Option<serde_json::Value> as serde::Deserialize>::deserialize(doc).unwrap())
+        .collect()
+}
+
 /// A client that acts as `user` (impersonation by the cluster admin).
 async fn client_as(user: &str) -> Client {
     let mut config = Config::from_custom_kubeconfig(
@@ -466,19 +486,7 @@ async fn project_upstreams_are_fenced_at_admission() {
 /// release's namespace reach the admin ports; the API port stays open to the cluster.
 #[test]
 fn metrics_are_closed_to_other_namespaces_unless_selected() {
-    let render = |set: &[&str]| -> Vec<serde_json::Value> {
-        let mut command = std::process::Command::new(helm());
-        command.args(["template", "t"]).arg(support::repo().join("charts/llm-proxy"));
-        command.args(["--kube-version", &support::kubernetes_version()]);
-        command.args(["--show-only", "templates/networkpolicy.yaml"]);
-        for value in set {
-            command.args(["--set", value]);
-        }
-        let output = command.output().unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        let text = String::from_utf8(output.stdout).unwrap();
-        serde_yaml::Deserializer::from_str(&text).map(|doc| serde::Deserialize::deserialize(doc).unwrap()).collect()
-    };
+    let render = |set: &[&str]| render("templates/networkpolicy.yaml", set);
     let admin_sources = |policies: &[serde_json::Value]| -> Vec<serde_json::Value> {
         policies
             .iter()
@@ -507,20 +515,7 @@ fn metrics_are_closed_to_other_namespaces_unless_selected() {
 /// node test installs them against the operator's CRD and scrapes their targets.)
 #[test]
 fn service_monitors_select_each_components_admin_port() {
-    let render = |set: &[&str]| -> Vec<serde_json::Value> {
-        let mut command = std::process::Command::new(helm());
-        command.args(["template", "t"]).arg(support::repo().join("charts/llm-proxy"));
-        command.args(["--kube-version", &support::kubernetes_version()]);
-        for value in set {
-            command.args(["--set", value]);
-        }
-        let output = command.output().unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        let text = String::from_utf8(output.stdout).unwrap();
-        serde_yaml::Deserializer::from_str(&text)
-            .filter_map(|doc| <Option<serde_json::Value> as serde::Deserialize>::deserialize(doc).unwrap())
-            .collect()
-    };
+    let render = |set: &[&str]| render("", set);
     let of_kind = |docs: &[serde_json::Value], kind: &str| -> Vec<serde_json::Value> {
         docs.iter().filter(|doc| doc["kind"] == kind).cloned().collect()
     };
